@@ -1,0 +1,93 @@
+"""The `llamafleet` command: serve, bench, operator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _flag_type(annotation: object) -> typing.Callable[[str], object]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = args[0]
+    if base in (int, float):
+        return base  # type: ignore[return-value]
+    if base is Path:
+        return Path
+    return str
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per Settings field; help = the field's description and env var."""
+    from .settings import ENV_PREFIX, Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        help_ = f"{field.description} [env {env}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, type=_flag_type(field.annotation),
+                                default=None, help=help_)
+
+
+def load_settings(args: argparse.Namespace):  # noqa: ANN201
+    from .settings import Settings, describe_errors
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k in Settings.model_fields}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        for line in describe_errors(e):
+            print(f"llamafleet: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure
+    from .server import serve
+
+    settings = load_settings(args)
+    configure(settings.log_level, settings.effective_log_format)
+    return serve(settings)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from llamafleet.operator.main import main as operator_main
+
+    return operator_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamafleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve a GGUF model (OpenAI HTTP, gRPC, metrics, studio)",
+                       description="Every flag also reads LLM_LLAMA_SERVICE_<NAME>; flags win.")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
+    b = sub.add_parser("bench", help="load-test an OpenAI-compatible server")
+    from .bench import add_arguments
+
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    o.add_argument("rest", nargs=argparse.REMAINDER, help="operator options (see --help)")
+    o.set_defaults(func=cmd_operator)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,426 @@
+"""Continuous batching: one engine thread, one llama_decode per step.
+
+The engine knows nothing of HTTP or gRPC. Callers build a :class:`GenerationRequest`
+(prompt tokens + :class:`SamplingParams` + a sink for :class:`Event`s) and
+:meth:`Engine.submit` it. Each step the engine
+
+1. admits waiting requests into free sequence slots,
+2. drops cancelled sequences (freeing their KV cells),
+3. builds ONE batch: the next token of every generating sequence, then prompt chunks of
+   prefilling ones within ``n_batch``,
+4. decodes it once, and samples every sequence that asked for logits with its own
+   sampler chain.
+
+The model sits behind the small :class:`Backend` protocol so the scheduler can be
+tested with a fake; :mod:`llamafleet.inference.llama_backend` is the real one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF, e.g. for response_format json_object
+    ignore_eos: bool = False
+
+
+# --- events sent to the caller (from the engine thread) -----------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    queue_wait_s: float
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: LlamafleetError
+
+
+Event = Started | TextDelta | Finished | Failed
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt: Sequence[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    request_id: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Backend(Protocol):
+    """The model boundary: everything the scheduler needs from llama.cpp."""
+
+    n_batch: int
+
+    def new_sampler(self, params: SamplingParams) -> Any: ...
+
+    def free_sampler(self, sampler: Any) -> None: ...
+
+    def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
+               logits: Sequence[bool]) -> None: ...
+
+    def sample(self, sampler: Any, batch_index: int) -> int: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def clear_sequence(self, seq_id: int) -> None: ...
+
+
+class EngineObserver(Protocol):
+    """Hooks for metrics; every method is called on the engine thread."""
+
+    def on_step(self, running: int, batch_tokens: int, queued: int) -> None: ...
+
+    def on_first_token(self, req: GenerationRequest) -> None: ...
+
+    def on_token(self, req: GenerationRequest) -> None: ...
+
+    def on_finish(self, req: GenerationRequest) -> None: ...
+
+
+class _NullObserver:
+    def on_step(self, running: int, batch_tokens: int, queued: int) -> None:
+        pass
+
+    def on_first_token(self, req: GenerationRequest) -> None:
+        pass
+
+    def on_token(self, req: GenerationRequest) -> None:
+        pass
+
+    def on_finish(self, req: GenerationRequest) -> None:
+        pass
+
+
+class TextAssembler:
+    """Bytes of tokens in, safe text out.
+
+    Holds back incomplete UTF-8 sequences (the codec does this) and any tail that could
+    still become a stop string, so a stop string is never streamed in part.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+
+    def feed(self, data: bytes) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self._pending += self._decoder.decode(data)
+        for s in self._stop:
+            at = self._pending.find(s)
+            if at >= 0:
+                out, self._pending = self._pending[:at], ""
+                return out, True
+        hold = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
+                if self._pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return out
+
+
+@dataclass(eq=False)
+class _Sequence:
+    req: GenerationRequest
+    slot: int
+    sampler: Any
+    text: TextAssembler
+    n_past: int = 0  # tokens already in the KV cache
+    next_token: int | None = None  # sampled, not yet decoded
+    completion_tokens: int = 0
+    started: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.req.prompt)
+
+
+class Engine:
+    """Owns the backend; all llama.cpp calls happen on its one thread."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch_size: int,
+        queue_size: int,
+        context_size: int,
+        observer: EngineObserver | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.context_size = context_size
+        self.queue_size = queue_size
+        self.observer: EngineObserver = observer or _NullObserver()
+        self._waiting: queue.Queue[GenerationRequest | None] = queue.Queue(maxsize=queue_size + 1)
+        self._admit_lock = threading.Lock()
+        self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self._running: list[_Sequence] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.alive = False
+
+    # --- public, any thread ------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        return self._waiting.qsize()
+
+    def submit(self, req: GenerationRequest) -> None:
+        """Queue a request, or raise at once (too long, overloaded, stopped)."""
+        if len(req.prompt) == 0:
+            raise BadRequest("The prompt is empty.", param="prompt")
+        if len(req.prompt) >= self.context_size:
+            raise ContextTooLong(len(req.prompt), self.context_size)
+        if self._stopping or not self.alive:
+            raise Overloaded("The engine is not running.")
+        with self._admit_lock:
+            # Room for queue_size waiting requests beyond the free slots: a request that
+            # can start at the next step never counts as queued.
+            limit = self.queue_size + len(self._free_slots)
+            if self._waiting.qsize() >= limit:
+                raise Overloaded(
+                    f"The server is overloaded: {self.queue_size} requests are already "
+                    "waiting. Retry shortly."
+                )
+            try:
+                self._waiting.put_nowait(req)
+            except queue.Full:
+                raise Overloaded("The server is overloaded. Retry shortly.") from None
+
+    def start(self) -> None:
+        self._waiting = queue.Queue(maxsize=self.queue_size + self.max_batch_size + 1)
+        self.alive = True
+        self._thread = threading.Thread(target=self._run, name="llamafleet-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30) -> None:
+        self._stopping = True
+        try:
+            self._waiting.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if not self._admit(block=not self._running):
+                    break
+                if self._running:
+                    self._step()
+        except BaseException:  # pragma: no cover - a bug in the scheduler itself
+            log.exception("engine thread crashed")
+            raise
+        finally:
+            self.alive = False
+            self._drain()
+
+    def _admit(self, block: bool) -> bool:
+        """Move waiting requests into free slots. False when asked to stop."""
+        while self._free_slots:
+            try:
+                req = self._waiting.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if req is None:
+                return False
+            if req.cancelled.is_set():
+                self._emit(req, Finished("cancelled", len(req.prompt), 0))
+                continue
+            try:
+                sampler = self.backend.new_sampler(req.params)
+            except LlamafleetError as e:
+                self._emit(req, Failed(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad request fails alone
+                log.exception("could not create a sampler for %s", req.request_id)
+                self._emit(req, Failed(InternalError(f"could not start generation: {e}")))
+                continue
+            slot = self._free_slots.pop()
+            self._running.append(_Sequence(req, slot, sampler, TextAssembler(req.params.stop)))
+            self._emit(req, Started(time.monotonic() - req.enqueued_at))
+        return True
+
+    def _step(self) -> None:
+        for seq in [s for s in self._running if s.req.cancelled.is_set()]:
+            self._finish(seq, "cancelled")
+        if not self._running:
+            return
+        tokens: list[int] = []
+        pos: list[int] = []
+        seqs: list[int] = []
+        logits: list[bool] = []
+        outputs: list[tuple[_Sequence, int]] = []
+        for seq in self._running:
+            if seq.next_token is not None:
+                tokens.append(seq.next_token)
+                pos.append(seq.n_past)
+                seqs.append(seq.slot)
+                logits.append(True)
+                outputs.append((seq, len(tokens) - 1))
+        budget = self.backend.n_batch - len(tokens)
+        for seq in self._running:
+            if budget <= 0:
+                break
+            if not seq.prefilling:
+                continue
+            take = min(budget, len(seq.req.prompt) - seq.n_past)
+            chunk = seq.req.prompt[seq.n_past : seq.n_past + take]
+            last = seq.n_past + take == len(seq.req.prompt)
+            for i, tok in enumerate(chunk):
+                tokens.append(tok)
+                pos.append(seq.n_past + i)
+                seqs.append(seq.slot)
+                logits.append(last and i == take - 1)
+            budget -= take
+            if last:
+                outputs.append((seq, len(tokens) - 1))
+        self.observer.on_step(len(self._running), len(tokens), self.queued)
+        try:
+            self.backend.decode(tokens, pos, seqs, logits)
+        except Exception as e:  # noqa: BLE001
+            log.exception("llama_decode failed for a batch of %d tokens", len(tokens))
+            touched = set(seqs)
+            for seq in [s for s in self._running if s.slot in touched]:
+                self._fail(seq, InternalError(f"decode failed: {e}"))
+            return
+        self.steps += 1
+        decoded = Counter(seqs)
+        for seq in self._running:
+            seq.n_past += decoded[seq.slot]
+            seq.next_token = None
+        for seq, index in outputs:
+            self._sample(seq, index)
+
+    def _sample(self, seq: _Sequence, index: int) -> None:
+        try:
+            token = self.backend.sample(seq.sampler, index)
+            if self.backend.is_eog(token) and not seq.req.params.ignore_eos:
+                self._finish(seq, "stop")
+                return
+            seq.completion_tokens += 1
+            if not seq.started:
+                seq.started = True
+                self.observer.on_first_token(seq.req)
+            else:
+                self.observer.on_token(seq.req)
+            text, hit_stop = seq.text.feed(self.backend.token_bytes(token))
+            if text:
+                self._emit(seq.req, TextDelta(text))
+            if hit_stop:
+                self._finish(seq, "stop", flush=False)
+            elif seq.completion_tokens >= seq.req.params.max_tokens:
+                self._finish(seq, "length")
+            elif seq.n_past + 1 >= self.context_size:
+                self._finish(seq, "length")
+            else:
+                seq.next_token = token
+        except Exception as e:  # noqa: BLE001 - one bad sequence fails alone
+            log.exception("sampling failed for %s", seq.req.request_id)
+            self._fail(seq, InternalError(f"sampling failed: {e}"))
+
+    def _release(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        self.observer.on_finish(seq.req)
+        try:
+            self.backend.clear_sequence(seq.slot)
+            self.backend.free_sampler(seq.sampler)
+        finally:
+            self._free_slots.append(seq.slot)
+
+    def _finish(self, seq: _Sequence, reason: str, flush: bool = True) -> None:
+        self._release(seq)
+        if flush and reason != "cancelled":
+            tail = seq.text.flush()
+            if tail:
+                self._emit(seq.req, TextDelta(tail))
+        self._emit(seq.req, Finished(reason, len(seq.req.prompt), seq.completion_tokens))
+
+    def _fail(self, seq: _Sequence, err: LlamafleetError) -> None:
+        self._release(seq)
+        self._emit(seq.req, Failed(err))
+
+    def _emit(self, req: GenerationRequest, event: Event) -> None:
+        try:
+            req.sink(event)
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
+            log.warning("dropping events for %s: its consumer failed", req.request_id, exc_info=True)
+            req.cancel()
+
+    def _drain(self) -> None:
+        """On shutdown, every request still known gets a final event."""
+        for seq in list(self._running):
+            self._fail(seq, Overloaded("The server is shutting down."))
+        while True:
+            try:
+                req = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                self._emit(req, Failed(Overloaded("The server is shutting down.")))
+

@@ -1,0 +1,99 @@
+"""Domain errors, and the ONE table that maps them to HTTP (OpenAI shape) and gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+class LlamafleetError(Exception):
+    """Base of every error a client may see. ``param`` names the offending field."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class BadRequest(LlamafleetError):
+    pass
+
+
+class ContextTooLong(BadRequest):
+    def __init__(self, prompt_tokens: int, limit: int, param: str | None = "messages"):
+        super().__init__(
+            f"This model's maximum context length is {limit} tokens. However, your prompt "
+            f"resulted in {prompt_tokens} tokens. Please shorten the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+class Unauthorized(LlamafleetError):
+    pass
+
+
+class ModelNotFound(LlamafleetError):
+    pass
+
+
+class Overloaded(LlamafleetError):
+    retry_after_s = 1
+
+
+class NotReady(LlamafleetError):
+    retry_after_s = 5
+
+
+class Cancelled(LlamafleetError):
+    pass
+
+
+class InternalError(LlamafleetError):
+    pass
+
+
+@dataclass(frozen=True)
+class ErrorMapping:
+    http_status: int
+    openai_type: str
+    default_code: str | None
+    grpc_code: grpc.StatusCode
+
+
+ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
+    BadRequest: ErrorMapping(400, "invalid_request_error", None, grpc.StatusCode.INVALID_ARGUMENT),
+    Unauthorized: ErrorMapping(401, "invalid_request_error", "invalid_api_key", grpc.StatusCode.UNAUTHENTICATED),
+    ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", grpc.StatusCode.NOT_FOUND),
+    Overloaded: ErrorMapping(503, "server_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    NotReady: ErrorMapping(503, "server_error", "not_ready", grpc.StatusCode.UNAVAILABLE),
+    Cancelled: ErrorMapping(499, "invalid_request_error", "cancelled", grpc.StatusCode.CANCELLED),
+    InternalError: ErrorMapping(500, "server_error", "internal_error", grpc.StatusCode.INTERNAL),
+}
+
+
+def mapping_for(err: LlamafleetError) -> ErrorMapping:
+    for cls in type(err).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]  # type: ignore[index]
+    return ERROR_TABLE[InternalError]
+
+
+def openai_body(err: LlamafleetError) -> dict:
+    m = mapping_for(err)
+    return {
+        "error": {
+            "message": err.message,
+            "type": m.openai_type,
+            "param": err.param,
+            "code": err.code or m.default_code,
+        }
+    }
+
+
+def retry_after(err: LlamafleetError) -> int | None:
+    return getattr(err, "retry_after_s", None)

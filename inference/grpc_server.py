@@ -1,0 +1,190 @@
+"""gRPC `sentiric.llm.v1.LLMLocalService` over mutual TLS, with hot certificate reload.
+
+The servicer is thin: it turns the contract's request into messages and sampling
+parameters and streams the shared engine's output, so gRPC and HTTP users share a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .engine import Finished, TextDelta
+from .errors import BadRequest, LlamafleetError, mapping_for
+from .logs import request_id_from_headers
+from .proto import local_pb2 as pb
+from .proto import local_pb2_grpc as pb_grpc
+from .serving import Serving
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE = "sentiric.llm.v1.LLMLocalService"
+ROLES = {"user": "user", "assistant": "assistant", "model": "assistant", "system": "system"}
+# engine_specific_params keys and their types; anything else is refused by name.
+ENGINE_PARAMS = {"min_p": float, "presence_penalty": float, "frequency_penalty": float,
+                 "ignore_eos": bool, "json": bool}
+
+
+def _float(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise BadRequest(f"params.{name} must be in {bound}, got {value}", param=f"params.{name}")
+    return value
+
+
+def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStreamRequest):  # noqa: ANN201
+    """Contract request -> (prompt tokens, SamplingParams). Raises BadRequest."""
+    messages = []
+    if req.system_prompt:
+        messages.append({"role": "system", "content": req.system_prompt})
+    for i, turn in enumerate(req.history):
+        role = ROLES.get(turn.role.lower())
+        if role is None:
+            raise BadRequest(f"history[{i}].role must be user, assistant or system, "
+                             f"got {turn.role!r}", param=f"history[{i}].role")
+        messages.append({"role": role, "content": turn.content})
+    if not req.user_prompt.strip():
+        raise BadRequest("user_prompt must not be empty", param="user_prompt")
+    messages.append({"role": "user", "content": req.user_prompt})
+    rag = req.rag_context if req.HasField("rag_context") else None
+    prompt = serving.chat_prompt(messages, rag)
+
+    p = req.params
+    has = p.HasField
+    kw: dict = {}
+    if has("max_new_tokens"):
+        if p.max_new_tokens < 1:
+            raise BadRequest(f"params.max_new_tokens must be >= 1, got {p.max_new_tokens}",
+                             param="params.max_new_tokens")
+        kw["max_tokens"] = p.max_new_tokens
+    if has("temperature"):
+        kw["temperature"] = _float("temperature", p.temperature, 0, 2)
+    if has("top_k"):
+        if p.top_k < 0:
+            raise BadRequest(f"params.top_k must be >= 0, got {p.top_k}", param="params.top_k")
+        kw["top_k"] = p.top_k
+    if has("top_p"):
+        kw["top_p"] = _float("top_p", p.top_p, 0, 1, lo_open=True)
+    if has("repetition_penalty"):
+        kw["repeat_penalty"] = _float("repetition_penalty", p.repetition_penalty, 0, 10,
+                                      lo_open=True)
+    if has("seed"):
+        kw["seed"] = p.seed
+    if any(not s for s in p.stop_sequences):
+        raise BadRequest("params.stop_sequences must not contain empty strings",
+                         param="params.stop_sequences")
+    kw["stop"] = list(p.stop_sequences)
+    if has("engine_specific_params"):
+        extra = json_format.MessageToDict(p.engine_specific_params)
+        unknown = sorted(set(extra) - set(ENGINE_PARAMS))
+        if unknown:
+            raise BadRequest(f"unknown engine_specific_params {unknown}; supported: "
+                             f"{sorted(ENGINE_PARAMS)}", param="params.engine_specific_params")
+        for key, value in extra.items():
+            want = ENGINE_PARAMS[key]
+            if want is bool and not isinstance(value, bool) or \
+                    want is float and not isinstance(value, (int, float)):
+                raise BadRequest(f"engine_specific_params.{key} must be a {want.__name__}",
+                                 param=f"params.engine_specific_params.{key}")
+        if "min_p" in extra:
+            kw["min_p"] = _float("min_p", extra["min_p"], 0, 1)
+        for key in ("presence_penalty", "frequency_penalty"):
+            if key in extra:
+                kw[key] = _float(key, extra[key], -2, 2)
+        kw["ignore_eos"] = bool(extra.get("ignore_eos", False))
+        kw["json_object"] = bool(extra.get("json", False))
+    return prompt, serving.sampling(**kw)
+
+
+class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
+    def __init__(self, serving: Serving):
+        self.serving = serving
+
+    async def GenerateStream(self, request, context: grpc.aio.ServicerContext):  # noqa: N802, ANN001, ANN201
+        rid = request_id_from_headers(dict(context.invocation_metadata() or ()))
+        try:
+            prompt, params = request_to_generation(self.serving, request)
+            gen = self.serving.start(prompt, params, api="grpc", request_id=rid,
+                                     prompt_param="user_prompt")
+        except LlamafleetError as e:
+            await context.abort(mapping_for(e).grpc_code, e.message)
+            return
+        try:
+            async for ev in gen.events():
+                if isinstance(ev, TextDelta):
+                    yield pb.LLMLocalServiceGenerateStreamResponse(token=ev.text)
+                elif isinstance(ev, Finished):
+                    yield pb.LLMLocalServiceGenerateStreamResponse(
+                        finish_details=pb.FinishDetails(
+                            finish_reason=ev.reason, prompt_tokens=ev.prompt_tokens,
+                            completion_tokens=ev.completion_tokens))
+        except LlamafleetError as e:
+            await context.abort(mapping_for(e).grpc_code, e.message)
+
+
+class ReloadingCredentials:
+    """Server credentials that re-read the PEM files on each new handshake.
+
+    Kubernetes updates a mounted Secret by swapping files in place; gRPC's dynamic
+    credentials ask us for a new configuration per handshake, and we give one only when
+    the files' content changed. Open connections keep the certificate they began with.
+    """
+
+    def __init__(self, ca: Path, cert: Path, key: Path):
+        self.paths = (ca, cert, key)
+        self._current = self._read()
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        return tuple(p.read_bytes() for p in self.paths)  # type: ignore[return-value]
+
+    def _config(self, material: tuple[bytes, bytes, bytes]):  # noqa: ANN202
+        ca, cert, key = material
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self):  # noqa: ANN201 - called by gRPC core on each handshake
+        try:
+            material = self._read()
+        except OSError as e:  # mid-swap: keep serving with what we have
+            log.warning("certificate files unreadable, keeping the current ones: %s", e)
+            return None
+        if material == self._current:
+            return None
+        self._current = material
+        log.info("certificate files changed; new handshakes use the new certificate")
+        return self._config(material)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._config(self._current), self.fetch, require_client_authentication=True)
+
+
+async def start_grpc(settings: Settings, serving: Serving, port: int | None = None
+                     ) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_LLMLocalServiceServicer_to_server(LLMLocalServicer(serving), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = settings.grpc_port if port is None else port
+    if settings.tls_enabled:
+        creds = ReloadingCredentials(settings.grpc_ca_path, settings.grpc_cert_path,  # type: ignore[arg-type]
+                                     settings.grpc_key_path)  # type: ignore[arg-type]
+        bound = server.add_secure_port(f"{settings.host}:{port}", creds.credentials())
+        log.info("gRPC on %s:%d with mutual TLS", settings.host, bound)
+    else:
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        log.warning("gRPC on 127.0.0.1:%d WITHOUT TLS (loopback only): set "
+                    "LLM_LLAMA_SERVICE_GRPC_CA_PATH, _CERT_PATH and _KEY_PATH for mTLS", bound)
+    server.bound_port = bound  # type: ignore[attr-defined]
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server

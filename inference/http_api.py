@@ -1,0 +1,295 @@
+"""FastAPI routers: thin, over :mod:`serving`. OpenAI wire shapes and error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+from .engine import Finished, TextDelta
+from .errors import BadRequest, LlamafleetError, NotReady, Unauthorized, mapping_for, openai_body, retry_after
+from .logs import request_id_from_headers
+from .serving import Generation, Serving
+
+log = logging.getLogger(__name__)
+
+STUDIO_DIR = Path(__file__).parent / "studio"
+
+
+def error_response(err: LlamafleetError) -> JSONResponse:
+    headers = {}
+    if (ra := retry_after(err)) is not None:
+        headers["Retry-After"] = str(ra)
+    return JSONResponse(openai_body(err), status_code=mapping_for(err).http_status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return ("We could not parse the JSON body of your request. Expected a JSON object; "
+                f"{err.get('ctx', {}).get('error', 'invalid JSON')}."), None
+    if err.get("type") == "missing" and loc:
+        return f"Missing required parameter: '{'.'.join(loc)}'.", loc[0]
+    where = ".".join(loc)
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return (f"Invalid value for '{where}': {msg}." if where else f"{msg}."), (loc[0] if loc else None)
+
+
+def serving_of(request: Request) -> Serving:
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None:
+        raise NotReady("The model is still loading.")
+    return serving
+
+
+def check_api_key(request: Request) -> None:
+    key = request.app.state.settings.api_key
+    if key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key.get_secret_value()):
+        raise Unauthorized("Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.")
+
+
+api = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+
+@api.get("/models")
+async def list_models(request: Request) -> P.ModelList:
+    s = serving_of(request)
+    return P.ModelList(data=[P.ModelCard(id=s.model_id, created=s.created)])
+
+
+@api.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> P.ModelCard:
+    s = serving_of(request)
+    s.check_model(model_id)
+    return P.ModelCard(id=s.model_id, created=s.created)
+
+
+def _params(s: Serving, body: P._SamplingFields, max_tokens: int | None, **extra) -> object:
+    return s.sampling(
+        max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+        min_p=body.min_p, repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        seed=body.seed, stop=body.stop_list, ignore_eos=body.ignore_eos, **extra)
+
+
+@api.post("/chat/completions")
+async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
+    s = serving_of(request)
+    s.check_model(body.model)
+    fmt = body.response_format
+    params = _params(
+        s, body, body.max_completion_tokens or body.max_tokens,
+        json_object=bool(fmt and fmt.type == "json_object"),
+        json_schema=(fmt.json_schema.schema_ or {}) if fmt and fmt.type == "json_schema"
+        and fmt.json_schema else None)
+    prompt = s.chat_prompt([{"role": m.role, "content": m.text} for m in body.messages],
+                           body.rag_context)
+    gen = s.start(prompt, params, api="http_chat", request_id=request_id_from_headers(request.headers))
+    rid, created = P.new_id("chatcmpl"), P.now()
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: P.Delta, finish: str | None = None) -> P.ChatCompletionChunk:
+            return P.ChatCompletionChunk(
+                id=rid, created=created, model=s.model_id, system_fingerprint=s.fingerprint,
+                choices=[P.ChunkChoice(delta=delta, finish_reason=finish)])
+
+        async def frames() -> AsyncIterator[P.BaseModel]:
+            yield chunk(P.Delta(role="assistant", content=""))
+            async for ev in gen.events():
+                if isinstance(ev, TextDelta):
+                    yield chunk(P.Delta(content=ev.text))
+                elif isinstance(ev, Finished):
+                    yield chunk(P.Delta(), _finish_reason(ev))
+                    if include_usage:
+                        yield P.ChatCompletionChunk(
+                            id=rid, created=created, model=s.model_id,
+                            system_fingerprint=s.fingerprint, choices=[],
+                            usage=P.Usage.of(ev.prompt_tokens, ev.completion_tokens))
+
+        return _sse(frames(), gen, include_usage)
+    if (done := await _collect(gen, request)) is None:
+        return Response(status_code=499)
+    text, fin = done
+    return JSONResponse(P.ChatCompletion(
+        id=rid, created=created, model=s.model_id, system_fingerprint=s.fingerprint,
+        choices=[P.ChatChoice(message=P.AssistantMessage(content=text),
+                              finish_reason=_finish_reason(fin))],
+        usage=P.Usage.of(fin.prompt_tokens, fin.completion_tokens)).model_dump())
+
+
+@api.post("/completions")
+async def completions(body: P.CompletionRequest, request: Request) -> Response:
+    s = serving_of(request)
+    s.check_model(body.model)
+    raw = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) \
+        else body.prompt
+    prompt = s.text_prompt(raw)
+    params = _params(s, body, body.max_tokens if body.max_tokens is not None else 16)
+    gen = s.start(prompt, params, api="http_completions",
+                  request_id=request_id_from_headers(request.headers), prompt_param="prompt")
+    rid, created = P.new_id("cmpl"), P.now()
+
+    def make(text: str, finish: str | None, usage: P.Usage | None = None) -> P.Completion:
+        return P.Completion(id=rid, created=created, model=s.model_id,
+                            system_fingerprint=s.fingerprint,
+                            choices=[P.CompletionChoice(text=text, finish_reason=finish)],
+                            usage=usage)
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def frames() -> AsyncIterator[P.BaseModel]:
+            async for ev in gen.events():
+                if isinstance(ev, TextDelta):
+                    yield make(ev.text, None)
+                elif isinstance(ev, Finished):
+                    yield make("", _finish_reason(ev))
+                    if include_usage:
+                        c = make("", None, P.Usage.of(ev.prompt_tokens, ev.completion_tokens))
+                        c.choices = []
+                        yield c
+
+        return _sse(frames(), gen, include_usage)
+    if (done := await _collect(gen, request)) is None:
+        return Response(status_code=499)
+    text, fin = done
+    return JSONResponse(make(text, _finish_reason(fin),
+                             P.Usage.of(fin.prompt_tokens, fin.completion_tokens)).model_dump())
+
+
+def _finish_reason(fin: Finished) -> str:
+    return "length" if fin.reason == "length" else "stop"
+
+
+def _sse(frames: AsyncIterator[P.BaseModel], gen: Generation, include_usage: bool
+         ) -> StreamingResponse:
+    """SSE frames `data: {...}` then `data: [DONE]`; an error mid-stream is sent as an
+    OpenAI error object (the status line has already gone)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for frame in frames:
+                data = frame.model_dump(exclude_none=False)
+                if not include_usage:
+                    data.pop("usage", None)
+                yield b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        except LlamafleetError as e:
+            yield b"data: " + json.dumps(openai_body(e)).encode() + b"\n\n"
+        finally:
+            gen.cancel()  # client gone or done: free the sequence at the next step
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(gen: Generation, request: Request) -> tuple[str, Finished] | None:
+    """Gather a whole answer; cancel the sequence if the client disconnects first."""
+    parts: list[str] = []
+    fin: Finished | None = None
+
+    async def run() -> None:
+        nonlocal fin
+        async for ev in gen.events():
+            if isinstance(ev, TextDelta):
+                parts.append(ev.text)
+            elif isinstance(ev, Finished):
+                fin = ev
+
+    async def disconnected() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    work = asyncio.ensure_future(run())
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():  # the client left first
+        work.cancel()
+        gen.cancel()
+        return None
+    work.result()  # re-raises a failed generation's error
+    return "".join(parts), fin  # type: ignore[return-value]
+
+
+health = APIRouter()
+
+
+@health.get("/health")
+async def liveness(request: Request) -> dict:
+    serving = getattr(request.app.state, "serving", None)
+    if serving is not None and not serving.engine.alive:
+        return JSONResponse({"status": "engine stopped"}, status_code=500)  # type: ignore[return-value]
+    return {"status": "ok"}
+
+
+@health.get("/ready")
+async def readiness(request: Request) -> Response:
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None or not serving.engine.alive:
+        return error_response(NotReady("The model is not loaded yet."))
+    return JSONResponse({"status": "ready", "model": serving.model_id})
+
+
+@health.get("/info")
+async def info(request: Request) -> dict:
+    return serving_of(request).info()
+
+
+@health.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(serving_of(request).metrics.registry),
+                    media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings, serving: Serving | None = None) -> FastAPI:  # noqa: ANN001
+    app = FastAPI(title="llamafleet", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    app.state.serving = serving
+
+    @app.exception_handler(LlamafleetError)
+    async def _domain(_: Request, exc: LlamafleetError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(BadRequest(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    app.include_router(api)
+    app.include_router(health)
+    if STUDIO_DIR.is_dir() and (STUDIO_DIR / "index.html").exists():
+        app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")
+
+        @app.get("/", include_in_schema=False)
+        async def _root() -> RedirectResponse:
+            return RedirectResponse("/studio/")
+
+    return app

@@ -1,0 +1,187 @@
+"""The real model boundary: llama.cpp through llama-cpp-python's C API.
+
+We drive the C API (``llama_batch``, sequences, sampler chains) rather than the
+``Llama`` class because that class owns one sequence and one sampler; continuous
+batching needs many of each on one context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import _internals
+from llama_cpp import llama_cpp as C
+from llama_cpp.llama_grammar import JSON_GBNF
+
+from .engine import SamplingParams
+from .errors import BadRequest
+from .model import ModelError, ModelShape, model_shape
+
+log = logging.getLogger(__name__)
+
+KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type ids
+
+__all__ = ["LlamaModel", "LlamaBackend", "JSON_GBNF", "llama_cpp"]
+
+
+class LlamaModel:
+    """Loaded weights + vocabulary. Tokenisation is read-only and safe from any thread."""
+
+    def __init__(self, path: Path, gpu_layers: int):
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        try:
+            self._model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+        except ValueError as e:
+            raise ModelError(f"llama.cpp could not load {path}: {e}") from e
+        self.path = path
+        self.vocab = self._model.vocab
+        self.meta = self._model.metadata()
+        self.n_vocab = self._model.n_vocab()
+        self.shape: ModelShape = model_shape(self.meta, self._model.size())
+        self.add_bos = self._model.add_bos_token()
+        self.bos_text = self._text(self._model.token_bos())
+        self.eos_text = self._text(self._model.token_eos())
+        self._piece_cache: dict[int, bytes] = {}
+
+    @property
+    def ptr(self):  # noqa: ANN201 - ctypes pointer
+        return self._model.model
+
+    def _text(self, token: int) -> str:
+        return self._model.token_get_text(token) if token >= 0 else ""
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos, True)
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            piece = buf.raw[:n]
+            self._piece_cache[token] = piece
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        self._model.close()
+
+
+class LlamaBackend:
+    """One llama_context with ``n_seq_max`` sequences; used only by the engine thread."""
+
+    def __init__(self, model: LlamaModel, *, n_seq: int, context_size: int, n_batch: int,
+                 threads: int, kv_cache_type: str = "f16"):
+        self.model = model
+        self.n_batch = n_batch
+        params = C.llama_context_default_params()
+        params.n_ctx = context_size * n_seq
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.type_k = KV_TYPES[kv_cache_type]
+        params.type_v = KV_TYPES[kv_cache_type]
+        # One KV buffer shared by all sequences: a single attention kernel per step over
+        # mixed decode + prefill rows (split streams would split such batches).
+        params.kv_unified = os.environ.get("LF_UNIFIED","1")=="1"
+        params.flash_attn_type = int(os.environ.get("LF_FA","-1"))
+        params.no_perf = True
+        try:
+            self._ctx = _internals.LlamaContext(model=model._model, params=params, verbose=False)
+        except ValueError as e:
+            raise ModelError(
+                f"could not create a context of {context_size} tokens x {n_seq} sequences: {e}"
+            ) from e
+        self.ctx = self._ctx.ctx
+        self._mem = C.llama_get_memory(self.ctx)
+        self._batch = C.llama_batch_init(n_batch, 0, 1)
+
+    def new_sampler(self, p: SamplingParams):  # noqa: ANN201
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        add = lambda s: C.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if p.grammar:
+            g = C.llama_sampler_init_grammar(self.model.vocab, p.grammar.encode(), b"root")
+            if not g:
+                C.llama_sampler_free(chain)
+                raise BadRequest("invalid grammar", param="response_format")
+            add(g)
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            add(C.llama_sampler_init_penalties(
+                self.model.n_vocab, 64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+        if p.temperature <= 0:
+            add(C.llama_sampler_init_greedy())
+            return chain
+        if p.top_k > 0:
+            add(C.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            add(C.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0:
+            add(C.llama_sampler_init_min_p(p.min_p, 1))
+        add(C.llama_sampler_init_temp(p.temperature))
+        seed = p.seed if p.seed is not None else random.getrandbits(32)
+        add(C.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def free_sampler(self, sampler) -> None:  # noqa: ANN001
+        C.llama_sampler_free(sampler)
+
+    def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
+               logits: Sequence[bool]) -> None:
+        b = self._batch
+        n = len(tokens)
+        b.n_tokens = n
+        for i in range(n):
+            b.token[i] = tokens[i]
+            b.pos[i] = pos[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq[i]
+            b.logits[i] = logits[i]
+        rc = C.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def sample(self, sampler, batch_index: int) -> int:  # noqa: ANN001
+        return C.llama_sampler_sample(sampler, self.ctx, batch_index)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.model.token_bytes(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    def clear_sequence(self, seq_id: int) -> None:
+        C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+
+    def kv_cells(self) -> tuple[int, int]:
+        """(cells used, cells total)."""
+        total = C.llama_n_ctx(self.ctx)
+        used = 0
+        for s in range(C.llama_n_seq_max(self.ctx)):
+            hi = C.llama_memory_seq_pos_max(self._mem, s)
+            if hi >= 0:
+                used += hi - C.llama_memory_seq_pos_min(self._mem, s) + 1
+        return used, total
+
+    def close(self) -> None:
+        if self._batch is not None:
+            C.llama_batch_free(self._batch)
+            self._batch = None
+        self._ctx.close()
+
+
+def version() -> str:
+    return llama_cpp.__version__

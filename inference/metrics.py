@@ -1,0 +1,79 @@
+"""Every Prometheus series of the pod, defined once (prefix ``llamafleet_``)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "llamafleet_requests_total", "Finished requests.", ["api", "outcome", "finish_reason"],
+            registry=r)
+        self.prompt_tokens = Counter(
+            "llamafleet_prompt_tokens_total", "Prompt tokens processed.", registry=r)
+        self.completion_tokens = Counter(
+            "llamafleet_completion_tokens_total", "Tokens generated.", registry=r)
+        self.ttft = Histogram(
+            "llamafleet_time_to_first_token_seconds", "Submit to first token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(
+            "llamafleet_inter_token_latency_seconds", "Gap between tokens of one sequence.",
+            buckets=TOKEN_GAP_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "llamafleet_request_duration_seconds", "Submit to last token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "llamafleet_queue_wait_seconds", "Time waiting for a free sequence.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_occupancy = Histogram(
+            "llamafleet_batch_occupancy", "Sequences decoded together in one step.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256), registry=r)
+        self.steps = Counter("llamafleet_engine_steps_total", "llama_decode calls.", registry=r)
+        self.running = Gauge("llamafleet_running_sequences", "Sequences in the batch.", registry=r)
+        self.queued = Gauge("llamafleet_queue_depth", "Requests waiting.", registry=r)
+        self.kv_used = Gauge("llamafleet_kv_cache_cells_used", "KV cells holding tokens.", registry=r)
+        self.kv_total = Gauge("llamafleet_kv_cache_cells_total", "KV cells in the context.", registry=r)
+        self.max_batch = Gauge("llamafleet_max_batch_size", "Sequences that may run at once.",
+                               registry=r)
+        self.model = Info("llamafleet_model", "The served model.", registry=r)
+
+
+class EngineMetrics:
+    """Adapts engine hooks (engine thread) to the Prometheus series."""
+
+    def __init__(self, metrics: Metrics, kv_cells=None):  # noqa: ANN001
+        self.m = metrics
+        self._kv_cells = kv_cells
+        self._last_token: dict[int, float] = {}
+
+    def on_step(self, running: int, batch_tokens: int, queued: int) -> None:
+        self.m.steps.inc()
+        if self._kv_cells is not None:
+            used, total = self._kv_cells()
+            self.m.kv_used.set(used)
+            self.m.kv_total.set(total)
+        self.m.batch_occupancy.observe(running)
+        self.m.running.set(running)
+        self.m.queued.set(queued)
+
+    def on_first_token(self, req) -> None:  # noqa: ANN001
+        now = time.monotonic()
+        self.m.ttft.observe(now - req.enqueued_at)
+        self._last_token[id(req)] = now
+
+    def on_token(self, req) -> None:  # noqa: ANN001
+        now = time.monotonic()
+        last = self._last_token.get(id(req))
+        if last is not None:
+            self.m.itl.observe(now - last)
+        self._last_token[id(req)] = now
+
+    def on_finish(self, req) -> None:  # noqa: ANN001
+        self._last_token.pop(id(req), None)

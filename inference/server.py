@@ -1,0 +1,100 @@
+"""`llamafleet serve`: HTTP first (so probes answer), then the model, then gRPC and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+from prometheus_client import start_http_server
+
+from .http_api import create_app
+from .serving import Serving, build
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """All listeners of one pod. ``await run()`` until ``stop()`` or a signal."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = create_app(settings)
+        self.serving: Serving | None = None
+        self.grpc = None
+        self._metrics_server = None
+        self.ready = asyncio.Event()
+        self.failed: BaseException | None = None
+        ssl = {}
+        if settings.http_tls:
+            ssl = {"ssl_certfile": str(settings.grpc_cert_path),
+                   "ssl_keyfile": str(settings.grpc_key_path)}
+        self.http = uvicorn.Server(uvicorn.Config(
+            self.app, host=settings.host, port=settings.http_port, log_config=None,
+            timeout_graceful_shutdown=5, **ssl))
+
+    @property
+    def http_port(self) -> int:
+        servers = getattr(self.http, "servers", None) or []
+        for srv in servers:
+            for sock in srv.sockets:
+                return sock.getsockname()[1]
+        return self.settings.http_port
+
+    async def _load(self) -> None:
+        try:
+            self.serving = await asyncio.to_thread(build, self.settings)
+            self.app.state.serving = self.serving
+            if self.settings.grpc_port:
+                from .grpc_server import start_grpc
+
+                self.grpc = await start_grpc(self.settings, self.serving)
+            if self.settings.metrics_port:
+                self._metrics_server, _ = start_http_server(
+                    self.settings.metrics_port, self.settings.host, self.serving.metrics.registry)
+            log.info("ready: model %s, max_batch_size %d", self.serving.model_id,
+                     self.serving.engine.max_batch_size)
+            self.ready.set()
+        except BaseException as e:
+            self.failed = e
+            log.error("start-up failed: %s", e)
+            self.http.should_exit = True
+            self.ready.set()
+            raise
+
+    async def run(self) -> None:
+        loader = asyncio.create_task(self._load())
+        try:
+            await self.http.serve()
+        finally:
+            if not loader.done():
+                loader.cancel()
+            await self.shutdown()
+        if self.failed is not None:
+            raise self.failed
+
+    def stop(self) -> None:
+        self.http.should_exit = True
+
+    async def shutdown(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop(grace=5)
+            self.grpc = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        if self.serving is not None:
+            await asyncio.to_thread(self.serving.close)
+
+
+def serve(settings: Settings) -> int:
+    async def main() -> None:
+        await Server(settings).run()  # uvicorn handles SIGTERM/SIGINT
+
+    try:
+        asyncio.run(main())
+    except Exception as e:  # noqa: BLE001 - the reason was logged; exit non-zero
+        log.debug("exit", exc_info=e)
+        return 1
+    return 0

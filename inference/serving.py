@@ -1,0 +1,239 @@
+"""The serving layer: prompts, sampling defaults and generations, shared by HTTP and gRPC.
+
+No HTTP or gRPC imports here. Objects are built once at start-up (:func:`build`) and
+kept for the life of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import capacity
+from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextDelta
+from .errors import BadRequest, ContextTooLong, LlamafleetError, ModelNotFound, NotReady
+from .metrics import EngineMetrics, Metrics
+from .model import ChatFormatter, apply_rag, resolve_model_path
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """One submitted request. Iterate :meth:`events`; leaving early cancels it."""
+
+    serving: "Serving"
+    req: GenerationRequest
+    api: str
+    queue: asyncio.Queue
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished: Finished | None = None
+
+    async def events(self) -> AsyncIterator[TextDelta | Finished]:
+        outcome, reason = "cancelled", "cancelled"
+        try:
+            while True:
+                ev = await self.queue.get()
+                if isinstance(ev, Started):
+                    self.serving.metrics.queue_wait.observe(ev.queue_wait_s)
+                    continue
+                if isinstance(ev, Failed):
+                    outcome, reason = "error", type(ev.error).__name__
+                    raise ev.error
+                if isinstance(ev, TextDelta) and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                if isinstance(ev, Finished):
+                    self.finished = ev
+                    outcome = "cancelled" if ev.reason == "cancelled" else "ok"
+                    reason = ev.reason
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+        finally:
+            self.req.cancel()
+            self.serving.record(self, outcome, reason)
+
+    def cancel(self) -> None:
+        self.req.cancel()
+
+
+class Serving:
+    def __init__(self, settings: Settings, model: Any, engine: Engine, metrics: Metrics,
+                 plan: capacity.Plan):
+        self.settings = settings
+        self.model = model
+        self.engine = engine
+        self.metrics = metrics
+        self.plan = plan
+        self.model_id = settings.model_name or model.path.name.removesuffix(".gguf")
+        self.created = int(time.time())
+        self.fingerprint = "fp_llamafleet_0_1_0"
+        self.formatter = ChatFormatter.for_model(
+            settings.chat_template, model.meta, model.bos_text, model.eos_text)
+
+    # --- prompts ------------------------------------------------------------------------
+
+    def check_model(self, requested: str | None) -> None:
+        if requested and requested != self.model_id:
+            raise ModelNotFound(
+                f"The model '{requested}' does not exist. This server serves '{self.model_id}'.",
+                param="model")
+
+    def chat_prompt(self, messages: list[dict[str, str]], rag_context: str | None = None
+                    ) -> list[int]:
+        messages = [dict(m) for m in messages]
+        if rag_context:
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"),
+                            default=None)
+            if last_user is None:
+                raise BadRequest("rag_context needs a user message", param="rag_context")
+            messages[last_user]["content"] = apply_rag(
+                self.settings.rag_template, rag_context, messages[last_user]["content"])
+        text = self.formatter.render(messages)
+        if self.settings.log_prompts:
+            log.debug("prompt: %r", text)
+        add_bos = self.model.add_bos and not text.startswith(self.model.bos_text)
+        return self.model.tokenize(text, add_bos)
+
+    def text_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.model.tokenize(prompt, self.model.add_bos)
+        bad = [t for t in prompt if not 0 <= t < self.model.n_vocab]
+        if bad:
+            raise BadRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1})",
+                             param="prompt")
+        return list(prompt)
+
+    def sampling(self, *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repeat_penalty: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 seed: int | None = None, stop: Sequence[str] = (),
+                 json_schema: dict | None = None, json_object: bool = False,
+                 ignore_eos: bool = False) -> SamplingParams:
+        s = self.settings
+        grammar = None
+        if json_schema is not None:
+            grammar = _schema_grammar(json_schema)
+        elif json_object:
+            grammar = JSON_GRAMMAR
+        return SamplingParams(
+            temperature=s.default_temperature if temperature is None else temperature,
+            top_k=s.default_top_k if top_k is None else top_k,
+            top_p=s.default_top_p if top_p is None else top_p,
+            min_p=s.default_min_p if min_p is None else min_p,
+            repeat_penalty=s.default_repeat_penalty if repeat_penalty is None else repeat_penalty,
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            seed=seed,
+            max_tokens=s.default_max_tokens if max_tokens is None else max_tokens,
+            stop=tuple(stop),
+            grammar=grammar,
+            ignore_eos=ignore_eos,
+        )
+
+    # --- generation ---------------------------------------------------------------------
+
+    def start(self, prompt: list[int], params: SamplingParams, *, api: str,
+              request_id: str, prompt_param: str = "messages") -> Generation:
+        """Submit now: errors (too long, overloaded) raise here, before any output."""
+        if not self.engine.alive:
+            raise NotReady("The model is not loaded yet.")
+        if len(prompt) >= self.engine.context_size:
+            raise ContextTooLong(len(prompt), self.engine.context_size, param=prompt_param)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = GenerationRequest(
+            prompt, params, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), request_id)
+        gen = Generation(self, req, api, q)
+        try:
+            self.engine.submit(req)
+        except LlamafleetError as e:
+            self.record(gen, "rejected", type(e).__name__)
+            raise
+        return gen
+
+    def record(self, gen: Generation, outcome: str, reason: str) -> None:
+        m = self.metrics
+        m.requests.labels(gen.api, outcome, reason).inc()
+        fin = gen.finished
+        duration = time.monotonic() - gen.submitted
+        ttft = (gen.first_token_at - gen.submitted) if gen.first_token_at else None
+        if fin is not None:
+            m.prompt_tokens.inc(fin.prompt_tokens)
+            m.completion_tokens.inc(fin.completion_tokens)
+            m.e2e.observe(duration)
+        log.info(
+            "request finished",
+            extra={"request_id": gen.req.request_id, "api": gen.api, "outcome": outcome,
+                   "finish_reason": reason,
+                   "prompt_tokens": fin.prompt_tokens if fin else len(gen.req.prompt),
+                   "completion_tokens": fin.completion_tokens if fin else None,
+                   "ttft_s": round(ttft, 4) if ttft is not None else None,
+                   "duration_s": round(duration, 4)},
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "model_path": str(self.model.path),
+            "context_size": self.engine.context_size,
+            "max_batch_size": self.engine.max_batch_size,
+            "capacity": self.plan.as_dict(),
+            "running": self.engine.running,
+            "queued": self.engine.queued,
+            "queue_size": self.engine.queue_size,
+            "ready": self.engine.alive,
+        }
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def _schema_grammar(schema: dict) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        raise BadRequest(f"unsupported JSON schema: {e}", param="response_format") from e
+
+
+def _json_grammar() -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return JSON_GBNF
+
+
+JSON_GRAMMAR = _json_grammar()
+
+
+def build(settings: Settings) -> Serving:
+    """Load the model, plan capacity, start the engine. Raises ModelError/CapacityError."""
+    from .llama_backend import LlamaBackend, LlamaModel
+
+    path = resolve_model_path(settings.model_path)
+    log.info("loading model %s", path)
+    model = LlamaModel(path, settings.gpu_layers)
+    plan = capacity.plan_for_pod(settings, model.shape)
+    log.info("max_batch_size=%d: %s", plan.max_batch_size, plan.reason)
+    backend = LlamaBackend(model, n_seq=plan.max_batch_size, context_size=settings.context_size,
+                           n_batch=settings.n_batch, threads=settings.threads,
+                           kv_cache_type=settings.kv_cache_type)
+    metrics = Metrics()
+    metrics.max_batch.set(plan.max_batch_size)
+    metrics.model.info({"name": settings.model_name or path.stem, "path": str(path),
+                        "architecture": model.shape.architecture,
+                        "context_size": str(settings.context_size)})
+    engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
+                    context_size=settings.context_size,
+                    observer=EngineMetrics(metrics, backend.kv_cells))
+    engine.start()
+    return Serving(settings, model, engine, metrics, plan)

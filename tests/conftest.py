@@ -1,0 +1,98 @@
+"""Shared fixtures: the real model, free ports, and real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from llamafleet.inference.model import embedded_model_path
+
+    return embedded_model_path()
+
+
+@dataclass
+class RunningServer:
+    server: object
+    settings: object
+    thread: threading.Thread
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.http_tls else "http"
+        return f"{scheme}://127.0.0.1:{self.settings.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.settings.grpc_port}"
+
+    @property
+    def serving(self):  # noqa: ANN201
+        return self.server.serving
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.stop)
+        self.thread.join(60)
+
+
+def start_server(**overrides) -> RunningServer:  # noqa: ANN003
+    """A real `llamafleet serve` in a thread; returns once the model is loaded."""
+    from llamafleet.inference.server import Server
+    from llamafleet.inference.settings import Settings
+
+    values = dict(host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
+                  metrics_port=free_port(), context_size=1024, max_batch_size=4,
+                  threads=2, default_max_tokens=64)
+    values.update(overrides)
+    settings = Settings(**values)
+    ready = threading.Event()
+    box: dict = {}
+
+    def run() -> None:
+        async def main() -> None:
+            server = Server(settings)
+            box["server"], box["loop"] = server, asyncio.get_running_loop()
+
+            async def signal_ready() -> None:
+                await server.ready.wait()
+                ready.set()
+
+            waiter = asyncio.create_task(signal_ready())
+            try:
+                await server.run()
+            except BaseException as e:  # noqa: BLE001 - reported to the test
+                box["error"] = e
+            finally:
+                waiter.cancel()
+                ready.set()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run, name="test-server", daemon=True)
+    thread.start()
+    assert ready.wait(300), "server did not become ready"
+    if "error" in box or box["server"].failed:
+        raise RuntimeError(f"server failed to start: {box.get('error') or box['server'].failed}")
+    return RunningServer(box["server"], settings, thread, box["loop"])
+
+
+@pytest.fixture(scope="session")
+def server(model_path: Path) -> Iterator[RunningServer]:
+    srv = start_server(model_path=model_path)
+    yield srv
+    srv.stop()

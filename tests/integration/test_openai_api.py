@@ -1,0 +1,177 @@
+"""The OpenAI surface on the real model, judged by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:  # noqa: ANN001
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture()
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, server) -> None:  # noqa: ANN001
+    models = client.models.list().data
+    assert [m.id for m in models] == [server.serving.model_id]
+    assert client.models.retrieve(models[0].id).id == models[0].id
+
+
+def test_chat_non_streaming(client: openai.OpenAI, model: str) -> None:
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Name three colours."}],
+        max_tokens=12, temperature=0)
+    assert r.id.startswith("chatcmpl-")
+    assert r.object == "chat.completion"
+    assert r.model == model
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streaming_with_usage(client: openai.OpenAI, model: str) -> None:
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me about the sea."}],
+        max_tokens=16, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert text
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
+                                  temperature=0)
+    assert r.object == "text_completion"
+    assert r.choices[0].text
+    assert r.usage.completion_tokens <= 8
+    stream = client.completions.create(model=model, prompt="One, two, three,", max_tokens=6,
+                                       stream=True, temperature=0)
+    streamed = "".join(c.choices[0].text for c in stream)
+    assert streamed
+
+
+def test_stop_string_is_never_streamed(client: openai.OpenAI, model: str) -> None:
+    # The base model echoes its prompt, so "capital" is certain to come back.
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "The capital of Spain?"}],
+                  max_tokens=40, temperature=0)
+    free = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert "capital" in free
+    r = client.chat.completions.create(**kwargs, stop=["capital"])
+    assert r.choices[0].finish_reason == "stop"
+    assert "capital" not in r.choices[0].message.content
+    assert free.startswith(r.choices[0].message.content)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **kwargs, stop=["capital"], stream=True) if c.choices)
+    assert streamed == r.choices[0].message.content
+
+
+def test_seed_reproduces_a_request_alone(client: openai.OpenAI, model: str) -> None:
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Write a poem."}],
+                  max_tokens=24, temperature=1.0, seed=1234)
+    a = client.chat.completions.create(**kwargs).choices[0].message.content
+    b = client.chat.completions.create(**kwargs).choices[0].message.content
+    c = client.chat.completions.create(**{**kwargs, "seed": 99}).choices[0].message.content
+    assert a == b
+    assert a != c
+
+
+def test_concurrent_streams_all_complete_and_never_mix(server, model: str) -> None:  # noqa: ANN001
+    words = ["ZEBRA", "KIWI", "TULIP", "OSLO"]
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+    async def one(word: str) -> tuple[str, str | None]:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"Repeat: {word} {word} {word}"}],
+            max_tokens=32, temperature=0.3, seed=7, stream=True)
+        parts, finish = [], None
+        async for c in stream:
+            if c.choices:
+                parts.append(c.choices[0].delta.content or "")
+                finish = c.choices[0].finish_reason or finish
+        return "".join(parts), finish
+
+    async def main() -> list[tuple[str, str | None]]:
+        return await asyncio.gather(*(one(w) for w in words))
+
+    results = asyncio.run(main())
+    for word, (text, finish) in zip(words, results):
+        assert finish in ("stop", "length"), text
+        others = [w for w in words if w != word]
+        assert not any(o in text for o in others), (word, text)
+    # the model echoes its prompt: each stream carries its own word
+    assert sum(word in text for word, (text, _) in zip(words, results)) >= 3
+
+
+def test_json_schema_output_is_valid(client: openai.OpenAI, model: str) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}},
+              "required": ["answer"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is 2+2? Answer in JSON."}],
+        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content)["answer"], int)
+
+
+def test_json_object_output_is_json(client: openai.OpenAI, model: str) -> None:
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Give me a JSON object."}],
+        max_tokens=300, temperature=0, response_format={"type": "json_object"},
+        extra_body={"repeat_penalty": 1.3})
+    content = r.choices[0].message.content
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), (dict, list))
+    else:  # cut by max_tokens: still a JSON prefix
+        assert content.lstrip()[:1] in ("{", "[")
+
+
+def test_client_disconnect_frees_the_sequence(server, model: str) -> None:  # noqa: ANN001
+    m = server.serving.metrics
+    before = m.requests.labels("http_chat", "cancelled", "cancelled")._value.get()
+    body = {"model": model, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+    # The engine frees the sequence at its next step; wait for the cancellation record.
+    _wait_for(lambda: m.requests.labels("http_chat", "cancelled", "cancelled")._value.get() > before)
+    _wait_for(lambda: server.serving.engine.running == 0)
+    # and the server still answers
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 200
+
+
+def _wait_for(cond, timeout: float = 30.0) -> None:  # noqa: ANN001
+    """Poll a condition that another thread makes true (no fixed sleeps)."""
+    import threading
+    import time
+
+    ev = threading.Event()
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        ev.wait(0.02)
