@@ -1,0 +1,116 @@
+"""mTLS material with `cryptography`: a CA, a server certificate and a client certificate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    key_pem: bytes
+    cert_pem: bytes
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "llamafleet"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn[:64])])
+
+
+def new_ca(common_name: str, validity: dt.timedelta) -> KeyPair:
+    key = _key()
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name)).issuer_name(_name(common_name))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return KeyPair(_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue(ca: KeyPair, common_name: str, validity: dt.timedelta, *, sans: list[str] = (),
+          client: bool = False) -> KeyPair:
+    """A leaf certificate signed by ``ca``: server (SANs) or client (clientAuth)."""
+    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    ca_cert = ca.cert
+    key = _key()
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+            critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+                       critical=False)
+    )
+    names: list[x509.GeneralName] = []
+    for san in sans or ([] if client else [common_name]):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(san)))
+        except ValueError:
+            names.append(x509.DNSName(san))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    return KeyPair(_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+
+
+def needs_renewal(pair: KeyPair, renew_before: dt.timedelta, now: dt.datetime | None = None) -> bool:
+    return (now or _now()) >= pair.not_after - renew_before
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """Go-style durations as Kubernetes users write them: 8760h, 30m, 90s, 1h30m, 7d."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    total, num = 0.0, ""
+    for ch in text.strip():
+        if ch.isdigit() or ch == ".":
+            num += ch
+        elif ch in units and num:
+            total += float(num) * units[ch]
+            num = ""
+        else:
+            raise ValueError(f"invalid duration {text!r}: use e.g. 8760h, 30m, 90s")
+    if num or total <= 0:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 8760h, 30m, 90s")
+    return dt.timedelta(seconds=total)

@@ -1,0 +1,318 @@
+"""The scheduler against a fake model boundary (no llama.cpp)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llamafleet.inference.engine import (
+    Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextAssembler,
+    TextDelta)
+from llamafleet.inference.errors import BadRequest, ContextTooLong, Overloaded
+
+EOG = 0
+
+
+class FakeBackend:
+    """Token t+1 follows t; each token's text is its number and a space. Token ``EOG``
+    ends a sequence. Records every decode call so tests can inspect batches."""
+
+    n_batch = 8
+
+    def __init__(self, fail_sampler_seed: int | None = None, eog_after: dict[int, int] | None = None):
+        self.batches: list[tuple[list[int], list[int], list[int], list[bool]]] = []
+        self.cleared: list[int] = []
+        self.samplers: dict[int, SamplingParams] = {}
+        self.fail_sampler_seed = fail_sampler_seed
+        self._last: dict[int, int] = {}
+        self._seq_of_index: dict[int, int] = {}
+        self.gate: threading.Event | None = None
+
+    def new_sampler(self, params: SamplingParams):  # noqa: ANN201
+        if self.fail_sampler_seed is not None and params.seed == self.fail_sampler_seed:
+            raise BadRequest("bad grammar")
+        s = object()
+        self.samplers[id(s)] = params
+        return s
+
+    def free_sampler(self, sampler) -> None:  # noqa: ANN001
+        del self.samplers[id(sampler)]
+
+    def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
+               logits: Sequence[bool]) -> None:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.batches.append((list(tokens), list(pos), list(seq), list(logits)))
+        self._seq_of_index = {}
+        for i, (t, s) in enumerate(zip(tokens, seq)):
+            self._last[s] = t
+            if logits[i]:
+                self._seq_of_index[i] = s
+
+    def sample(self, sampler, batch_index: int) -> int:  # noqa: ANN001
+        s = self._seq_of_index[batch_index]
+        params = self.samplers[id(sampler)]
+        nxt = self._last[s] + 1
+        if params.seed is not None and params.seed < 0 and nxt >= -params.seed:
+            return EOG  # negative seed: "end after -seed"
+        return nxt
+
+    def token_bytes(self, token: int) -> bytes:
+        return f"{token} ".encode()
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def clear_sequence(self, seq_id: int) -> None:
+        self.cleared.append(seq_id)
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list = []
+        self.done = threading.Event()
+
+    def __call__(self, ev) -> None:  # noqa: ANN001
+        self.events.append(ev)
+        if isinstance(ev, (Finished, Failed)):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
+
+    @property
+    def final(self):  # noqa: ANN201
+        finals = [e for e in self.events if isinstance(e, (Finished, Failed))]
+        assert len(finals) == 1, self.events
+        return finals[0]
+
+
+def make_engine(backend: FakeBackend, max_batch_size: int = 4, queue_size: int = 8,
+                context_size: int = 64) -> Engine:
+    e = Engine(backend, max_batch_size=max_batch_size, queue_size=queue_size,
+               context_size=context_size)
+    e.start()
+    return e
+
+
+def submit(engine: Engine, prompt: list[int], **params) -> Collector:  # noqa: ANN003
+    c = Collector()
+    engine.submit(GenerationRequest(prompt, SamplingParams(**params), c))
+    return c
+
+
+def test_generates_until_max_tokens_then_length() -> None:
+    be = FakeBackend()
+    eng = make_engine(be)
+    c = submit(eng, [10, 11, 12], max_tokens=3)
+    assert c.done.wait(5)
+    eng.stop()
+    assert c.final == Finished("length", 3, 3)
+    assert c.text == "13 14 15 "
+    assert isinstance(c.events[0], Started)
+    assert be.cleared == [0]
+
+
+def test_end_of_generation_is_stop() -> None:
+    be = FakeBackend()
+    eng = make_engine(be)
+    c = submit(eng, [1, 2], max_tokens=50, seed=-5)  # EOG once the next token would be 5
+    assert c.done.wait(5)
+    eng.stop()
+    assert c.final == Finished("stop", 2, 2)
+    assert c.text == "3 4 "
+
+
+def test_ignore_eos_generates_exactly_max_tokens() -> None:
+    be = FakeBackend()
+    eng = make_engine(be)
+    c = submit(eng, [1, 2], max_tokens=6, seed=-5, ignore_eos=True)
+    assert c.done.wait(5)
+    eng.stop()
+    assert c.final.reason == "length" and c.final.completion_tokens == 6
+
+
+def test_context_limit_finishes_with_length() -> None:
+    be = FakeBackend()
+    eng = make_engine(be, context_size=8)
+    c = submit(eng, [1, 2, 3, 4, 5], max_tokens=100)
+    assert c.done.wait(5)
+    eng.stop()
+    assert c.final.reason == "length"
+    assert 5 + c.final.completion_tokens <= 8
+
+
+def test_prompt_at_context_size_is_refused_with_both_numbers() -> None:
+    eng = make_engine(FakeBackend(), context_size=8)
+    with pytest.raises(ContextTooLong) as e:
+        submit(eng, list(range(1, 9)))
+    eng.stop()
+    assert "8 tokens" in e.value.message and "maximum context length is 8" in e.value.message
+
+
+def test_stop_string_is_cut_and_never_streamed_in_part() -> None:
+    be = FakeBackend()
+    eng = make_engine(be)
+    c = submit(eng, [1], max_tokens=20, stop=("4 5",))
+    assert c.done.wait(5)
+    eng.stop()
+    assert c.final.reason == "stop"
+    assert c.text == "2 3 "
+    assert all("4" not in e.text for e in c.events if isinstance(e, TextDelta))
+
+
+def test_prefill_is_chunked_within_n_batch_and_mixed_with_decode() -> None:
+    be = FakeBackend()
+    eng = make_engine(be)
+    be.gate = threading.Event()
+    a = submit(eng, [1, 2], max_tokens=30)
+    b = submit(eng, list(range(100, 120)), max_tokens=2)  # 20 prompt tokens > n_batch 8
+    be.gate.set()
+    assert a.done.wait(5) and b.done.wait(5)
+    eng.stop()
+    assert all(len(tokens) <= be.n_batch for tokens, *_ in be.batches)
+    mixed = [seqs for _, _, seqs, _ in be.batches if len(set(seqs)) > 1]
+    assert mixed, "decode of one sequence and prefill of another share a step"
+    assert b.text == "120 121 "
+
+
+def test_cancelled_request_frees_its_slot_at_the_next_step() -> None:
+    be = FakeBackend()
+    eng = make_engine(be, max_batch_size=1, context_size=10**9)
+    req = GenerationRequest([1], SamplingParams(max_tokens=10**9), Collector())
+    eng.submit(req)
+    while not any(isinstance(e, TextDelta) for e in req.sink.events):
+        req.sink.done.wait(0.01)
+    req.cancel()
+    assert req.sink.done.wait(5)
+    assert req.sink.final.reason == "cancelled"
+    c = submit(eng, [5], max_tokens=2)
+    assert c.done.wait(5)
+    eng.stop()
+    assert c.text == "6 7 "
+
+
+def test_queue_full_is_overloaded_at_once() -> None:
+    be = FakeBackend()
+    be.gate = threading.Event()  # hold the engine inside decode
+    eng = make_engine(be, max_batch_size=1, queue_size=2)
+    first = submit(eng, [1], max_tokens=5)
+    while eng.running == 0:
+        first.done.wait(0.01)
+    queued = [submit(eng, [1], max_tokens=1) for _ in range(2)]
+    with pytest.raises(Overloaded):
+        submit(eng, [1], max_tokens=1)
+    be.gate.set()
+    assert all(c.done.wait(5) for c in [first, *queued])
+    eng.stop()
+
+
+def test_one_bad_request_fails_alone() -> None:
+    be = FakeBackend(fail_sampler_seed=666)
+    eng = make_engine(be)
+    good = submit(eng, [1], max_tokens=3)
+    bad = submit(eng, [1], max_tokens=3, seed=666)
+    assert good.done.wait(5) and bad.done.wait(5)
+    eng.stop()
+    assert isinstance(bad.final, Failed) and isinstance(bad.final.error, BadRequest)
+    assert good.final.reason == "length"
+
+
+def test_a_consumer_that_raises_does_not_stop_the_engine() -> None:
+    be = FakeBackend()
+    eng = make_engine(be)
+
+    def broken(ev) -> None:  # noqa: ANN001
+        raise RuntimeError("consumer gone")
+
+    eng.submit(GenerationRequest([1], SamplingParams(max_tokens=50), broken))
+    c = submit(eng, [1], max_tokens=3)
+    assert c.done.wait(5)
+    eng.stop()
+    assert c.final.reason == "length"
+
+
+def test_stop_fails_everything_still_known() -> None:
+    be = FakeBackend()
+    be.gate = threading.Event()
+    eng = make_engine(be, max_batch_size=1)
+    running = submit(eng, [1], max_tokens=100)
+    waiting = submit(eng, [1], max_tokens=100)
+    while eng.running == 0:
+        running.done.wait(0.01)
+    eng._stopping = True
+    be.gate.set()
+    eng.stop()
+    for c in (running, waiting):
+        assert c.done.wait(5)
+        assert isinstance(c.final, (Failed, Finished))
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_text_assembler_holds_back_partial_utf8(split: int) -> None:
+    data = "héllo 🌍".encode()
+    t = TextAssembler(())
+    out = ""
+    for i in range(0, len(data), split):
+        piece, _ = t.feed(data[i:i + split])
+        piece.encode("utf-8")  # always valid text
+        out += piece
+    out += t.flush()
+    assert out == "héllo 🌍"
+
+
+def test_text_assembler_holds_a_possible_stop_prefix_then_releases_it() -> None:
+    t = TextAssembler(["</end>"])
+    assert t.feed(b"abc</e") == ("abc", False)
+    assert t.feed(b"x") == ("</ex", False)
+    assert t.feed(b"</end>tail") == ("", True)
+
+
+# --- properties ---------------------------------------------------------------------------
+
+request_st = st.tuples(
+    st.lists(st.integers(1, 50), min_size=1, max_size=20),  # prompt
+    st.integers(1, 12),                                      # max_tokens
+    st.booleans(),                                           # cancel early
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=st.lists(request_st, min_size=1, max_size=12),
+       max_batch=st.integers(1, 4), queue_size=st.integers(0, 6))
+def test_every_request_finishes_exactly_once_and_bounds_hold(requests, max_batch, queue_size) -> None:  # noqa: ANN001
+    be = FakeBackend()
+    eng = make_engine(be, max_batch_size=max_batch, queue_size=queue_size, context_size=64)
+    accepted: list[tuple[GenerationRequest, Collector]] = []
+    rejected = 0
+    for prompt, max_tokens, cancel in requests:
+        c = Collector()
+        req = GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens), c)
+        try:
+            eng.submit(req)
+        except Overloaded:
+            rejected += 1
+            continue
+        if cancel:
+            req.cancel()
+        accepted.append((req, c))
+        assert eng.queued <= queue_size + max_batch
+    for _, c in accepted:
+        assert c.done.wait(10)
+    eng.stop()
+    for req, c in accepted:
+        final = c.final  # exactly one final event
+        if isinstance(final, Finished) and final.reason != "cancelled":
+            assert final.completion_tokens <= req.params.max_tokens
+    for _, _, seqs, _ in be.batches:
+        assert len(set(seqs)) <= max_batch
+        assert all(0 <= s < max_batch for s in seqs)
+    assert not be.samplers, "every sampler is freed"
+    assert eng.running == 0
+    if rejected:
+        assert len(requests) > queue_size
