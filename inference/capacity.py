@@ -80,7 +80,7 @@ class Plan:
 
 def plan(*, memory_bytes: float, device_count: int, weights_bytes: float, kv: KVShape,
          context: int, cap: int, offload_fraction: float = 1.0, kv_type: str = "f16",
-         reserve_bytes: float = 1024 * MiB, usable_fraction: float = 0.9, mode: str = "gpu"
+         reserve_bytes: float = 768 * MiB, usable_fraction: float = 0.95, mode: str = "gpu"
          ) -> Plan:
     """The one capacity function. ``memory_bytes`` is per device."""
     if cap < 1:

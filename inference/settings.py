@@ -79,10 +79,10 @@ class Settings(BaseSettings):
         512, ge=16, le=65_536, description="Most tokens in one llama_decode step (prefill chunk)."
     )
     memory_reserve_mib: int = Field(
-        1024, ge=0, description="MiB kept free for compute buffers and the runtime when planning capacity."
+        768, ge=0, description="MiB kept free for compute buffers and the runtime when planning capacity."
     )
     memory_usable_fraction: float = Field(
-        0.9, gt=0, le=1, description="Share of the device memory the planner may use."
+        0.95, gt=0, le=1, description="Share of the device memory the planner may use."
     )
     # --- network ------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the HTTP, gRPC and metrics ports bind to.")

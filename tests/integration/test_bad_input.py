@@ -1,0 +1,138 @@
+"""Bad input gets a precise OpenAI-shaped error and never disturbs other users."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+from ..conftest import start_server
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/v1/chat/completions"
+
+
+def msgs(text: str = "hi") -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("body, status, param, needle", [
+    ({"messages": []}, 400, "messages", "at least 1"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "role"),
+    ({"messages": msgs(), "temperature": 5}, 400, "temperature", "less than or equal to 2"),
+    ({"messages": msgs(), "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"messages": msgs(), "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"messages": msgs(), "n": 3}, 400, "n", "less than or equal to 1"),
+    ({"messages": msgs(), "stop": [""]}, 400, "stop", "empty"),
+    ({"messages": msgs(), "presence_penalty": 3}, 400, "presence_penalty", "2"),
+    ({}, 400, "messages", "Missing required parameter"),
+    ({"messages": msgs(), "model": "gpt-4"}, 404, "model", "does not exist"),
+    ({"messages": [{"role": "system", "content": "only system"}]}, 400, None, "user message"),
+])
+def test_bad_chat_requests(server, body, status, param, needle) -> None:  # noqa: ANN001
+    r = httpx.post(server.url + CHAT, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert needle in err["message"]
+    if param:
+        assert err["param"] == param
+
+
+def test_malformed_json(server) -> None:  # noqa: ANN001
+    r = httpx.post(server.url + CHAT, content=b'{"messages": [', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "could not parse the JSON body" in r.json()["error"]["message"]
+
+
+def test_prompt_longer_than_context_names_both_lengths(server) -> None:  # noqa: ANN001
+    r = httpx.post(server.url + CHAT, json={"messages": msgs("word " * 2000)}, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded"
+    assert "maximum context length is 1024 tokens" in err["message"]
+    n = int(err["message"].split("resulted in ")[1].split(" ")[0])
+    assert n > 1024
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "word " * 2000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_completion_token_ids_outside_the_vocabulary(server) -> None:  # noqa: ANN001
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 10**9]}, timeout=30)
+    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+
+
+def test_official_client_sees_typed_errors(server) -> None:  # noqa: ANN001
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.serving.model_id, messages=[])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=msgs())
+
+
+def test_bad_input_does_not_disturb_a_running_stream(server) -> None:  # noqa: ANN001
+    result: dict = {}
+
+    def stream() -> None:
+        with httpx.stream("POST", server.url + CHAT, timeout=120, json={
+                "messages": msgs("Tell me a long story."), "max_tokens": 60, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}) as r:
+            result["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    for body in ({"messages": []}, {"messages": msgs(), "temperature": -1},
+                 {"messages": msgs("x " * 3000)}):
+        assert httpx.post(server.url + CHAT, json=body, timeout=30).status_code == 400
+    httpx.post(server.url + CHAT, content=b"{{{{", timeout=30,
+               headers={"content-type": "application/json"})
+    t.join(120)
+    lines = result["lines"]
+    assert lines[-1] == "data: [DONE]"
+    assert '"completion_tokens":60' in lines[-2]
+
+
+@pytest.fixture(scope="module")
+def tight_server(model_path):  # noqa: ANN001, ANN201
+    srv = start_server(model_path=model_path, max_batch_size=1, queue_size=1,
+                       api_key="s3cret", grpc_port=0, metrics_port=0)
+    yield srv
+    srv.stop()
+
+
+def test_api_key_is_required_when_set(tight_server) -> None:  # noqa: ANN001
+    url = tight_server.url + "/v1/models"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == \
+        "invalid_api_key"
+    assert httpx.get(url, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert httpx.get(tight_server.url + "/health").status_code == 200
+
+
+def test_full_queue_answers_overloaded_at_once(tight_server) -> None:  # noqa: ANN001
+    headers = {"Authorization": "Bearer s3cret"}
+    engine = tight_server.serving.engine
+    body = {"messages": msgs(), "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120, headers=headers) as h:
+        with h.stream("POST", tight_server.url + CHAT, json=body) as running:
+            next(running.iter_lines())
+            with h.stream("POST", tight_server.url + CHAT, json=body) as queued:
+                assert queued.status_code == 200
+                _until(lambda: engine.queued == 1)
+                r = h.post(tight_server.url + CHAT, json={**body, "stream": False})
+                assert r.status_code == 503
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "overloaded"
+
+
+def _until(cond) -> None:  # noqa: ANN001
+    import time
+
+    ev, end = threading.Event(), time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < end
+        ev.wait(0.01)

@@ -1,0 +1,166 @@
+"""The capacity planner on realistic cards and models, and the pod's probe (NVML faked)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from llamafleet.inference import capacity
+from llamafleet.inference.capacity import GiB, MiB, KVShape, plan
+
+# (name, KV shape, GGUF size of the Q4_K_M file)
+MISTRAL_7B = (KVShape(32, 8, 128, 128), 4.37e9)
+LLAMA2_7B = (KVShape(32, 32, 128, 128), 4.08e9)
+LLAMA32_3B = (KVShape(28, 8, 128, 128), 2.02e9)
+LLAMA31_8B = (KVShape(32, 8, 128, 128), 4.92e9)
+LLAMA31_70B = (KVShape(80, 8, 128, 128), 42.5e9)
+
+
+def gpu(card_gib: float, model, cap: int = 16, context: int = 4096, count: int = 1) -> int:  # noqa: ANN001
+    kv, size = model
+    return plan(memory_bytes=card_gib * GiB, device_count=count, weights_bytes=size, kv=kv,
+                context=context, cap=cap).max_batch_size
+
+
+def test_kv_bytes_follow_the_formula() -> None:
+    kv, _ = MISTRAL_7B
+    assert kv.bytes_per_token() == 8 * (128 + 128) * 2  # per layer, f16
+    assert kv.bytes_per_sequence(4096) == 32 * 8 * 256 * 2 * 4096  # 512 MiB
+    assert kv.bytes_per_sequence(4096, "q8_0") < kv.bytes_per_sequence(4096)
+
+
+def test_six_gb_card_with_a_7b_q4_model_at_4k_gives_one() -> None:
+    assert gpu(6, MISTRAL_7B) == 1
+
+
+def test_a_7b_without_gqa_does_not_fit_at_4k_on_6gb_and_says_why() -> None:
+    p = plan(memory_bytes=6 * GiB, device_count=1, weights_bytes=LLAMA2_7B[1], kv=LLAMA2_7B[0],
+             context=4096, cap=16)
+    assert p.max_batch_size == 0
+    assert "not even one sequence fits" in p.reason
+
+
+@pytest.mark.parametrize("card, model, expected", [
+    (8, LLAMA32_3B, 11),      # 3B on 8 GB: (7.6 - 1.88 - 0.75) GiB / 448 MiB
+    (8, LLAMA31_8B, 4),
+    (8, LLAMA31_70B, 0),
+    (24, LLAMA32_3B, 16),     # capped
+    (24, LLAMA31_8B, 16),
+    (24, LLAMA31_70B, 0),
+    (48, LLAMA31_8B, 16),
+    (48, LLAMA31_70B, 4),
+    (80, LLAMA31_70B, 16),
+    (80, LLAMA32_3B, 16),
+])
+def test_realistic_cards(card: int, model, expected: int) -> None:  # noqa: ANN001
+    assert gpu(card, model) == expected
+
+
+def test_large_card_uses_the_cap() -> None:
+    assert gpu(80, LLAMA31_8B, cap=64) == 64
+    assert gpu(80, LLAMA31_8B, cap=200) < 200  # memory-bound below a huge cap
+
+
+def test_two_gpus_pool_memory() -> None:
+    assert gpu(48, LLAMA31_70B, count=2) > gpu(48, LLAMA31_70B)
+
+
+def test_partial_offload_counts_only_offloaded_weights_and_kv() -> None:
+    kv, size = LLAMA31_8B
+    full = plan(memory_bytes=8 * GiB, device_count=1, weights_bytes=size, kv=kv, context=4096,
+                cap=64)
+    half = plan(memory_bytes=8 * GiB, device_count=1, weights_bytes=size, kv=kv, context=4096,
+                cap=64, offload_fraction=0.5)
+    assert half.max_batch_size > full.max_batch_size
+
+
+def test_sliding_window_layers_hold_only_the_window() -> None:
+    gemma = KVShape(n_layer=18, n_head_kv=1, key_length=256, value_length=256,
+                    sliding_window=512, swa_pattern=6)
+    full = KVShape(18, 1, 256, 256)
+    assert gemma.bytes_per_sequence(4096) == 512 * 2 * (3 * 4096 + 15 * 512)
+    assert gemma.bytes_per_sequence(4096) < full.bytes_per_sequence(4096) / 3
+    assert gemma.bytes_per_sequence(256) == full.bytes_per_sequence(256)
+
+
+def test_cpu_mode_uses_system_memory() -> None:
+    kv, size = LLAMA32_3B
+    p = plan(memory_bytes=16 * GiB, device_count=1, weights_bytes=size, kv=kv, context=4096,
+             cap=8, mode="cpu")
+    assert p.mode == "cpu" and p.max_batch_size == 8 and "RAM" in p.reason
+
+
+# --- the pod's probe ----------------------------------------------------------------------
+
+
+class FakeNVML:
+    def __init__(self, free_mib: list[int], name: str = "NVIDIA H100 80GB HBM3"):
+        self.free = free_mib
+        self.name = name
+        self.shut = False
+
+    def nvmlInit(self) -> None:  # noqa: N802
+        pass
+
+    def nvmlShutdown(self) -> None:  # noqa: N802
+        self.shut = True
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+        return len(self.free)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:  # noqa: N802
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, h: int):  # noqa: N802, ANN201
+        return SimpleNamespace(free=self.free[h] * MiB, total=self.free[h] * MiB)
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:  # noqa: N802
+        return self.name.encode()
+
+
+def pod_settings(**kw):  # noqa: ANN003, ANN201
+    from llamafleet.inference.settings import Settings
+
+    return Settings(**{"max_batch_size": 16, "context_size": 4096, **kw})
+
+
+MISTRAL_SHAPE = SimpleNamespace(architecture="llama", n_layer=32, n_head_kv=8, key_length=128,
+                                value_length=128, sliding_window=None, size_bytes=4.37e9)
+
+
+def test_probe_reads_visible_gpus_and_plans() -> None:
+    nvml = FakeNVML([81559])
+    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=nvml)
+    assert p.mode == "gpu" and p.max_batch_size == 16
+    assert "H100" in p.reason and nvml.shut
+
+
+def test_probe_respects_cuda_visible_devices() -> None:
+    info = capacity.probe_gpus(FakeNVML([6144, 81559]), visible="1")
+    assert info.count == 1 and info.memory_bytes == 81559 * MiB
+
+
+def test_small_gpu_falls_back_to_one() -> None:
+    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([6144]))
+    assert p.max_batch_size == 1
+
+
+def test_nothing_fits_is_a_clear_error() -> None:
+    with pytest.raises(capacity.CapacityError, match="does not fit.*CONTEXT_SIZE"):
+        capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([4096]))
+
+
+def test_gpu_layers_zero_means_cpu_even_with_a_gpu() -> None:
+    p = capacity.plan_for_pod(pod_settings(gpu_layers=0), MISTRAL_SHAPE, nvml=FakeNVML([81559]),
+                              system_memory=8 * GiB)
+    assert p.mode == "cpu" and p.max_batch_size == 5
+
+
+def test_no_nvml_means_cpu_mode_for_real(tmp_path) -> None:  # noqa: ANN001
+    p = capacity.plan_for_pod(pod_settings(max_batch_size=4), MISTRAL_SHAPE)
+    assert p.mode == "cpu"  # this machine has no GPU: the real probe finds none
+    (tmp_path / "memory.max").write_text(str(6 * GiB))
+    assert capacity.system_memory_bytes(cgroup_root=tmp_path) == 6 * GiB
+    (tmp_path / "memory.max").write_text("max")
+    assert capacity.system_memory_bytes(cgroup_root=tmp_path) > 6 * GiB
