@@ -71,6 +71,11 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["serve"]:
+        # Load llama.cpp's shared libraries before grpc's and numpy's: with the CUDA build,
+        # loading them later crashed the first model load (seen on an H100).
+        import llama_cpp  # noqa: F401
     parser = argparse.ArgumentParser(prog="llamafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve a GGUF model (OpenAI HTTP, gRPC, metrics, studio)",

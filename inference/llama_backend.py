@@ -35,7 +35,8 @@ class LlamaModel:
 
     def __init__(self, path: Path, gpu_layers: int):
         params = C.llama_model_default_params()
-        params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        # 999 = "all": llama.cpp overflows on INT32_MAX when it adds the output layer.
+        params.n_gpu_layers = 999 if gpu_layers < 0 else gpu_layers
         try:
             self._model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError as e:

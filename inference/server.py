@@ -44,7 +44,9 @@ class Server:
 
     async def _load(self) -> None:
         try:
-            self.serving = await asyncio.to_thread(build, self.settings)
+            # On the main thread: loading a model from a worker thread crashed llama.cpp's
+            # CUDA back-end on an H100 (inside print_info, after grpc was imported).
+            self.serving = build(self.settings)
             self.app.state.serving = self.serving
             if self.settings.grpc_port:
                 from .grpc_server import start_grpc
@@ -53,23 +55,27 @@ class Server:
             if self.settings.metrics_port:
                 self._metrics_server, _ = start_http_server(
                     self.settings.metrics_port, self.settings.host, self.serving.metrics.registry)
-            log.info("ready: model %s, max_batch_size %d", self.serving.model_id,
+            log.info("model %s loaded, max_batch_size %d", self.serving.model_id,
                      self.serving.engine.max_batch_size)
-            self.ready.set()
         except BaseException as e:
             self.failed = e
             log.error("start-up failed: %s", e)
-            self.http.should_exit = True
             self.ready.set()
             raise
 
     async def run(self) -> None:
-        loader = asyncio.create_task(self._load())
+        async def mark_ready() -> None:
+            while not self.http.started and not self.http.should_exit:
+                await asyncio.sleep(0.01)
+            self.ready.set()
+
         try:
+            await self._load()
+            watcher = asyncio.create_task(mark_ready())
             await self.http.serve()
+            watcher.cancel()
         finally:
-            if not loader.done():
-                loader.cancel()
+            self.ready.set()
             await self.shutdown()
         if self.failed is not None:
             raise self.failed
@@ -88,7 +94,20 @@ class Server:
             await asyncio.to_thread(self.serving.close)
 
 
+def init_backends() -> None:
+    """Initialise llama.cpp's back-ends (CUDA device discovery) on the main thread.
+
+    On an H100, letting the first model load in a worker thread do this crashed the
+    process; after a main-thread init, worker-thread loads are fine.
+    """
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    log.info("llama.cpp %s", llama_cpp.llama_print_system_info().decode().strip())
+
+
 def serve(settings: Settings) -> int:
+    init_backends()
     async def main() -> None:
         await Server(settings).run()  # uvicorn handles SIGTERM/SIGINT
 
