@@ -1,0 +1,203 @@
+"""Side-by-side throughput on one machine, one model, one run.
+
+Servers, each alone on the machine while it is measured (same prompt, same load):
+  * llamafleet at max_batch_size 1 and 4,
+  * llama-cpp-python's bundled server (`python -m llama_cpp.server`),
+  * llama.cpp's C++ `llama-server -np 4` (built by build_llama_server.sh; skipped if absent),
+plus a bare llama-cpp-python decode loop (no server) as the single-stream ceiling.
+
+    .venv/bin/python benchmarks/compare.py            # writes benchmarks/results/cpu-*.json|md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from llamafleet.inference import bench
+from llamafleet.inference.model import embedded_model_path
+
+HERE = Path(__file__).parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], url: str, log: Path):
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
+                try:
+                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[0]} did not start; see {log}")
+                time.sleep(0.5)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def bare_decode(model: Path, prompt: str, max_tokens: int, threads: int, runs: int) -> dict:
+    """A bare llama-cpp-python loop: prefill, then decode one token per llama_decode."""
+    code = f"""
+import json, time, random
+from llama_cpp import llama_cpp as C, _internals
+mp = C.llama_model_default_params()
+m = _internals.LlamaModel(path_model={str(model)!r}, params=mp, verbose=False)
+cp = C.llama_context_default_params(); cp.n_ctx = 2048; cp.n_batch = 512; cp.n_ubatch = 512
+cp.n_threads = cp.n_threads_batch = {threads}
+ctx = _internals.LlamaContext(model=m, params=cp, verbose=False)
+text = "<bos><start_of_turn>user\\n" + {prompt!r} + "<end_of_turn>\\n<start_of_turn>model\\n"
+toks = m.tokenize(text.encode(), False, True)
+batch = C.llama_batch_init(512, 0, 1)
+rates = []
+for run in range({runs}):
+    C.llama_memory_clear(C.llama_get_memory(ctx.ctx), True)
+    s = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+    for x in (C.llama_sampler_init_penalties(m.n_vocab(), 64, 1.1, 0.0, 0.0), C.llama_sampler_init_top_k(40),
+              C.llama_sampler_init_top_p(0.95, 1), C.llama_sampler_init_min_p(0.05, 1),
+              C.llama_sampler_init_temp(0.7), C.llama_sampler_init_dist(run)):
+        C.llama_sampler_chain_add(s, x)
+    t0 = time.perf_counter()
+    batch.n_tokens = len(toks)
+    for i, t in enumerate(toks):
+        batch.token[i] = t; batch.pos[i] = i; batch.n_seq_id[i] = 1; batch.seq_id[i][0] = 0
+        batch.logits[i] = i == len(toks) - 1
+    C.llama_decode(ctx.ctx, batch)
+    idx, pos = len(toks) - 1, len(toks)
+    for n in range({max_tokens}):
+        tok = C.llama_sampler_sample(s, ctx.ctx, idx)
+        if n == {max_tokens} - 1:
+            break
+        batch.n_tokens = 1; batch.token[0] = tok; batch.pos[0] = pos; batch.n_seq_id[0] = 1
+        batch.seq_id[0][0] = 0; batch.logits[0] = True
+        C.llama_decode(ctx.ctx, batch); idx = 0; pos += 1
+    rates.append({max_tokens} / (time.perf_counter() - t0))
+    C.llama_sampler_free(s)
+print(json.dumps(rates))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rates = json.loads(out.stdout.strip().splitlines()[-1])
+    rates = rates[1:] if len(rates) > 1 else rates  # first run warms caches
+    return {"runs": len(rates), "tokens_per_s": round(sum(rates) / len(rates), 2),
+            "all": [round(r, 2) for r in rates]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrent", default="1,4")
+    ap.add_argument("--requests", type=int, default=12, help="requests per level")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--context", type=int, default=2048, help="context per sequence")
+    ap.add_argument("--llama-server", type=Path, default=HERE / ".build/bin/llama-server")
+    ap.add_argument("--skip", default="", help="comma list of servers to skip")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    a = ap.parse_args()
+
+    model = embedded_model_path()
+    levels = [int(x) for x in a.concurrent.split(",")]
+    prompt = bench.DEFAULT_PROMPT
+    args = argparse.Namespace(api_key=None, max_tokens=a.max_tokens, no_ignore_eos=False,
+                              timeout=600)
+    servers = []
+    lf = [str(VENV_BIN / "llamafleet"), "serve", "--model-path", str(model), "--host",
+          "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--context-size",
+          str(a.context), "--threads", str(a.threads), "--log-level", "warning"]
+    for b in (1, 4):
+        servers.append((f"llamafleet-b{b}", lambda p, b=b: lf + ["--http-port", str(p),
+                                                                   "--max-batch-size", str(b)]))
+    servers.append(("llama-cpp-python", lambda p: [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+        "--port", str(p), "--n_ctx", str(a.context), "--n_threads", str(a.threads),
+        "--n_threads_batch", str(a.threads)]))
+    if a.llama_server.exists():
+        servers.append(("llama-server-np4", lambda p: [
+            str(a.llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(p),
+            "-np", "4", "-c", str(a.context * 4), "-t", str(a.threads), "-tb", str(a.threads)]))
+    else:
+        print(f"llama-server not found at {a.llama_server}: run benchmarks/build_llama_server.sh",
+              file=sys.stderr)
+    skip = set(filter(None, a.skip.split(",")))
+    servers = [s for s in servers if s[0] not in skip]
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    results: list[bench.LevelResult] = []
+    progress = bench.Progress(len(servers) * len(levels) * a.requests)
+    for name, make_cmd in servers:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with running(make_cmd(port), url, a.out / f"{name}.log"):
+            model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            for c in levels:
+                results.append(asyncio.run(bench.run_level(
+                    name, url, model_id, prompt, c, a.requests, args, progress)))
+    bare = bare_decode(model, prompt, a.max_tokens, a.threads, runs=4)
+
+    by = {(r.server, r.concurrency): r.tokens_per_s for r in results}
+    ratios = {}
+    if ("llamafleet-b4", 4) in by and ("llamafleet-b1", 1) in by:
+        ratios["b4_c4_vs_b1_c1"] = round(by[("llamafleet-b4", 4)] / by[("llamafleet-b1", 1)], 3)
+    if ("llamafleet-b4", 4) in by and ("llama-server-np4", 4) in by:
+        ratios["b4_c4_vs_llama_server_c4"] = round(
+            by[("llamafleet-b4", 4)] / by[("llama-server-np4", 4)], 3)
+    if ("llamafleet-b1", 1) in by:
+        ratios["single_stream_vs_bare_loop"] = round(by[("llamafleet-b1", 1)] / bare["tokens_per_s"], 3)
+    report = {**bench.environment(),
+              "model": str(model.name),
+              "settings": {"max_tokens": a.max_tokens, "concurrent": levels,
+                           "requests_per_level": a.requests, "threads": a.threads,
+                           "context_per_sequence": a.context, "ignore_eos": True,
+                           "prompt": prompt},
+              "bare_decode_loop": bare, "ratios": ratios,
+              "results": [asdict(r) for r in results]}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (a.out / f"cpu-{stamp}.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# CPU comparison {stamp} (commit {report['commit'] and report['commit'][:10]})", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores. "
+             f"Model: {model.name}. {a.max_tokens} tokens per request, {a.requests} requests per "
+             "level, streaming, ignore_eos.", "",
+             "| server | concurrency | tok/s | TTFT p50 ms | ITL p50 ms | ok | failed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.1f} | "
+                     f"{bench._fmt(r.ttft_p50_s)} | {bench._fmt(r.itl_p50_s)} | {r.completed} | "
+                     f"{r.failed} |")
+    lines += ["", f"Bare llama-cpp-python decode loop (single stream): {bare['tokens_per_s']} tok/s",
+              "", "Ratios: " + ", ".join(f"{k} = {v}" for k, v in ratios.items()), ""]
+    md = "\n".join(lines)
+    (a.out / f"cpu-{stamp}.md").write_text(md)
+    (a.out / "cpu-latest.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

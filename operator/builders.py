@@ -1,0 +1,287 @@
+"""Pure manifest builders: (spec, plan, settings) -> Kubernetes object dicts.
+
+No API calls here, so unit tests cover every field and validate the output against the
+Kubernetes schemas.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .planning import MEMORY_LABEL, ServicePlan
+from .spec import LLMServiceSpec
+
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
+TLS_DIR = "/etc/llamafleet/tls"
+MODEL_DIR = "/models"
+EMBEDDED_MODEL_PATH = "/opt/llamafleet/models/gemma-3-270m-q4_k_m.gguf"
+HASH_ANNOTATION = "llamafleet.io/spec-hash"
+ENV = "LLM_LLAMA_SERVICE_"
+USER_ID = 10001
+
+
+@dataclass(frozen=True)
+class Names:
+    name: str
+    namespace: str
+
+    @property
+    def ca_secret(self) -> str:
+        return f"{self.name}-ca"
+
+    @property
+    def server_secret(self) -> str:
+        return f"{self.name}-server-tls"
+
+    @property
+    def client_secret(self) -> str:
+        return f"{self.name}-client-tls"
+
+    def dns_names(self, cluster_domain: str) -> list[str]:
+        n, ns = self.name, self.namespace
+        return [n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.{cluster_domain}", "localhost"]
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "llamafleet", "app.kubernetes.io/instance": name}
+
+
+def labels(name: str, component: str = "inference") -> dict[str, str]:
+    return {**selector_labels(name), "app.kubernetes.io/component": component,
+            "app.kubernetes.io/managed-by": "llamafleet-operator",
+            "app.kubernetes.io/part-of": "llamafleet"}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def content_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _meta(names: Names, name: str | None = None, component: str = "inference") -> dict:
+    return {"name": name or names.name, "namespace": names.namespace,
+            "labels": labels(names.name, component)}
+
+
+def with_hash(obj: dict) -> dict:
+    obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = content_hash(
+        {k: v for k, v in obj.items() if k != "status"})
+    return obj
+
+
+def model_path(spec: LLMServiceSpec) -> str:
+    src = spec.model.source
+    if src.pvc:
+        return f"{MODEL_DIR}/{src.pvc.path.lstrip('/')}"
+    if src.url:
+        return f"{MODEL_DIR}/model.gguf"
+    return EMBEDDED_MODEL_PATH
+
+
+def pod_env(spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]:
+    values: dict[str, Any] = {
+        "MODEL_PATH": model_path(spec),
+        "CONTEXT_SIZE": spec.model.contextSize,
+        "GPU_LAYERS": spec.gpuLayers if spec.resources.gpus else 0,
+        "MAX_BATCH_SIZE": plan.max_batch_size,
+        "QUEUE_SIZE": spec.batching.queueSize,
+        "HOST": "0.0.0.0",
+        "HTTP_PORT": HTTP_PORT,
+        "GRPC_PORT": GRPC_PORT,
+        "METRICS_PORT": METRICS_PORT,
+        "ENV": "production",
+        "LOG_FORMAT": spec.logging.format,
+        "LOG_LEVEL": spec.logging.level,
+    }
+    if spec.tls.enabled:
+        values.update(GRPC_CA_PATH=f"{TLS_DIR}/ca.crt", GRPC_CERT_PATH=f"{TLS_DIR}/tls.crt",
+                      GRPC_KEY_PATH=f"{TLS_DIR}/tls.key")
+    s = spec.sampling
+    for key, value in (("DEFAULT_TEMPERATURE", s.temperature), ("DEFAULT_TOP_K", s.topK),
+                       ("DEFAULT_TOP_P", s.topP), ("DEFAULT_REPEAT_PENALTY", s.repeatPenalty),
+                       ("DEFAULT_MAX_TOKENS", s.maxTokens), ("SYSTEM_PROMPT", spec.systemPrompt)):
+        if value is not None:
+            values[key] = value
+    env = [{"name": ENV + k, "value": str(v)} for k, v in values.items()]
+    env.append({"name": ENV + "THREADS", "valueFrom": {"resourceFieldRef": {
+        "containerName": "server", "resource": "requests.cpu", "divisor": "1"}}})
+    return env
+
+
+def _affinity(spec: LLMServiceSpec, plan: ServicePlan) -> dict | None:
+    affinity = json.loads(json.dumps(spec.scheduling.affinity or {}))
+    if plan.pin_above_mib is None:
+        return affinity or None
+    term = {"matchExpressions": [{"key": MEMORY_LABEL, "operator": "Gt",
+                                  "values": [str(plan.pin_above_mib)]}]}
+    node = affinity.setdefault("nodeAffinity", {})
+    required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution",
+                               {"nodeSelectorTerms": []})
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if terms:  # AND our expression into every user term
+        for t in terms:
+            t.setdefault("matchExpressions", []).extend(term["matchExpressions"])
+    else:
+        terms.append(term)
+    return affinity
+
+
+def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, image: str) -> dict:
+    gpus = spec.resources.gpus
+    resources: dict[str, dict[str, Any]] = {
+        "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory},
+        "limits": {"memory": spec.resources.memory},
+    }
+    if gpus:
+        resources["limits"]["nvidia.com/gpu"] = gpus
+        resources["requests"]["nvidia.com/gpu"] = gpus
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict] = [{"name": "tmp", "emptyDir": {}}]
+    if spec.tls.enabled:
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": names.server_secret,
+                                                  "defaultMode": 0o440}})
+    init: list[dict] = []
+    src = spec.model.source
+    if src.pvc:
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+        volumes.append({"name": "model", "persistentVolumeClaim": {
+            "claimName": src.pvc.claimName, "readOnly": True}})
+    elif src.url:
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+        volumes.append({"name": "model", "emptyDir": {}})
+        init.append({
+            "name": "fetch-model", "image": image, "imagePullPolicy": spec.image.pullPolicy,
+            "command": ["llamafleet", "fetch", "--url", src.url.url, "--sha256", src.url.sha256,
+                        "--out", f"{MODEL_DIR}/model.gguf"],
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR},
+                             {"name": "tmp", "mountPath": "/tmp"}],
+            "securityContext": _container_security(),
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                          "limits": {"memory": "512Mi"}},
+        })
+    probe = {"httpGet": {"path": "/ready", "port": "http"}}
+    container = {
+        "name": "server", "image": image, "imagePullPolicy": spec.image.pullPolicy,
+        "command": ["llamafleet"], "args": ["serve"],
+        "env": pod_env(spec, plan),
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                  {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 180},
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
+                          "failureThreshold": 6},
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+    }
+    pod_spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID,
+                            "fsGroup": USER_ID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+        "topologySpreadConstraints": [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(names.name)}}],
+    }
+    if init:
+        pod_spec["initContainers"] = init
+    if spec.scheduling.nodeSelector:
+        pod_spec["nodeSelector"] = dict(spec.scheduling.nodeSelector)
+    tolerations = [t.model_dump(exclude_none=True) for t in spec.scheduling.tolerations]
+    if gpus:
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if (affinity := _affinity(spec, plan)):
+        pod_spec["affinity"] = affinity
+    template_labels = labels(names.name)
+    dep = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(names),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(names.name)},
+            # GPUs are scarce: replace pods one by one instead of surging.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {
+                "maxSurge": 0 if gpus else 1, "maxUnavailable": 1 if gpus else 0}},
+            "template": {"metadata": {"labels": template_labels, "annotations": {
+                "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT)}},
+                "spec": pod_spec},
+        },
+    }
+    return with_hash(dep)
+
+
+def _container_security() -> dict:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def build_service(names: Names) -> dict:
+    return with_hash({
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(names),
+        "spec": {"type": "ClusterIP", "selector": selector_labels(names.name), "ports": [
+            {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+            {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+             "appProtocol": "grpc"},
+            {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+        ]},
+    })
+
+
+def build_network_policy(names: Names, spec: LLMServiceSpec) -> dict:
+    peers = []
+    for c in spec.networkPolicy.allowedClients:
+        peer = {}
+        if c.podSelector is not None:
+            peer["podSelector"] = {"matchLabels": c.podSelector}
+        if c.namespaceSelector is not None:
+            peer["namespaceSelector"] = {"matchLabels": c.namespaceSelector}
+        peers.append(peer)
+    if not peers:
+        peers = [{"podSelector": {"matchLabels": {"llamafleet.io/client": "true"}}}]
+    return with_hash({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(names),
+        "spec": {"podSelector": {"matchLabels": selector_labels(names.name)},
+                 "policyTypes": ["Ingress"],
+                 "ingress": [
+                     {"from": peers, "ports": [{"port": HTTP_PORT, "protocol": "TCP"},
+                                               {"port": GRPC_PORT, "protocol": "TCP"}]},
+                     {"ports": [{"port": METRICS_PORT, "protocol": "TCP"}]}]},
+    })
+
+
+def build_pdb(names: Names, spec: LLMServiceSpec) -> dict:
+    return with_hash({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(names),
+        "spec": {"minAvailable": spec.podDisruptionBudget.minAvailable,
+                 "selector": {"matchLabels": selector_labels(names.name)}},
+    })
+
+
+def build_secret(names: Names, name: str, data: dict[str, bytes], tls: bool) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Secret", "metadata": _meta(names, name, "certificates"),
+        "type": "kubernetes.io/tls" if tls else "Opaque",
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+
+
+def secret_bytes(secret: dict, key: str) -> bytes | None:
+    value = (secret.get("data") or {}).get(key)
+    return base64.b64decode(value) if value else None
+
+
+def endpoints(names: Names, cluster_domain: str) -> dict:
+    host = f"{names.name}.{names.namespace}.svc.{cluster_domain}"
+    return {"http": f"http://{host}:{HTTP_PORT}", "grpc": f"{host}:{GRPC_PORT}"}

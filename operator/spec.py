@@ -1,0 +1,178 @@
+"""The LLMService spec as the operator reads it: defaults and validation, mirroring the CRD.
+
+The API server validates against the CRD schema; we validate again because the operator
+must never trust that (older CRD, disabled validation) and must say precisely what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .certs import parse_duration
+
+
+class SpecError(Exception):
+    """The spec is wrong; the message says what to fix."""
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PVCSource(_M):
+    claimName: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+
+
+class URLSource(_M):
+    url: str = Field(pattern=r"^https?://")
+    sha256: str = Field(pattern=r"^[a-f0-9]{64}$")
+
+
+class Source(_M):
+    pvc: PVCSource | None = None
+    url: URLSource | None = None
+    embedded: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Source":
+        chosen = [k for k in ("pvc", "url") if getattr(self, k) is not None]
+        if self.embedded:
+            chosen.append("embedded")
+        if len(chosen) != 1:
+            raise ValueError("set exactly one of model.source.pvc, model.source.url or "
+                             f"model.source.embedded=true (got {chosen or 'none'})")
+        return self
+
+
+class Shape(_M):
+    sizeBytes: int | None = Field(None, ge=1)
+    layers: int | None = Field(None, ge=1)
+    kvHeads: int | None = Field(None, ge=1)
+    keyLength: int | None = Field(None, ge=1)
+    valueLength: int | None = Field(None, ge=1)
+    slidingWindow: int | None = Field(None, ge=1)
+    swaPattern: int | None = Field(None, ge=1)
+
+
+class ModelSpec(_M):
+    source: Source
+    contextSize: int = Field(4096, ge=64, le=1_048_576)
+    shape: Shape = Field(default_factory=Shape)
+
+
+class Image(_M):
+    repository: str | None = None
+    tag: str | None = None
+    pullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+
+
+class Resources(_M):
+    gpus: int = Field(1, ge=0, le=16)
+    cpu: str = Field("2", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str = Field("8Gi", pattern=QUANTITY.pattern)
+
+
+class Batching(_M):
+    maxBatchSize: int = Field(16, ge=1, le=256)
+    queueSize: int = Field(64, ge=0, le=100_000)
+
+
+class Sampling(_M):
+    temperature: float | None = Field(None, ge=0, le=2)
+    topK: int | None = Field(None, ge=0)
+    topP: float | None = Field(None, gt=0, le=1)
+    repeatPenalty: float | None = Field(None, gt=0, le=10)
+    maxTokens: int | None = Field(None, ge=1)
+
+
+class TLS(_M):
+    enabled: bool = True
+    validity: str = "8760h"
+    renewBefore: str = "720h"
+
+    @model_validator(mode="after")
+    def _durations(self) -> "TLS":
+        validity, renew = parse_duration(self.validity), parse_duration(self.renewBefore)
+        if renew >= validity:
+            raise ValueError(f"tls.renewBefore ({self.renewBefore}) must be shorter than "
+                             f"tls.validity ({self.validity})")
+        return self
+
+
+class Toleration(_M):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class Scheduling(_M):
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+
+
+class Logging(_M):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Peer(_M):
+    podSelector: dict[str, str] | None = None
+    namespaceSelector: dict[str, str] | None = None
+
+
+class NetworkPolicySpec(_M):
+    enabled: bool = False
+    allowedClients: list[Peer] = Field(default_factory=list)
+
+
+class PDBSpec(_M):
+    enabled: bool = False
+    minAvailable: int = Field(1, ge=0)
+
+
+class LLMServiceSpec(_M):
+    model: ModelSpec
+    replicas: int = Field(1, ge=0, le=1000)
+    image: Image = Field(default_factory=Image)
+    resources: Resources = Field(default_factory=Resources)
+    gpuLayers: int = Field(-1, ge=-1)
+    batching: Batching = Field(default_factory=Batching)
+    sampling: Sampling = Field(default_factory=Sampling)
+    systemPrompt: str | None = Field(None, max_length=65536)
+    tls: TLS = Field(default_factory=TLS)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    logging: Logging = Field(default_factory=Logging)
+    networkPolicy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
+    podDisruptionBudget: PDBSpec = Field(default_factory=PDBSpec)
+
+
+def parse_spec(raw: dict[str, Any]) -> LLMServiceSpec:
+    try:
+        return LLMServiceSpec.model_validate(dict(raw or {}))
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = "spec." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "spec"
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        raise SpecError("; ".join(problems)) from None
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+def quantity_bytes(q: str) -> int:
+    m = QUANTITY.match(q)
+    if not m:
+        raise SpecError(f"invalid quantity {q!r}")
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12, None: 1}
+    return int(float(q[: len(q) - len(m.group(2) or "")]) * units[m.group(2)])
