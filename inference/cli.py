@@ -64,6 +64,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .fetch import FetchError, fetch
+
+    try:
+        fetch(args.url, args.sha256, args.out)
+    except FetchError as e:
+        print(f"llamafleet fetch: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from llamafleet.operator.main import main as operator_main
 
@@ -87,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+    f = sub.add_parser("fetch", help="download a model and check its sha256 (init container)")
+    f.add_argument("--url", required=True)
+    f.add_argument("--sha256", required=True)
+    f.add_argument("--out", type=Path, required=True)
+    f.set_defaults(func=cmd_fetch)
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     o.add_argument("rest", nargs=argparse.REMAINDER, help="operator options (see --help)")
     o.set_defaults(func=cmd_operator)

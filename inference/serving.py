@@ -89,6 +89,9 @@ class Serving:
     def chat_prompt(self, messages: list[dict[str, str]], rag_context: str | None = None
                     ) -> list[int]:
         messages = [dict(m) for m in messages]
+        if self.settings.system_prompt and not any(
+                m["role"] in ("system", "developer") for m in messages):
+            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
         if rag_context:
             last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"),
                             default=None)

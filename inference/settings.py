@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         description="Jinja chat template (text, or a path to a file). Default: the template "
         "in the GGUF metadata, else a built-in one for the model's family (Gemma, ChatML).",
     )
+    system_prompt: str | None = Field(
+        None, description="System prompt used when a request brings none of its own."
+    )
     rag_template: str = Field(
         DEFAULT_RAG_TEMPLATE,
         description="How rag_context joins the user's message; must contain {context} "
