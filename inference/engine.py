@@ -103,6 +103,8 @@ class Backend(Protocol):
 
     def sample(self, sampler: Any, batch_index: int) -> int: ...
 
+    def sample_many(self, jobs: Sequence[tuple[Any, int]]) -> list[int]: ...
+
     def token_bytes(self, token: int) -> bytes: ...
 
     def is_eog(self, token: int) -> bool: ...
@@ -354,12 +356,17 @@ class Engine:
         for seq in self._running:
             seq.n_past += decoded[seq.slot]
             seq.next_token = None
-        for seq, index in outputs:
-            self._sample(seq, index)
-
-    def _sample(self, seq: _Sequence, index: int) -> None:
         try:
-            token = self.backend.sample(seq.sampler, index)
+            tokens_out = self.backend.sample_many([(seq.sampler, index) for seq, index in outputs])
+        except Exception:  # noqa: BLE001 - find the sequence that fails, alone
+            tokens_out = [None] * len(outputs)
+        for (seq, index), token in zip(outputs, tokens_out):
+            self._accept(seq, index, token)
+
+    def _accept(self, seq: _Sequence, index: int, token: int | None) -> None:
+        try:
+            if token is None:
+                token = self.backend.sample(seq.sampler, index)
             if self.backend.is_eog(token) and not seq.req.params.ignore_eos:
                 self._finish(seq, "stop")
                 return

@@ -7,7 +7,9 @@ kept for the life of the process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import threading
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -64,6 +66,33 @@ class Generation:
         self.req.cancel()
 
 
+class LoopBridge:
+    """Engine thread -> event loop. Events of one engine step are queued together and the
+    loop is woken once, not once per token per request (cross-thread wake-ups cost CPU
+    that the decode threads need)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def send(self, q: asyncio.Queue, event: object) -> None:
+        with self._lock:
+            self._pending.append((q, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, collections.deque()
+            self._scheduled = False
+        for q, event in items:
+            q.put_nowait(event)
+
+
 class Serving:
     def __init__(self, settings: Settings, model: Any, engine: Engine, metrics: Metrics,
                  plan: capacity.Plan):
@@ -75,6 +104,7 @@ class Serving:
         self.model_id = settings.model_name or model.path.name.removesuffix(".gguf")
         self.created = int(time.time())
         self.fingerprint = "fp_llamafleet_0_1_0"
+        self._bridges: dict[asyncio.AbstractEventLoop, LoopBridge] = {}
         self.formatter = ChatFormatter.for_model(
             settings.chat_template, model.meta, model.bos_text, model.eos_text)
 
@@ -151,10 +181,9 @@ class Serving:
             raise NotReady("The model is not loaded yet.")
         if len(prompt) >= self.engine.context_size:
             raise ContextTooLong(len(prompt), self.engine.context_size, param=prompt_param)
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req = GenerationRequest(
-            prompt, params, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), request_id)
+        bridge = self._bridge()
+        req = GenerationRequest(prompt, params, lambda ev: bridge.send(q, ev), request_id)
         gen = Generation(self, req, api, q)
         try:
             self.engine.submit(req)
@@ -162,6 +191,13 @@ class Serving:
             self.record(gen, "rejected", type(e).__name__)
             raise
         return gen
+
+    def _bridge(self) -> "LoopBridge":
+        loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop)
+        if bridge is None:
+            bridge = self._bridges[loop] = LoopBridge(loop)
+        return bridge
 
     def record(self, gen: Generation, outcome: str, reason: str) -> None:
         m = self.metrics
