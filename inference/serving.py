@@ -230,6 +230,7 @@ class Serving:
             "queued": self.engine.queued,
             "queue_size": self.engine.queue_size,
             "ready": self.engine.alive,
+            "studio": {"knowledge_url": self.settings.studio_knowledge_url},
         }
 
     def close(self) -> None:

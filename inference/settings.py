@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="Bearer key required on /v1/* when set."
     )
+    studio_knowledge_url: str | None = Field(
+        None, description="Base URL of a knowledge service whose sources the studio lists."
+    )
     # --- sampling defaults ------------------------------------------------------------------
     default_temperature: float = Field(0.7, ge=0, le=2, description="Default temperature.")
     default_top_k: int = Field(40, ge=0, description="Default top-k (0 disables).")

@@ -3,7 +3,9 @@ import { settings } from "../state.js";
 export default {
   name: "SettingsPanel",
   props: { knowledge: { type: Object, required: true } },
-  data: () => ({ settings, sources: [], sourcesError: "" }),
+  // On a phone the settings start folded so the chat is on the first screen.
+  data: () => ({ settings, sources: [], sourcesError: "",
+                 open: window.matchMedia("(min-width: 901px)").matches }),
   async mounted() {
     if (!this.knowledge.configured) return;
     try { this.sources = await this.knowledge.sources(); }
@@ -18,7 +20,7 @@ export default {
   },
   template: `
   <aside class="panel settings">
-    <details open>
+    <details :open="open">
       <summary>Prompt &amp; sampling</summary>
       <label>System prompt
         <textarea data-testid="system-prompt" v-model="settings.systemPrompt" rows="4"></textarea>

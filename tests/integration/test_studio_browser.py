@@ -1,0 +1,139 @@
+"""The studio in Debian's chromium (Playwright by executable path) against the real server."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():  # noqa: ANN201
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run scripts/system-deps.sh")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, server):  # noqa: ANN001, ANN201
+    ctx = browser.new_context(viewport={"width": 1366, "height": 820})
+    pg = ctx.new_page()
+    pg.set_default_timeout(60_000)
+    pg.goto(server.url + "/studio/")
+    pg.get_by_text("model ready").wait_for()
+    yield pg
+    ctx.close()
+
+
+def send(page, text: str) -> None:  # noqa: ANN001
+    page.get_by_test_id("chat-input").fill(text)
+    page.get_by_test_id("send").click()
+
+
+def test_answer_streams_in_and_metrics_show(page, server) -> None:  # noqa: ANN001
+    requests: list[dict] = []
+    page.on("request", lambda r: requests.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)
+    page.get_by_test_id("system-prompt").fill("You are a pirate.")
+    page.get_by_test_id("rag-context").fill("The treasure is buried under the old oak.")
+    page.get_by_test_id("max-tokens").fill("80")
+    send(page, "Where is the treasure?")
+    answer = page.get_by_test_id("assistant-message").last
+    page.wait_for_function("() => { const e = document.querySelectorAll("
+                           "'[data-testid=assistant-message]'); return e.length && "
+                           "e[e.length-1].textContent.length > 0 }")
+    first = len(answer.text_content())
+    page.wait_for_function(f"() => {{ const e = document.querySelectorAll("
+                           f"'[data-testid=assistant-message]'); return "
+                           f"e[e.length-1].textContent.length > {first} }}")
+    page.get_by_test_id("send").wait_for()  # the stream ended
+    assert len(answer.text_content()) > first
+    body = requests[0]
+    assert body["stream"] is True and body["max_tokens"] == 80
+    assert body["messages"][0] == {"role": "system", "content": "You are a pirate."}
+    assert body["rag_context"] == "The treasure is buried under the old oak."
+    assert re.fullmatch(r"\d+ ms", page.get_by_test_id("metric-ttft").inner_text())
+    assert re.fullmatch(r"\d+\.\d", page.get_by_test_id("metric-tps").inner_text())
+    assert int(page.get_by_test_id("metric-completion-tokens").inner_text()) > 1
+    # a second turn sends the first one as history
+    send(page, "And then?")
+    page.get_by_test_id("send").wait_for()
+    roles = [m["role"] for m in requests[-1]["messages"]]
+    assert roles == ["system", "user", "assistant", "user"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "studio-desktop.png"))
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(ARTIFACTS / "studio-phone.png"), full_page=True)
+
+
+def test_stop_ends_the_stream_and_frees_the_sequence(page, server) -> None:  # noqa: ANN001
+    page.get_by_test_id("max-tokens").fill("900")
+    send(page, "Count from one to one thousand.")
+    page.wait_for_function("() => { const e = document.querySelectorAll("
+                           "'[data-testid=assistant-message]'); return e.length && "
+                           "e[e.length-1].textContent.length > 20 }")
+    page.get_by_test_id("stop").click()
+    page.get_by_test_id("send").wait_for(state="attached")
+    page.wait_for_function("async () => (await (await fetch('/info')).json()).running === 0")
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    send(page, "Hello again")
+    page.get_by_test_id("send").wait_for()
+    assert page.get_by_test_id("assistant-message").last.text_content()
+
+
+def test_errors_are_readable(page) -> None:  # noqa: ANN001
+    page.get_by_test_id("temperature").fill("7")
+    send(page, "hi")
+    err = page.get_by_test_id("error-message")
+    err.wait_for()
+    assert "temperature" in err.inner_text() and "HTTP 400" in err.inner_text()
+
+
+def test_markdown_renders_code_and_never_runs_scripts(page) -> None:  # noqa: ANN001
+    md = ("Here is **bold**:\n\n```python\nprint('hi')\n```\n\n"
+          "<script>window.__pwned = 1</script>\n\n<img src=x onerror=\"window.__pwned = 2\">")
+
+    def fake_stream(route) -> None:  # noqa: ANN001
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": md}, "finish_reason": None}]}
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"},
+                      body=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n")
+
+    page.route("**/v1/chat/completions", fake_stream)
+    send(page, "show me")
+    answer = page.get_by_test_id("assistant-message").last
+    answer.locator("pre code").wait_for()
+    assert "print('hi')" in answer.locator("pre code").inner_text()
+    assert answer.locator("strong").inner_text() == "bold"
+    assert answer.locator("script").count() == 0
+    assert page.evaluate("() => window.__pwned") is None
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(page) -> None:  # noqa: ANN001
+    box = page.get_by_test_id("chat-input")
+    box.click()
+    box.type("line one")
+    box.press("Shift+Enter")
+    box.type("line two")
+    assert box.input_value() == "line one\nline two"
+    with page.expect_request("**/v1/chat/completions") as req:
+        box.press("Enter")
+    sent = json.loads(req.value.post_data)["messages"][-1]["content"]
+    assert sent == "line one\nline two"
+    page.get_by_test_id("send").wait_for(state="attached")
