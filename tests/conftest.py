@@ -12,6 +12,17 @@ from pathlib import Path
 import pytest
 
 
+def wait_until(cond, timeout: float = 30.0) -> None:  # noqa: ANN001
+    """Poll a condition that another thread makes true, with a deadline (no fixed sleeps)."""
+    import time
+
+    ev, end = threading.Event(), time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        ev.wait(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from ..conftest import start_server
+from ..conftest import start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -122,17 +122,8 @@ def test_full_queue_answers_overloaded_at_once(tight_server) -> None:  # noqa: A
             next(running.iter_lines())
             with h.stream("POST", tight_server.url + CHAT, json=body) as queued:
                 assert queued.status_code == 200
-                _until(lambda: engine.queued == 1)
+                wait_until(lambda: engine.queued == 1)
                 r = h.post(tight_server.url + CHAT, json={**body, "stream": False})
                 assert r.status_code == 503
                 assert r.headers["retry-after"] == "1"
                 assert r.json()["error"]["code"] == "overloaded"
-
-
-def _until(cond) -> None:  # noqa: ANN001
-    import time
-
-    ev, end = threading.Event(), time.monotonic() + 30
-    while not cond():
-        assert time.monotonic() < end
-        ev.wait(0.01)

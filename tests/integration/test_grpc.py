@@ -16,7 +16,7 @@ from llamafleet.inference.proto import local_pb2 as pb
 from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 from llamafleet.operator import certs
 
-from ..conftest import start_server
+from ..conftest import start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,7 @@ def test_cancel_frees_the_sequence(tls_server, pki) -> None:  # noqa: ANN001
         next(call)
         call.cancel()
         assert call.code() == grpc.StatusCode.CANCELLED
-    _wait_for(lambda: serving.engine.running == 0)
+    wait_until(lambda: serving.engine.running == 0)
 
 
 def test_certificate_files_are_reloaded_without_restart(tls_server, pki, tmp_path) -> None:  # noqa: ANN001
@@ -243,13 +243,3 @@ def test_health_and_reflection(server) -> None:  # noqa: ANN001
 
 def _ignore_eos() -> struct_pb2.Struct:
     return struct_pb2.Struct(fields={"ignore_eos": struct_pb2.Value(bool_value=True)})
-
-
-def _wait_for(cond, timeout: float = 30.0) -> None:  # noqa: ANN001
-    ev = threading.Event()
-    import time
-
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        ev.wait(0.02)

@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from ..conftest import wait_until
+
 pytestmark = pytest.mark.integration
 
 
@@ -156,22 +158,9 @@ def test_client_disconnect_frees_the_sequence(server, model: str) -> None:  # no
             got = [next(lines) for _ in range(6)]
             assert any(line.startswith("data: ") for line in got)
     # The engine frees the sequence at its next step; wait for the cancellation record.
-    _wait_for(lambda: m.requests.labels("http_chat", "cancelled", "cancelled")._value.get() > before)
-    _wait_for(lambda: server.serving.engine.running == 0)
+    wait_until(lambda: m.requests.labels("http_chat", "cancelled", "cancelled")._value.get() > before)
+    wait_until(lambda: server.serving.engine.running == 0)
     # and the server still answers
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code == 200
-
-
-def _wait_for(cond, timeout: float = 30.0) -> None:  # noqa: ANN001
-    """Poll a condition that another thread makes true (no fixed sleeps)."""
-    import threading
-    import time
-
-    ev = threading.Event()
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        ev.wait(0.02)
