@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 BASE=$(./scripts/docker-base.sh)
 TAG=${LLAMAFLEET_IMAGE:-llamafleet:0.1.0}
 ctx=$(mktemp -d)
-trap 'rm -rf "$ctx"; docker rm -f llamafleet-smoke >/dev/null 2>&1 || true' EXIT
+cleanup() {
+  rm -rf "$ctx"; docker rm -f llamafleet-smoke >/dev/null 2>&1 || true
+  # Stop the engine if dockerd.sh started it, so it does not take CPU from later tests.
+  if [ -f /tmp/llamafleet-dockerd.pid ]; then kill "$(cat /tmp/llamafleet-dockerd.pid)" 2>/dev/null || true; rm -f /tmp/llamafleet-dockerd.pid; fi
+}
+trap cleanup EXIT
 git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$ctx/" 2>/dev/null || cp -r . "$ctx/"
 mkdir -p "$ctx/docker/wheels"
 cp /etc/ssl/certs/ca-certificates.crt "$ctx/docker/ca-certificates.crt"

@@ -116,7 +116,8 @@ def test_api_key_is_required_when_set(tight_server) -> None:  # noqa: ANN001
 def test_full_queue_answers_overloaded_at_once(tight_server) -> None:  # noqa: ANN001
     headers = {"Authorization": "Bearer s3cret"}
     engine = tight_server.serving.engine
-    body = {"messages": msgs(), "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # Long enough that neither stream can finish while the test looks at the queue.
+    body = {"messages": msgs(), "max_tokens": 900, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=120, headers=headers) as h:
         with h.stream("POST", tight_server.url + CHAT, json=body) as running:
             next(running.iter_lines())
