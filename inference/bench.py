@@ -117,7 +117,7 @@ async def run_level(name: str, url: str, model: str, prompt: str, concurrency: i
                     args: argparse.Namespace, progress: "Progress") -> LevelResult:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": args.max_tokens, "stream": True, "temperature": 0.7, "seed": 1,
+            "max_tokens": args.max_tokens, "stream": True, "temperature": 0.7,
             "stream_options": {"include_usage": True}}
     if not args.no_ignore_eos:
         body["ignore_eos"] = True

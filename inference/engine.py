@@ -111,6 +111,10 @@ class Backend(Protocol):
 
     def clear_sequence(self, seq_id: int) -> None: ...
 
+    def trim_sequence(self, seq_id: int, keep: int) -> bool:
+        """Drop positions >= keep of a sequence; False if the cache cannot do that."""
+        ...
+
 
 class EngineObserver(Protocol):
     """Hooks for metrics; every method is called on the engine thread."""
@@ -184,6 +188,10 @@ class _Sequence:
     next_token: int | None = None  # sampled, not yet decoded
     completion_tokens: int = 0
     started: bool = False
+    generated: list[int] = field(default_factory=list)  # sampled tokens now in the KV cache
+
+    def kv_tokens(self) -> list[int]:
+        return (list(self.req.prompt) + self.generated)[: self.n_past]
 
     @property
     def prefilling(self) -> bool:
@@ -212,6 +220,11 @@ class Engine:
         self._waiting: queue.Queue[GenerationRequest | None] = queue.Queue(maxsize=queue_size + 1)
         self._admit_lock = threading.Lock()
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        # Prefix cache: what a free slot's KV cells still hold, so a new request that
+        # starts the same way (a shared system prompt, a chat's earlier turns) skips that
+        # part of the prefill.
+        self._cached: dict[int, list[int]] = {}
+        self.prefix_tokens_reused = 0
         self._running: list[_Sequence] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -303,10 +316,37 @@ class Engine:
                 log.exception("could not create a sampler for %s", req.request_id)
                 self._emit(req, Failed(InternalError(f"could not start generation: {e}")))
                 continue
-            slot = self._free_slots.pop()
-            self._running.append(_Sequence(req, slot, sampler, TextAssembler(req.params.stop)))
+            slot, reused = self._take_slot(req)
+            seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
+            self._running.append(seq)
             self._emit(req, Started(time.monotonic() - req.enqueued_at))
         return True
+
+    def _take_slot(self, req: GenerationRequest) -> tuple[int, int]:
+        """A free slot, preferring the one whose cached tokens share the longest prefix with
+        the prompt; returns (slot, tokens reused). Seeded requests start from scratch: reused
+        cells were computed in another batch shape, and llama.cpp's kernels are not
+        batch-invariant, so only a full prefill reproduces a seeded request exactly."""
+        best, best_len = self._free_slots[-1], 0
+        if req.params.seed is None:
+            for slot in self._free_slots:
+                cached = self._cached.get(slot, ())
+                n = 0
+                for a, b in zip(cached, req.prompt):
+                    if a != b:
+                        break
+                    n += 1
+                if n > best_len:
+                    best, best_len = slot, n
+        self._free_slots.remove(best)
+        keep = min(best_len, len(req.prompt) - 1)  # re-decode at least one token for logits
+        if keep < len(self._cached.get(best, ())):
+            if keep == 0 or not self.backend.trim_sequence(best, keep):
+                self.backend.clear_sequence(best)
+                keep = 0
+        self._cached.pop(best, None)
+        self.prefix_tokens_reused += keep
+        return best, keep
 
     def _step(self) -> None:
         for seq in [s for s in self._running if s.req.cancelled.is_set()]:
@@ -355,6 +395,8 @@ class Engine:
         decoded = Counter(seqs)
         for seq in self._running:
             seq.n_past += decoded[seq.slot]
+            if seq.next_token is not None:
+                seq.generated.append(seq.next_token)
             seq.next_token = None
         try:
             tokens_out = self.backend.sample_many([(seq.sampler, index) for seq, index in outputs])
@@ -391,17 +433,20 @@ class Engine:
             log.exception("sampling failed for %s", seq.req.request_id)
             self._fail(seq, InternalError(f"sampling failed: {e}"))
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence, keep_cache: bool = False) -> None:
         self._running.remove(seq)
         self.observer.on_finish(seq.req)
         try:
-            self.backend.clear_sequence(seq.slot)
+            if keep_cache:
+                self._cached[seq.slot] = seq.kv_tokens()
+            else:
+                self.backend.clear_sequence(seq.slot)
             self.backend.free_sampler(seq.sampler)
         finally:
             self._free_slots.append(seq.slot)
 
     def _finish(self, seq: _Sequence, reason: str, flush: bool = True) -> None:
-        self._release(seq)
+        self._release(seq, keep_cache=reason != "cancelled")
         if flush and reason != "cancelled":
             tail = seq.text.flush()
             if tail:

@@ -185,6 +185,9 @@ class LlamaBackend:
     def clear_sequence(self, seq_id: int) -> None:
         C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
 
+    def trim_sequence(self, seq_id: int, keep: int) -> bool:
+        return bool(C.llama_memory_seq_rm(self._mem, seq_id, keep, -1))
+
     def kv_cells(self) -> tuple[int, int]:
         """(cells used, cells total)."""
         total = C.llama_n_ctx(self.ctx)

@@ -229,6 +229,7 @@ class Serving:
             "running": self.engine.running,
             "queued": self.engine.queued,
             "queue_size": self.engine.queue_size,
+            "prefix_tokens_reused": self.engine.prefix_tokens_reused,
             "ready": self.engine.alive,
             "studio": {"knowledge_url": self.settings.studio_knowledge_url},
         }

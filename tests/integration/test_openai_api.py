@@ -164,3 +164,19 @@ def test_client_disconnect_frees_the_sequence(server, model: str) -> None:  # no
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code == 200
+
+
+def test_shared_prompt_prefix_is_reused(client: openai.OpenAI, model: str, server) -> None:  # noqa: ANN001
+    system = "You are the ship's computer. " * 20
+    engine = server.serving.engine
+    kwargs = dict(model=model, max_tokens=8, temperature=0.5)
+    first = client.chat.completions.create(
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Status?"}],
+        **kwargs)
+    before = engine.prefix_tokens_reused
+    second = client.chat.completions.create(
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Course?"}],
+        **kwargs)
+    assert engine.prefix_tokens_reused - before >= 100  # the system prompt was not decoded again
+    assert second.usage.prompt_tokens > 100 and second.choices[0].message.content
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens

@@ -26,6 +26,7 @@ class FakeBackend:
     def __init__(self, fail_sampler_seed: int | None = None, eog_after: dict[int, int] | None = None):
         self.batches: list[tuple[list[int], list[int], list[int], list[bool]]] = []
         self.cleared: list[int] = []
+        self.trimmed: list[tuple[int, int]] = []
         self.samplers: dict[int, SamplingParams] = {}
         self.fail_sampler_seed = fail_sampler_seed
         self._last: dict[int, int] = {}
@@ -73,6 +74,10 @@ class FakeBackend:
     def clear_sequence(self, seq_id: int) -> None:
         self.cleared.append(seq_id)
 
+    def trim_sequence(self, seq_id: int, keep: int) -> bool:
+        self.trimmed.append((seq_id, keep))
+        return True
+
 
 class Collector:
     def __init__(self) -> None:
@@ -118,7 +123,6 @@ def test_generates_until_max_tokens_then_length() -> None:
     assert c.final == Finished("length", 3, 3)
     assert c.text == "13 14 15 "
     assert isinstance(c.events[0], Started)
-    assert be.cleared == [0]
 
 
 def test_end_of_generation_is_stop() -> None:
@@ -319,3 +323,47 @@ def test_every_request_finishes_exactly_once_and_bounds_hold(requests, max_batch
     assert eng.running == 0
     if rejected:
         assert len(requests) > queue_size
+
+
+def test_prefix_cache_skips_the_shared_part_of_the_prefill() -> None:
+    be = FakeBackend()
+    eng = make_engine(be, max_batch_size=2)
+    system = list(range(1, 21))  # a 20-token "system prompt"
+    first = submit(eng, system + [30, 31], max_tokens=2)
+    assert first.done.wait(5)
+    be.batches.clear()
+    second = submit(eng, system + [40, 41, 42], max_tokens=2)
+    assert second.done.wait(5)
+    eng.stop()
+    prefilled = [t for tokens, *_ in be.batches for t in tokens]
+    assert prefilled[:3] == [40, 41, 42]  # only the new part of the prompt was decoded
+    assert eng.prefix_tokens_reused == 20
+    assert (be.trimmed and be.trimmed[-1][1] == 20)
+    assert second.final.prompt_tokens == 23 and second.text == "43 44 "
+
+
+def test_seeded_requests_never_reuse_cached_cells() -> None:
+    be = FakeBackend()
+    eng = make_engine(be, max_batch_size=1)
+    prompt = list(range(1, 21))
+    a = submit(eng, prompt, max_tokens=2, seed=5)
+    assert a.done.wait(5)
+    b = submit(eng, prompt, max_tokens=2, seed=5)
+    assert b.done.wait(5)
+    eng.stop()
+    assert eng.prefix_tokens_reused == 0 and a.text == b.text
+
+
+def test_cancelled_sequences_leave_nothing_cached() -> None:
+    be = FakeBackend()
+    eng = make_engine(be, max_batch_size=1, context_size=10**9)
+    req = GenerationRequest([1, 2, 3], SamplingParams(max_tokens=10**9), Collector())
+    eng.submit(req)
+    while not any(isinstance(e, TextDelta) for e in req.sink.events):
+        req.sink.done.wait(0.01)
+    req.cancel()
+    assert req.sink.done.wait(5)
+    c = submit(eng, [1, 2, 3, 4], max_tokens=1)
+    assert c.done.wait(5)
+    eng.stop()
+    assert eng.prefix_tokens_reused == 0 and 0 in be.cleared
