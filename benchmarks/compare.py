@@ -126,7 +126,10 @@ def main() -> int:
     levels = [int(x) for x in a.concurrent.split(",")]
     prompt = bench.DEFAULT_PROMPT
     args = argparse.Namespace(api_key=None, max_tokens=a.max_tokens, no_ignore_eos=False,
-                              timeout=600)
+                              timeout=600, seed=None)
+    # llama-cpp-python's server has a fixed default seed, with which this prompt ends at the
+    # first token every time; it alone gets a per-request seed so that it generates at all.
+    seeded = {"llama-cpp-python": 1}
     servers = []
     lf = [str(VENV_BIN / "llamafleet"), "serve", "--model-path", str(model), "--host",
           "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--context-size",
@@ -157,8 +160,9 @@ def main() -> int:
         with running(make_cmd(port), url, a.out / f"{name}.log"):
             model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             for c in levels:
+                level_args = argparse.Namespace(**{**vars(args), "seed": seeded.get(name)})
                 results.append(asyncio.run(bench.run_level(
-                    name, url, model_id, prompt, c, a.requests, args, progress)))
+                    name, url, model_id, prompt, c, a.requests, level_args, progress)))
     bare = bare_decode(model, prompt, a.max_tokens, a.threads, runs=4)
 
     by = {(r.server, r.concurrency): r.tokens_per_s for r in results}
@@ -175,6 +179,7 @@ def main() -> int:
               "settings": {"max_tokens": a.max_tokens, "concurrent": levels,
                            "requests_per_level": a.requests, "threads": a.threads,
                            "context_per_sequence": a.context, "ignore_eos": True,
+                           "seeded_servers": seeded,
                            "prompt": prompt},
               "bare_decode_loop": bare, "ratios": ratios,
               "results": [asdict(r) for r in results]}

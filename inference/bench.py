@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model id (default: the first of /v1/models)")
     p.add_argument("--json", dest="json_out", type=Path, help="write results as JSON here")
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    p.add_argument("--seed", type=int, default=None,
+                   help="send seed N+i with request i (default: no seed)")
     p.add_argument("--no-ignore-eos", action="store_true",
                    help="let requests stop early at end of generation")
 
@@ -127,8 +129,9 @@ async def run_level(name: str, url: str, model: str, prompt: str, concurrency: i
     async with httpx.AsyncClient(headers=headers, limits=limits) as client:
         async def worker() -> None:
             while todo:
-                todo.pop()
-                samples.append(await _one(client, url, body, args.timeout))
+                i = todo.pop()
+                seeded = body if args.seed is None else {**body, "seed": args.seed + i}
+                samples.append(await _one(client, url, seeded, args.timeout))
                 progress.tick()
 
         t0 = time.perf_counter()
