@@ -23,12 +23,12 @@ start=$(date +%s)
 docker build -q --network host --build-arg BASE="$BASE" -f "$ctx/docker/Dockerfile" -t "$TAG" "$ctx" >/dev/null
 echo "built $TAG in $(( $(date +%s) - start )) s; size $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f MiB", $1/1048576}')"
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port() { python3 -I -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 check() {  # $1 = http port
   for _ in $(seq 1 120); do curl -sf "127.0.0.1:$1/ready" >/dev/null && break; sleep 1; done
   curl -sf "127.0.0.1:$1/ready"; echo
   curl -sf "127.0.0.1:$1/v1/chat/completions" -H 'content-type: application/json' \
-    -d '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":8}' | python3 -c \
+    -d '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":8}' | python3 -I -c \
     'import json,sys; r=json.load(sys.stdin); assert r["choices"][0]["message"]["content"], r; print("chat ok:", r["usage"])'
 }
 P=$(port)

@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# -I everywhere: the repository root holds a folder named operator/, which must never
+# shadow the standard library's operator module through the current directory.
 if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+  "$PY" -I -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,bench]'
+.venv/bin/python -I -m pip install -q --upgrade pip
+.venv/bin/python -I -m pip install -q -e '.[test,bench]'

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/system-deps.sh
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/pytest "$@"

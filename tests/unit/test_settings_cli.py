@@ -39,7 +39,7 @@ def test_every_setting_is_documented() -> None:
 def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None:  # noqa: ANN001
     import os
 
-    r = subprocess.run([sys.executable, "-m", "llamafleet.inference.cli", "serve"],
+    r = subprocess.run([sys.executable, "-I", "-m", "llamafleet.inference.cli", "serve"],
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("llamafleet:")]
