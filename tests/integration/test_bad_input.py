@@ -120,7 +120,11 @@ def test_full_queue_answers_overloaded_at_once(tight_server) -> None:  # noqa: A
     body = {"messages": msgs(), "max_tokens": 900, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=120, headers=headers) as h:
         with h.stream("POST", tight_server.url + CHAT, json=body) as running:
-            next(running.iter_lines())
+            # Keep the line iterator referenced: a discarded one is closed by the garbage
+            # collector, which closes the connection and cancels this request.
+            lines = running.iter_lines()
+            next(lines)
+            wait_until(lambda: engine.running == 1)
             with h.stream("POST", tight_server.url + CHAT, json=body) as queued:
                 assert queued.status_code == 200
                 wait_until(lambda: engine.queued == 1)
