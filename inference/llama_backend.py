@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 
 KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type ids
 
+# llama.cpp logs through one process-wide callback; route it into Python logging (JSON in
+# production) instead of raw stderr. The ctypes callback must stay referenced, so it lives
+# at module level. Info chatter is debug here; warnings and errors keep their level.
+_llama_log = logging.getLogger("llama.cpp")
+_LEVELS = {2: logging.WARNING, 3: logging.ERROR}
+
+
+@C.llama_log_callback
+def _forward_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    lvl = _LEVELS.get(level, logging.DEBUG)
+    if _llama_log.isEnabledFor(lvl):
+        _llama_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip())
+
+
+C.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+
 __all__ = ["LlamaModel", "LlamaBackend", "JSON_GBNF", "llama_cpp"]
 
 

@@ -103,6 +103,8 @@ def init_backends() -> None:
     """
     import llama_cpp
 
+    from . import llama_backend  # noqa: F401 - routes llama.cpp's logs into logging
+
     llama_cpp.llama_backend_init()
     log.info("llama.cpp %s", llama_cpp.llama_print_system_info().decode().strip())
 
