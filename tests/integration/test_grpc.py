@@ -243,3 +243,19 @@ def test_health_and_reflection(server) -> None:  # noqa: ANN001
 
 def _ignore_eos() -> struct_pb2.Struct:
     return struct_pb2.Struct(fields={"ignore_eos": struct_pb2.Value(bool_value=True)})
+
+
+def test_http_can_use_the_same_certificate_files(pki, model_path) -> None:  # noqa: ANN001
+    d = pki["dir"]
+    srv = start_server(model_path=model_path, grpc_port=0, metrics_port=0, http_tls=True,
+                       grpc_ca_path=d / "ca.crt", grpc_cert_path=d / "tls.crt",
+                       grpc_key_path=d / "tls.key")
+    try:
+        assert srv.url.startswith("https://")
+        ca = d / "ca.crt"
+        r = httpx.get(srv.url.replace("127.0.0.1", "localhost") + "/ready", verify=str(ca))
+        assert r.status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.url + "/ready", verify=True)  # not a publicly trusted certificate
+    finally:
+        srv.stop()
