@@ -46,21 +46,19 @@ def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None: 
     assert len(lines) == 1 and needle in lines[0], r.stderr
 
 
-def test_flags_override_env(monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_flags_override_env_and_unset_flags_keep_it(monkeypatch) -> None:  # noqa: ANN001
+    import argparse
+
     from llamafleet.inference import cli
 
     monkeypatch.setenv("LLM_LLAMA_SERVICE_CONTEXT_SIZE", "2048")
-    seen = {}
-    monkeypatch.setattr(cli, "cmd_serve", lambda args: seen.setdefault("s", cli.load_settings(args)) and 0)
-    parser_main = cli.main
-    # rebuild with the patched command: parse and load directly
-    import argparse
-
+    monkeypatch.setenv("LLM_LLAMA_SERVICE_MAX_BATCH_SIZE", "3")
     p = argparse.ArgumentParser()
     cli.add_settings_flags(p)
-    s = cli.load_settings(p.parse_args(["--context-size", "512", "--no-http-tls"]))
-    assert s.context_size == 512 and s.http_tls is False
-    assert parser_main is cli.main
+    s = cli.load_settings(p.parse_args(["--context-size", "512", "--http-tls", "--grpc-ca-path",
+                                        "/a", "--grpc-cert-path", "/b", "--grpc-key-path", "/c"]))
+    assert s.context_size == 512 and s.http_tls is True
+    assert s.max_batch_size == 3  # from env: the flag was not given
 
 
 def test_serve_help_lists_env_vars(capsys) -> None:  # noqa: ANN001
