@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
 # Build llama.cpp's C++ `llama-server` from the llama.cpp that the pinned llama-cpp-python
 # sdist vendors (same commit as our engine), with llama.cpp's default CMake options.
-# About 5 minutes on 2 cores. Output: benchmarks/.build/bin/llama-server
+# About 5 minutes on 2 cores.
+#
+#   benchmarks/build_llama_server.sh            # as upstream ships it -> .build/bin/llama-server
+#   benchmarks/build_llama_server.sh --patched  # plus patches/llama.cpp (the kernels llamafleet
+#                                               # runs) -> .build/bin/llama-server-patched
 set -euo pipefail
 cd "$(dirname "$0")"
 VERSION=$(python3 -I -c "import re,pathlib;print(re.search(r'llama-cpp-python==([\d.]+)',pathlib.Path('../pyproject.toml').read_text()).group(1))")
+suffix=""
+[ "${1:-}" = "--patched" ] && suffix="-patched"
 mkdir -p .build
 cd .build
-if [ ! -x bin/llama-server ]; then
+if [ ! -x "bin/llama-server$suffix" ]; then
   [ -f "llama_cpp_python-$VERSION.tar.gz" ] || \
     python3 -I -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d .
-  rm -rf src && mkdir src && tar xzf "llama_cpp_python-$VERSION.tar.gz" -C src --strip-components=1
-  cmake -S src/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF > cmake.log 2>&1
-  cmake --build build -j"$(nproc)" --target llama-server > build.log 2>&1
-  mkdir -p bin && cp build/bin/llama-server bin/
+  rm -rf "src$suffix" && mkdir "src$suffix"
+  tar xzf "llama_cpp_python-$VERSION.tar.gz" -C "src$suffix" --strip-components=1
+  if [ -n "$suffix" ]; then
+    for p in ../../patches/llama.cpp/*.patch; do
+      patch -s -p1 -d "src$suffix/vendor/llama.cpp" < "$p"
+    done
+  fi
+  cmake -S "src$suffix/vendor/llama.cpp" -B "build$suffix" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF > "cmake$suffix.log" 2>&1
+  cmake --build "build$suffix" -j"$(nproc)" --target llama-server > "build$suffix.log" 2>&1
+  mkdir -p bin && cp "build$suffix/bin/llama-server" "bin/llama-server$suffix"
 fi
-echo "$(pwd)/bin/llama-server"
+echo "$(pwd)/bin/llama-server$suffix"

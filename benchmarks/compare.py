@@ -4,6 +4,8 @@ Servers, each alone on the machine while it is measured (same prompt, same load)
   * llamafleet at max_batch_size 1 and 4,
   * llama-cpp-python's bundled server (`python -m llama_cpp.server`),
   * llama.cpp's C++ `llama-server -np 4` (built by build_llama_server.sh; skipped if absent),
+    as upstream ships it and, if built with `--patched`, with the same llama.cpp patches as
+    llamafleet's llama-cpp-python (patches/llama.cpp),
 plus a bare llama-cpp-python decode loop (no server) as the single-stream ceiling.
 
     .venv/bin/python benchmarks/compare.py            # writes benchmarks/results/cpu-*.json|md
@@ -65,10 +67,18 @@ def running(cmd: list[str], url: str, log: Path):
 
 
 def bare_decode(model: Path, prompt: str, max_tokens: int, threads: int, runs: int) -> dict:
-    """A bare llama-cpp-python loop: prefill, then decode one token per llama_decode."""
+    """A bare llama-cpp-python loop: prefill, then decode one token per llama_decode.
+
+    It samples exactly as llamafleet does by default (top-k 40, top-p 0.95, min-p 0.05,
+    temperature 0.7, repeat penalty 1.1 over the last 64 tokens, applied by the same
+    Penalties step as the server), so the gap to llamafleet's single stream is the cost
+    of the server itself: scheduler, HTTP, SSE.
+    """
     code = f"""
 import json, time, random
+import numpy as np
 from llama_cpp import llama_cpp as C, _internals
+from llamafleet.inference.llama_backend import Penalties
 mp = C.llama_model_default_params()
 m = _internals.LlamaModel(path_model={str(model)!r}, params=mp, verbose=False)
 cp = C.llama_context_default_params(); cp.n_ctx = 2048; cp.n_batch = 512; cp.n_ubatch = 512
@@ -81,7 +91,8 @@ rates = []
 for run in range({runs}):
     C.llama_memory_clear(C.llama_get_memory(ctx.ctx), True)
     s = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-    for x in (C.llama_sampler_init_penalties(m.n_vocab(), 64, 1.1, 0.0, 0.0), C.llama_sampler_init_top_k(40),
+    pen = Penalties(np.float32(1.1), np.float32(0), np.float32(0))
+    for x in (C.llama_sampler_init_top_k(40),
               C.llama_sampler_init_top_p(0.95, 1), C.llama_sampler_init_min_p(0.05, 1),
               C.llama_sampler_init_temp(0.7), C.llama_sampler_init_dist(run)):
         C.llama_sampler_chain_add(s, x)
@@ -93,7 +104,9 @@ for run in range({runs}):
     C.llama_decode(ctx.ctx, batch)
     idx, pos = len(toks) - 1, len(toks)
     for n in range({max_tokens}):
+        pen.apply(np.ctypeslib.as_array(C.llama_get_logits_ith(ctx.ctx, idx), shape=(m.n_vocab(),)))
         tok = C.llama_sampler_sample(s, ctx.ctx, idx)
+        pen.history.append(tok)
         if n == {max_tokens} - 1:
             break
         batch.n_tokens = 1; batch.token[0] = tok; batch.pos[0] = pos; batch.n_seq_id[0] = 1
@@ -141,13 +154,14 @@ def main() -> int:
         sys.executable, "-I", "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(p), "--n_ctx", str(a.context), "--n_threads", str(a.threads),
         "--n_threads_batch", str(a.threads)]))
-    if a.llama_server.exists():
-        servers.append(("llama-server-np4", lambda p: [
-            str(a.llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(p),
-            "-np", "4", "-c", str(a.context * 4), "-t", str(a.threads), "-tb", str(a.threads)]))
-    else:
-        print(f"llama-server not found at {a.llama_server}: run benchmarks/build_llama_server.sh",
-              file=sys.stderr)
+    for name, binary in (("llama-server-np4", a.llama_server),
+                         ("llama-server-np4-patched", a.llama_server.with_name("llama-server-patched"))):
+        if binary.exists():
+            servers.append((name, lambda p, binary=binary: [
+                str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(p),
+                "-np", "4", "-c", str(a.context * 4), "-t", str(a.threads), "-tb", str(a.threads)]))
+        else:
+            print(f"{binary} not found: run benchmarks/build_llama_server.sh", file=sys.stderr)
     skip = set(filter(None, a.skip.split(",")))
     servers = [s for s in servers if s[0] not in skip]
 
@@ -169,9 +183,10 @@ def main() -> int:
     ratios = {}
     if ("llamafleet-b4", 4) in by and ("llamafleet-b1", 1) in by:
         ratios["b4_c4_vs_b1_c1"] = round(by[("llamafleet-b4", 4)] / by[("llamafleet-b1", 1)], 3)
-    if ("llamafleet-b4", 4) in by and ("llama-server-np4", 4) in by:
-        ratios["b4_c4_vs_llama_server_c4"] = round(
-            by[("llamafleet-b4", 4)] / by[("llama-server-np4", 4)], 3)
+    for other, key in (("llama-server-np4", "b4_c4_vs_llama_server_c4"),
+                       ("llama-server-np4-patched", "b4_c4_vs_patched_llama_server_c4")):
+        if ("llamafleet-b4", 4) in by and (other, 4) in by:
+            ratios[key] = round(by[("llamafleet-b4", 4)] / by[(other, 4)], 3)
     if ("llamafleet-b1", 1) in by:
         ratios["single_stream_vs_bare_loop"] = round(by[("llamafleet-b1", 1)] / bare["tokens_per_s"], 3)
     report = {**bench.environment(),

@@ -212,8 +212,11 @@ def environment() -> dict:
         pass
     import os
 
+    from .model import llama_cpp_python_version
+
     return {"commit": commit, "machine": {"cpu": cpu, "cores": os.cpu_count(),
                                           "platform": platform.platform()},
+            "llama_cpp_python": llama_cpp_python_version(),
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                       time.gmtime())}
 

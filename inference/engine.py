@@ -103,8 +103,6 @@ class Backend(Protocol):
 
     def sample(self, sampler: Any, batch_index: int) -> int: ...
 
-    def sample_many(self, jobs: Sequence[tuple[Any, int]]) -> list[int]: ...
-
     def token_bytes(self, token: int) -> bytes: ...
 
     def is_eog(self, token: int) -> bool: ...
@@ -398,17 +396,12 @@ class Engine:
             if seq.next_token is not None:
                 seq.generated.append(seq.next_token)
             seq.next_token = None
-        try:
-            tokens_out = self.backend.sample_many([(seq.sampler, index) for seq, index in outputs])
-        except Exception:  # noqa: BLE001 - find the sequence that fails, alone
-            tokens_out = [None] * len(outputs)
-        for (seq, index), token in zip(outputs, tokens_out):
-            self._accept(seq, index, token)
+        for seq, index in outputs:
+            self._accept(seq, index)
 
-    def _accept(self, seq: _Sequence, index: int, token: int | None) -> None:
+    def _accept(self, seq: _Sequence, index: int) -> None:
         try:
-            if token is None:
-                token = self.backend.sample(seq.sampler, index)
+            token = self.backend.sample(seq.sampler, index)
             if self.backend.is_eog(token) and not seq.req.params.ignore_eos:
                 self._finish(seq, "stop")
                 return

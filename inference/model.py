@@ -17,6 +17,17 @@ log = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 
 
+def llama_cpp_python_version() -> str | None:
+    """e.g. ``0.3.36+llamafleet.5aa057bc``: the local label names the llama.cpp patches built in
+    (scripts/build-llama-cpp-python.sh)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+
+
 class ModelError(Exception):
     """The model cannot be used; the message says why and what to do."""
 

@@ -20,7 +20,7 @@ from . import capacity
 from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from .errors import BadRequest, ContextTooLong, LlamafleetError, ModelNotFound, NotReady
 from .metrics import EngineMetrics, Metrics
-from .model import ChatFormatter, apply_rag, resolve_model_path
+from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ class Serving:
         return {
             "model": self.model_id,
             "model_path": str(self.model.path),
+            "llama_cpp_python": llama_cpp_python_version(),
             "context_size": self.engine.context_size,
             "max_batch_size": self.engine.max_batch_size,
             "capacity": self.plan.as_dict(),

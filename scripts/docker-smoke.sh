@@ -16,9 +16,9 @@ trap cleanup EXIT
 git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$ctx/" 2>/dev/null || cp -r . "$ctx/"
 mkdir -p "$ctx/docker/wheels"
 cp /etc/ssl/certs/ca-certificates.crt "$ctx/docker/ca-certificates.crt"
-# Reuse a llama-cpp-python wheel compiled here before (same Debian, same Python) if pip cached one.
-wheel=$(find "${PIP_CACHE_DIR:-$HOME/.cache/pip}" -name 'llama_cpp_python-0.3.36-*.whl' 2>/dev/null | head -1 || true)
-[ -n "$wheel" ] && cp "$wheel" "$ctx/docker/wheels/"
+# The patched llama-cpp-python wheel built for .venv (same Debian, same Python) spares the
+# image build its own compile.
+cp "$(./scripts/build-llama-cpp-python.sh)" "$ctx/docker/wheels/"
 start=$(date +%s)
 docker build -q --network host --build-arg BASE="$BASE" -f "$ctx/docker/Dockerfile" -t "$TAG" "$ctx" >/dev/null
 echo "built $TAG in $(( $(date +%s) - start )) s; size $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f MiB", $1/1048576}')"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with llamafleet and its test tools.
-# llama-cpp-python compiles from source the first time (about 5 minutes on 2 cores);
-# pip caches the wheel afterwards.
+# llama-cpp-python compiles from source, with patches/llama.cpp applied, the first time
+# (about 5 minutes on 2 cores); scripts/build-llama-cpp-python.sh caches the wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,4 +11,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -I -m venv .venv
 fi
 .venv/bin/python -I -m pip install -q --upgrade pip
-.venv/bin/python -I -m pip install -q -e '.[test,bench]'
+# llama-cpp-python at the pinned version plus patches/llama.cpp (compiled once, then cached).
+wheel=$(./scripts/build-llama-cpp-python.sh)
+.venv/bin/python -I -m pip install -q "$wheel" -e '.[test,bench]'

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (device tool): CUDA build of the pinned llama-cpp-python, the NVML
+# One prepared GPU check (device tool): CUDA build of the pinned, patched llama-cpp-python, the NVML
 # probe and planner on the real card, and `llamafleet bench --concurrent 1,4,16`.
 # Expects .devcache/llama_cpp_python-0.3.36.tar.gz (a slimmed sdist) and .whl/ (wheels).
 set -euo pipefail
@@ -9,10 +9,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv | tee "$OUT/nvidia-smi.txt"
 start=$(date +%s)
-[ -n "$(ls /tmp/site/llama_cpp/lib/libggml-cuda* 2>/dev/null)" ] || \
-CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF" \
-CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir --upgrade \
-  --target /tmp/site .devcache/llama_cpp_python-0.3.36.tar.gz > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+if [ -z "$(ls /tmp/site/llama_cpp/lib/libggml-cuda* 2>/dev/null)" ]; then
+  # The same llama.cpp patches as every llamafleet build (scripts/build-llama-cpp-python.sh).
+  rm -rf /tmp/lcp && mkdir /tmp/lcp
+  tar xzf .devcache/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp --strip-components=1
+  for p in patches/llama.cpp/*.patch; do patch -s -p1 -d /tmp/lcp/vendor/llama.cpp < "$p"; done
+  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF" \
+  CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir --upgrade \
+    --target /tmp/site /tmp/lcp > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+fi
 echo "llama-cpp-python CUDA build: $(( $(date +%s) - start )) s"
 python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . > /dev/null
 python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"

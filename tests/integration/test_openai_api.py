@@ -30,6 +30,16 @@ def test_models_lists_the_served_model(client: openai.OpenAI, server) -> None:  
     assert client.models.retrieve(models[0].id).id == models[0].id
 
 
+def test_info_reports_capacity_plan_and_llama_cpp_build(server) -> None:  # noqa: ANN001
+    info = httpx.get(server.url + "/info").json()
+    assert info["max_batch_size"] == 4
+    plan = info["capacity"]
+    assert plan["mode"] == "cpu" and plan["max_batch_size"] == 4, plan
+    assert "capped at 4" in plan["reason"], plan
+    # Built by scripts/build-llama-cpp-python.sh: the local version label names the patches.
+    assert "+llamafleet." in info["llama_cpp_python"], info["llama_cpp_python"]
+
+
 def test_chat_non_streaming(client: openai.OpenAI, model: str) -> None:
     r = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Name three colours."}],

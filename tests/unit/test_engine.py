@@ -62,9 +62,6 @@ class FakeBackend:
             return EOG  # negative seed: "end after -seed"
         return nxt
 
-    def sample_many(self, jobs):  # noqa: ANN001, ANN201
-        return [self.sample(s, i) for s, i in jobs]
-
     def token_bytes(self, token: int) -> bytes:
         return f"{token} ".encode()
 
