@@ -14,6 +14,7 @@ if [ -z "$(ls /tmp/site/llama_cpp/lib/libggml-cuda* 2>/dev/null)" ]; then
   rm -rf /tmp/lcp && mkdir /tmp/lcp
   tar xzf .devcache/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp --strip-components=1
   for p in patches/llama.cpp/*.patch; do patch -s -p1 -d /tmp/lcp/vendor/llama.cpp < "$p"; done
+  sed -i "s/^__version__ = \"\([0-9.]*\)\"/__version__ = \"\1+llamafleet.cuda\"/" /tmp/lcp/llama_cpp/__init__.py
   CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir --upgrade \
     --target /tmp/site /tmp/lcp > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
