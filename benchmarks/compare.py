@@ -127,7 +127,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrent", default="1,4")
-    ap.add_argument("--requests", type=int, default=12, help="requests per level")
+    ap.add_argument("--requests", type=int, default=24, help="requests per level")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--context", type=int, default=2048, help="context per sequence")
     ap.add_argument("--llama-server", type=Path, default=HERE / ".build/bin/llama-server")
@@ -166,6 +166,9 @@ def main() -> int:
     servers = [s for s in servers if s[0] not in skip]
 
     a.out.mkdir(parents=True, exist_ok=True)
+    # The bare loop runs before and after the servers; its mean is the reference, so slow
+    # drift of this shared machine over the run weighs on both sides alike.
+    bare_before = bare_decode(model, prompt, a.max_tokens, a.threads, runs=6)
     results: list[bench.LevelResult] = []
     progress = bench.Progress(len(servers) * len(levels) * a.requests)
     for name, make_cmd in servers:
@@ -173,11 +176,18 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         with running(make_cmd(port), url, a.out / f"{name}.log"):
             model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            # One unmeasured request first: first-use costs (graph allocation, page faults)
+            # are not what the levels measure.
+            httpx.post(url + "/v1/chat/completions", timeout=600, json={
+                "model": model_id, "max_tokens": 8, "seed": 1,
+                "messages": [{"role": "user", "content": prompt}]}).raise_for_status()
             for c in levels:
                 level_args = argparse.Namespace(**{**vars(args), "seed": seeded.get(name)})
                 results.append(asyncio.run(bench.run_level(
                     name, url, model_id, prompt, c, a.requests, level_args, progress)))
-    bare = bare_decode(model, prompt, a.max_tokens, a.threads, runs=4)
+    bare_after = bare_decode(model, prompt, a.max_tokens, a.threads, runs=6)
+    bare = {"tokens_per_s": round((bare_before["tokens_per_s"] + bare_after["tokens_per_s"]) / 2, 2),
+            "before": bare_before, "after": bare_after}
 
     by = {(r.server, r.concurrency): r.tokens_per_s for r in results}
     ratios = {}
@@ -210,7 +220,9 @@ def main() -> int:
         lines.append(f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.1f} | "
                      f"{bench._fmt(r.ttft_p50_s)} | {bench._fmt(r.itl_p50_s)} | {r.completed} | "
                      f"{r.failed} |")
-    lines += ["", f"Bare llama-cpp-python decode loop (single stream): {bare['tokens_per_s']} tok/s",
+    lines += ["", f"Bare llama-cpp-python decode loop (single stream): {bare['tokens_per_s']} tok/s "
+              f"(mean of {bare_before['tokens_per_s']} before and {bare_after['tokens_per_s']} after "
+              "the servers)",
               "", "Ratios: " + ", ".join(f"{k} = {v}" for k, v in ratios.items()), ""]
     md = "\n".join(lines)
     (a.out / f"cpu-{stamp}.md").write_text(md)

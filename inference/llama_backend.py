@@ -165,6 +165,7 @@ class LlamaBackend:
                 f"could not create a context of {context_size} tokens x {n_seq} sequences: {e}"
             ) from e
         self.ctx = self._ctx.ctx
+        self.n_ctx = C.llama_n_ctx(self.ctx)  # KV cells, all sequences together
         self._mem = C.llama_get_memory(self.ctx)
         self._batch = C.llama_batch_init(n_batch, 0, 1)
 
@@ -235,16 +236,6 @@ class LlamaBackend:
 
     def trim_sequence(self, seq_id: int, keep: int) -> bool:
         return bool(C.llama_memory_seq_rm(self._mem, seq_id, keep, -1))
-
-    def kv_cells(self) -> tuple[int, int]:
-        """(cells used, cells total)."""
-        total = C.llama_n_ctx(self.ctx)
-        used = 0
-        for s in range(C.llama_n_seq_max(self.ctx)):
-            hi = C.llama_memory_seq_pos_max(self._mem, s)
-            if hi >= 0:
-                used += hi - C.llama_memory_seq_pos_min(self._mem, s) + 1
-        return used, total
 
     def close(self) -> None:
         if self._batch is not None:

@@ -48,17 +48,14 @@ class Metrics:
 class EngineMetrics:
     """Adapts engine hooks (engine thread) to the Prometheus series."""
 
-    def __init__(self, metrics: Metrics, kv_cells=None):  # noqa: ANN001
+    def __init__(self, metrics: Metrics, kv_total: int):
         self.m = metrics
-        self._kv_cells = kv_cells
+        self.m.kv_total.set(kv_total)
         self._last_token: dict[int, float] = {}
 
-    def on_step(self, running: int, batch_tokens: int, queued: int) -> None:
+    def on_step(self, running: int, batch_tokens: int, queued: int, kv_tokens: int) -> None:
         self.m.steps.inc()
-        if self._kv_cells is not None:
-            used, total = self._kv_cells()
-            self.m.kv_used.set(used)
-            self.m.kv_total.set(total)
+        self.m.kv_used.set(kv_tokens)
         self.m.batch_occupancy.observe(running)
         self.m.running.set(running)
         self.m.queued.set(queued)

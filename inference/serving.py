@@ -276,6 +276,6 @@ def build(settings: Settings) -> Serving:
                         "context_size": str(settings.context_size)})
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
-                    observer=EngineMetrics(metrics, backend.kv_cells))
+                    observer=EngineMetrics(metrics, backend.n_ctx))
     engine.start()
     return Serving(settings, model, engine, metrics, plan)

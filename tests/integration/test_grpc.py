@@ -220,8 +220,12 @@ def test_grpc_and_http_share_one_batch_and_metrics_move(server) -> None:  # noqa
                    "llamafleet_kv_cache_cells_used", "llamafleet_kv_cache_cells_total",
                    "llamafleet_max_batch_size", "llamafleet_model_info"):
         assert series in scrape, series
-    occupancy = {line.split(" ")[0]: float(line.split(" ")[1]) for line in scrape.splitlines()
-                 if line.startswith("llamafleet_batch_occupancy_bucket")}
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in scrape.splitlines()
+              if line.startswith("llamafleet_") and " " in line}
+    assert values["llamafleet_kv_cache_cells_total"] == 4 * server.settings.context_size
+    # Finished sequences keep their cells for the prefix cache, so some are in use.
+    assert 0 < values["llamafleet_kv_cache_cells_used"] <= values["llamafleet_kv_cache_cells_total"]
+    occupancy = {k: v for k, v in values.items() if k.startswith("llamafleet_batch_occupancy_bucket")}
     assert occupancy['llamafleet_batch_occupancy_bucket{le="1.0"}'] < \
         occupancy['llamafleet_batch_occupancy_bucket{le="+Inf"}']
 
