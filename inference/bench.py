@@ -182,16 +182,18 @@ def print_table(results: list[LevelResult], out=sys.stdout) -> None:  # noqa: AN
         if r.concurrency == min(x.concurrency for x in results if x.server == r.server):
             base.setdefault(r.server, r.tokens_per_s)
     first = results[0].server if results else ""
+    compared = len({r.server for r in results}) > 1  # a "vs <first server>" column only then
     by_level = {(r.server, r.concurrency): r for r in results}
+    ref_head = f"  vs {first}" if compared else ""
     print(f"{'server':<12}{'conc':>5}{'tok/s':>9}{'ttft p50':>10}{'ttft p95':>10}"
-          f"{'itl p50':>9}{'ok':>5}{'fail':>5}{'vs c1':>8}{'vs ' + first[:8]:>13}", file=out)
+          f"{'itl p50':>9}{'ok':>5}{'fail':>5}{'vs c1':>8}{ref_head}", file=out)
     for r in results:
         vs1 = r.tokens_per_s / base[r.server] if base.get(r.server) else 0
         ref = by_level.get((first, r.concurrency))
         vs_ref = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref and ref.tokens_per_s else "-"
         print(f"{r.server:<12}{r.concurrency:>5}{r.tokens_per_s:>9.1f}{_fmt(r.ttft_p50_s):>8}ms"
               f"{_fmt(r.ttft_p95_s):>8}ms{_fmt(r.itl_p50_s):>7}ms{r.completed:>5}{r.failed:>5}"
-              f"{vs1:>7.2f}x{vs_ref:>13}", file=out)
+              f"{vs1:>7.2f}x" + (f"{vs_ref:>{len(ref_head)}}" if compared else ""), file=out)
         for e in r.errors:
             print(f"    error: {e}", file=out)
 
@@ -222,9 +224,15 @@ def environment() -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    levels = [int(x) for x in str(args.concurrent).split(",") if x.strip()]
-    if not levels or min(levels) < 1:
-        print("llamafleet bench: --concurrent needs positive integers, e.g. 1,4", file=sys.stderr)
+    try:
+        levels = [int(x) for x in str(args.concurrent).split(",") if x.strip()]
+    except ValueError:
+        levels = []
+    problem = ("--concurrent needs positive integers, e.g. 1,4" if not levels or min(levels) < 1
+               else "--requests must be >= 0" if args.requests < 0
+               else "--max-tokens must be >= 1" if args.max_tokens < 1 else None)
+    if problem:
+        print(f"llamafleet bench: {problem}", file=sys.stderr)
         return 2
     prompt = args.prompt_file.read_text() if args.prompt_file else DEFAULT_PROMPT
     servers = [("llamafleet" if not args.compare else "target", args.url)]
