@@ -31,7 +31,11 @@ if [ -z "$wheel" ]; then
   mkdir "$work/src"
   tar xzf "$sdist" -C "$work/src" --strip-components=1
   for p in "$ROOT"/patches/llama.cpp/*.patch; do
-    patch -s -p1 -d "$work/src/vendor/llama.cpp" < "$p"
+    if command -v patch >/dev/null; then
+      patch -s -p1 -d "$work/src/vendor/llama.cpp" < "$p"
+    else
+      (cd "$work/src/vendor/llama.cpp" && git apply -p1 "$p")
+    fi
   done
   sed -i "s/^__version__ = .*/__version__ = \"$LOCAL\"/" "$work/src/llama_cpp/__init__.py"
   echo "building llama-cpp-python $LOCAL (CMAKE_ARGS='${CMAKE_ARGS:-}'); about 5 minutes" >&2
