@@ -8,6 +8,7 @@
 #                                               # runs) -> .build/bin/llama-server-patched
 set -euo pipefail
 cd "$(dirname "$0")"
+. ../scripts/llama-cpp-env.sh   # the compiler flags of every llamafleet llama.cpp build (no AMX)
 VERSION=$(python3 -I -c "import re,pathlib;print(re.search(r'llama-cpp-python==([\d.]+)',pathlib.Path('../pyproject.toml').read_text()).group(1))")
 suffix=""
 [ "${1:-}" = "--patched" ] && suffix="-patched"

@@ -16,7 +16,9 @@ import numpy as np
 
 
 def write(path: Path, dim: int, layers: int, ff: int, heads: int, kv_heads: int,
-          context: int, seed: int = 0) -> int:
+          context: int, seed: int = 0, fill: float | None = None) -> int:
+    """``fill`` puts one value in every weight matrix instead of noise: NaN makes a model
+    whose logits are all NaN, which `llamafleet serve`'s start-up self-test must refuse."""
     rng = np.random.default_rng(seed)
     head_dim = dim // heads
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
@@ -43,6 +45,8 @@ def write(path: Path, dim: int, layers: int, ff: int, heads: int, kv_heads: int,
     w.add_eos_token_id(2)
 
     def mat(rows: int, cols: int) -> np.ndarray:
+        if fill is not None:
+            return np.full((rows, cols), fill, dtype=np.float16)
         return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
 
     def norm() -> np.ndarray:
@@ -85,8 +89,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--fill", type=float, default=None,
+                    help="one value for every weight instead of noise (e.g. nan, for a broken model)")
     a = ap.parse_args()
-    n = write(a.out, a.dim, a.layers, a.ff, a.heads, a.kv_heads, a.context)
+    n = write(a.out, a.dim, a.layers, a.ff, a.heads, a.kv_heads, a.context, fill=a.fill)
     print(f"wrote {a.out}: {n / 1e9:.2f}B parameters, {a.out.stat().st_size / 2**20:.0f} MiB")
 
 

@@ -204,19 +204,24 @@ def environment() -> dict:
                                 check=False).stdout.strip() or None
     except OSError:
         commit = None
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if cpu and flags:
                 break
     except OSError:
         pass
+    # The instruction sets that pick llama.cpp's kernels: which CPU class ran the figures.
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     import os
 
     from .model import llama_cpp_python_version
 
-    return {"commit": commit, "machine": {"cpu": cpu, "cores": os.cpu_count(),
+    return {"commit": commit, "machine": {"cpu": cpu, "isa": isa, "cores": os.cpu_count(),
                                           "platform": platform.platform()},
             "llama_cpp_python": llama_cpp_python_version(),
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 import typing
 from pathlib import Path
@@ -84,6 +85,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     if args_in[:1] == ["serve"]:
+        # A crash inside llama.cpp (e.g. during the start-up self-test) then prints the
+        # Python stack that led there, instead of a bare "Segmentation fault".
+        faulthandler.enable()
         # Load llama.cpp's shared libraries before grpc's and numpy's: with the CUDA build,
         # loading them later crashed the first model load (seen on an H100).
         import llama_cpp  # noqa: F401

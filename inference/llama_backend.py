@@ -45,6 +45,33 @@ def _forward_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
 
 C.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
 
+
+def load_backend_modules() -> list[str]:
+    """Load ggml's back-end modules when this llama-cpp-python is a portable build.
+
+    A portable build (``scripts/build-llama-cpp-python.sh --portable``, the CPU image) has
+    no -march=native: ggml's CPU code comes as one module per x86 variant
+    (libggml-cpu-haswell.so, ...-skylakex.so, ...) and ggml loads the one that scores best
+    on the CPU at hand, as upstream's own images do. llama-cpp-python never asks ggml to
+    load modules, so we do, once, before any model loads. A native build links its
+    back-ends in and has no modules: nothing to do. Returns the module files found.
+    """
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    modules = sorted(p.name for p in lib.glob("libggml-*.so")
+                     if p.name not in ("libggml-base.so", "libggml.so"))
+    if modules:
+        from llama_cpp._ggml import libggml
+
+        libggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+        if libggml.ggml_backend_reg_count() == 0:  # once per process
+            load_all = libggml.ggml_backend_load_all_from_path
+            load_all.argtypes, load_all.restype = [ctypes.c_char_p], None
+            load_all(str(lib).encode())
+    return modules
+
+
+BACKEND_MODULES = load_backend_modules()
+
 __all__ = ["LlamaModel", "LlamaBackend", "JSON_GBNF", "llama_cpp"]
 
 
@@ -226,6 +253,11 @@ class LlamaBackend:
         if pen is not None:
             pen.history.append(token)
         return token
+
+    def logits_nonfinite(self, batch_index: int) -> int:
+        row = C.llama_get_logits_ith(self.ctx, batch_index)
+        logits = np.ctypeslib.as_array(row, shape=(self.model.n_vocab,))
+        return int(logits.size - np.count_nonzero(np.isfinite(logits)))
 
     def token_bytes(self, token: int) -> bytes:
         return self.model.token_bytes(token)

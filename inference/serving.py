@@ -20,7 +20,7 @@ from . import capacity
 from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from .errors import BadRequest, ContextTooLong, LlamafleetError, ModelNotFound, NotReady
 from .metrics import EngineMetrics, Metrics
-from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
+from .model import ChatFormatter, ModelError, apply_rag, llama_cpp_python_version, resolve_model_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -260,6 +260,7 @@ JSON_GRAMMAR = _json_grammar()
 def build(settings: Settings) -> Serving:
     """Load the model, plan capacity, start the engine. Raises ModelError/CapacityError."""
     from .llama_backend import LlamaBackend, LlamaModel
+    from .selftest import SelfTestFailed, self_test
 
     path = resolve_model_path(settings.model_path)
     log.info("loading model %s", path)
@@ -269,6 +270,11 @@ def build(settings: Settings) -> Serving:
     backend = LlamaBackend(model, n_seq=plan.max_batch_size, context_size=settings.context_size,
                            n_batch=settings.n_batch, threads=settings.threads,
                            kv_cache_type=settings.kv_cache_type)
+    try:
+        self_test(backend, model.tokenize("The sky is", add_bos=model.add_bos))
+    except SelfTestFailed as e:
+        backend.close()
+        raise ModelError(f"{e} (model {path}, llama-cpp-python {llama_cpp_python_version()})") from e
     metrics = Metrics()
     metrics.max_batch.set(plan.max_batch_size)
     metrics.model.info({"name": settings.model_name or path.stem, "path": str(path),

@@ -16,9 +16,9 @@ trap cleanup EXIT
 git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$ctx/" 2>/dev/null || cp -r . "$ctx/"
 mkdir -p "$ctx/docker/wheels"
 cp /etc/ssl/certs/ca-certificates.crt "$ctx/docker/ca-certificates.crt"
-# The patched llama-cpp-python wheel built for .venv (same Debian, same Python) spares the
-# image build its own compile.
-cp "$(./scripts/build-llama-cpp-python.sh)" "$ctx/docker/wheels/"
+# The portable patched llama-cpp-python wheel, built on this host (same Debian, same Python)
+# and cached, spares the image build its own compile.
+cp "$(./scripts/build-llama-cpp-python.sh --portable)" "$ctx/docker/wheels/"
 start=$(date +%s)
 docker build -q --network host --build-arg BASE="$BASE" -f "$ctx/docker/Dockerfile" -t "$TAG" "$ctx" >/dev/null
 echo "built $TAG in $(( $(date +%s) - start )) s; size $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f MiB", $1/1048576}')"
@@ -31,6 +31,12 @@ check() {  # $1 = http port
     -d '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":8}' | python3 -I -c \
     'import json,sys; r=json.load(sys.stdin); assert r["choices"][0]["message"]["content"], r; print("chat ok:", r["usage"])'
 }
+# The image carries no -march=native code: ggml picks its CPU module for the CPU it runs on.
+echo "cpu modules: $(docker run --rm --network host --entrypoint python "$TAG" -c \
+  'from llamafleet.inference import llama_backend as b; print(" ".join(b.BACKEND_MODULES))')"
+echo "system info: $(docker run --rm --network host --entrypoint python "$TAG" -c \
+  'from llamafleet.inference import llama_backend; import llama_cpp; print(llama_cpp.llama_print_system_info().decode())')"
+
 P=$(port)
 docker run -d --name llamafleet-smoke --network host --read-only --tmpfs /tmp \
   -e LLM_LLAMA_SERVICE_HOST=127.0.0.1 -e LLM_LLAMA_SERVICE_HTTP_PORT="$P" \

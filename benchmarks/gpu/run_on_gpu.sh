@@ -10,7 +10,9 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv | tee "$OUT/nvidia-smi.txt"
 start=$(date +%s)
 if [ -z "$(ls /tmp/site/llama_cpp/lib/libggml-cuda* 2>/dev/null)" ]; then
-  # The same llama.cpp patches as every llamafleet build (scripts/build-llama-cpp-python.sh).
+  # The same llama.cpp patches and compiler flags as every llamafleet build
+  # (scripts/build-llama-cpp-python.sh, scripts/llama-cpp-env.sh).
+  . scripts/llama-cpp-env.sh
   rm -rf /tmp/lcp && mkdir /tmp/lcp
   tar xzf .devcache/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp --strip-components=1
   for p in patches/llama.cpp/*.patch; do patch -s -p1 -d /tmp/lcp/vendor/llama.cpp < "$p"; done

@@ -22,4 +22,15 @@ def test_image_builds_and_serves() -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "container: ok" in r.stdout
     assert "chat ok" in r.stdout
+    # A portable image: ggml's CPU code as per-variant modules, the best one for this CPU
+    # loaded at start-up, so the features llama.cpp reports are this machine's.
+    modules = next(line for line in r.stdout.splitlines() if line.startswith("cpu modules:"))
+    assert "libggml-cpu-x64.so" in modules and "libggml-cpu-haswell.so" in modules, modules
+    assert "sapphirerapids" not in modules  # no AMX kernels (docs/llama-cpp.md)
+    info = next(line for line in r.stdout.splitlines() if line.startswith("system info:"))
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split())
+    for flag, feature in (("avx2", "AVX2"), ("avx512f", "AVX512")):
+        assert (f"{feature} = 1" in info) == (flag in flags), (feature, info)
+    assert "AMX_INT8 = 1" not in info
     print(r.stdout)

@@ -32,6 +32,8 @@ class FakeBackend:
         self._last: dict[int, int] = {}
         self._seq_of_index: dict[int, int] = {}
         self.gate: threading.Event | None = None
+        self.nonfinite_logits = 0  # what logits_nonfinite() reports (start-up self-test)
+        self.decode_error: Exception | None = None  # raised by every decode when set
 
     def new_sampler(self, params: SamplingParams):  # noqa: ANN201
         if self.fail_sampler_seed is not None and params.seed == self.fail_sampler_seed:
@@ -47,6 +49,8 @@ class FakeBackend:
                logits: Sequence[bool]) -> None:
         if self.gate is not None:
             self.gate.wait(10)
+        if self.decode_error is not None:
+            raise self.decode_error
         self.batches.append((list(tokens), list(pos), list(seq), list(logits)))
         self._seq_of_index = {}
         for i, (t, s) in enumerate(zip(tokens, seq)):
@@ -61,6 +65,9 @@ class FakeBackend:
         if params.seed is not None and params.seed < 0 and nxt >= -params.seed:
             return EOG  # negative seed: "end after -seed"
         return nxt
+
+    def logits_nonfinite(self, batch_index: int) -> int:
+        return self.nonfinite_logits
 
     def token_bytes(self, token: int) -> bytes:
         return f"{token} ".encode()
