@@ -157,7 +157,7 @@ def embedded_model_path(name: str = DEFAULT_EMBEDDED, directory: Path | None = N
                              f"expected {model.sha256}")
         os.replace(part, target)
     except OSError as e:
-        raise ModelError(f"cannot write the embedded model to {target}: {e}") from e
+        raise ModelError(f"cannot extract embedded model {name} to {target}: {e}") from e
     finally:
         part.unlink(missing_ok=True)
     return target
