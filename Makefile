@@ -1,5 +1,5 @@
 .PHONY: serve test e2e bench docker
-serve:        ## set up and serve the embedded model (studio at /studio/)
+serve:        ## set up and serve the embedded chat model (studio at /studio/)
 	./scripts/serve.sh
 test:         ## set up and run every test (what CI runs)
 	./scripts/test.sh

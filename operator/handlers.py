@@ -182,7 +182,8 @@ def _model_label(spec: LLMServiceSpec) -> str:
         return f"pvc:{src.pvc.claimName}/{src.pvc.path}"
     if src.url:
         return src.url.url.rsplit("/", 1)[-1]
-    return "embedded:gemma-3-270m-q4_k_m"
+    assert src.embedded is not None
+    return f"embedded:{src.embedded.name}"
 
 
 def _absent(api_version: str, kind: str, names: B.Names) -> dict:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafleet.inference.capacity import KVShape, MiB, plan
+from llamafleet.inference.embedded import lookup
 
 from .spec import LLMServiceSpec, quantity_bytes
 
@@ -13,9 +14,6 @@ MEMORY_LABEL = "nvidia.com/gpu.memory"
 COUNT_LABEL = "nvidia.com/gpu.count"
 PRODUCT_LABEL = "nvidia.com/gpu.product"
 
-# The embedded model (Gemma 3 270M Q4_K_M): its real shape.
-EMBEDDED_SHAPE = dict(sizeBytes=253_000_000, layers=18, kvHeads=1, keyLength=256, valueLength=256,
-                      slidingWindow=512, swaPattern=6)
 # Unknown models are planned as an 8B-class model at 8 bits: conservative on purpose.
 CONSERVATIVE_SHAPE = dict(sizeBytes=8_500_000_000, layers=32, kvHeads=8, keyLength=128,
                           valueLength=128)
@@ -58,7 +56,8 @@ class ServicePlan:
 def model_facts(spec: LLMServiceSpec) -> tuple[KVShape, float, str]:
     given = spec.model.shape.model_dump(exclude_none=True)
     if spec.model.source.embedded:
-        base, origin = EMBEDDED_SHAPE, "embedded model"
+        name = spec.model.source.embedded.name
+        base, origin = lookup(name).shape, f"embedded model {name}"
     elif given.get("sizeBytes") and given.get("layers"):
         base, origin = CONSERVATIVE_SHAPE, "spec.model.shape"
     else:

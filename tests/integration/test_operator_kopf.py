@@ -299,10 +299,19 @@ async def test_cpu_service_with_optional_children(api) -> None:  # noqa: ANN001
         c = dep["spec"]["template"]["spec"]["containers"][0]
         assert "nvidia.com/gpu" not in c["resources"]["limits"]
         assert env_of(dep)["GPU_LAYERS"] == "0"
-        assert env_of(dep)["MODEL_PATH"].endswith("gemma-3-270m-q4_k_m.gguf")
+        assert env_of(dep)["EMBEDDED_MODEL"] == "smollm2-135m-instruct"
+        assert "MODEL_PATH" not in env_of(dep)
         np_ = await until(lambda: get(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cpu"))
         assert np_["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
         await until(lambda: get(api, f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/cpu"))
+        # The other embedded model, by name: the pod gets the name, the status shows it.
+        await create(api, LLMS, llmservice(
+            "base", model={"source": {"embedded": {"name": "gemma-3-270m"}}},
+            resources={"gpus": 0, "cpu": "2", "memory": "4Gi"}))
+        dep = await until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/base"))
+        assert env_of(dep)["EMBEDDED_MODEL"] == "gemma-3-270m"
+        await until(lambda: _with(api, "base", lambda o: o["status"].get("model")
+                                  == "embedded:gemma-3-270m"))
     assert runner.exception is None
 
 

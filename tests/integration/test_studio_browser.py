@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -30,8 +31,8 @@ def browser():  # noqa: ANN201
         b.close()
 
 
-@pytest.fixture()
-def page(browser, server):  # noqa: ANN001, ANN201
+@contextlib.contextmanager
+def open_studio(browser, server):  # noqa: ANN001, ANN201
     ctx = browser.new_context(viewport={"width": 1366, "height": 820})
     pg = ctx.new_page()
     pg.set_default_timeout(60_000)
@@ -41,31 +42,54 @@ def page(browser, server):  # noqa: ANN001, ANN201
     ctx.close()
 
 
+@pytest.fixture()
+def page(browser, instruct_server):  # noqa: ANN001, ANN201
+    """The studio on the default embedded model, a chat model, as users first see it."""
+    with open_studio(browser, instruct_server) as pg:
+        yield pg
+
+
+@pytest.fixture()
+def base_model_page(browser, server):  # noqa: ANN001, ANN201
+    """The studio on Gemma 3 270M, a base model: it continues text until it is stopped."""
+    with open_studio(browser, server) as pg:
+        yield pg
+
+
 def send(page, text: str) -> None:  # noqa: ANN001
     page.get_by_test_id("chat-input").fill(text)
     page.get_by_test_id("send").click()
 
 
-def test_answer_streams_in_and_metrics_show(page, server) -> None:  # noqa: ANN001
+# Every length the last answer takes on screen, recorded in the page as it changes.
+RECORD_ANSWER_LENGTHS = """() => { window.__lengths = [];
+  new MutationObserver(() => {
+    const e = document.querySelectorAll('[data-testid=assistant-message]');
+    if (e.length) window.__lengths.push(e[e.length - 1].textContent.length);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
+
+
+def test_answer_uses_the_rag_context_streams_in_and_metrics_show(page) -> None:  # noqa: ANN001
     requests: list[dict] = []
     page.on("request", lambda r: requests.append(json.loads(r.post_data))
             if r.url.endswith("/v1/chat/completions") else None)
     page.get_by_test_id("system-prompt").fill("You are a pirate.")
     page.get_by_test_id("rag-context").fill("The treasure is buried under the old oak.")
     page.get_by_test_id("max-tokens").fill("80")
+    page.get_by_test_id("temperature").fill("0")
+    page.evaluate(RECORD_ANSWER_LENGTHS)
     send(page, "Where is the treasure?")
     answer = page.get_by_test_id("assistant-message").last
     page.wait_for_function("() => { const e = document.querySelectorAll("
                            "'[data-testid=assistant-message]'); return e.length && "
                            "e[e.length-1].textContent.length > 0 }")
-    first = len(answer.text_content())
-    page.wait_for_function(f"() => {{ const e = document.querySelectorAll("
-                           f"'[data-testid=assistant-message]'); return "
-                           f"e[e.length-1].textContent.length > {first} }}")
     page.get_by_test_id("send").wait_for()  # the stream ended
-    assert len(answer.text_content()) > first
+    # The chat model answers from the context (a base model would ramble on instead).
+    assert "oak" in answer.text_content().lower(), answer.text_content()
+    shown = sorted({n for n in page.evaluate("window.__lengths") if n > 0})
+    assert len(shown) >= 2, shown  # it streamed in: the answer grew on screen
     body = requests[0]
-    assert body["stream"] is True and body["max_tokens"] == 80
+    assert body["stream"] is True and body["max_tokens"] == 80 and body["temperature"] == 0
     assert body["messages"][0] == {"role": "system", "content": "You are a pirate."}
     assert body["rag_context"] == "The treasure is buried under the old oak."
     assert re.fullmatch(r"\d+ ms", page.get_by_test_id("metric-ttft").inner_text())
@@ -82,7 +106,8 @@ def test_answer_streams_in_and_metrics_show(page, server) -> None:  # noqa: ANN0
     page.screenshot(path=str(ARTIFACTS / "studio-phone.png"), full_page=True)
 
 
-def test_stop_ends_the_stream_and_frees_the_sequence(page, server) -> None:  # noqa: ANN001
+def test_stop_ends_the_stream_and_frees_the_sequence(base_model_page, server) -> None:  # noqa: ANN001
+    page = base_model_page
     page.get_by_test_id("max-tokens").fill("900")
     send(page, "Count from one to one thousand.")
     page.wait_for_function("() => { const e = document.querySelectorAll("

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from pathlib import Path
 
+from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
 from llamafleet.operator.planning import NodeGPU, plan_service
@@ -78,6 +79,50 @@ def test_unknown_model_is_planned_conservatively() -> None:
     assert "conservative" in plan_service(s, nodes(24576)).reason
 
 
+@pytest.mark.parametrize("source, name", [
+    (True, SMOLLM2.name),  # the older boolean form: the default model
+    ({}, SMOLLM2.name),
+    ({"name": "gemma-3-270m"}, GEMMA.name),
+])
+def test_embedded_source_names_the_model_for_the_pod_and_the_planner(source, name) -> None:  # noqa: ANN001
+    s = spec(resources={"gpus": 0, "memory": "4Gi"}, model={"source": {"embedded": source}})
+    plan = plan_service(s, [])
+    assert f"embedded model {name}" in plan.reason
+    dep = B.build_deployment(NAMES, s, plan, "img:1")
+    validate(dep)
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLM_LLAMA_SERVICE_EMBEDDED_MODEL"] == name
+    assert "LLM_LLAMA_SERVICE_MODEL_PATH" not in env  # the image knows where its models are
+
+
+def test_embedded_shapes_differ_in_the_plan() -> None:
+    small = spec(resources={"gpus": 0, "memory": "1Gi"}, model={"source": {"embedded": True},
+                                                                  "contextSize": 8192})
+    big = spec(resources={"gpus": 0, "memory": "1Gi"},
+               model={"source": {"embedded": {"name": "gemma-3-270m"}}, "contextSize": 8192})
+    assert plan_service(small, []).reason != plan_service(big, []).reason
+
+
+@pytest.mark.parametrize("source, needle", [
+    ({"embedded": {"name": "llama-70b"}},
+     "spec.model.source.embedded.name: unknown embedded model 'llama-70b'; choose one of "
+     "smollm2-135m-instruct, gemma-3-270m"),
+    ({"embedded": {"nmae": "gemma-3-270m"}}, "spec.model.source.embedded.nmae"),
+    ({"embedded": "gemma-3-270m"}, "spec.model.source.embedded"),
+    ({"embedded": False}, "exactly one of model.source.pvc, model.source.url or "
+                          "model.source.embedded .got none."),
+])
+def test_bad_embedded_source_says_what_to_fix(source, needle) -> None:  # noqa: ANN001
+    with pytest.raises(SpecError, match=needle):
+        parse_spec({"model": {"source": source}})
+
+
+def test_embedded_false_beside_a_pvc_is_the_pvc() -> None:
+    s = parse_spec({"model": {"source": {"embedded": False,
+                                         "pvc": {"claimName": "m", "path": "x.gguf"}}}})
+    assert s.model.source.embedded is None and s.model.source.pvc
+
+
 def test_cpu_service_plans_from_memory_request() -> None:
     s = spec(resources={"gpus": 0, "memory": "4Gi"}, model={"source": {"embedded": True}})
     p = plan_service(s, [])
@@ -135,9 +180,15 @@ def test_crd_is_valid_and_matches_the_chart_copy() -> None:
     validate(crd)
     chart_copy = ROOT / "charts/llamafleet/crds/llmservice.yaml"
     assert chart_copy.read_text() == (ROOT / "crds/llmservice.yaml").read_text()
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    # Kept as given: scheduling (Kubernetes' own types) and model.source.embedded (a boolean
+    # or {name}); everything else is pruned by the API server.
+    embedded = props["model"]["properties"]["source"]["properties"].pop("embedded")
+    assert embedded["x-kubernetes-preserve-unknown-fields"] is True
     assert "x-kubernetes-preserve-unknown-fields" not in yaml.safe_dump(
-        {k: v for k, v in crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
-         ["spec"]["properties"].items() if k != "scheduling"})
+        {k: v for k, v in props.items() if k != "scheduling"})
+    for model in EMBEDDED.values():
+        assert model.name in embedded["description"]
 
 
 def test_examples_parse_as_valid_specs() -> None:
