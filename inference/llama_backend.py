@@ -60,8 +60,11 @@ def load_backend_modules() -> list[str]:
     modules = sorted(p.name for p in lib.glob("libggml-*.so")
                      if p.name not in ("libggml-base.so", "libggml.so"))
     if modules:
-        from llama_cpp._ggml import libggml
-
+        # The registry of the libggml that libllama uses: its soname file (libggml.so.0). A
+        # wheel stores libggml.so, .so.0 and .so.0.x as separate files, and each one dlopen()ed
+        # is a separate library with a registry of its own.
+        sonames = sorted(lib.glob("libggml.so.*"), key=lambda p: len(p.name))
+        libggml = ctypes.CDLL(str(sonames[0] if sonames else lib / "libggml.so"))
         libggml.ggml_backend_reg_count.restype = ctypes.c_size_t
         if libggml.ggml_backend_reg_count() == 0:  # once per process
             load_all = libggml.ggml_backend_load_all_from_path
