@@ -150,7 +150,7 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
             _set(conditions, "Ready", "False", "Conflict", msg)
             _set(conditions, "Progressing", "False", "Conflict", "Blocked by foreign objects.")
             patch.status.update(phase="Failed", conditions=conditions)
-            raise kopf.TemporaryError(f"conflict: {msg}", delay=60)
+            raise kopf.TemporaryError(f"conflict: {msg}", delay=SETTINGS.resync_seconds)
         step = "certificates"
         if parsed.tls.enabled:
             not_after = ensure_certificates(children, body, names, parsed, logger)
@@ -165,7 +165,7 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
         if problem:
             _set(conditions, "Ready", "False", "APIKeyMissing", problem)
             patch.status.update(phase="Degraded", conditions=conditions)
-            raise kopf.TemporaryError(problem, delay=30)
+            raise kopf.TemporaryError(problem, delay=SETTINGS.resync_seconds)
         image = B.image_for(parsed, SETTINGS)
         # The NetworkPolicy goes first: pods never run without it when it is wanted.
         step = "network policy"
@@ -180,7 +180,7 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
             children.remove(PDB, logger)
         children.apply(body, B.build_service(names), logger, event)
         children.apply(body, B.build_deployment(names, parsed, plan, image), logger, event)
-        deployment = children.live[DEPLOYMENT] or {}
+        deployment = children.get(DEPLOYMENT) or {}
     except (ApiException, DynApiException) as e:
         if step == "network policy":
             reason, msg = "NetworkPolicyFailed", "the NetworkPolicy could not be applied, so " \
@@ -190,7 +190,7 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
                 "retrying"
         _set(conditions, "Ready", "False" if reason != "APIError" else "Unknown", reason, msg)
         patch.status["conditions"] = conditions
-        raise kopf.TemporaryError(msg, delay=10) from e
+        raise kopf.TemporaryError(msg, delay=min(10.0, SETTINGS.resync_seconds)) from e
 
     dstatus = deployment.get("status") or {}
     ready = int(dstatus.get("readyReplicas") or 0)
@@ -255,6 +255,7 @@ class Children:
     def __init__(self, dyn: DynamicClient, names: B.Names, uid: str):
         self.dyn, self.names, self.uid = dyn, names, uid
         self.live: dict[Key, dict | None] = {}
+        self.writes: set[Key] = set()
 
     def _key(self, key: Key) -> Key:
         return key if key[2] else (key[0], key[1], self.names.name)
@@ -263,13 +264,23 @@ class Children:
         return self.dyn.resources.get(api_version=key[0], kind=key[1])
 
     def read(self, spec: LLMServiceSpec) -> dict[Key, dict | None]:
-        keys = [DEPLOYMENT, SERVICE, NETWORK_POLICY, PDB]
-        if spec.auth.apiKeySecret != self.names.api_key_secret:  # else the user's Secret
-            keys.append(_secret(self.names.api_key_secret))
+        """Read every child this spec writes, or deletes if it is ours."""
+        writes = [DEPLOYMENT, SERVICE]
+        optional = [NETWORK_POLICY, PDB, _secret(self.names.api_key_secret)]
+        if spec.networkPolicy.enabled:
+            writes.append(optional.pop(0))
+        if spec.podDisruptionBudget.enabled and spec.replicas > 0:
+            writes.append(PDB)
+            optional.remove(PDB)
+        if not spec.auth.apiKeySecret:
+            writes.append(optional.pop())
+        elif spec.auth.apiKeySecret == self.names.api_key_secret:  # the user's own Secret
+            optional.pop()
         if spec.tls.enabled:
-            keys += [_secret(n) for n in (self.names.ca_secret, self.names.server_secret,
-                                          self.names.client_secret)]
-        for key in map(self._key, keys):
+            writes += [_secret(n) for n in (self.names.ca_secret, self.names.server_secret,
+                                            self.names.client_secret)]
+        self.writes = {self._key(k) for k in writes}
+        for key in map(self._key, writes + optional):
             try:
                 self.live[key] = self._api(key).get(
                     name=key[2], namespace=self.names.namespace).to_dict()
@@ -283,7 +294,9 @@ class Children:
     def conflicts(self) -> list[str]:
         """Existing objects with our names that this LLMService does not control."""
         out = []
-        for (_, kind, name), obj in self.live.items():
+        for (api_version, kind, name), obj in self.live.items():
+            if (api_version, kind, name) not in self.writes:
+                continue  # a same-named object we would only delete if ours: left alone
             if obj is not None and controller_uid(obj) != self.uid:
                 out.append(f"{kind} {self.names.namespace}/{name} exists and is not controlled "
                            f"by this LLMService ({_controller_of(obj)})")
