@@ -198,6 +198,8 @@ def plan_for_pod(settings: Any, shape: Any, nvml: NVML | None = None,
     """
     if settings.gpu_layers != 0 and gpu_offload is None:
         gpu_offload = llama_supports_gpu_offload()
+        if not gpu_offload:
+            log.info("this llama.cpp build cannot offload to a GPU: planning from RAM")
     kv = KVShape.of(shape)
     common = dict(weights_bytes=shape.size_bytes, kv=kv, context=settings.context_size,
                   cap=settings.max_batch_size, kv_type=settings.kv_cache_type,

@@ -352,8 +352,9 @@ async def test_cpu_service_with_optional_children(api) -> None:  # noqa: ANN001
         await create(api, LLMS, llmservice(
             "cpu", model={"source": {"embedded": True}, "contextSize": 2048},
             resources={"gpus": 0, "cpu": "2", "memory": "4Gi"},
-            replicas=2,
-            networkPolicy={"enabled": True, "allowedClients": [{"podSelector": {"app": "gateway"}}]},
+            replicas=2, imagePullSecrets=[{"name": "regcred"}],
+            networkPolicy={"enabled": True, "allowedClients": [{"podSelector": {"app": "gateway"}}],
+                           "monitoringNamespaces": ["monitoring"]},
             podDisruptionBudget={"enabled": True, "minAvailable": 1}))
         dep = await until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/cpu"))
         c = dep["spec"]["template"]["spec"]["containers"][0]
@@ -363,6 +364,9 @@ async def test_cpu_service_with_optional_children(api) -> None:  # noqa: ANN001
         assert env_of(dep)["MODEL_PATH"].endswith("gemma-3-270m-q4_k_m.gguf")
         np_ = await until(lambda: get(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cpu"))
         assert np_["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
+        assert np_["spec"]["ingress"][1] == {"from": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"port": 16072, "protocol": "TCP"}]}
+        assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
         await until(lambda: get(api, f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/cpu"))
     assert runner.exception is None
 
