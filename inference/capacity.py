@@ -182,15 +182,30 @@ def system_memory_bytes(cgroup_root: Path = Path("/sys/fs/cgroup"),
     return total
 
 
+def llama_supports_gpu_offload() -> bool:
+    """Whether the llama.cpp build can offload at all (a CPU build cannot, GPU or not)."""
+    import llama_cpp  # here, not at the top: importing this module must not load llama.cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def plan_for_pod(settings: Any, shape: Any, nvml: NVML | None = None,
-                 system_memory: int | None = None) -> Plan:
-    """Probe the machine and plan; raise CapacityError when not even one sequence fits."""
+                 system_memory: int | None = None, gpu_offload: bool | None = None) -> Plan:
+    """Probe the machine and plan; raise CapacityError when not even one sequence fits.
+
+    GPU memory (NVML) is used only when the llama.cpp build can offload: a CPU build on a
+    GPU node keeps the KV cache in RAM, so it is planned from RAM.
+    """
+    if settings.gpu_layers != 0 and gpu_offload is None:
+        gpu_offload = llama_supports_gpu_offload()
+        if not gpu_offload:
+            log.info("this llama.cpp build cannot offload to a GPU: planning from RAM")
     kv = KVShape.of(shape)
     common = dict(weights_bytes=shape.size_bytes, kv=kv, context=settings.context_size,
                   cap=settings.max_batch_size, kv_type=settings.kv_cache_type,
                   reserve_bytes=settings.memory_reserve_mib * MiB,
                   usable_fraction=settings.memory_usable_fraction)
-    gpus = probe_gpus(nvml) if settings.gpu_layers != 0 else None
+    gpus = probe_gpus(nvml) if settings.gpu_layers != 0 and gpu_offload else None
     if gpus is not None:
         layers = shape.n_layer if settings.gpu_layers < 0 else min(settings.gpu_layers, shape.n_layer)
         result = plan(memory_bytes=gpus.memory_bytes, device_count=gpus.count,

@@ -19,8 +19,10 @@ HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 TLS_DIR = "/etc/llamafleet/tls"
 MODEL_DIR = "/models"
 HASH_ANNOTATION = "llamafleet.io/spec-hash"
+API_KEY_KEY = "api-key"
 ENV = "LLM_LLAMA_SERVICE_"
 USER_ID = 10001
+CLIENT_LABEL = "llamafleet.io/client"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class Names:
     @property
     def client_secret(self) -> str:
         return f"{self.name}-client-tls"
+
+    @property
+    def api_key_secret(self) -> str:
+        return f"{self.name}-api-key"
 
     def dns_names(self, cluster_domain: str) -> list[str]:
         n, ns = self.name, self.namespace
@@ -86,7 +92,23 @@ def model_env(spec: LLMServiceSpec) -> dict[str, str]:
     return {"EMBEDDED_MODEL": src.embedded.name}
 
 
-def pod_env(spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]:
+def api_key_ref(names: Names, spec: LLMServiceSpec) -> tuple[str, str]:
+    """(Secret name, key) that holds the pods' API key: the user's, or the generated one."""
+    if spec.auth.apiKeySecret:
+        return spec.auth.apiKeySecret, spec.auth.apiKeySecretKey
+    return names.api_key_secret, API_KEY_KEY
+
+
+def image_for(spec: LLMServiceSpec, settings: Any) -> str:
+    """The spec's image, else the operator's CUDA image for GPU pods and CPU image otherwise."""
+    gpu = spec.resources.gpus > 0
+    repository = spec.image.repository or (
+        settings.gpu_image_repository if gpu else settings.image_repository)
+    tag = spec.image.tag or (settings.gpu_image_tag if gpu else settings.image_tag)
+    return f"{repository}:{tag}"
+
+
+def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]:
     values: dict[str, Any] = {
         **model_env(spec),
         "CONTEXT_SIZE": spec.model.contextSize,
@@ -113,6 +135,9 @@ def pod_env(spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]:
     env = [{"name": ENV + k, "value": str(v)} for k, v in values.items()]
     env.append({"name": ENV + "THREADS", "valueFrom": {"resourceFieldRef": {
         "containerName": "server", "resource": "requests.cpu", "divisor": "1"}}})
+    secret, key = api_key_ref(names, spec)
+    env.append({"name": ENV + "API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": secret, "key": key}}})
     return env
 
 
@@ -172,7 +197,7 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
     container = {
         "name": "server", "image": image, "imagePullPolicy": spec.image.pullPolicy,
         "command": ["llamafleet"], "args": ["serve"],
-        "env": pod_env(spec, plan),
+        "env": pod_env(names, spec, plan),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                   {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
@@ -198,6 +223,8 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
     }
     if init:
         pod_spec["initContainers"] = init
+    if spec.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.imagePullSecrets]
     if spec.scheduling.nodeSelector:
         pod_spec["nodeSelector"] = dict(spec.scheduling.nodeSelector)
     tolerations = [t.model_dump(exclude_none=True) for t in spec.scheduling.tolerations]
@@ -251,15 +278,18 @@ def build_network_policy(names: Names, spec: LLMServiceSpec) -> dict:
             peer["namespaceSelector"] = {"matchLabels": c.namespaceSelector}
         peers.append(peer)
     if not peers:
-        peers = [{"podSelector": {"matchLabels": {"llamafleet.io/client": "true"}}}]
+        peers = [{"podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}]
+    ingress = [{"from": peers, "ports": [{"port": HTTP_PORT, "protocol": "TCP"},
+                                         {"port": GRPC_PORT, "protocol": "TCP"}]}]
+    monitoring = spec.networkPolicy.monitoringNamespaces
+    if monitoring:  # otherwise the metrics port admits no one
+        ingress.append({"from": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": ns}}} for ns in monitoring],
+            "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]})
     return with_hash({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(names),
         "spec": {"podSelector": {"matchLabels": selector_labels(names.name)},
-                 "policyTypes": ["Ingress"],
-                 "ingress": [
-                     {"from": peers, "ports": [{"port": HTTP_PORT, "protocol": "TCP"},
-                                               {"port": GRPC_PORT, "protocol": "TCP"}]},
-                     {"ports": [{"port": METRICS_PORT, "protocol": "TCP"}]}]},
+                 "policyTypes": ["Ingress"], "ingress": ingress},
     })
 
 
@@ -271,9 +301,14 @@ def build_pdb(names: Names, spec: LLMServiceSpec) -> dict:
     })
 
 
-def build_secret(names: Names, name: str, data: dict[str, bytes], tls: bool) -> dict:
+def build_secret(names: Names, name: str, data: dict[str, bytes], tls: bool,
+                 component: str = "certificates", annotations: dict[str, str] | None = None
+                 ) -> dict:
+    meta = _meta(names, name, component)
+    if annotations:
+        meta["annotations"] = dict(annotations)
     return {
-        "apiVersion": "v1", "kind": "Secret", "metadata": _meta(names, name, "certificates"),
+        "apiVersion": "v1", "kind": "Secret", "metadata": meta,
         "type": "kubernetes.io/tls" if tls else "Opaque",
         "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
     }

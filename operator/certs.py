@@ -7,6 +7,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -93,6 +94,55 @@ def issue(ca: KeyPair, common_name: str, validity: dt.timedelta, *, sans: list[s
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     return KeyPair(_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+
+
+def signed_by(leaf: KeyPair, ca: KeyPair) -> bool:
+    """Whether ``ca`` issued ``leaf`` (issuer name and signature both checked)."""
+    try:
+        leaf.cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class CAState:
+    """A CA and what clients are told to trust, through a rotation with overlap.
+
+    phase "": ``bundle`` is the signer alone. "overlap": a new CA (``next``) is published
+    beside the signer in ``bundle``; leaves are still signed by the old one. "reissued":
+    ``signer`` is the new CA and leaves are reissued; the old CA stays in ``bundle`` until
+    the mounts everywhere hold the new leaves. Then the bundle drops it (phase "").
+    """
+
+    signer: KeyPair
+    bundle: bytes
+    next: KeyPair | None = None
+    phase: str = ""
+    since: dt.datetime | None = None
+
+
+def advance_ca(state: CAState | None, common_name: str, *, validity: dt.timedelta,
+               renew_before: dt.timedelta, overlap: dt.timedelta,
+               now: dt.datetime | None = None) -> CAState:
+    """One step of the CA's life: create, start a rotation, switch signer, drop the old CA.
+
+    Each step waits ``overlap`` after the previous one, so that servers and clients whose
+    mounted Secrets refresh at different times always trust each other's certificates.
+    """
+    now = now or _now()
+    if state is None or now >= state.signer.not_after:  # none yet, or too late to overlap
+        ca = new_ca(common_name, validity * 2)  # the CA outlives its leaves: twice the validity
+        return CAState(ca, ca.cert_pem)
+    waited = state.since is not None and now - state.since >= overlap
+    if state.phase == "overlap" and state.next is not None and waited:
+        return CAState(state.next, state.bundle, None, "reissued", now)
+    if state.phase == "reissued" and waited:
+        return CAState(state.signer, state.signer.cert_pem)
+    if not state.phase and needs_renewal(state.signer, renew_before, now):
+        new = new_ca(common_name, validity * 2)
+        return CAState(state.signer, state.signer.cert_pem + new.cert_pem, new, "overlap", now)
+    return state
 
 
 def needs_renewal(pair: KeyPair, renew_before: dt.timedelta, now: dt.datetime | None = None) -> bool:

@@ -2,14 +2,21 @@
 
 Reconciliation is idempotent and level-based: the same function runs on create, on spec
 updates, on operator restart (resume) and on a timer that re-plans against the nodes,
-renews certificates and refreshes status. Each child carries a content hash; it is
-patched only when the hash differs, so an unchanged plan never rolls the pods.
+renews certificates and refreshes status.
+
+Children are only written or deleted when this LLMService is their controller; any
+same-named object it does not control blocks the whole reconcile with a Conflict
+condition, before anything is changed. Each child carries a content hash, and it is
+replaced (not merge-patched) when it drifted, so that fields removed from the desired
+object disappear from the live one; an unchanged plan never rolls the pods.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import secrets
 import threading
 from typing import Any
 
@@ -20,16 +27,16 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ApiException as DynApiException
 from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.utils import parse_quantity
 
 from . import builders as B
 from . import certs
 from .planning import NodeGPU, ServicePlan, plan_service
 from .settings import OperatorSettings
-from .spec import LLMServiceSpec, SpecError, parse_spec
+from .spec import LLMServiceSpec, SpecError, check_name, parse_spec
 
 GROUP, VERSION, PLURAL = "llamafleet.io", "v1alpha1", "llmservices"
 SETTINGS = OperatorSettings()
-MERGE = "application/merge-patch+json"
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,7 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
     conditions = list((status or {}).get("conditions") or [])
     generation = meta.get("generation")
     try:
+        check_name(names.name)
         parsed = parse_spec(dict(spec))
     except SpecError as e:
         _set(conditions, "Ready", "False", "InvalidSpec", str(e))
@@ -130,31 +138,59 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
         logger.info("re-planned max_batch_size %s -> %s: %s", previous, plan.max_batch_size,
                     plan.reason)
 
+    children = Children(dyn, names, meta["uid"])
+    step = "read"
     try:
+        # Ownership first: if any object we would write (or delete) belongs to someone
+        # else, change nothing at all.
+        children.read(parsed)
+        if (conflicts := children.conflicts()):
+            msg = "; ".join(conflicts) + ". Nothing was changed: delete or rename those " \
+                "objects, or give this LLMService another name."
+            _set(conditions, "Ready", "False", "Conflict", msg)
+            _set(conditions, "Progressing", "False", "Conflict", "Blocked by foreign objects.")
+            patch.status.update(phase="Failed", conditions=conditions)
+            raise kopf.TemporaryError(f"conflict: {msg}", delay=SETTINGS.resync_seconds)
+        step = "certificates"
         if parsed.tls.enabled:
-            not_after = ensure_certificates(dyn, body, names, parsed, logger)
+            not_after = ensure_certificates(children, body, names, parsed, logger)
             patch.status["certificates"] = {"notAfter": not_after.isoformat(),
                                             "clientSecret": names.client_secret}
             _set(conditions, "CertificatesReady", "True", "Issued",
                  f"server and client certificates valid until {not_after.isoformat()}")
         else:
             _set(conditions, "CertificatesReady", "True", "Disabled", "tls.enabled is false")
-        image = f"{parsed.image.repository or SETTINGS.image_repository}:" \
-                f"{parsed.image.tag or SETTINGS.image_tag}"
-        children = [B.build_deployment(names, parsed, plan, image), B.build_service(names)]
-        children.append(B.build_network_policy(names, parsed) if parsed.networkPolicy.enabled
-                        else _absent("networking.k8s.io/v1", "NetworkPolicy", names))
-        children.append(B.build_pdb(names, parsed) if parsed.podDisruptionBudget.enabled
-                        else _absent("policy/v1", "PodDisruptionBudget", names))
-        for child in children:
-            apply(dyn, body, child, logger if event else None)
-        deployment = dyn.resources.get(api_version="apps/v1", kind="Deployment").get(
-            name=names.name, namespace=names.namespace).to_dict()
+        step = "api key"
+        problem = ensure_api_key(children, body, names, parsed, logger)
+        if problem:
+            _set(conditions, "Ready", "False", "APIKeyMissing", problem)
+            patch.status.update(phase="Degraded", conditions=conditions)
+            raise kopf.TemporaryError(problem, delay=SETTINGS.resync_seconds)
+        image = B.image_for(parsed, SETTINGS)
+        # The NetworkPolicy goes first: pods never run without it when it is wanted.
+        step = "network policy"
+        if parsed.networkPolicy.enabled:
+            children.apply(body, B.build_network_policy(names, parsed), logger, event)
+        else:
+            children.remove(NETWORK_POLICY, logger)
+        step = "children"
+        if parsed.podDisruptionBudget.enabled and parsed.replicas > 0:
+            children.apply(body, B.build_pdb(names, parsed), logger, event)
+        else:
+            children.remove(PDB, logger)
+        children.apply(body, B.build_service(names), logger, event)
+        children.apply(body, B.build_deployment(names, parsed, plan, image), logger, event)
+        deployment = children.get(DEPLOYMENT) or {}
     except (ApiException, DynApiException) as e:
-        _set(conditions, "Ready", "Unknown", "APIError", f"Kubernetes API error: {e.status} "
-             f"{e.reason}; retrying")
+        if step == "network policy":
+            reason, msg = "NetworkPolicyFailed", "the NetworkPolicy could not be applied, so " \
+                f"the Deployment is held back: {e.status} {e.reason}; retrying"
+        else:
+            reason, msg = "APIError", f"Kubernetes API error ({step}): {e.status} {e.reason}; " \
+                "retrying"
+        _set(conditions, "Ready", "False" if reason != "APIError" else "Unknown", reason, msg)
         patch.status["conditions"] = conditions
-        raise kopf.TemporaryError(f"Kubernetes API error {e.status}: {e.reason}", delay=10) from e
+        raise kopf.TemporaryError(msg, delay=min(10.0, SETTINGS.resync_seconds)) from e
 
     dstatus = deployment.get("status") or {}
     ready = int(dstatus.get("readyReplicas") or 0)
@@ -186,103 +222,269 @@ def _model_label(spec: LLMServiceSpec) -> str:
     return f"embedded:{src.embedded.name}"
 
 
-def _absent(api_version: str, kind: str, names: B.Names) -> dict:
-    return {"apiVersion": api_version, "kind": kind, "metadata": {
-        "name": names.name, "namespace": names.namespace}, "_absent": True}
+# --- children: ownership, drift repair ------------------------------------------------------
+
+Key = tuple[str, str, str]  # (apiVersion, kind, name)
+DEPLOYMENT = ("apps/v1", "Deployment", "")
+SERVICE = ("v1", "Service", "")
+NETWORK_POLICY = ("networking.k8s.io/v1", "NetworkPolicy", "")
+PDB = ("policy/v1", "PodDisruptionBudget", "")
 
 
-def apply(dyn: DynamicClient, owner: kopf.Body, obj: dict, logger: logging.Logger | None) -> None:
-    """Create, or patch when the content hash differs; delete optional children turned off."""
-    api = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-    name, ns = obj["metadata"]["name"], obj["metadata"]["namespace"]
+def _secret(name: str) -> Key:
+    return ("v1", "Secret", name)
+
+
+def controller_uid(obj: dict) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+class Children:
+    """The objects one LLMService owns, read once per reconcile.
+
+    Only objects whose controller ownerReference is this LLMService's UID are ever
+    written or deleted. Writes are read-compare-replace: when the live object differs
+    from the desired one (content hash, or any desired field changed or missing), it is
+    replaced (PUT, guarded by resourceVersion), which also removes fields that the
+    desired object no longer has. Fields the desired object never sets (server
+    defaults, other controllers' annotations) do not count as drift.
+    """
+
+    def __init__(self, dyn: DynamicClient, names: B.Names, uid: str):
+        self.dyn, self.names, self.uid = dyn, names, uid
+        self.live: dict[Key, dict | None] = {}
+        self.writes: set[Key] = set()
+
+    def _key(self, key: Key) -> Key:
+        return key if key[2] else (key[0], key[1], self.names.name)
+
+    def _api(self, key: Key) -> Any:
+        return self.dyn.resources.get(api_version=key[0], kind=key[1])
+
+    def read(self, spec: LLMServiceSpec) -> dict[Key, dict | None]:
+        """Read every child this spec writes, or deletes if it is ours."""
+        writes = [DEPLOYMENT, SERVICE]
+        optional = [NETWORK_POLICY, PDB, _secret(self.names.api_key_secret)]
+        if spec.networkPolicy.enabled:
+            writes.append(optional.pop(0))
+        if spec.podDisruptionBudget.enabled and spec.replicas > 0:
+            writes.append(PDB)
+            optional.remove(PDB)
+        if not spec.auth.apiKeySecret:
+            writes.append(optional.pop())
+        elif spec.auth.apiKeySecret == self.names.api_key_secret:  # the user's own Secret
+            optional.pop()
+        if spec.tls.enabled:
+            writes += [_secret(n) for n in (self.names.ca_secret, self.names.server_secret,
+                                            self.names.client_secret)]
+        self.writes = {self._key(k) for k in writes}
+        for key in map(self._key, writes + optional):
+            try:
+                self.live[key] = self._api(key).get(
+                    name=key[2], namespace=self.names.namespace).to_dict()
+            except NotFoundError:
+                self.live[key] = None
+        return self.live
+
+    def get(self, key: Key) -> dict | None:
+        return self.live.get(self._key(key))
+
+    def conflicts(self) -> list[str]:
+        """Existing objects with our names that this LLMService does not control."""
+        out = []
+        for (api_version, kind, name), obj in self.live.items():
+            if (api_version, kind, name) not in self.writes:
+                continue  # a same-named object we would only delete if ours: left alone
+            if obj is not None and controller_uid(obj) != self.uid:
+                out.append(f"{kind} {self.names.namespace}/{name} exists and is not controlled "
+                           f"by this LLMService ({_controller_of(obj)})")
+        return out
+
+    def owned(self, key: Key) -> bool:
+        obj = self.get(key)
+        return obj is not None and controller_uid(obj) == self.uid
+
+    def apply(self, owner: kopf.Body, obj: dict, logger: logging.Logger,
+              event: bool = True) -> None:
+        """Create the object, or replace it when the live one drifted from it."""
+        kopf.adopt(obj, owner=owner)
+        key = (obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
+        live = self.get(key)
+        api, ns = self._api(key), self.names.namespace
+        if live is None:
+            self.live[key] = api.create(body=obj, namespace=ns).to_dict()
+            verb = "created"
+        elif controller_uid(live) != self.uid:  # read() reports these before any write
+            raise kopf.TemporaryError(f"{key[1]} {key[2]} is not ours", delay=60)
+        elif drifted(obj, live):
+            body = json.loads(json.dumps(obj))
+            meta = body["metadata"]
+            meta["resourceVersion"] = live["metadata"].get("resourceVersion")
+            if live["metadata"].get("finalizers"):
+                meta["finalizers"] = live["metadata"]["finalizers"]
+            if "status" in live:  # ignored by the API server; kept for emulators
+                body["status"] = live["status"]
+            if obj["kind"] == "Service":  # immutable, allocated by the API server
+                for field in ("clusterIP", "clusterIPs"):
+                    if field in (live.get("spec") or {}):
+                        body["spec"][field] = live["spec"][field]
+            self.live[key] = api.replace(body=body, name=key[2], namespace=ns).to_dict()
+            verb = "updated"
+        else:
+            return
+        if event:
+            logger.info("%s %s %s", verb, obj["kind"], key[2])
+        else:
+            log.info("%s %s %s/%s", verb, obj["kind"], ns, key[2])
+
+    def remove(self, key: Key, logger: logging.Logger) -> None:
+        """Delete a child that the spec no longer wants, only if it is ours."""
+        key = self._key(key)
+        if self.owned(key):
+            self._api(key).delete(name=key[2], namespace=self.names.namespace)
+            self.live[key] = None
+            logger.info("deleted %s %s (no longer in the spec)", key[1], key[2])
+
+
+def _controller_of(obj: dict) -> str:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return f"controller: {ref.get('kind')} {ref.get('name')}"
+    return "no controller"
+
+
+def drifted(desired: dict, live: dict) -> bool:
+    want = desired["metadata"].get("annotations", {}).get(B.HASH_ANNOTATION)
+    have = ((live.get("metadata") or {}).get("annotations") or {}).get(B.HASH_ANNOTATION)
+    return want != have or not _contains(live, desired)
+
+
+def _contains(live: Any, want: Any) -> bool:
+    """Every field of ``want`` is in ``live`` with the same value (lists: same length)."""
+    if isinstance(want, dict):
+        return isinstance(live, dict) and all(
+            k in live and _contains(live[k], v) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(live, list) and len(live) == len(want) and all(
+            _contains(a, b) for a, b in zip(live, want))
+    return live == want or _same_scalar(live, want)
+
+
+def _same_scalar(a: Any, b: Any) -> bool:
+    """The API server returns quantities and ints-as-strings in canonical form."""
+    if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+        return False
+    if str(a) == str(b):
+        return True
     try:
-        current = api.get(name=name, namespace=ns).to_dict()
-    except NotFoundError:
-        current = None
-    if obj.get("_absent"):
-        if current is not None:
-            api.delete(name=name, namespace=ns)
-            if logger:
-                logger.info("deleted %s %s (turned off in the spec)", obj["kind"], name)
-        return
-    kopf.adopt(obj, owner=owner)
-    if current is None:
-        create_or_patch(api, obj, ns)
-        if logger:
-            logger.info("created %s %s", obj["kind"], name)
-        return
-    want = obj["metadata"]["annotations"][B.HASH_ANNOTATION]
-    have = ((current.get("metadata") or {}).get("annotations") or {}).get(B.HASH_ANNOTATION)
-    if want != have:
-        api.patch(body=obj, name=name, namespace=ns, content_type=MERGE)
-        if logger:
-            logger.info("updated %s %s", obj["kind"], name)
+        return parse_quantity(a) == parse_quantity(b)
+    except (ValueError, TypeError):
+        return False
 
 
-def create_or_patch(api: Any, obj: dict, ns: str) -> None:
+# --- secrets ----------------------------------------------------------------------------------
+
+ROTATION_PHASE = "llamafleet.io/ca-rotation"
+ROTATION_SINCE = "llamafleet.io/ca-rotation-since"
+
+
+def _pair(secret: dict | None, key: str, cert: str) -> certs.KeyPair | None:
+    if secret is None:
+        return None
+    k, c = B.secret_bytes(secret, key), B.secret_bytes(secret, cert)
+    return certs.KeyPair(k, c) if k and c else None
+
+
+def read_ca(secret: dict | None) -> certs.CAState | None:
+    if secret is None:
+        return None
+    bundle = B.secret_bytes(secret, "ca.crt")
+    signer = _pair(secret, "ca.key", "signer.crt") or _pair(secret, "ca.key", "ca.crt")
+    if signer is None or bundle is None:
+        return None
+    annotations = (secret.get("metadata") or {}).get("annotations") or {}
+    phase = annotations.get(ROTATION_PHASE, "")
     try:
-        api.create(body=obj, namespace=ns)
-    except DynApiException as e:
-        if e.status != 409:
-            raise
-        api.patch(body=obj, name=obj["metadata"]["name"], namespace=ns, content_type=MERGE)
+        since = dt.datetime.fromisoformat(annotations[ROTATION_SINCE])
+    except (KeyError, ValueError):
+        since = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+    return certs.CAState(signer, bundle, _pair(secret, "next.key", "next.crt"),
+                         phase if phase in ("overlap", "reissued") else "", since)
 
 
-def ensure_certificates(dyn: DynamicClient, owner: kopf.Body, names: B.Names,
+def build_ca_secret(names: B.Names, ca: certs.CAState) -> dict:
+    data = {"ca.crt": ca.bundle, "ca.key": ca.signer.key_pem, "signer.crt": ca.signer.cert_pem}
+    if ca.next is not None:
+        data.update({"next.crt": ca.next.cert_pem, "next.key": ca.next.key_pem})
+    annotations = {ROTATION_PHASE: ca.phase, ROTATION_SINCE: ca.since.isoformat()} \
+        if ca.phase and ca.since else None
+    return B.build_secret(names, names.ca_secret, data, False, annotations=annotations)
+
+
+def ensure_certificates(children: Children, owner: kopf.Body, names: B.Names,
                         spec: LLMServiceSpec, logger: logging.Logger) -> dt.datetime:
-    """CA, server and client Secrets; (re)issue what is missing or due for renewal."""
-    api = dyn.resources.get(api_version="v1", kind="Secret")
+    """CA, server and client Secrets: issue what is missing, renew what is due, and rotate
+    the CA with an overlap (certs.advance_ca). Returns the earliest leaf expiry."""
     validity = certs.parse_duration(spec.tls.validity)
     renew = certs.parse_duration(spec.tls.renewBefore)
-
-    def read(name: str) -> dict | None:
-        try:
-            return api.get(name=name, namespace=names.namespace).to_dict()
-        except NotFoundError:
-            return None
-
-    def pair(secret: dict | None, key: str, cert: str) -> certs.KeyPair | None:
-        if secret is None:
-            return None
-        k, c = B.secret_bytes(secret, key), B.secret_bytes(secret, cert)
-        return certs.KeyPair(k, c) if k and c else None
-
-    def write(name: str, data: dict[str, bytes], tls: bool, existed: bool) -> None:
-        obj = B.build_secret(names, name, data, tls)
-        kopf.adopt(obj, owner=owner)
-        if existed:
-            api.patch(body=obj, name=name, namespace=names.namespace, content_type=MERGE)
-        else:
-            create_or_patch(api, obj, names.namespace)
-
-    ca_secret = read(names.ca_secret)
-    ca = pair(ca_secret, "ca.key", "ca.crt")
-    reissue = False
-    if ca is None or certs.needs_renewal(ca, renew):
-        # The CA outlives its leaves: twice the validity.
-        ca = certs.new_ca(f"{names.name}.{names.namespace} llamafleet CA", validity * 2)
-        write(names.ca_secret, {"ca.crt": ca.cert_pem, "ca.key": ca.key_pem}, False,
-              ca_secret is not None)
-        logger.info("issued a new CA for %s", names.name)
-        reissue = True
+    overlap = certs.parse_duration(spec.tls.caOverlap)
+    before = read_ca(children.get(_secret(names.ca_secret)))
+    ca = certs.advance_ca(before, f"{names.name}.{names.namespace} llamafleet CA",
+                          validity=validity, renew_before=renew, overlap=overlap)
+    if ca is not before:
+        logger.info("CA of %s: %s", names.name, {
+            "overlap": "published a new CA beside the old one",
+            "reissued": "leaf certificates move to the new CA",
+            "": "issued a new CA" if before is None or before.phase != "reissued"
+                else "dropped the old CA"}[ca.phase])
+    children.apply(owner, build_ca_secret(names, ca), logger)
     not_after = []
     for secret_name, client in ((names.server_secret, False), (names.client_secret, True)):
-        current = read(secret_name)
-        leaf = pair(current, "tls.key", "tls.crt")
-        stale = current is None or leaf is None or reissue or \
-            B.secret_bytes(current, "ca.crt") != ca.cert_pem or certs.needs_renewal(leaf, renew)
-        if stale:
-            leaf = certs.issue(ca, f"{names.name}-{'client' if client else 'server'}", validity,
-                               sans=[] if client else names.dns_names(SETTINGS.cluster_domain),
-                               client=client)
-            write(secret_name, {"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem,
-                                "ca.crt": ca.cert_pem}, True, current is not None)
+        current = children.get(_secret(secret_name))
+        leaf = _pair(current, "tls.key", "tls.crt")
+        # While a new CA is only published (overlap), due leaves wait for the switch.
+        if leaf is None or not certs.signed_by(leaf, ca.signer) or (
+                ca.phase != "overlap" and certs.needs_renewal(leaf, renew)):
+            leaf = certs.issue(ca.signer, f"{names.name}-{'client' if client else 'server'}",
+                               validity, sans=[] if client else
+                               names.dns_names(SETTINGS.cluster_domain), client=client)
             logger.info("%s %s certificate, valid until %s",
                         "renewed" if current is not None else "issued",
                         "client" if client else "server", leaf.not_after.isoformat())
-        assert leaf is not None
+        children.apply(owner, B.build_secret(names, secret_name, {
+            "tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem, "ca.crt": ca.bundle}, True),
+            logger)
         not_after.append(leaf.not_after)
     return min(not_after)
+
+
+def ensure_api_key(children: Children, owner: kopf.Body, names: B.Names,
+                   spec: LLMServiceSpec, logger: logging.Logger) -> str | None:
+    """Generate `<name>-api-key` (kept once made), or check the user's Secret; returns a
+    problem to report, or None."""
+    generated = _secret(names.api_key_secret)
+    if spec.auth.apiKeySecret:
+        if spec.auth.apiKeySecret != names.api_key_secret:
+            children.remove(generated, logger)
+        secret_name, key = B.api_key_ref(names, spec)
+        try:
+            user = children.dyn.resources.get(api_version="v1", kind="Secret").get(
+                name=secret_name, namespace=names.namespace).to_dict()
+        except NotFoundError:
+            return f"spec.auth.apiKeySecret names Secret {secret_name}, which does not exist"
+        if not B.secret_bytes(user, key):
+            return f"Secret {secret_name} has no key {key!r} (spec.auth.apiKeySecretKey)"
+        return None
+    current = children.get(generated)
+    value = B.secret_bytes(current, B.API_KEY_KEY) if current else None
+    if not value:
+        value = secrets.token_urlsafe(32).encode()
+    children.apply(owner, B.build_secret(names, names.api_key_secret, {B.API_KEY_KEY: value},
+                                         False, component="auth"), logger)
+    return None
 
 
 def _set(conditions: list[dict], type_: str, status: str, reason: str, message: str) -> None:
@@ -298,5 +500,5 @@ def _set(conditions: list[dict], type_: str, status: str, reason: str, message: 
                        "lastTransitionTime": now})
 
 
-__all__ = ["reconcile", "resync", "gpu_nodes", "startup", "apply", "ensure_certificates",
-           "ServicePlan"]
+__all__ = ["reconcile", "resync", "gpu_nodes", "startup", "Children", "ensure_certificates",
+           "ensure_api_key", "ServicePlan"]

@@ -10,8 +10,14 @@ class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLAMAFLEET_OPERATOR_", extra="ignore",
                                       frozen=True)
 
-    image_repository: str = Field("llamafleet", description="Default server image repository.")
-    image_tag: str = Field("0.1.0", description="Default server image tag.")
+    image_repository: str = Field(
+        "llamafleet", description="Server image repository for CPU pods (spec.resources.gpus 0) "
+        "unless the LLMService names an image.")
+    image_tag: str = Field("0.1.0", description="Server image tag for CPU pods.")
+    gpu_image_repository: str = Field(
+        "llamafleet", description="Server image repository for GPU pods (spec.resources.gpus "
+        ">= 1): a CUDA build (docker/Dockerfile.cuda) unless the LLMService names an image.")
+    gpu_image_tag: str = Field("0.1.0-cuda", description="Server image tag for GPU pods.")
     resync_seconds: float = Field(
         30.0, gt=0, description="How often each LLMService is re-planned against the nodes, "
         "its certificates checked for renewal and its status refreshed.")

@@ -90,6 +90,8 @@ class Image(_M):
     pullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 
 
@@ -116,13 +118,22 @@ class TLS(_M):
     enabled: bool = True
     validity: str = "8760h"
     renewBefore: str = "720h"
+    # How long old and new CA are both trusted during a CA rotation (twice: before the
+    # leaves are reissued, and before the old CA is dropped). Kubelets refresh mounted
+    # Secrets within about a minute (sync period plus cache TTL); 10m leaves a margin.
+    caOverlap: str = "10m"
 
     @model_validator(mode="after")
     def _durations(self) -> "TLS":
         validity, renew = parse_duration(self.validity), parse_duration(self.renewBefore)
+        overlap = parse_duration(self.caOverlap)
         if renew >= validity:
             raise ValueError(f"tls.renewBefore ({self.renewBefore}) must be shorter than "
                              f"tls.validity ({self.validity})")
+        if 2 * overlap >= renew:
+            raise ValueError(f"tls.caOverlap ({self.caOverlap}) must be shorter than half of "
+                             f"tls.renewBefore ({self.renewBefore}): a CA rotation takes two "
+                             "overlap windows and must end before the old CA expires")
         return self
 
 
@@ -149,10 +160,27 @@ class Peer(_M):
     podSelector: dict[str, str] | None = None
     namespaceSelector: dict[str, str] | None = None
 
+    @model_validator(mode="after")
+    def _not_empty(self) -> "Peer":
+        if self.podSelector is None and self.namespaceSelector is None:
+            raise ValueError("an allowedClients entry needs podSelector or namespaceSelector "
+                             "(an empty peer would admit every pod)")
+        return self
+
 
 class NetworkPolicySpec(_M):
-    enabled: bool = False
+    enabled: bool = True
     allowedClients: list[Peer] = Field(default_factory=list)
+    monitoringNamespaces: list[str] = Field(default_factory=list)
+
+
+class Auth(_M):
+    apiKeySecret: str | None = Field(None, pattern=DNS_SUBDOMAIN.pattern, max_length=253)
+    apiKeySecretKey: str = Field("api-key", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class LocalObjectReference(_M):
+    name: str = Field(pattern=DNS_SUBDOMAIN.pattern, max_length=253)
 
 
 class PDBSpec(_M):
@@ -174,6 +202,17 @@ class LLMServiceSpec(_M):
     logging: Logging = Field(default_factory=Logging)
     networkPolicy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     podDisruptionBudget: PDBSpec = Field(default_factory=PDBSpec)
+    auth: Auth = Field(default_factory=Auth)
+    imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _pdb_leaves_room(self) -> "LLMServiceSpec":
+        pdb = self.podDisruptionBudget
+        if pdb.enabled and self.replicas > 0 and pdb.minAvailable >= self.replicas:
+            raise ValueError(f"podDisruptionBudget.minAvailable ({pdb.minAvailable}) must be "
+                             f"below replicas ({self.replicas}), or no node could ever be "
+                             "drained; lower it or disable the PodDisruptionBudget")
+        return self
 
 
 def parse_spec(raw: dict[str, Any]) -> LLMServiceSpec:
@@ -187,6 +226,14 @@ def parse_spec(raw: dict[str, Any]) -> LLMServiceSpec:
         raise SpecError("; ".join(problems)) from None
     except ValueError as e:
         raise SpecError(str(e)) from None
+
+
+def check_name(name: str) -> None:
+    """The LLMService's name becomes a Service name (an RFC 1035 label) and a label value."""
+    if len(name) > 63 or not DNS_LABEL.match(name):
+        raise SpecError(f"metadata.name {name!r} must be a DNS label: at most 63 characters, "
+                        "lowercase letters, digits and '-', starting with a letter and ending "
+                        "with a letter or digit (no dots), because it names the Service")
 
 
 def quantity_bytes(q: str) -> int:

@@ -16,8 +16,8 @@ kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER"
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 helm upgrade --install llamafleet charts/llamafleet -n "$NS" --create-namespace \
   --set sample.enabled=true --set image.pullPolicy=Never --wait
-kubectl -n "$NS" wait llmservice/gemma-cpu --for=condition=Ready --timeout=15m
-kubectl -n "$NS" port-forward svc/gemma-cpu 18070:16070 18071:16071 >/tmp/pf.log 2>&1 &
+kubectl -n "$NS" wait llmservice/chat-cpu --for=condition=Ready --timeout=15m
+kubectl -n "$NS" port-forward svc/chat-cpu 18070:16070 18071:16071 >/tmp/pf.log 2>&1 &
 PF=$!; trap 'kill $PF' EXIT
 for _ in $(seq 1 30); do curl -sf localhost:18070/ready >/dev/null && break; sleep 1; done
 curl -sf localhost:18070/v1/chat/completions -H 'content-type: application/json' \
@@ -25,14 +25,14 @@ curl -sf localhost:18070/v1/chat/completions -H 'content-type: application/json'
 echo
 d=$(mktemp -d)
 for k in ca.crt tls.crt tls.key; do
-  kubectl -n "$NS" get secret gemma-cpu-client-tls -o "jsonpath={.data.${k//./\\.}}" | base64 -d > "$d/$k"
+  kubectl -n "$NS" get secret chat-cpu-client-tls -o "jsonpath={.data.${k//./\\.}}" | base64 -d > "$d/$k"
 done
 .venv/bin/python -I - "$d" <<'PY'
 import sys, grpc
 from llamafleet.inference.proto import local_pb2 as pb, local_pb2_grpc as pbg
 d = sys.argv[1]
 creds = grpc.ssl_channel_credentials(open(f"{d}/ca.crt", "rb").read(), open(f"{d}/tls.key", "rb").read(), open(f"{d}/tls.crt", "rb").read())
-with grpc.secure_channel("localhost:18071", creds, options=[("grpc.ssl_target_name_override", "gemma-cpu.llamafleet-e2e.svc")]) as ch:
+with grpc.secure_channel("localhost:18071", creds, options=[("grpc.ssl_target_name_override", "chat-cpu.llamafleet-e2e.svc")]) as ch:
     replies = list(pbg.LLMLocalServiceStub(ch).GenerateStream(pb.LLMLocalServiceGenerateStreamRequest(user_prompt="Hello", params=pb.GenerationParams(max_new_tokens=8)), timeout=120))
 print("gRPC finish:", replies[-1].finish_details)
 PY

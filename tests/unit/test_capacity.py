@@ -131,7 +131,7 @@ MISTRAL_SHAPE = SimpleNamespace(architecture="llama", n_layer=32, n_head_kv=8, k
 
 def test_probe_reads_visible_gpus_and_plans() -> None:
     nvml = FakeNVML([81559])
-    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=nvml)
+    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=nvml, gpu_offload=True)
     assert p.mode == "gpu" and p.max_batch_size == 16
     assert "H100" in p.reason and nvml.shut
 
@@ -142,19 +142,33 @@ def test_probe_respects_cuda_visible_devices() -> None:
 
 
 def test_small_gpu_falls_back_to_one() -> None:
-    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([6144]))
+    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([6144]), gpu_offload=True)
     assert p.max_batch_size == 1
 
 
 def test_nothing_fits_is_a_clear_error() -> None:
     with pytest.raises(capacity.CapacityError, match="does not fit.*CONTEXT_SIZE"):
-        capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([4096]))
+        capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([4096]), gpu_offload=True)
 
 
 def test_gpu_layers_zero_means_cpu_even_with_a_gpu() -> None:
     p = capacity.plan_for_pod(pod_settings(gpu_layers=0), MISTRAL_SHAPE, nvml=FakeNVML([81559]),
                               system_memory=8 * GiB)
     assert p.mode == "cpu" and p.max_batch_size == 5
+
+
+def test_a_build_without_gpu_offload_plans_from_ram_even_with_a_gpu() -> None:
+    # A CPU build of llama.cpp on a GPU node keeps the KV cache in RAM: size it from RAM.
+    nvml = FakeNVML([81559])
+    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=nvml, system_memory=8 * GiB,
+                              gpu_offload=False)
+    assert p.mode == "cpu" and p.max_batch_size == 5 and not nvml.shut  # NVML never asked
+
+
+def test_the_real_build_is_asked_whether_it_can_offload() -> None:
+    import llama_cpp
+
+    assert capacity.llama_supports_gpu_offload() is bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def test_no_nvml_means_cpu_mode_for_real(tmp_path) -> None:  # noqa: ANN001

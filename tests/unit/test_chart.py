@@ -31,7 +31,8 @@ def render(helm: Path, *sets: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("values", [[], ["sample.enabled=true", "monitoring.podMonitor=true"],
-                                    ["operator.watchNamespaces={a,b}", "image.tag=9.9.9"]])
+                                    ["operator.watchNamespaces={a,b}", "image.tag=9.9.9"],
+                                    ["crds.install=false", "fullnameOverride=x"]])
 def test_lint_strict(helm: Path, values: list[str]) -> None:
     args = [str(helm), "lint", "--strict", str(CHART)]
     for s in values:
@@ -50,9 +51,20 @@ def test_rendered_objects_validate_against_kubernetes_133(helm: Path) -> None:
             kubernetes_validate.validate(d, "1.33.0", strict=True)
 
 
-def test_chart_crd_is_the_crds_folder(helm: Path) -> None:
+def test_chart_crd_is_the_crds_folder_templated_and_kept(helm: Path) -> None:
     crd = next(d for d in render(helm) if d["kind"] == "CustomResourceDefinition")
-    assert crd == yaml.safe_load((ROOT / "crds/llmservice.yaml").read_text())
+    meta = crd.pop("metadata")
+    source = yaml.safe_load((ROOT / "crds/llmservice.yaml").read_text())
+    assert meta["name"] == source.pop("metadata")["name"]
+    assert crd == source
+    # A template, not crds/ (which helm never upgrades); uninstall keeps it.
+    assert meta["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert not (CHART / "crds").exists()
+    assert (CHART / "files/crds/llmservice.yaml").read_text() == \
+        (ROOT / "crds/llmservice.yaml").read_text()
+    out = subprocess.run([str(helm), "template", "rel", str(CHART), "--set", "crds.install=false"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "CustomResourceDefinition" not in out
 
 
 def test_sample_is_a_valid_llmservice(helm: Path) -> None:
@@ -63,11 +75,77 @@ def test_sample_is_a_valid_llmservice(helm: Path) -> None:
     assert spec.model.source.embedded and spec.resources.gpus == 0
 
 
+RULES = yaml.safe_load((CHART / "files/rbac-rules.yaml").read_text())
+
+
 def test_rbac_comes_from_the_single_rules_file(helm: Path) -> None:
-    role = next(d for d in render(helm) if d["kind"] == "ClusterRole")
-    assert role["rules"] == yaml.safe_load((CHART / "files/rbac-rules.yaml").read_text())
+    docs = render(helm)
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert role["rules"] == RULES["cluster"] + RULES["namespaced"]
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
     verbs = {v for r in role["rules"] for v in r["verbs"]}
     assert "*" not in verbs and "escalate" not in verbs
+    assert {"apiGroups": ["llamafleet.io"], "resources": ["llmservices/finalizers"],
+            "verbs": ["update"]} in role["rules"]
+
+
+def test_watch_namespaces_get_roles_not_cluster_wide_secrets(helm: Path) -> None:
+    docs = render(helm, "operator.watchNamespaces={a,b}")
+    cluster = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert cluster["rules"] == RULES["cluster"]
+    assert not {"secrets", "deployments"} & {r for rule in cluster["rules"] for r in rule["resources"]}
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert set(roles) == set(bindings) == {"a", "b"}
+    for ns in ("a", "b"):
+        assert roles[ns]["rules"] == RULES["namespaced"]
+        assert bindings[ns]["roleRef"]["name"] == roles[ns]["metadata"]["name"]
+        assert bindings[ns]["subjects"] == [{"kind": "ServiceAccount", "name": "rel-llamafleet",
+                                             "namespace": "llm"}]
+    for d in docs:
+        if d["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(d, "1.33.0", strict=True)
+
+
+def test_name_overrides(helm: Path) -> None:
+    dep = next(d for d in render(helm, "fullnameOverride=fleet-op") if d["kind"] == "Deployment")
+    assert dep["metadata"]["name"] == "fleet-op"
+    docs = render(helm, "nameOverride=lf")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["metadata"]["name"] == "rel-lf"
+    assert dep["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "lf-operator"
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_security_contexts_are_values_with_strict_defaults(helm: Path) -> None:
+    pod = next(d for d in render(helm) if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]}}
+    pod = next(d for d in render(helm, "operator.podSecurityContext.runAsUser=2000",
+                                 "operator.securityContext.readOnlyRootFilesystem=false")
+               if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 2000
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+
+
+def test_operator_gets_both_images(helm: Path) -> None:
+    dep = next(d for d in render(helm, "gpuImage.repository=reg/lf-cuda") if d["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLAMAFLEET_OPERATOR_IMAGE_TAG"] == "0.1.0"
+    assert env["LLAMAFLEET_OPERATOR_GPU_IMAGE_REPOSITORY"] == "reg/lf-cuda"
+    assert env["LLAMAFLEET_OPERATOR_GPU_IMAGE_TAG"] == "0.1.0-cuda"
+
+
+def test_helm_test_pod_uses_the_api_key_and_passes_the_network_policy(helm: Path) -> None:
+    pod = next(d for d in render(helm, "sample.enabled=true") if d["kind"] == "Pod")
+    assert pod["metadata"]["labels"]["llamafleet.io/client"] == "true"
+    env = pod["spec"]["containers"][0]["env"]
+    assert env == [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "chat-cpu-api-key", "key": "api-key"}}}]
 
 
 def test_values_schema_rejects_typos(helm: Path) -> None:

@@ -4,6 +4,7 @@ Kubernetes 1.33 schemas) and certificates that really verify."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import ssl
 import socket
 import threading
@@ -17,7 +18,7 @@ from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
 from llamafleet.operator.planning import NodeGPU, plan_service
-from llamafleet.operator.spec import SpecError, parse_spec
+from llamafleet.operator.spec import SpecError, check_name, parse_spec
 
 K8S = "1.33.0"
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,7 +170,8 @@ def test_url_source_uses_a_verifying_init_container() -> None:
 
 
 def test_other_children_are_valid() -> None:
-    s = spec(networkPolicy={"enabled": True}, podDisruptionBudget={"enabled": True})
+    s = spec(replicas=2, networkPolicy={"monitoringNamespaces": ["monitoring"]},
+             podDisruptionBudget={"enabled": True})
     for obj in (B.build_service(NAMES), B.build_network_policy(NAMES, s), B.build_pdb(NAMES, s),
                 B.build_secret(NAMES, "chat-ca", {"ca.crt": b"x"}, tls=False)):
         validate(obj)
@@ -178,7 +180,7 @@ def test_other_children_are_valid() -> None:
 def test_crd_is_valid_and_matches_the_chart_copy() -> None:
     crd = yaml.safe_load((ROOT / "crds/llmservice.yaml").read_text())
     validate(crd)
-    chart_copy = ROOT / "charts/llamafleet/crds/llmservice.yaml"
+    chart_copy = ROOT / "charts/llamafleet/files/crds/llmservice.yaml"
     assert chart_copy.read_text() == (ROOT / "crds/llmservice.yaml").read_text()
     props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     # Kept as given: scheduling (Kubernetes' own types) and model.source.embedded (a boolean
@@ -196,6 +198,140 @@ def test_examples_parse_as_valid_specs() -> None:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "LLMService":
                 parse_spec(doc["spec"])
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"networkPolicy": {"allowedClients": [{}]}}, "needs podSelector or namespaceSelector"),
+    ({"podDisruptionBudget": {"enabled": True}}, "minAvailable (1) must be below replicas (1)"),
+    ({"replicas": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": 3}},
+     "must be below replicas"),
+    ({"tls": {"renewBefore": "720h", "caOverlap": "400h"}}, "caOverlap"),
+    ({"imagePullSecrets": [{"name": "Bad_Name"}]}, "spec.imagePullSecrets.0.name"),
+    ({"auth": {"apiKeySecret": "has space"}}, "spec.auth.apiKeySecret"),
+])
+def test_input_the_api_server_would_reject_is_an_invalid_spec(over, needle) -> None:  # noqa: ANN001
+    with pytest.raises(SpecError) as e:
+        spec(**over)
+    assert needle in str(e.value)
+
+
+def test_pdb_is_fine_below_replicas_and_when_scaled_to_zero() -> None:
+    spec(replicas=2, podDisruptionBudget={"enabled": True, "minAvailable": 1})
+    spec(replicas=0, podDisruptionBudget={"enabled": True, "minAvailable": 1})
+
+
+@pytest.mark.parametrize("name", ["a" * 64, "chat.v2", "Chat", "9chat", "chat-"])
+def test_names_the_api_server_would_reject(name: str) -> None:
+    with pytest.raises(SpecError, match="must be a DNS label"):
+        check_name(name)
+
+
+def test_good_names_pass() -> None:
+    check_name("a" * 63)
+    check_name("chat-2")
+
+
+def test_network_policy_is_on_by_default_and_closes_metrics() -> None:
+    s = spec()
+    assert s.networkPolicy.enabled
+    np_ = B.build_network_policy(NAMES, s)
+    validate(np_)
+    (rule,) = np_["spec"]["ingress"]  # no rule for the metrics port
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"llamafleet.io/client": "true"}}}]
+    assert {p["port"] for p in rule["ports"]} == {B.HTTP_PORT, B.GRPC_PORT}
+
+
+def test_network_policy_admits_named_clients_and_monitoring_namespaces() -> None:
+    s = spec(networkPolicy={"allowedClients": [{"podSelector": {"app": "gw"},
+                                                "namespaceSelector": {"team": "a"}}],
+                            "monitoringNamespaces": ["monitoring", "obs"]})
+    np_ = B.build_network_policy(NAMES, s)
+    validate(np_)
+    clients, metrics = np_["spec"]["ingress"]
+    assert clients["from"] == [{"podSelector": {"matchLabels": {"app": "gw"}},
+                                "namespaceSelector": {"matchLabels": {"team": "a"}}}]
+    assert metrics == {"from": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}],
+        "ports": [{"port": B.METRICS_PORT, "protocol": "TCP"}]}
+
+
+def _env_from(dep: dict, name: str) -> dict:
+    env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    return next(e for e in env if e["name"] == name)
+
+
+def test_pods_read_the_api_key_from_a_secret() -> None:
+    s = spec()
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    assert _env_from(dep, "LLM_LLAMA_SERVICE_API_KEY") == {
+        "name": "LLM_LLAMA_SERVICE_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "chat-api-key", "key": "api-key"}}}
+    s = spec(auth={"apiKeySecret": "team-keys", "apiKeySecretKey": "llm"})
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    validate(dep)
+    assert _env_from(dep, "LLM_LLAMA_SERVICE_API_KEY")["valueFrom"]["secretKeyRef"] == {
+        "name": "team-keys", "key": "llm"}
+
+
+def test_image_pull_secrets_reach_the_pods() -> None:
+    s = spec(imagePullSecrets=[{"name": "regcred"}])
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    validate(dep)
+    assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    dep = B.build_deployment(NAMES, spec(), plan_service(spec(), nodes(81559)), "img:1")
+    assert "imagePullSecrets" not in dep["spec"]["template"]["spec"]
+
+
+def test_image_follows_gpus_unless_the_spec_names_one() -> None:
+    from llamafleet.operator.settings import OperatorSettings
+
+    settings = OperatorSettings(image_repository="reg/lf", image_tag="1", gpu_image_repository="reg/lf",
+                                gpu_image_tag="1-cuda")
+    assert B.image_for(spec(), settings) == "reg/lf:1-cuda"  # default gpus: 1
+    assert B.image_for(spec(resources={"gpus": 0}), settings) == "reg/lf:1"
+    assert B.image_for(spec(image={"repository": "mine", "tag": "x"}), settings) == "mine:x"
+    assert OperatorSettings().gpu_image_tag.endswith("-cuda")
+
+
+def test_crd_rejects_empty_peers_and_bad_names() -> None:
+    crd = yaml.safe_load((ROOT / "crds/llmservice.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    np_ = schema["properties"]["spec"]["properties"]["networkPolicy"]
+    assert np_["properties"]["allowedClients"]["items"]["minProperties"] == 1
+    assert np_["properties"]["enabled"]["default"] is True
+    assert "self.metadata.name" in schema["x-kubernetes-validations"][0]["rule"]
+
+
+# --- drift detection --------------------------------------------------------------------------
+
+
+def test_drift_is_a_changed_or_missing_desired_field_not_a_server_default() -> None:
+    from llamafleet.operator.handlers import drifted
+
+    s = spec()
+    want = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    live = json.loads(json.dumps(want))
+    # What an API server adds or canonicalises is not drift.
+    live["spec"]["revisionHistoryLimit"] = 10
+    live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "3"
+    c = live["spec"]["template"]["spec"]["containers"][0]
+    c["terminationMessagePath"] = "/dev/termination-log"
+    c["resources"]["limits"]["nvidia.com/gpu"] = "1"
+    c["resources"]["requests"]["cpu"] = "4000m"
+    assert not drifted(want, live)
+    # A hand edit of a field we set is.
+    edited = json.loads(json.dumps(live))
+    edited["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "readOnlyRootFilesystem"] = False
+    assert drifted(want, edited)
+    edited = json.loads(json.dumps(live))
+    edited["spec"]["template"]["spec"]["containers"][0]["env"].pop()
+    assert drifted(want, edited)
+    np_ = B.build_network_policy(NAMES, s)
+    loosened = json.loads(json.dumps(np_))
+    loosened["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
+    assert drifted(np_, loosened)
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -273,3 +409,85 @@ def test_server_certificate_names() -> None:
     assert set(san.get_values_for_type(x509.DNSName)) == {
         "chat", "chat.team-a", "chat.team-a.svc", "chat.team-a.svc.cluster.local", "localhost"}
     assert server.not_after <= ca.not_after
+
+
+def _handshake(tmp_path: Path, server: tuple, client: tuple) -> bool:
+    """A TLS 1.3 mTLS handshake in memory: (leaf, trusted bundle) on each side."""
+    ctxs = []
+    for side, (leaf, bundle) in (("server", server), ("client", client)):
+        (tmp_path / f"{side}.crt").write_bytes(leaf.cert_pem)
+        (tmp_path / f"{side}.key").write_bytes(leaf.key_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if side == "server" else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(tmp_path / f"{side}.crt", tmp_path / f"{side}.key")
+        ctx.load_verify_locations(cadata=bundle.decode())
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctxs.append(ctx)
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    s = ctxs[0].wrap_bio(bios[0], bios[1], server_side=True)
+    c = ctxs[1].wrap_bio(bios[2], bios[3], server_hostname="chat.team-a.svc")
+    done = {"s": False, "c": False}
+    try:
+        for _ in range(10):
+            for key, end in (("c", c), ("s", s)):
+                if not done[key]:
+                    try:
+                        end.do_handshake()
+                        done[key] = True
+                    except ssl.SSLWantReadError:
+                        pass
+            bios[0].write(bios[3].read())
+            bios[2].write(bios[1].read())
+            if all(done.values()):
+                c.write(b"x")  # TLS 1.3: the server checks the client's certificate now
+                bios[0].write(bios[3].read())
+                return s.read(1) == b"x"
+    except ssl.SSLError:
+        return False
+    return False
+
+
+def test_ca_rotation_overlaps_so_mixed_mounts_always_handshake(tmp_path) -> None:  # noqa: ANN001
+    validity, renew, overlap = dt.timedelta(days=10), dt.timedelta(days=3), dt.timedelta(hours=1)
+    t = dt.datetime.now(dt.timezone.utc)  # certificates are issued at the real time
+    kw = dict(validity=validity, renew_before=renew, overlap=overlap)
+    states = []
+
+    def leaves(ca: certs.CAState, prev: tuple | None) -> tuple:
+        # As the operator does: a leaf is reissued when the signer did not sign it.
+        if prev and certs.signed_by(prev[0], ca.signer):
+            return prev
+        return (certs.issue(ca.signer, "chat", validity, sans=NAMES.dns_names("cluster.local")),
+                certs.issue(ca.signer, "client", validity, client=True))
+
+    ca = certs.advance_ca(None, "ca", now=t, **kw)
+    states.append((ca, leaves(ca, None)))
+    assert certs.advance_ca(ca, "ca", now=t + dt.timedelta(days=1), **kw) is ca  # not due
+    phases = []
+    for now in (ca.signer.not_after - renew,                # due: publish the new CA beside
+                ca.signer.not_after - renew + overlap / 2,  # nothing moves within the window
+                ca.signer.not_after - renew + overlap,      # leaves move to the new CA
+                ca.signer.not_after - renew + 2 * overlap):  # the old CA is dropped
+        nxt = certs.advance_ca(states[-1][0], "ca", now=now, **kw)
+        if nxt is not states[-1][0]:
+            states.append((nxt, leaves(nxt, states[-1][1])))
+            phases.append(nxt.phase)
+    assert phases == ["overlap", "reissued", ""]
+    first, last = states[0][0], states[-1][0]
+    assert last.bundle == last.signer.cert_pem and last.signer != first.signer
+    assert states[1][0].bundle.count(b"BEGIN CERTIFICATE") == 2
+    # Every pair of neighbouring states handshakes both ways: a server and a client whose
+    # mounts are refreshed at different times still trust each other.
+    for (ca_a, (srv_a, cli_a)), (ca_b, (srv_b, cli_b)) in zip(states, states[1:]):
+        assert _handshake(tmp_path, (srv_a, ca_a.bundle), (cli_b, ca_b.bundle))
+        assert _handshake(tmp_path, (srv_b, ca_b.bundle), (cli_a, ca_a.bundle))
+    # Without the overlap (first state straight to the last) a lagging mount fails.
+    assert not _handshake(tmp_path, (states[-1][1][0], last.bundle), (states[0][1][1], first.bundle))
+
+
+def test_an_expired_ca_is_replaced_at_once() -> None:
+    day = dt.timedelta(days=1)
+    ca = certs.advance_ca(None, "ca", validity=day, renew_before=day / 2, overlap=day / 10)
+    later = ca.signer.not_after + dt.timedelta(seconds=1)
+    new = certs.advance_ca(ca, "ca", validity=day, renew_before=day / 2, overlap=day / 10,
+                           now=later)
+    assert new.signer != ca.signer and new.phase == "" and new.bundle == new.signer.cert_pem

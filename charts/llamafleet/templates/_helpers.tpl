@@ -1,8 +1,14 @@
-{{- define "llamafleet.name" -}}llamafleet{{- end -}}
+{{- define "llamafleet.name" -}}
+{{- default "llamafleet" .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 
 {{- define "llamafleet.fullname" -}}
-{{- if contains "llamafleet" .Release.Name -}}{{ .Release.Name | trunc 63 | trimSuffix "-" }}
-{{- else -}}{{ printf "%s-llamafleet" .Release.Name | trunc 63 | trimSuffix "-" }}{{- end -}}
+{{- if .Values.fullnameOverride -}}{{ .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else -}}
+{{- $name := include "llamafleet.name" . -}}
+{{- if contains $name .Release.Name -}}{{ .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else -}}{{ printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "llamafleet.selectorLabels" -}}
@@ -25,4 +31,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "llamafleet.image" -}}
 {{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+
+{{- define "llamafleet.gpuImageTag" -}}
+{{ default (printf "%s-cuda" .Chart.AppVersion) .Values.gpuImage.tag }}
 {{- end -}}
