@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["serve"]:
         # A crash inside llama.cpp (e.g. during the start-up self-test) then prints the
         # Python stack that led there, instead of a bare "Segmentation fault".
-        faulthandler.enable()
+        if sys.__stderr__ is not None:
+            faulthandler.enable(file=sys.__stderr__)
         # Load llama.cpp's shared libraries before grpc's and numpy's: with the CUDA build,
         # loading them later crashed the first model load (seen on an H100).
         import llama_cpp  # noqa: F401
