@@ -340,7 +340,9 @@ class BodyLimit:
     async def _refuse(self, scope, receive, send) -> None:  # noqa: ANN001
         err = RequestTooLarge(f"The request body is larger than {self.limit} bytes "
                               "(LLM_LLAMA_SERVICE_MAX_REQUEST_BYTES).")
-        await error_response(err)(scope, receive, send)
+        response = error_response(err)
+        response.headers["Connection"] = "close"  # do not read (and discard) the rest
+        await response(scope, receive, send)
 
 
 def create_app(settings, serving: Serving | None = None) -> FastAPI:  # noqa: ANN001
