@@ -203,10 +203,14 @@ def _b_request(url: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
+# llama.cpp keeps n_swa + n_ubatch cells per sequence for the sliding-window layers; with
+# n_batch 64 (so n_ubatch 64), A's 1100 tokens overwrite every cell of the shared prefix.
+SWA_SERVER = dict(context_size=2048, max_batch_size=1, n_batch=64, grpc_port=0, metrics_port=0)
+
+
 @pytest.fixture(scope="module")
 def swa_server(model_path):  # noqa: ANN001, ANN201
-    srv = start_server(model_path=model_path, context_size=2048, max_batch_size=1,
-                       grpc_port=0, metrics_port=0)
+    srv = start_server(model_path=model_path, **SWA_SERVER)
     yield srv
     srv.stop()
 
@@ -222,8 +226,7 @@ def test_a_slid_out_window_is_not_reused(swa_server, model_path) -> None:  # noq
     assert r.json()["usage"]["completion_tokens"] == 800
     before = engine.prefix_tokens_reused
     b_after_a = _b_request(swa_server.url)
-    fresh = start_server(model_path=model_path, context_size=2048, max_batch_size=1,
-                         grpc_port=0, metrics_port=0)
+    fresh = start_server(model_path=model_path, **SWA_SERVER)
     try:
         assert _b_request(fresh.url) == b_after_a
     finally:
