@@ -114,7 +114,9 @@ class Backend(Protocol):
     def clear_sequence(self, seq_id: int) -> None: ...
 
     def trim_sequence(self, seq_id: int, keep: int) -> bool:
-        """Drop positions >= keep of a sequence; False if the cache cannot do that."""
+        """Drop positions >= keep of a sequence; False if the cache cannot do that, or if
+        the cells left cannot serve a continuation from ``keep`` (then the caller clears
+        the sequence and prefills from scratch)."""
         ...
 
 
@@ -159,11 +161,11 @@ class TextAssembler:
     def feed(self, data: bytes) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
         self._pending += self._decoder.decode(data)
-        for s in self._stop:
-            at = self._pending.find(s)
-            if at >= 0:
-                out, self._pending = self._pending[:at], ""
-                return out, True
+        # The earliest stop string in the text wins, whatever its place in the list.
+        hits = [at for at in (self._pending.find(s) for s in self._stop) if at >= 0]
+        if hits:
+            out, self._pending = self._pending[: min(hits)], ""
+            return out, True
         hold = 0
         for s in self._stop:
             for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
@@ -214,6 +216,11 @@ class Engine:
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if max_batch_size > backend.n_batch:
+            # Every running sequence puts a token into each step's batch, and the batch
+            # holds n_batch tokens: more would write past llama_batch's arrays.
+            raise ValueError(f"max_batch_size ({max_batch_size}) must not exceed n_batch "
+                             f"({backend.n_batch})")
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.context_size = context_size
@@ -232,6 +239,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.alive = False
+        self.last_progress = time.monotonic()  # when a step last finished (or work began)
 
     # --- public, any thread ------------------------------------------------------------
 
@@ -242,6 +250,12 @@ class Engine:
     @property
     def queued(self) -> int:
         return self._waiting.qsize()
+
+    def stalled_for(self) -> float:
+        """Seconds without a finished step while sequences are running; 0 when idle."""
+        if not self._running:
+            return 0.0
+        return max(0.0, time.monotonic() - self.last_progress)
 
     def submit(self, req: GenerationRequest) -> None:
         """Queue a request, or raise at once (too long, overloaded, stopped)."""
@@ -256,6 +270,8 @@ class Engine:
             # can start at the next step never counts as queued.
             limit = self.queue_size + len(self._free_slots)
             if self._waiting.qsize() >= limit:
+                self._purge_cancelled()
+            if self._waiting.qsize() >= limit:
                 raise Overloaded(
                     f"The server is overloaded: {self.queue_size} requests are already "
                     "waiting. Retry shortly."
@@ -264,6 +280,19 @@ class Engine:
                 self._waiting.put_nowait(req)
             except queue.Full:
                 raise Overloaded("The server is overloaded. Retry shortly.") from None
+
+    def _purge_cancelled(self) -> None:
+        """Drop waiting requests whose clients have gone, so that they stop counting
+        against queue_size (a retry storm would otherwise turn live clients away)."""
+        q = self._waiting
+        with q.mutex:  # queue.Queue's own lock over its deque
+            gone = [r for r in q.queue if r is not None and r.cancelled.is_set()]
+            if not gone:
+                return
+            q.queue = type(q.queue)(r for r in q.queue if r is None or not r.cancelled.is_set())
+            q.not_full.notify_all()
+        for req in gone:
+            self._emit(req, Finished("cancelled", len(req.prompt), 0))
 
     def start(self) -> None:
         self._waiting = queue.Queue(maxsize=self.queue_size + self.max_batch_size + 1)
@@ -318,6 +347,8 @@ class Engine:
                 log.exception("could not create a sampler for %s", req.request_id)
                 self._emit(req, Failed(InternalError(f"could not start generation: {e}")))
                 continue
+            if not self._running:
+                self.last_progress = time.monotonic()  # the stall clock starts with work
             slot, reused = self._take_slot(req)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
             self._running.append(seq)
@@ -341,12 +372,14 @@ class Engine:
                 if n > best_len:
                     best, best_len = slot, n
         self._free_slots.remove(best)
+        cached = self._cached.pop(best, ())
         keep = min(best_len, len(req.prompt) - 1)  # re-decode at least one token for logits
-        if keep < len(self._cached.get(best, ())):
-            if keep == 0 or not self.backend.trim_sequence(best, keep):
+        # trim_sequence also says whether what is left still serves the prompt (a sliding
+        # window may have been overwritten): if not, a full prefill.
+        if keep == 0 or not self.backend.trim_sequence(best, keep):
+            if cached:
                 self.backend.clear_sequence(best)
-                keep = 0
-        self._cached.pop(best, None)
+            keep = 0
         self.prefix_tokens_reused += keep
         return best, keep
 
@@ -396,6 +429,8 @@ class Engine:
             for seq in [s for s in self._running if s.slot in touched]:
                 self._fail(seq, InternalError(f"decode failed: {e}"))
             return
+        finally:
+            self.last_progress = time.monotonic()
         self.steps += 1
         decoded = Counter(seqs)
         for seq in self._running:

@@ -6,6 +6,7 @@ parameters and streams the shared engine's output, so gRPC and HTTP users share 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from pathlib import Path
@@ -22,6 +23,7 @@ from .proto import local_pb2 as pb
 from .proto import local_pb2_grpc as pb_grpc
 from .serving import Serving
 from .settings import Settings
+from .tls import WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,8 @@ def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStrea
                                       lo_open=True)
     if has("seed"):
         kw["seed"] = p.seed
-    if any(not s for s in p.stop_sequences):
-        raise BadRequest("params.stop_sequences must not contain empty strings",
-                         param="params.stop_sequences")
     kw["stop"] = list(p.stop_sequences)
+    kw["stop_param"] = "params.stop_sequences"
     if has("engine_specific_params"):
         extra = json_format.MessageToDict(p.engine_specific_params)
         unknown = sorted(set(extra) - set(ENGINE_PARAMS))
@@ -110,7 +110,8 @@ class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
     async def GenerateStream(self, request, context: grpc.aio.ServicerContext):  # noqa: N802, ANN001, ANN201
         rid = request_id_from_headers(dict(context.invocation_metadata() or ()))
         try:
-            prompt, params = request_to_generation(self.serving, request)
+            # Rendering and tokenising long text take milliseconds: off the event loop.
+            prompt, params = await asyncio.to_thread(request_to_generation, self.serving, request)
             gen = self.serving.start(prompt, params, api="grpc", request_id=rid,
                                      prompt_param="user_prompt")
         except LlamafleetError as e:
@@ -138,36 +139,29 @@ class ReloadingCredentials:
     """
 
     def __init__(self, ca: Path, cert: Path, key: Path):
-        self.paths = (ca, cert, key)
-        self._current = self._read()
+        self.files = WatchedFiles(ca, cert, key)
 
-    def _read(self) -> tuple[bytes, bytes, bytes]:
-        return tuple(p.read_bytes() for p in self.paths)  # type: ignore[return-value]
-
-    def _config(self, material: tuple[bytes, bytes, bytes]):  # noqa: ANN202
+    def _config(self, material: tuple[bytes, ...]):  # noqa: ANN202
         ca, cert, key = material
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def fetch(self):  # noqa: ANN201 - called by gRPC core on each handshake
-        try:
-            material = self._read()
-        except OSError as e:  # mid-swap: keep serving with what we have
-            log.warning("certificate files unreadable, keeping the current ones: %s", e)
+        material = self.files.changed()
+        if material is None:
             return None
-        if material == self._current:
-            return None
-        self._current = material
-        log.info("certificate files changed; new handshakes use the new certificate")
+        self.files.commit(material)
         return self._config(material)
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._config(self._current), self.fetch, require_client_authentication=True)
+            self._config(self.files.current), self.fetch, require_client_authentication=True)
 
 
 async def start_grpc(settings: Settings, serving: Serving, port: int | None = None
                      ) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.request_bytes_limit)])
     pb_grpc.add_LLMLocalServiceServicer_to_server(LLMLocalServicer(serving), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

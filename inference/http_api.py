@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
 from .engine import Finished, TextDelta
-from .errors import BadRequest, LlamafleetError, NotReady, Unauthorized, mapping_for, openai_body, retry_after
+from .errors import (BadRequest, LlamafleetError, NotReady, RequestTooLarge, Unauthorized, mapping_for,
+                     openai_body, retry_after)
 from .logs import request_id_from_headers
 from .serving import Generation, Serving
 
@@ -60,7 +61,10 @@ def check_api_key(request: Request) -> None:
         return
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key.get_secret_value()):
+    # As bytes: compare_digest refuses str with non-ASCII characters (that was a 500).
+    # Starlette decodes headers as latin-1, so this gives back the bytes the client sent.
+    given = token.strip().encode("latin-1")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, key.get_secret_value().encode()):
         raise Unauthorized("Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.")
 
 
@@ -93,13 +97,16 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     s = serving_of(request)
     s.check_model(body.model)
     fmt = body.response_format
+    grammar = None
+    if fmt and fmt.type == "json_schema" and fmt.json_schema:
+        grammar = await s.schema_grammar(fmt.json_schema.schema_ or {})
     params = _params(
         s, body, body.max_completion_tokens or body.max_tokens,
-        json_object=bool(fmt and fmt.type == "json_object"),
-        json_schema=(fmt.json_schema.schema_ or {}) if fmt and fmt.type == "json_schema"
-        and fmt.json_schema else None)
-    prompt = s.chat_prompt([{"role": m.role, "content": m.text} for m in body.messages],
-                           body.rag_context)
+        json_object=bool(fmt and fmt.type == "json_object"), grammar=grammar)
+    # Rendering and tokenising long text take milliseconds: off the event loop.
+    prompt = await asyncio.to_thread(
+        s.chat_prompt, [{"role": m.role, "content": m.text} for m in body.messages],
+        body.rag_context)
     gen = s.start(prompt, params, api="http_chat", request_id=request_id_from_headers(request.headers))
     rid, created = P.new_id("chatcmpl"), P.now()
     if body.stream:
@@ -142,7 +149,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     s.check_model(body.model)
     raw = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) \
         else body.prompt
-    prompt = s.text_prompt(raw)
+    prompt = await asyncio.to_thread(s.text_prompt, raw)
     params = _params(s, body, body.max_tokens if body.max_tokens is not None else 16)
     gen = s.start(prompt, params, api="http_completions",
                   request_id=request_id_from_headers(request.headers), prompt_param="prompt")
@@ -261,6 +268,12 @@ async def liveness(request: Request) -> dict:
     serving = getattr(request.app.state, "serving", None)
     if serving is not None and not serving.engine.alive:
         return JSONResponse({"status": "engine stopped"}, status_code=500)  # type: ignore[return-value]
+    if serving is not None:
+        # A hung llama_decode (a GPU fault) leaves the thread alive but makes no progress.
+        stalled = serving.engine.stalled_for()
+        if stalled > request.app.state.settings.engine_stall_timeout_s:
+            return JSONResponse({"status": "engine stalled", "stalled_s": round(stalled, 1)},  # type: ignore[return-value]
+                                status_code=500)
     return {"status": "ok"}
 
 
@@ -269,22 +282,72 @@ async def readiness(request: Request) -> Response:
     serving = getattr(request.app.state, "serving", None)
     if serving is None or not serving.engine.alive:
         return error_response(NotReady("The model is not loaded yet."))
+    if serving.draining:
+        return error_response(NotReady("The server is shutting down."))
     return JSONResponse({"status": "ready", "model": serving.model_id})
 
 
-@health.get("/info")
+@health.get("/info", dependencies=[Depends(check_api_key)])
 async def info(request: Request) -> dict:
-    return serving_of(request).info()
+    return serving_of(request).info(private=request.app.state.settings.api_key is not None)
 
 
-@health.get("/metrics")
+@health.get("/metrics", dependencies=[Depends(check_api_key)])
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(serving_of(request).metrics.registry),
                     media_type=CONTENT_TYPE_LATEST)
 
 
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413 before the app parses anything:
+    at once when Content-Length says so, else as soon as the count of arriving bytes passes
+    it (chunked uploads). The body is read here and handed on in one piece, so the app never
+    holds more than ``limit``. Our own few lines: neither Starlette nor uvicorn caps bodies
+    (uvicorn's limits cover headers only) and FastAPI turns errors raised while it reads the
+    body into a 400."""
+
+    def __init__(self, app, limit: int):  # noqa: ANN001
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(scope, receive, send)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client left: let the app see that
+                first = msg
+                break
+            size += len(msg.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        pending = [first]
+
+        async def replay() -> dict:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:  # noqa: ANN001
+        err = RequestTooLarge(f"The request body is larger than {self.limit} bytes "
+                              "(LLM_LLAMA_SERVICE_MAX_REQUEST_BYTES).")
+        response = error_response(err)
+        response.headers["Connection"] = "close"  # do not read (and discard) the rest
+        await response(scope, receive, send)
+
+
 def create_app(settings, serving: Serving | None = None) -> FastAPI:  # noqa: ANN001
     app = FastAPI(title="llamafleet", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.add_middleware(BodyLimit, limit=settings.request_bytes_limit)
     app.state.settings = settings
     app.state.serving = serving
 

@@ -124,6 +124,14 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
+    def grammar_ok(self, grammar: str) -> bool:
+        """Whether llama.cpp accepts a GBNF grammar (parsed and freed; any thread)."""
+        g = C.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not g:
+            return False
+        C.llama_sampler_free(g)
+        return True
+
     def close(self) -> None:
         self._model.close()
 
@@ -200,6 +208,8 @@ class LlamaBackend:
         self.n_ctx = C.llama_n_ctx(self.ctx)  # KV cells, all sequences together
         self._mem = C.llama_get_memory(self.ctx)
         self._batch = C.llama_batch_init(n_batch, 0, 1)
+        # Sliding-window attention span (Gemma 3: 512); 0 for models without one.
+        self.n_swa = C.llama_model_n_swa(model.ptr)
 
     def new_sampler(self, p: SamplingParams) -> Sampler:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -236,6 +246,8 @@ class LlamaBackend:
                logits: Sequence[bool]) -> None:
         b = self._batch
         n = len(tokens)
+        if n > self.n_batch:  # the llama_batch arrays hold n_batch tokens
+            raise ValueError(f"a batch of {n} tokens exceeds n_batch {self.n_batch}")
         b.n_tokens = n
         for i in range(n):
             b.token[i] = tokens[i]
@@ -272,7 +284,18 @@ class LlamaBackend:
         C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
 
     def trim_sequence(self, seq_id: int, keep: int) -> bool:
-        return bool(C.llama_memory_seq_rm(self._mem, seq_id, keep, -1))
+        if not C.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
+            return False
+        # With swa_full=False the sliding-window layers keep only the last n_swa positions
+        # of a sequence; cells that slid out were overwritten. The next token (at `keep`)
+        # attends to positions after keep - n_swa, so the cells left must reach back that
+        # far and end at keep - 1 (llama-server's guard in server-context.cpp, the same
+        # test). Otherwise it would attend to a partial window (wrong text, silently), or
+        # llama_decode would refuse the batch.
+        lo = C.llama_memory_seq_pos_min(self._mem, seq_id)
+        hi = C.llama_memory_seq_pos_max(self._mem, seq_id)
+        oldest_needed = max(0, keep - self.n_swa) if self.n_swa else 0
+        return hi == keep - 1 and 0 <= lo <= oldest_needed
 
     def close(self) -> None:
         if self._batch is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -47,7 +47,8 @@ class ResponseFormat(_Wire):
     json_schema: JSONSchemaFormat | None = None
 
 
-Stop = str | Annotated[list[str], Field(max_length=16)] | None
+# Counted and measured by serving.check_stop (limits.py), the same for gRPC.
+Stop = str | list[str] | None
 
 
 class _SamplingFields(_Wire):
@@ -69,13 +70,6 @@ class _SamplingFields(_Wire):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="extension: generate exactly max_tokens")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, v: Stop) -> Stop:
-        if isinstance(v, list) and any(s == "" for s in v):
-            raise ValueError("stop strings must not be empty")
-        return v
 
     @property
     def stop_list(self) -> tuple[str, ...]:

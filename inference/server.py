@@ -1,10 +1,17 @@
-"""`llamafleet serve`: HTTP first (so probes answer), then the model, then gRPC and metrics."""
+"""`llamafleet serve`: HTTP first (so probes answer), then the model, then gRPC and metrics.
+
+SIGTERM (or SIGINT) drains: /ready fails and new requests get 503 at once, running
+generations get ``drain_timeout_s`` to finish, then the listeners close and the process
+exits 0. A second signal stops at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 from prometheus_client import start_http_server
@@ -12,8 +19,29 @@ from prometheus_client import start_http_server
 from .http_api import create_app
 from .serving import Serving, build
 from .settings import Settings
+from .tls import ReloadingSSLContext
 
 log = logging.getLogger(__name__)
+
+DRAIN_POLL_S = 0.05
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, with its SIGTERM/SIGINT handler starting our drain instead of stopping at
+    once. Unlike uvicorn's, it does not re-raise the signal after shutdown, so a drained
+    pod exits 0."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
+        super().__init__(config)
+        self._on_signal = on_signal
+        self._signalled = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled:  # a second signal: stop now
+            self.should_exit = True
+            return
+        self._signalled = True
+        self._on_signal()
 
 
 class Server:
@@ -27,13 +55,18 @@ class Server:
         self._metrics_server = None
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task | None = None
         ssl = {}
         if settings.http_tls:
             ssl = {"ssl_certfile": str(settings.grpc_cert_path),
-                   "ssl_keyfile": str(settings.grpc_key_path)}
-        self.http = uvicorn.Server(uvicorn.Config(
+                   "ssl_keyfile": str(settings.grpc_key_path),
+                   "ssl_context_factory": ReloadingSSLContext(settings.grpc_cert_path,  # type: ignore[arg-type]
+                                                              settings.grpc_key_path)}  # type: ignore[arg-type]
+        # uvicorn's own grace period only covers flushing responses after our drain.
+        self.http = _Uvicorn(uvicorn.Config(
             self.app, host=settings.host, port=settings.http_port, log_config=None,
-            timeout_graceful_shutdown=5, **ssl))
+            timeout_graceful_shutdown=5, **ssl), self._on_signal)
 
     @property
     def http_port(self) -> int:
@@ -70,6 +103,7 @@ class Server:
                 await asyncio.sleep(0.01)
             self.ready.set()
 
+        self._loop = asyncio.get_running_loop()
         try:
             await self._load()
             watcher = asyncio.create_task(mark_ready())
@@ -83,6 +117,34 @@ class Server:
 
     def stop(self) -> None:
         self.http.should_exit = True
+
+    def _on_signal(self) -> None:
+        """From the signal handler: start the drain on the event loop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        """Refuse new work, give running and queued generations ``drain_timeout_s`` to
+        finish (whatever is left then ends with a 'shutting down' error), then stop."""
+        serving = self.serving
+        if serving is not None:
+            serving.draining = True
+            engine = serving.engine
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.drain_timeout_s
+            log.info("draining: %d running, %d queued, up to %gs", engine.running,
+                     engine.queued, self.settings.drain_timeout_s)
+            while (engine.running or engine.queued) and loop.time() < deadline:
+                await asyncio.sleep(DRAIN_POLL_S)
+            if engine.running or engine.queued:
+                log.warning("drain timeout: ending %d running and %d queued generations",
+                            engine.running, engine.queued)
+                await asyncio.to_thread(engine.stop)
+        self.stop()
 
     async def shutdown(self) -> None:
         if self.grpc is not None:

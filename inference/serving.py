@@ -13,12 +13,14 @@ import threading
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import capacity
 from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from .errors import BadRequest, ContextTooLong, LlamafleetError, ModelNotFound, NotReady
+from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SCHEMA_CONVERT_TIMEOUT_S, check_json_schema
 from .metrics import EngineMetrics, Metrics
 from .model import ChatFormatter, ModelError, apply_rag, llama_cpp_python_version, resolve_model_path
 from .settings import Settings
@@ -105,6 +107,10 @@ class Serving:
         self.created = int(time.time())
         self.fingerprint = "fp_llamafleet_0_1_0"
         self._bridges: dict[asyncio.AbstractEventLoop, LoopBridge] = {}
+        # Schema -> grammar conversion runs here, never on the event loop; two workers so
+        # one slow schema cannot hold up every other json_schema request.
+        self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="llamafleet-grammar")
+        self.draining = False  # set on SIGTERM: new generations are refused
         self.formatter = ChatFormatter.for_model(
             settings.chat_template, model.meta, model.bos_text, model.eos_text)
 
@@ -148,14 +154,13 @@ class Serving:
                  top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repeat_penalty: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 seed: int | None = None, stop: Sequence[str] = (),
-                 json_schema: dict | None = None, json_object: bool = False,
+                 seed: int | None = None, stop: Sequence[str] = (), stop_param: str = "stop",
+                 grammar: str | None = None, json_object: bool = False,
                  ignore_eos: bool = False) -> SamplingParams:
+        """Defaults filled in; ``grammar`` comes from :meth:`schema_grammar`."""
         s = self.settings
-        grammar = None
-        if json_schema is not None:
-            grammar = _schema_grammar(json_schema)
-        elif json_object:
+        check_stop(stop, stop_param)
+        if grammar is None and json_object:
             grammar = JSON_GRAMMAR
         return SamplingParams(
             temperature=s.default_temperature if temperature is None else temperature,
@@ -172,6 +177,20 @@ class Serving:
             ignore_eos=ignore_eos,
         )
 
+    async def schema_grammar(self, schema: dict) -> str:
+        """A response_format JSON schema as GBNF: checked against the limits first, then
+        converted in a worker thread within SCHEMA_CONVERT_TIMEOUT_S."""
+        check_json_schema(schema)
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._grammar_pool, _schema_grammar, schema, self.model)
+        try:
+            return await asyncio.wait_for(work, SCHEMA_CONVERT_TIMEOUT_S)
+        except TimeoutError:
+            raise BadRequest(
+                f"response_format.json_schema: converting the schema to a grammar took more "
+                f"than {SCHEMA_CONVERT_TIMEOUT_S:g} s; simplify the schema",
+                param="response_format") from None
+
     # --- generation ---------------------------------------------------------------------
 
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
@@ -179,6 +198,8 @@ class Serving:
         """Submit now: errors (too long, overloaded) raise here, before any output."""
         if not self.engine.alive:
             raise NotReady("The model is not loaded yet.")
+        if self.draining:
+            raise NotReady("The server is shutting down; retry on another replica.")
         if len(prompt) >= self.engine.context_size:
             raise ContextTooLong(len(prompt), self.engine.context_size, param=prompt_param)
         q: asyncio.Queue = asyncio.Queue()
@@ -219,33 +240,58 @@ class Serving:
                    "duration_s": round(duration, 4)},
         )
 
-    def info(self) -> dict[str, Any]:
-        return {
+    def info(self, private: bool = False) -> dict[str, Any]:
+        """``private`` (only behind the API key): also how many prompt tokens the prefix
+        cache saved, which tells one user how much of another's prompt was cached."""
+        out = {
             "model": self.model_id,
             "model_path": str(self.model.path),
             "llama_cpp_python": llama_cpp_python_version(),
             "context_size": self.engine.context_size,
             "max_batch_size": self.engine.max_batch_size,
+            "n_batch": self.engine.backend.n_batch,
             "capacity": self.plan.as_dict(),
             "running": self.engine.running,
             "queued": self.engine.queued,
             "queue_size": self.engine.queue_size,
-            "prefix_tokens_reused": self.engine.prefix_tokens_reused,
-            "ready": self.engine.alive,
+            "ready": self.engine.alive and not self.draining,
             "studio": {"knowledge_url": self.settings.studio_knowledge_url},
         }
+        if private:
+            out["prefix_tokens_reused"] = self.engine.prefix_tokens_reused
+        return out
 
     def close(self) -> None:
         self.engine.stop()
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _schema_grammar(schema: dict) -> str:
+def check_stop(stop: Sequence[str], param: str) -> None:
+    """The stop-string limits (limits.py), the same on HTTP and gRPC."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise BadRequest(f"{param}: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}",
+                         param=param)
+    for s in stop:
+        if not s:
+            raise BadRequest(f"{param}: stop strings must not be empty", param=param)
+        if len(s) > MAX_STOP_CHARS:
+            raise BadRequest(f"{param}: a stop string may have at most {MAX_STOP_CHARS} "
+                             f"characters, got {len(s)}", param=param)
+
+
+def _schema_grammar(schema: dict, model: Any) -> str:
+    """Convert, then parse once here so that a grammar llama.cpp refuses is a 400 before
+    the request is queued (not a failure inside the engine or mid-stream)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds
         raise BadRequest(f"unsupported JSON schema: {e}", param="response_format") from e
+    if not model.grammar_ok(grammar):
+        raise BadRequest("response_format.json_schema: llama.cpp refused the grammar made from "
+                         "this schema (too many repetitions?)", param="response_format")
+    return grammar
 
 
 def _json_grammar() -> str:
@@ -268,8 +314,13 @@ def build(settings: Settings) -> Serving:
     model = LlamaModel(path, settings.gpu_layers)
     plan = capacity.plan_for_pod(settings, model.shape)
     log.info("max_batch_size=%d: %s", plan.max_batch_size, plan.reason)
+    # Each running sequence adds a token to every step's batch: the batch must hold them all.
+    n_batch = max(settings.n_batch, plan.max_batch_size)
+    if n_batch != settings.n_batch:
+        log.warning("n_batch raised from %d to %d to fit max_batch_size=%d (one token per "
+                    "running sequence per step)", settings.n_batch, n_batch, plan.max_batch_size)
     backend = LlamaBackend(model, n_seq=plan.max_batch_size, context_size=settings.context_size,
-                           n_batch=settings.n_batch, threads=settings.threads,
+                           n_batch=n_batch, threads=settings.threads,
                            kv_cache_type=settings.kv_cache_type)
     try:
         self_test(backend, model.tokenize("The sky is", add_bos=model.add_bos))

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     n_batch: int = Field(
         512, ge=16, le=65_536, description="Most tokens in one llama_decode step (prefill chunk)."
     )
+    engine_stall_timeout_s: float = Field(
+        60, gt=0, description="/health fails when sequences are running and no decode step "
+        "has finished for this many seconds (a hung llama_decode, e.g. a GPU fault), so the "
+        "pod is restarted. Keep it above the slowest prefill step of the model.",
+    )
     memory_reserve_mib: int = Field(
         768, ge=0, description="MiB kept free for compute buffers and the runtime when planning capacity."
     )
@@ -114,7 +119,18 @@ class Settings(BaseSettings):
         False, description="Serve HTTP over TLS with the same certificate files as gRPC."
     )
     api_key: SecretStr | None = Field(
-        None, description="Bearer key required on /v1/* when set."
+        None, description="Bearer key required on /v1/*, /info and /metrics of the HTTP port "
+        "when set (/health and /ready stay open for probes)."
+    )
+    max_request_bytes: int | None = Field(
+        None, ge=1024, description="Largest HTTP request body and gRPC message accepted (413 / "
+        "RESOURCE_EXHAUSTED beyond it, before anything is parsed). Default: 1 MiB plus 32 "
+        "bytes per token of context_size (a prompt that fits the context, escaped as JSON).",
+    )
+    drain_timeout_s: float = Field(
+        25, ge=0, description="On SIGTERM: /ready fails and new requests get 503 at once, and "
+        "running generations get this long to finish before the process exits. Keep it below "
+        "the pod's terminationGracePeriodSeconds (30 in the operator's pods).",
     )
     studio_knowledge_url: str | None = Field(
         None, description="Base URL of a knowledge service whose sources the studio lists."
@@ -155,6 +171,12 @@ class Settings(BaseSettings):
         if self.http_tls and not all(tls):
             raise ValueError("http_tls needs GRPC_CERT_PATH and GRPC_KEY_PATH")
         return self
+
+    @property
+    def request_bytes_limit(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return 1024 * 1024 + 32 * self.context_size
 
     @property
     def tls_enabled(self) -> bool:

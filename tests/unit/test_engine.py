@@ -14,6 +14,8 @@ from llamafleet.inference.engine import (
     TextDelta)
 from llamafleet.inference.errors import BadRequest, ContextTooLong, Overloaded
 
+from ..conftest import wait_until
+
 EOG = 0
 
 
@@ -371,3 +373,52 @@ def test_cancelled_sequences_leave_nothing_cached() -> None:
     assert c.done.wait(5)
     eng.stop()
     assert eng.prefix_tokens_reused == 0 and 0 in be.cleared
+
+
+# --- hardening (issue 12) --------------------------------------------------------------------
+
+
+def test_the_earliest_stop_string_wins_not_the_first_listed() -> None:
+    text = TextAssembler(["cd", "b"])
+    assert text.feed(b"abcd") == ("a", True)
+
+
+def test_max_batch_size_above_n_batch_is_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"max_batch_size \(9\).*n_batch \(8\)"):
+        Engine(FakeBackend(), max_batch_size=9, queue_size=1, context_size=64)
+
+
+def test_cancelled_waiting_requests_are_purged_when_the_queue_is_full() -> None:
+    be = FakeBackend()
+    be.gate = threading.Event()  # hold the engine inside decode
+    eng = make_engine(be, max_batch_size=1, queue_size=2)
+    first = submit(eng, [1], max_tokens=5)
+    while eng.running == 0:
+        first.done.wait(0.01)
+    gone = [GenerationRequest([1], SamplingParams(max_tokens=1), Collector()) for _ in range(2)]
+    for req in gone:
+        eng.submit(req)
+        req.cancel()  # the client left while it waited
+    live = submit(eng, [1], max_tokens=1)  # not refused: the cancelled ones make room
+    assert all(req.sink.final == Finished("cancelled", 1, 0) for req in gone)
+    assert eng.queued == 1
+    submit(eng, [1], max_tokens=1)
+    with pytest.raises(Overloaded):  # live requests still count
+        submit(eng, [1], max_tokens=1)
+    be.gate.set()
+    assert first.done.wait(5) and live.done.wait(5)
+    eng.stop()
+
+
+def test_stalled_for_counts_only_while_sequences_run() -> None:
+    be = FakeBackend()
+    be.gate = threading.Event()
+    eng = make_engine(be, max_batch_size=1)
+    assert eng.stalled_for() == 0.0
+    c = submit(eng, [1], max_tokens=2)
+    wait_until(lambda: eng.stalled_for() > 0.05, timeout=5)
+    be.gate.set()
+    assert c.done.wait(5)
+    wait_until(lambda: eng.running == 0, timeout=5)
+    assert eng.stalled_for() == 0.0
+    eng.stop()

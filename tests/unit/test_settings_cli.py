@@ -115,3 +115,9 @@ def test_chat_template_is_sandboxed() -> None:
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(SecurityError):
         ChatFormatter(evil, "", "").render([{"role": "user", "content": "x"}])
+
+
+def test_request_size_cap_follows_the_context_unless_set() -> None:
+    assert Settings(context_size=4096).request_bytes_limit == 1024 * 1024 + 32 * 4096
+    assert Settings(context_size=4096, max_request_bytes=5000).request_bytes_limit == 5000
+    assert (Settings().drain_timeout_s, Settings().engine_stall_timeout_s) == (25, 60)

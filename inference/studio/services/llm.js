@@ -20,14 +20,14 @@ export class LLMClient {
   }
 
   async info() {
-    const r = await fetch(`${this.baseUrl}/info`);
+    const r = await fetch(`${this.baseUrl}/info`, { headers: this.headers() });
     if (!r.ok) throw await apiError(r);
     return r.json();
   }
 
   // Prometheus text -> { series_name: value } for unlabelled series.
   async metrics() {
-    const r = await fetch(`${this.baseUrl}/metrics`);
+    const r = await fetch(`${this.baseUrl}/metrics`, { headers: this.headers() });
     if (!r.ok) throw await apiError(r);
     const out = {};
     for (const line of (await r.text()).split("\n")) {
