@@ -29,7 +29,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import httpx
-
 from llamafleet.inference import bench
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, embedded_model_path
 
@@ -90,7 +89,8 @@ cp.n_threads = cp.n_threads_batch = {threads}
 ctx = _internals.LlamaContext(model=m, params=cp, verbose=False)
 # The prompt as the server makes it: the model's chat template (GGUF or built-in).
 bos, eos = m.token_get_text(m.token_bos()), m.token_get_text(m.token_eos())
-text = ChatFormatter.for_model(None, m.metadata(), bos, eos).render([{{"role": "user", "content": {prompt!r}}}])
+text = ChatFormatter.for_model(None, m.metadata(), bos, eos).render(
+    [{{"role": "user", "content": {prompt!r}}}])
 toks = m.tokenize(text.encode(), m.add_bos_token() and not text.startswith(bos), True)
 batch = C.llama_batch_init(512, 0, 1)
 rates = []

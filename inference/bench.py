@@ -116,7 +116,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, timeout: float) 
 
 
 async def run_level(name: str, url: str, model: str, prompt: str, concurrency: int, n: int,
-                    args: argparse.Namespace, progress: "Progress") -> LevelResult:
+                    args: argparse.Namespace, progress: Progress) -> LevelResult:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": args.max_tokens, "stream": True, "temperature": 0.7,
@@ -176,7 +176,7 @@ def _fmt(v: float | None, scale: float = 1000.0) -> str:
     return "-" if v is None else f"{v * scale:.0f}"
 
 
-def print_table(results: list[LevelResult], out=sys.stdout) -> None:  # noqa: ANN001
+def print_table(results: list[LevelResult], out=sys.stdout) -> None:
     base: dict[str, float] = {}
     for r in results:
         if r.concurrency == min(x.concurrency for x in results if x.server == r.server):

@@ -48,7 +48,7 @@ class KVShape:
     swa_pattern: int | None = None  # every Nth layer is global; None = all layers global
 
     @classmethod
-    def of(cls, shape: Any) -> "KVShape":
+    def of(cls, shape: Any) -> KVShape:
         """From a ModelShape (GGUF metadata) or anything with the same attributes."""
         return cls(shape.n_layer, shape.n_head_kv, shape.key_length, shape.value_length,
                    shape.sliding_window,

@@ -37,7 +37,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 default=None, help=help_)
 
 
-def load_settings(args: argparse.Namespace):  # noqa: ANN201
+def load_settings(args: argparse.Namespace):
     from .settings import Settings, describe_errors
 
     overrides = {k: v for k, v in vars(args).items()

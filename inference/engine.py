@@ -343,7 +343,7 @@ class Engine:
             except LlamafleetError as e:
                 self._emit(req, Failed(e))
                 continue
-            except Exception as e:  # noqa: BLE001 - one bad request fails alone
+            except Exception as e:
                 log.exception("could not create a sampler for %s", req.request_id)
                 self._emit(req, Failed(InternalError(f"could not start generation: {e}")))
                 continue
@@ -365,7 +365,7 @@ class Engine:
             for slot in self._free_slots:
                 cached = self._cached.get(slot, ())
                 n = 0
-                for a, b in zip(cached, req.prompt):
+                for a, b in zip(cached, req.prompt, strict=False):
                     if a != b:
                         break
                     n += 1
@@ -423,7 +423,7 @@ class Engine:
         self.observer.on_step(len(self._running), len(tokens), self.queued, kv_tokens)
         try:
             self.backend.decode(tokens, pos, seqs, logits)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.exception("llama_decode failed for a batch of %d tokens", len(tokens))
             touched = set(seqs)
             for seq in [s for s in self._running if s.slot in touched]:
@@ -464,7 +464,7 @@ class Engine:
                 self._finish(seq, "length")
             else:
                 seq.next_token = token
-        except Exception as e:  # noqa: BLE001 - one bad sequence fails alone
+        except Exception as e:
             log.exception("sampling failed for %s", seq.req.request_id)
             self._fail(seq, InternalError(f"sampling failed: {e}"))
 
@@ -495,7 +495,7 @@ class Engine:
     def _emit(self, req: GenerationRequest, event: Event) -> None:
         try:
             req.sink(event)
-        except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
+        except Exception:
             log.warning("dropping events for %s: its consumer failed", req.request_id, exc_info=True)
             req.cancel()
 

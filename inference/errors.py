@@ -76,8 +76,10 @@ class ErrorMapping:
 
 ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
     BadRequest: ErrorMapping(400, "invalid_request_error", None, grpc.StatusCode.INVALID_ARGUMENT),
-    Unauthorized: ErrorMapping(401, "invalid_request_error", "invalid_api_key", grpc.StatusCode.UNAUTHENTICATED),
-    RequestTooLarge: ErrorMapping(413, "invalid_request_error", "request_too_large", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Unauthorized: ErrorMapping(401, "invalid_request_error", "invalid_api_key",
+                               grpc.StatusCode.UNAUTHENTICATED),
+    RequestTooLarge: ErrorMapping(413, "invalid_request_error", "request_too_large",
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED),
     ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", grpc.StatusCode.NOT_FOUND),
     Overloaded: ErrorMapping(503, "server_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
     NotReady: ErrorMapping(503, "server_error", "not_ready", grpc.StatusCode.UNAVAILABLE),

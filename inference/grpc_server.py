@@ -41,7 +41,7 @@ def _float(name: str, value: float, lo: float, hi: float, lo_open: bool = False)
     return value
 
 
-def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStreamRequest):  # noqa: ANN201
+def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStreamRequest):
     """Contract request -> (prompt tokens, SamplingParams). Raises BadRequest."""
     messages = []
     if req.system_prompt:
@@ -107,7 +107,7 @@ class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
     def __init__(self, serving: Serving):
         self.serving = serving
 
-    async def GenerateStream(self, request, context: grpc.aio.ServicerContext):  # noqa: N802, ANN001, ANN201
+    async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
         rid = request_id_from_headers(dict(context.invocation_metadata() or ()))
         try:
             # Rendering and tokenising long text take milliseconds: off the event loop.
@@ -141,11 +141,11 @@ class ReloadingCredentials:
     def __init__(self, ca: Path, cert: Path, key: Path):
         self.files = WatchedFiles(ca, cert, key)
 
-    def _config(self, material: tuple[bytes, ...]):  # noqa: ANN202
+    def _config(self, material: tuple[bytes, ...]):
         ca, cert, key = material
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-    def fetch(self):  # noqa: ANN201 - called by gRPC core on each handshake
+    def fetch(self):
         material = self.files.changed()
         if material is None:
             return None

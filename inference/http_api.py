@@ -18,8 +18,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
 from .engine import Finished, TextDelta
-from .errors import (BadRequest, LlamafleetError, NotReady, RequestTooLarge, Unauthorized, mapping_for,
-                     openai_body, retry_after)
+from .errors import (
+    BadRequest,
+    LlamafleetError,
+    NotReady,
+    RequestTooLarge,
+    Unauthorized,
+    mapping_for,
+    openai_body,
+    retry_after,
+)
 from .logs import request_id_from_headers
 from .serving import Generation, Serving
 
@@ -306,11 +314,11 @@ class BodyLimit:
     (uvicorn's limits cover headers only) and FastAPI turns errors raised while it reads the
     body into a 400."""
 
-    def __init__(self, app, limit: int):  # noqa: ANN001
+    def __init__(self, app, limit: int):
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
@@ -337,7 +345,7 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def _refuse(self, scope, receive, send) -> None:
         err = RequestTooLarge(f"The request body is larger than {self.limit} bytes "
                               "(LLM_LLAMA_SERVICE_MAX_REQUEST_BYTES).")
         response = error_response(err)
@@ -345,7 +353,7 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(settings, serving: Serving | None = None) -> FastAPI:  # noqa: ANN001
+def create_app(settings, serving: Serving | None = None) -> FastAPI:
     app = FastAPI(title="llamafleet", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyLimit, limit=settings.request_bytes_limit)
     app.state.settings = settings

@@ -100,7 +100,7 @@ class LlamaModel:
         self._piece_cache: dict[int, bytes] = {}
 
     @property
-    def ptr(self):  # noqa: ANN201 - ctypes pointer
+    def ptr(self):
         return self._model.model
 
     def _text(self, token: int) -> str:

@@ -125,7 +125,7 @@ class ChatFormatter:
 
     @classmethod
     def for_model(cls, configured: str | None, meta: dict[str, str], bos: str, eos: str
-                  ) -> "ChatFormatter":
+                  ) -> ChatFormatter:
         if configured:
             path = Path(configured)
             text = path.read_text() if len(configured) < 4096 and path.is_file() else configured

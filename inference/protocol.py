@@ -86,7 +86,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
+    def _check(self) -> ChatCompletionRequest:
         if self.logprobs:
             raise ValueError("logprobs are not supported")
         if not any(m.role in ("user", "assistant", "tool") for m in self.messages):
@@ -110,7 +110,7 @@ class CompletionRequest(_SamplingFields):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "CompletionRequest":
+    def _check(self) -> CompletionRequest:
         if self.echo or self.suffix:
             raise ValueError("echo and suffix are not supported")
         return self
@@ -133,7 +133,7 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> "Usage":
+    def of(cls, prompt: int, completion: int) -> Usage:
         return cls(prompt_tokens=prompt, completion_tokens=completion,
                    total_tokens=prompt + completion)
 

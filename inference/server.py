@@ -186,7 +186,7 @@ def serve(settings: Settings) -> int:
             asyncio.run(main())
         else:
             uvloop.run(main())
-    except Exception as e:  # noqa: BLE001 - the reason was logged; exit non-zero
+    except Exception as e:
         log.debug("exit", exc_info=e)
         return 1
     return 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import threading
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class Generation:
     """One submitted request. Iterate :meth:`events`; leaving early cancels it."""
 
-    serving: "Serving"
+    serving: Serving
     req: GenerationRequest
     api: str
     queue: asyncio.Queue
@@ -213,7 +213,7 @@ class Serving:
             raise
         return gen
 
-    def _bridge(self) -> "LoopBridge":
+    def _bridge(self) -> LoopBridge:
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop)
         if bridge is None:
@@ -286,7 +286,7 @@ def _schema_grammar(schema: dict, model: Any) -> str:
 
     try:
         grammar = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+    except Exception as e:
         raise BadRequest(f"unsupported JSON schema: {e}", param="response_format") from e
     if not model.grammar_ok(grammar):
         raise BadRequest("response_format.json_schema: llama.cpp refused the grammar made from "

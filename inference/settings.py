@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         return lookup(name).name
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if "{context}" not in self.rag_template or "{question}" not in self.rag_template:
             raise ValueError("rag_template must contain {context} and {question}")
         tls = [self.grpc_ca_path, self.grpc_cert_path, self.grpc_key_path]

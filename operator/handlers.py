@@ -369,7 +369,7 @@ def _contains(live: Any, want: Any) -> bool:
             k in live and _contains(live[k], v) for k, v in want.items())
     if isinstance(want, list):
         return isinstance(live, list) and len(live) == len(want) and all(
-            _contains(a, b) for a, b in zip(live, want))
+            _contains(a, b) for a, b in zip(live, want, strict=False))
     return live == want or _same_scalar(live, want)
 
 
@@ -410,7 +410,7 @@ def read_ca(secret: dict | None) -> certs.CAState | None:
     try:
         since = dt.datetime.fromisoformat(annotations[ROTATION_SINCE])
     except (KeyError, ValueError):
-        since = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+        since = dt.datetime.fromtimestamp(0, dt.UTC)
     return certs.CAState(signer, bundle, _pair(secret, "next.key", "next.crt"),
                          phase if phase in ("overlap", "reissued") else "", since)
 
@@ -489,7 +489,7 @@ def ensure_api_key(children: Children, owner: kopf.Body, names: B.Names,
 
 def _set(conditions: list[dict], type_: str, status: str, reason: str, message: str) -> None:
     """Set a condition; lastTransitionTime moves only when the status changes."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     for c in conditions:
         if c.get("type") == type_:
             if c.get("status") != status:

@@ -20,7 +20,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     import kopf
-
     from llamafleet.inference.logs import configure
     from llamafleet.operator.settings import OperatorSettings
 

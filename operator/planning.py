@@ -28,7 +28,7 @@ class NodeGPU:
     product: str
 
     @classmethod
-    def from_labels(cls, name: str, labels: dict[str, str]) -> "NodeGPU | None":
+    def from_labels(cls, name: str, labels: dict[str, str]) -> NodeGPU | None:
         try:
             memory = int(labels.get(MEMORY_LABEL, ""))
         except ValueError:

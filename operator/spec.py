@@ -9,10 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
-
 from llamafleet.inference.embedded import DEFAULT_EMBEDDED, lookup
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .certs import parse_duration
 
@@ -60,7 +58,7 @@ class Source(_M):
         return value
 
     @model_validator(mode="after")
-    def _one(self) -> "Source":
+    def _one(self) -> Source:
         chosen = [k for k in ("pvc", "url", "embedded") if getattr(self, k) is not None]
         if len(chosen) != 1:
             raise ValueError("set exactly one of model.source.pvc, model.source.url or "
@@ -124,7 +122,7 @@ class TLS(_M):
     caOverlap: str = "10m"
 
     @model_validator(mode="after")
-    def _durations(self) -> "TLS":
+    def _durations(self) -> TLS:
         validity, renew = parse_duration(self.validity), parse_duration(self.renewBefore)
         overlap = parse_duration(self.caOverlap)
         if renew >= validity:
@@ -161,7 +159,7 @@ class Peer(_M):
     namespaceSelector: dict[str, str] | None = None
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "Peer":
+    def _not_empty(self) -> Peer:
         if self.podSelector is None and self.namespaceSelector is None:
             raise ValueError("an allowedClients entry needs podSelector or namespaceSelector "
                              "(an empty peer would admit every pod)")
@@ -206,7 +204,7 @@ class LLMServiceSpec(_M):
     imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _pdb_leaves_room(self) -> "LLMServiceSpec":
+    def _pdb_leaves_room(self) -> LLMServiceSpec:
         pdb = self.podDisruptionBudget
         if pdb.enabled and self.replicas > 0 and pdb.minAvailable >= self.replicas:
             raise ValueError(f"podDisruptionBudget.minAvailable ({pdb.minAvailable}) must be "

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/system-deps.sh
+.venv/bin/ruff check .   # lint first: the config is in pyproject.toml
 exec .venv/bin/pytest "$@"

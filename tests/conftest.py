@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 
-def wait_until(cond, timeout: float = 30.0) -> None:  # noqa: ANN001
+def wait_until(cond, timeout: float = 30.0) -> None:
     """Poll a condition that another thread makes true, with a deadline (no fixed sleeps)."""
     import time
 
@@ -62,7 +62,7 @@ class RunningServer:
         return f"127.0.0.1:{self.settings.grpc_port}"
 
     @property
-    def serving(self):  # noqa: ANN201
+    def serving(self):
         return self.server.serving
 
     def stop(self) -> None:
@@ -70,7 +70,7 @@ class RunningServer:
         self.thread.join(60)
 
 
-def start_server(**overrides) -> RunningServer:  # noqa: ANN003
+def start_server(**overrides) -> RunningServer:
     """A real `llamafleet serve` in a thread; returns once the model is loaded."""
     from llamafleet.inference.server import Server
     from llamafleet.inference.settings import Settings

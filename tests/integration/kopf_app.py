@@ -10,7 +10,6 @@ import os
 from typing import Any
 
 import kopf
-
 from llamafleet.operator import handlers  # noqa: F401 - registers the real handlers
 
 

@@ -32,7 +32,7 @@ def msgs(text: str = "hi") -> list[dict]:
     ({"messages": msgs(), "model": "gpt-4"}, 404, "model", "does not exist"),
     ({"messages": [{"role": "system", "content": "only system"}]}, 400, None, "user message"),
 ])
-def test_bad_chat_requests(server, body, status, param, needle) -> None:  # noqa: ANN001
+def test_bad_chat_requests(server, body, status, param, needle) -> None:
     r = httpx.post(server.url + CHAT, json=body, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -42,14 +42,14 @@ def test_bad_chat_requests(server, body, status, param, needle) -> None:  # noqa
         assert err["param"] == param
 
 
-def test_malformed_json(server) -> None:  # noqa: ANN001
+def test_malformed_json(server) -> None:
     r = httpx.post(server.url + CHAT, content=b'{"messages": [', timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert "could not parse the JSON body" in r.json()["error"]["message"]
 
 
-def test_prompt_longer_than_context_names_both_lengths(server) -> None:  # noqa: ANN001
+def test_prompt_longer_than_context_names_both_lengths(server) -> None:
     r = httpx.post(server.url + CHAT, json={"messages": msgs("word " * 2000)}, timeout=30)
     assert r.status_code == 400
     err = r.json()["error"]
@@ -61,12 +61,12 @@ def test_prompt_longer_than_context_names_both_lengths(server) -> None:  # noqa:
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
-def test_completion_token_ids_outside_the_vocabulary(server) -> None:  # noqa: ANN001
+def test_completion_token_ids_outside_the_vocabulary(server) -> None:
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 10**9]}, timeout=30)
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
 
 
-def test_official_client_sees_typed_errors(server) -> None:  # noqa: ANN001
+def test_official_client_sees_typed_errors(server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=server.serving.model_id, messages=[])
@@ -74,7 +74,7 @@ def test_official_client_sees_typed_errors(server) -> None:  # noqa: ANN001
         client.chat.completions.create(model="nope", messages=msgs())
 
 
-def test_bad_input_does_not_disturb_a_running_stream(server) -> None:  # noqa: ANN001
+def test_bad_input_does_not_disturb_a_running_stream(server) -> None:
     result: dict = {}
 
     def stream() -> None:
@@ -97,14 +97,14 @@ def test_bad_input_does_not_disturb_a_running_stream(server) -> None:  # noqa: A
 
 
 @pytest.fixture(scope="module")
-def tight_server(model_path):  # noqa: ANN001, ANN201
+def tight_server(model_path):
     srv = start_server(model_path=model_path, max_batch_size=1, queue_size=1,
                        api_key="s3cret", grpc_port=0, metrics_port=0)
     yield srv
     srv.stop()
 
 
-def test_api_key_is_required_when_set(tight_server) -> None:  # noqa: ANN001
+def test_api_key_is_required_when_set(tight_server) -> None:
     url = tight_server.url + "/v1/models"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == \
@@ -113,7 +113,7 @@ def test_api_key_is_required_when_set(tight_server) -> None:  # noqa: ANN001
     assert httpx.get(tight_server.url + "/health").status_code == 200
 
 
-def test_full_queue_answers_overloaded_at_once(tight_server) -> None:  # noqa: ANN001
+def test_full_queue_answers_overloaded_at_once(tight_server) -> None:
     headers = {"Authorization": "Bearer s3cret"}
     engine = tight_server.serving.engine
     # Long enough that neither stream can finish while the test looks at the queue.

@@ -19,7 +19,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def test_bench_prints_ratios_and_writes_json(server, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bench_prints_ratios_and_writes_json(server, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = _bench("--url", server.url, "--compare", server.url, "--concurrent", "1,2",
                "--requests", "2", "--max-tokens", "8", "--json", str(out))

@@ -27,7 +27,7 @@ def served(url: str) -> tuple[str, dict]:
     return models[0]["id"], httpx.get(url + "/info").json()
 
 
-def test_the_default_server_serves_the_instruct_model_and_names_it(instruct_server) -> None:  # noqa: ANN001
+def test_the_default_server_serves_the_instruct_model_and_names_it(instruct_server) -> None:
     model_id, info = served(instruct_server.url)
     assert model_id == info["model"] == "SmolLM2-135M-Instruct.Q4_1"
     assert info["model_path"].endswith("/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -38,7 +38,7 @@ def test_the_default_server_serves_the_instruct_model_and_names_it(instruct_serv
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_chat_with_system_prompt_and_rag_context_answers_from_the_context(
-        instruct_server, stream: bool) -> None:  # noqa: ANN001
+        instruct_server, stream: bool) -> None:
     client = openai.OpenAI(base_url=instruct_server.url + "/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
     args = dict(model=model, temperature=0, max_tokens=80, extra_body={"rag_context": CONTEXT},

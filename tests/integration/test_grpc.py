@@ -11,7 +11,6 @@ import grpc
 import httpx
 import pytest
 from google.protobuf import struct_pb2
-
 from llamafleet.inference.proto import local_pb2 as pb
 from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 from llamafleet.operator import certs
@@ -30,7 +29,7 @@ def write_material(d: Path, ca: certs.KeyPair, server: certs.KeyPair) -> None:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict:  # noqa: ANN001
+def pki(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("tls")
     ca = certs.new_ca("test-ca", DAY)
     server = certs.issue(ca, "localhost", DAY, sans=["localhost", "127.0.0.1"])
@@ -41,7 +40,7 @@ def pki(tmp_path_factory) -> dict:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def tls_server(pki, model_path):  # noqa: ANN001, ANN201
+def tls_server(pki, model_path):
     d = pki["dir"]
     srv = start_server(model_path=model_path, grpc_ca_path=d / "ca.crt",
                        grpc_cert_path=d / "tls.crt", grpc_key_path=d / "tls.key")
@@ -57,7 +56,7 @@ def channel(target: str, ca: certs.KeyPair, client: certs.KeyPair | None) -> grp
     return grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "localhost")])
 
 
-def request(user: str = "Tell me a story.", **params) -> pb.LLMLocalServiceGenerateStreamRequest:  # noqa: ANN003
+def request(user: str = "Tell me a story.", **params) -> pb.LLMLocalServiceGenerateStreamRequest:
     return pb.LLMLocalServiceGenerateStreamRequest(
         system_prompt="You are terse.", user_prompt=user,
         history=[pb.ConversationTurn(role="user", content="hello"),
@@ -65,7 +64,7 @@ def request(user: str = "Tell me a story.", **params) -> pb.LLMLocalServiceGener
         params=pb.GenerationParams(**params))
 
 
-def test_mtls_client_streams_tokens_and_finish_details(tls_server, pki) -> None:  # noqa: ANN001
+def test_mtls_client_streams_tokens_and_finish_details(tls_server, pki) -> None:
     with channel(tls_server.grpc_target, pki["ca"], pki["client"]) as ch:
         stub = pb_grpc.LLMLocalServiceStub(ch)
         req = request(max_new_tokens=12, temperature=0.0)
@@ -88,7 +87,7 @@ def test_mtls_client_streams_tokens_and_finish_details(tls_server, pki) -> None:
 
 
 @pytest.mark.parametrize("who", ["no certificate", "another CA"])
-def test_clients_without_a_ca_signed_certificate_are_refused(tls_server, pki, who) -> None:  # noqa: ANN001
+def test_clients_without_a_ca_signed_certificate_are_refused(tls_server, pki, who) -> None:
     client = None if who == "no certificate" else pki["other_client"]
     with channel(tls_server.grpc_target, pki["ca"], client) as ch:
         stub = pb_grpc.LLMLocalServiceStub(ch)
@@ -107,7 +106,7 @@ def test_clients_without_a_ca_signed_certificate_are_refused(tls_server, pki, wh
         "nope": struct_pb2.Value(number_value=1)})}, "engine_specific_params"),
 ])
 def test_bad_parameters_are_invalid_argument_and_the_server_keeps_serving(
-        tls_server, pki, params, field) -> None:  # noqa: ANN001
+        tls_server, pki, params, field) -> None:
     with channel(tls_server.grpc_target, pki["ca"], pki["client"]) as ch:
         stub = pb_grpc.LLMLocalServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:
@@ -118,7 +117,7 @@ def test_bad_parameters_are_invalid_argument_and_the_server_keeps_serving(
         assert ok[-1].WhichOneof("type") == "finish_details"
 
 
-def test_prompt_longer_than_context_is_invalid_argument(tls_server, pki) -> None:  # noqa: ANN001
+def test_prompt_longer_than_context_is_invalid_argument(tls_server, pki) -> None:
     with channel(tls_server.grpc_target, pki["ca"], pki["client"]) as ch:
         stub = pb_grpc.LLMLocalServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:
@@ -127,7 +126,7 @@ def test_prompt_longer_than_context_is_invalid_argument(tls_server, pki) -> None
     assert "maximum context length is 1024" in e.value.details()
 
 
-def test_cancel_frees_the_sequence(tls_server, pki) -> None:  # noqa: ANN001
+def test_cancel_frees_the_sequence(tls_server, pki) -> None:
     serving = tls_server.serving
     with channel(tls_server.grpc_target, pki["ca"], pki["client"]) as ch:
         stub = pb_grpc.LLMLocalServiceStub(ch)
@@ -138,7 +137,7 @@ def test_cancel_frees_the_sequence(tls_server, pki) -> None:  # noqa: ANN001
     wait_until(lambda: serving.engine.running == 0)
 
 
-def test_certificate_files_are_reloaded_without_restart(tls_server, pki, tmp_path) -> None:  # noqa: ANN001
+def test_certificate_files_are_reloaded_without_restart(tls_server, pki, tmp_path) -> None:
     d: Path = pki["dir"]
     old_ca = pki["ca"]
     with channel(tls_server.grpc_target, old_ca, pki["client"]) as old_ch:
@@ -167,7 +166,7 @@ def test_certificate_files_are_reloaded_without_restart(tls_server, pki, tmp_pat
     write_material(d, new_ca, new_server)
 
 
-def test_grpc_and_http_share_one_batch_and_metrics_move(server) -> None:  # noqa: ANN001
+def test_grpc_and_http_share_one_batch_and_metrics_move(server) -> None:
     """Plaintext gRPC (loopback) + HTTP at once: both sequences decode in the same steps."""
     serving = server.serving
     m = serving.metrics
@@ -191,7 +190,8 @@ def test_grpc_and_http_share_one_batch_and_metrics_move(server) -> None:  # noqa
 
             async def via_grpc() -> int:
                 n = 0
-                async for r in stub.GenerateStream(request(max_new_tokens=48, engine_specific_params=_ignore_eos())):
+                async for r in stub.GenerateStream(
+                        request(max_new_tokens=48, engine_specific_params=_ignore_eos())):
                     n += r.WhichOneof("type") == "token"
                 return n
 
@@ -230,7 +230,7 @@ def test_grpc_and_http_share_one_batch_and_metrics_move(server) -> None:  # noqa
         occupancy['llamafleet_batch_occupancy_bucket{le="+Inf"}']
 
 
-def test_health_and_reflection(server) -> None:  # noqa: ANN001
+def test_health_and_reflection(server) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -249,7 +249,7 @@ def _ignore_eos() -> struct_pb2.Struct:
     return struct_pb2.Struct(fields={"ignore_eos": struct_pb2.Value(bool_value=True)})
 
 
-def test_http_can_use_the_same_certificate_files(pki, model_path) -> None:  # noqa: ANN001
+def test_http_can_use_the_same_certificate_files(pki, model_path) -> None:
     d = pki["dir"]
     srv = start_server(model_path=model_path, grpc_port=0, metrics_port=0, http_tls=True,
                        grpc_ca_path=d / "ca.crt", grpc_cert_path=d / "tls.crt",

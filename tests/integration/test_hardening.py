@@ -16,7 +16,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-
 from llamafleet.inference.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from llamafleet.inference.proto import local_pb2 as pb
 from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
@@ -82,7 +81,7 @@ LONG_STREAM = {"messages": msgs("Tell me a long story."), "max_tokens": 60, "ign
     ({"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 250}
                                        for i in range(20)}}, "add up"),
 ])
-def test_grammar_bombs_get_a_400_within_a_second(server, schema, needle) -> None:  # noqa: ANN001
+def test_grammar_bombs_get_a_400_within_a_second(server, schema, needle) -> None:
     t0 = time.monotonic()
     r = httpx.post(server.url + CHAT, json=schema_request(schema), timeout=30)
     assert time.monotonic() - t0 < 1.0
@@ -92,7 +91,7 @@ def test_grammar_bombs_get_a_400_within_a_second(server, schema, needle) -> None
     assert httpx.get(server.url + "/health", timeout=5).status_code == 200
 
 
-def test_a_schema_within_the_limits_still_constrains_the_output(server) -> None:  # noqa: ANN001
+def test_a_schema_within_the_limits_still_constrains_the_output(server) -> None:
     r = httpx.post(server.url + CHAT, timeout=60, json={
         **schema_request({"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}},
                           "required": ["a"]}), "max_tokens": 40, "temperature": 0})
@@ -104,7 +103,7 @@ def test_a_schema_within_the_limits_still_constrains_the_output(server) -> None:
 # --- 2. request size -----------------------------------------------------------------------------
 
 
-def raw_request(server, head: bytes, body: bytes = b"") -> bytes:  # noqa: ANN001
+def raw_request(server, head: bytes, body: bytes = b"") -> bytes:
     """Send a request head (and body bytes) on a plain socket; return the response read."""
     port = server.settings.http_port
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -116,7 +115,7 @@ def raw_request(server, head: bytes, body: bytes = b"") -> bytes:  # noqa: ANN00
     return out
 
 
-def test_a_declared_64_mb_body_gets_413_before_it_is_sent(server) -> None:  # noqa: ANN001
+def test_a_declared_64_mb_body_gets_413_before_it_is_sent(server) -> None:
     t0 = time.monotonic()
     resp = raw_request(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                        b"Content-Type: application/json\r\nContent-Length: 67108864\r\n\r\n",
@@ -127,7 +126,7 @@ def test_a_declared_64_mb_body_gets_413_before_it_is_sent(server) -> None:  # no
     assert err["code"] == "request_too_large" and "MAX_REQUEST_BYTES" in err["message"]
 
 
-def test_a_chunked_body_is_cut_at_the_limit(server) -> None:  # noqa: ANN001
+def test_a_chunked_body_is_cut_at_the_limit(server) -> None:
     limit = server.settings.request_bytes_limit
     assert limit == 1024 * 1024 + 32 * 1024  # the default for context_size 1024
     data = b"x" * (limit + 1)
@@ -137,7 +136,7 @@ def test_a_chunked_body_is_cut_at_the_limit(server) -> None:  # noqa: ANN001
     assert resp.startswith(b"HTTP/1.1 413"), resp[:200]
 
 
-def test_health_answers_within_a_second_while_64_mb_arrive(server) -> None:  # noqa: ANN001
+def test_health_answers_within_a_second_while_64_mb_arrive(server) -> None:
     sent = {"bytes": 0}
 
     def upload() -> None:
@@ -164,7 +163,7 @@ def test_health_answers_within_a_second_while_64_mb_arrive(server) -> None:  # n
     assert sent["bytes"] < 64 * 1024 * 1024  # cut off long before the end
 
 
-def test_grpc_messages_over_the_limit_are_resource_exhausted(server) -> None:  # noqa: ANN001
+def test_grpc_messages_over_the_limit_are_resource_exhausted(server) -> None:
     with grpc.insecure_channel(server.grpc_target) as ch:
         stub = pb_grpc.LLMLocalServiceStub(ch)
         big = pb.LLMLocalServiceGenerateStreamRequest(user_prompt="x" * (2 * 1024 * 1024))
@@ -173,7 +172,7 @@ def test_grpc_messages_over_the_limit_are_resource_exhausted(server) -> None:  #
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_hostile_requests_do_not_disturb_a_running_stream(server) -> None:  # noqa: ANN001
+def test_hostile_requests_do_not_disturb_a_running_stream(server) -> None:
     t, box = stream_in_background(server.url, LONG_STREAM)
     assert box["first"].wait(120)
     for schema in ({"type": "string", "maxLength": 200000},
@@ -193,7 +192,7 @@ def test_hostile_requests_do_not_disturb_a_running_stream(server) -> None:  # no
 
 
 PREFIX = " ".join(f"Item {i} is a {c} box." for i, c in
-                  zip(range(34), ["red", "blue", "green"] * 12)) + "\n"
+                  zip(range(34), ["red", "blue", "green"] * 12, strict=False)) + "\n"
 
 
 def _b_request(url: str) -> str:
@@ -209,13 +208,13 @@ SWA_SERVER = dict(context_size=2048, max_batch_size=1, n_batch=64, grpc_port=0, 
 
 
 @pytest.fixture(scope="module")
-def swa_server(model_path):  # noqa: ANN001, ANN201
+def swa_server(model_path):
     srv = start_server(model_path=model_path, **SWA_SERVER)
     yield srv
     srv.stop()
 
 
-def test_a_slid_out_window_is_not_reused(swa_server, model_path) -> None:  # noqa: ANN001
+def test_a_slid_out_window_is_not_reused(swa_server, model_path) -> None:
     engine = swa_server.serving.engine
     assert engine.backend.n_swa == 512
     prefix_tokens = len(swa_server.serving.text_prompt(PREFIX))
@@ -234,7 +233,7 @@ def test_a_slid_out_window_is_not_reused(swa_server, model_path) -> None:  # noq
     assert engine.prefix_tokens_reused == before  # the window was gone: a full prefill
 
 
-def test_a_window_still_held_is_reused(swa_server) -> None:  # noqa: ANN001
+def test_a_window_still_held_is_reused(swa_server) -> None:
     # B is short: its whole sequence stays inside the window, so a repeat reuses it. (No
     # comparison of the text: a reused prefix changes the batch shape, and llama.cpp's CPU
     # kernels are not batch-invariant; see TESTING-NOTES.)
@@ -248,7 +247,7 @@ def test_a_window_still_held_is_reused(swa_server) -> None:  # noqa: ANN001
 # --- 4. batch bounds and stop strings ------------------------------------------------------------------
 
 
-def test_max_batch_size_above_n_batch_raises_n_batch(model_path) -> None:  # noqa: ANN001
+def test_max_batch_size_above_n_batch_raises_n_batch(model_path) -> None:
     srv = start_server(model_path=model_path, max_batch_size=20, n_batch=16, context_size=128,
                        grpc_port=0, metrics_port=0)
     try:
@@ -276,7 +275,7 @@ def test_max_batch_size_above_n_batch_raises_n_batch(model_path) -> None:  # noq
     ("y" * (MAX_STOP_CHARS + 1), f"at most {MAX_STOP_CHARS} characters"),
     ([""], "empty"),
 ])
-def test_stop_string_limits_on_both_apis(server, stop, needle) -> None:  # noqa: ANN001
+def test_stop_string_limits_on_both_apis(server, stop, needle) -> None:
     r = httpx.post(server.url + CHAT, json={"messages": msgs(), "stop": stop}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
     assert needle in r.json()["error"]["message"]
@@ -290,7 +289,7 @@ def test_stop_string_limits_on_both_apis(server, stop, needle) -> None:  # noqa:
         assert "stop_sequences" in e.value.details() and needle in e.value.details()
 
 
-def test_the_earliest_stop_string_in_the_text_wins(server) -> None:  # noqa: ANN001
+def test_the_earliest_stop_string_in_the_text_wins(server) -> None:
     body = {"messages": msgs("The capital of Spain?"), "max_tokens": 40, "temperature": 0}
     free = httpx.post(server.url + CHAT, json=body, timeout=60).json()["choices"][0]["message"]["content"]
     assert "capital" in free
@@ -303,14 +302,14 @@ def test_the_earliest_stop_string_in_the_text_wins(server) -> None:  # noqa: ANN
 
 
 @pytest.fixture(scope="module")
-def guarded(model_path):  # noqa: ANN001, ANN201
+def guarded(model_path):
     srv = start_server(model_path=model_path, api_key=KEY, max_batch_size=1, queue_size=1,
                        engine_stall_timeout_s=1.0, grpc_port=0, metrics_port=0)
     yield srv
     srv.stop()
 
 
-def test_api_key_is_compared_as_bytes(guarded) -> None:  # noqa: ANN001
+def test_api_key_is_compared_as_bytes(guarded) -> None:
     url = guarded.url + "/v1/models"
     assert httpx.get(url, headers={"Authorization": b"Bearer cl\xc3\xa9-wrong"}).status_code == 401
     assert httpx.get(url, headers={"Authorization": b"Bearer \xff\xfe"}).status_code == 401
@@ -318,7 +317,7 @@ def test_api_key_is_compared_as_bytes(guarded) -> None:  # noqa: ANN001
     assert httpx.get(url, headers=AUTH).status_code == 200
 
 
-def test_info_and_metrics_need_the_key_probes_do_not(guarded, server) -> None:  # noqa: ANN001
+def test_info_and_metrics_need_the_key_probes_do_not(guarded, server) -> None:
     for path in ("/info", "/metrics"):
         r = httpx.get(guarded.url + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -330,13 +329,13 @@ def test_info_and_metrics_need_the_key_probes_do_not(guarded, server) -> None:  
     assert "prefix_tokens_reused" not in httpx.get(server.url + "/info").json()
 
 
-def test_health_fails_while_decode_hangs(guarded) -> None:  # noqa: ANN001
+def test_health_fails_while_decode_hangs(guarded) -> None:
     # Fault injection at our Backend boundary: the real llama_decode, held like a hung GPU.
     backend = guarded.serving.engine.backend
     entered, release = threading.Event(), threading.Event()
     real = backend.decode
 
-    def hung(*args):  # noqa: ANN002, ANN202
+    def hung(*args):
         entered.set()
         release.wait(120)
         return real(*args)
@@ -355,7 +354,7 @@ def test_health_fails_while_decode_hangs(guarded) -> None:  # noqa: ANN001
     assert httpx.get(guarded.url + "/health").status_code == 200
 
 
-def test_clients_that_gave_up_do_not_hold_queue_places(guarded) -> None:  # noqa: ANN001
+def test_clients_that_gave_up_do_not_hold_queue_places(guarded) -> None:
     engine = guarded.serving.engine
     body = {"messages": msgs(), "max_tokens": 900, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=120, headers=AUTH) as h:
@@ -378,7 +377,7 @@ def test_clients_that_gave_up_do_not_hold_queue_places(guarded) -> None:  # noqa
 # --- 8. graceful shutdown --------------------------------------------------------------------------------
 
 
-def test_sigterm_lets_a_running_stream_finish_then_exits_0(model_path: Path, tmp_path) -> None:  # noqa: ANN001
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(model_path: Path, tmp_path) -> None:
     port = free_port()
     env = {**os.environ, "LLM_LLAMA_SERVICE_MODEL_PATH": str(model_path),
            "LLM_LLAMA_SERVICE_HOST": "127.0.0.1", "LLM_LLAMA_SERVICE_HTTP_PORT": str(port),
@@ -419,7 +418,7 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(model_path: Path, tmp
 # --- 9. HTTP TLS reload ----------------------------------------------------------------------------------
 
 
-def test_http_tls_picks_up_renewed_certificate_files(model_path, tmp_path) -> None:  # noqa: ANN001
+def test_http_tls_picks_up_renewed_certificate_files(model_path, tmp_path) -> None:
     import datetime as dt
 
     from llamafleet.operator import certs

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from llamafleet.inference.engine import SamplingParams
 from llamafleet.inference.llama_backend import PENALTY_LAST_N, LlamaBackend, LlamaModel
 from llamafleet.inference.llama_backend import llama_cpp as _llama_cpp
@@ -22,7 +21,7 @@ def backend(model_path: Path):
     model.close()
 
 
-def _generate(be: LlamaBackend, sample, n: int) -> list[int]:  # noqa: ANN001
+def _generate(be: LlamaBackend, sample, n: int) -> list[int]:
     prompt = be.model.tokenize("The lighthouse keeper opened the bottle and read", True)
     be.clear_sequence(0)
     be.decode(prompt, list(range(len(prompt))), [0] * len(prompt),

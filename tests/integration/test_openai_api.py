@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def client(server) -> openai.OpenAI:  # noqa: ANN001
+def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
@@ -24,13 +24,13 @@ def model(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
 
 
-def test_models_lists_the_served_model(client: openai.OpenAI, server) -> None:  # noqa: ANN001
+def test_models_lists_the_served_model(client: openai.OpenAI, server) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == [server.serving.model_id]
     assert client.models.retrieve(models[0].id).id == models[0].id
 
 
-def test_info_reports_capacity_plan_and_llama_cpp_build(server) -> None:  # noqa: ANN001
+def test_info_reports_capacity_plan_and_llama_cpp_build(server) -> None:
     info = httpx.get(server.url + "/info").json()
     assert info["max_batch_size"] == 4
     plan = info["capacity"]
@@ -107,7 +107,7 @@ def test_seed_reproduces_a_request_alone(client: openai.OpenAI, model: str) -> N
     assert a != c
 
 
-def test_concurrent_streams_all_complete_and_never_mix(server, model: str) -> None:  # noqa: ANN001
+def test_concurrent_streams_all_complete_and_never_mix(server, model: str) -> None:
     words = ["ZEBRA", "KIWI", "TULIP", "OSLO"]
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
 
@@ -126,12 +126,12 @@ def test_concurrent_streams_all_complete_and_never_mix(server, model: str) -> No
         return await asyncio.gather(*(one(w) for w in words))
 
     results = asyncio.run(main())
-    for word, (text, finish) in zip(words, results):
+    for word, (text, finish) in zip(words, results, strict=True):
         assert finish in ("stop", "length"), text
         others = [w for w in words if w != word]
         assert not any(o in text for o in others), (word, text)
     # the model echoes its prompt: each stream carries its own word
-    assert sum(word in text for word, (text, _) in zip(words, results)) >= 3
+    assert sum(word in text for word, (text, _) in zip(words, results, strict=True)) >= 3
 
 
 def test_json_schema_output_is_valid(client: openai.OpenAI, model: str) -> None:
@@ -157,7 +157,7 @@ def test_json_object_output_is_json(client: openai.OpenAI, model: str) -> None:
         assert content.lstrip()[:1] in ("{", "[")
 
 
-def test_client_disconnect_frees_the_sequence(server, model: str) -> None:  # noqa: ANN001
+def test_client_disconnect_frees_the_sequence(server, model: str) -> None:
     m = server.serving.metrics
     before = m.requests.labels("http_chat", "cancelled", "cancelled")._value.get()
     body = {"model": model, "messages": [{"role": "user", "content": "Count to a thousand."}],
@@ -176,7 +176,7 @@ def test_client_disconnect_frees_the_sequence(server, model: str) -> None:  # no
     assert r.status_code == 200
 
 
-def test_shared_prompt_prefix_is_reused(client: openai.OpenAI, model: str, server) -> None:  # noqa: ANN001
+def test_shared_prompt_prefix_is_reused(client: openai.OpenAI, model: str, server) -> None:
     system = "You are the ship's computer. " * 20
     engine = server.serving.engine
     kwargs = dict(model=model, max_tokens=8, temperature=0.5)

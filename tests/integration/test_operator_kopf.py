@@ -20,8 +20,8 @@ ownerReferences and set a Deployment's status themselves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import copy
 import datetime as dt
 import os
@@ -51,12 +51,12 @@ class Emulator(kmock.KubernetesEmulator):
 
     refuse: set[str] = set()
 
-    def _status(self, code: int, reason: str, message: str):  # noqa: ANN202
+    def _status(self, code: int, reason: str, message: str):
         return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "code": code,
                                           "status": "Failure", "reason": reason,
                                           "message": message, "metadata": {}}, status=code)
 
-    async def _replace(self, request):  # noqa: ANN001, ANN202
+    async def _replace(self, request):
         key = (request.resource, request.namespace, request.name)
         async with self._lock:
             if key not in self._objects or self._objects[key].deleted:
@@ -80,8 +80,8 @@ class Emulator(kmock.KubernetesEmulator):
             await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
         return aiohttp.web.json_response(raw)
 
-    async def _handle(self, request):  # noqa: ANN001, ANN202
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    async def _handle(self, request):
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         data = request.data if isinstance(request.data, dict) else None
         writing = request.action == kmock.action.CREATE or request.method == kmock.method.PUT
         if request.resource is not None and writing and request.resource.plural in self.refuse:
@@ -127,7 +127,7 @@ def kmock_options() -> dict:
 
 
 @pytest.fixture()
-async def api(kmock, tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+async def api(kmock, tmp_path, monkeypatch):
     for name, info in RESOURCES.items():
         kmock.resources[name] = {**info, "verbs": VERBS}
     url = str(kmock.url).rstrip("/")
@@ -163,7 +163,7 @@ async def get(api: httpx.AsyncClient, path: str) -> dict | None:
     return r.json() if r.status_code == 200 else None
 
 
-async def until(fn, timeout: float = 30) -> Any:  # noqa: ANN001
+async def until(fn, timeout: float = 30) -> Any:
     """Await a condition that the operator (another thread) makes true; no fixed sleeps."""
     end = time.monotonic() + timeout
     last = None
@@ -206,7 +206,7 @@ def condition(obj: dict | None, type_: str) -> dict | None:
 
 
 @contextlib.asynccontextmanager
-async def kopf_runner():  # noqa: ANN201
+async def kopf_runner():
     """KopfRunner in its thread; entered and left off the event loop, because KMock serves
     the operator's API calls from this loop and must keep running while kopf stops."""
     from kopf.testing import KopfRunner
@@ -220,7 +220,7 @@ async def kopf_runner():  # noqa: ANN201
         await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
-async def test_llmservice_becomes_pods_with_planned_batching_certs_and_status(api) -> None:  # noqa: ANN001
+async def test_llmservice_becomes_pods_with_planned_batching_certs_and_status(api) -> None:
     await create(api, "/api/v1/nodes", node("small", 6144, "NVIDIA RTX A2000"))
     await create(api, "/api/v1/nodes", node("big", 81559, "NVIDIA H100 80GB HBM3"))
     async with kopf_runner() as runner:
@@ -286,13 +286,14 @@ async def test_llmservice_becomes_pods_with_planned_batching_certs_and_status(ap
         dep = await until(lambda: _dep_if(api, dep_path, lambda d: env_of(d)["MAX_BATCH_SIZE"] != "16"),
                           timeout=30)
         assert int(env_of(dep)["MAX_BATCH_SIZE"]) < 16
-        obj = await until(lambda: _with(api, "chat", lambda o: o["status"]["capacity"]["gpuMemoryMiB"] == 8192))
+        obj = await until(lambda: _with(
+            api, "chat", lambda o: o["status"]["capacity"]["gpuMemoryMiB"] == 8192))
 
     assert runner.exit_code == 0, runner.output
     assert runner.exception is None
 
 
-async def test_small_gpu_node_plans_one_sequence(api) -> None:  # noqa: ANN001
+async def test_small_gpu_node_plans_one_sequence(api) -> None:
     await create(api, "/api/v1/nodes", node("small", 6144, "NVIDIA RTX A2000"))
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice("tiny"))
@@ -301,7 +302,7 @@ async def test_small_gpu_node_plans_one_sequence(api) -> None:  # noqa: ANN001
     assert runner.exception is None
 
 
-async def test_invalid_spec_gets_a_condition_and_the_operator_keeps_running(api) -> None:  # noqa: ANN001
+async def test_invalid_spec_gets_a_condition_and_the_operator_keeps_running(api) -> None:
     await create(api, "/api/v1/nodes", node("big", 81559, "NVIDIA H100 80GB HBM3"))
     async with kopf_runner() as runner:
         bad = llmservice("broken")
@@ -331,7 +332,7 @@ async def test_invalid_spec_gets_a_condition_and_the_operator_keeps_running(api)
     assert runner.exception is None
 
 
-async def test_short_lived_certificates_are_renewed(api) -> None:  # noqa: ANN001
+async def test_short_lived_certificates_are_renewed(api) -> None:
     await create(api, "/api/v1/nodes", node("big", 81559, "NVIDIA H100 80GB HBM3"))
     async with kopf_runner() as runner:
         # validity 3s, renew 2s before: due one second after issue.
@@ -347,7 +348,7 @@ async def test_short_lived_certificates_are_renewed(api) -> None:  # noqa: ANN00
     assert runner.exception is None
 
 
-async def test_cpu_service_with_optional_children(api) -> None:  # noqa: ANN001
+async def test_cpu_service_with_optional_children(api) -> None:
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice(
             "cpu", model={"source": {"embedded": True}, "contextSize": 2048},
@@ -380,12 +381,12 @@ async def test_cpu_service_with_optional_children(api) -> None:  # noqa: ANN001
     assert runner.exception is None
 
 
-async def _with(api: httpx.AsyncClient, name: str, pred) -> dict | None:  # noqa: ANN001
+async def _with(api: httpx.AsyncClient, name: str, pred) -> dict | None:
     obj = await get(api, f"{LLMS}/{name}")
     return obj if obj and obj.get("status") and pred(obj) else None
 
 
-async def _dep_if(api: httpx.AsyncClient, path: str, pred) -> dict | None:  # noqa: ANN001
+async def _dep_if(api: httpx.AsyncClient, path: str, pred) -> dict | None:
     dep = await get(api, path)
     return dep if dep and pred(dep) else None
 
@@ -402,7 +403,7 @@ PDB_PATH = f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets"
 SECRETS = f"/api/v1/namespaces/{NS}/secrets"
 
 
-async def test_foreign_objects_survive_untouched_with_a_conflict(api, kmock) -> None:  # noqa: ANN001
+async def test_foreign_objects_survive_untouched_with_a_conflict(api, kmock) -> None:
     other = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "payments", "uid": "1234",
              "controller": True}
     foreign_dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
@@ -450,11 +451,11 @@ async def test_foreign_objects_survive_untouched_with_a_conflict(api, kmock) -> 
 def _transitioned_before(obj: dict, type_: str, seconds: float) -> bool:
     c = condition(obj, type_)
     when = dt.datetime.strptime(c["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=dt.timezone.utc)
-    return (dt.datetime.now(dt.timezone.utc) - when).total_seconds() > seconds
+        tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - when).total_seconds() > seconds
 
 
-async def test_a_default_llmservice_gets_a_network_policy_and_an_api_key(api, kmock) -> None:  # noqa: ANN001
+async def test_a_default_llmservice_gets_a_network_policy_and_an_api_key(api, kmock) -> None:
     async with kopf_runner() as runner:
         await create(api, LLMS, {"apiVersion": "llamafleet.io/v1alpha1", "kind": "LLMService",
                                  "metadata": {"name": "plain", "namespace": NS},
@@ -485,9 +486,10 @@ async def test_a_default_llmservice_gets_a_network_policy_and_an_api_key(api, km
         assert "team-key, which does not exist" in condition(obj, "Ready")["message"]
         await create(api, SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {
             "name": "team-key", "namespace": NS}, "data": {"api-key": base64.b64encode(b"s3cret").decode()}})
-        dep = await until(lambda: _dep_if(api, f"{DEP_PATH}/plain", lambda d: {
-            "name": "LLM_LLAMA_SERVICE_API_KEY", "valueFrom": {"secretKeyRef": {
-                "name": "team-key", "key": "api-key"}}} in d["spec"]["template"]["spec"]["containers"][0]["env"]))
+        key_ref = {"name": "LLM_LLAMA_SERVICE_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": "team-key", "key": "api-key"}}}
+        dep = await until(lambda: _dep_if(api, f"{DEP_PATH}/plain", lambda d: key_ref in d[
+            "spec"]["template"]["spec"]["containers"][0]["env"]))
         await until(lambda: _gone(api, f"{SECRETS}/plain-api-key"))
         assert await get(api, f"{SECRETS}/team-key")  # the user's Secret is only read
     assert runner.exception is None
@@ -497,7 +499,7 @@ async def _gone(api: httpx.AsyncClient, path: str) -> bool:
     return await get(api, path) is None
 
 
-async def test_a_failing_network_policy_blocks_the_rollout(api, kmock) -> None:  # noqa: ANN001
+async def test_a_failing_network_policy_blocks_the_rollout(api, kmock) -> None:
     kmock.refuse = {"networkpolicies"}
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice("guarded", resources={"gpus": 0, "cpu": "1", "memory": "2Gi"},
@@ -512,7 +514,7 @@ async def test_a_failing_network_policy_blocks_the_rollout(api, kmock) -> None: 
     assert runner.exception is None
 
 
-async def test_drift_is_repaired_and_removed_fields_disappear(api) -> None:  # noqa: ANN001
+async def test_drift_is_repaired_and_removed_fields_disappear(api) -> None:
     await create(api, "/api/v1/nodes", node("small", 6144, "NVIDIA RTX A2000"))
     await create(api, "/api/v1/nodes", node("big", 81559, "NVIDIA H100 80GB HBM3"))
     url = {"url": {"url": "https://models.example/m.gguf", "sha256": "a" * 64}}
@@ -561,7 +563,7 @@ def _kubelet_writes(d: Path, material: dict[str, bytes]) -> None:
         (d / name).write_bytes(data)
 
 
-def _generate(ch, stub_mod, pb) -> str:  # noqa: ANN001
+def _generate(ch, stub_mod, pb) -> str:
     replies = list(stub_mod.LLMLocalServiceStub(ch).GenerateStream(
         pb.LLMLocalServiceGenerateStreamRequest(user_prompt="Hi", params=pb.GenerationParams(
             max_new_tokens=1)), timeout=60))
@@ -571,7 +573,6 @@ def _generate(ch, stub_mod, pb) -> str:  # noqa: ANN001
 def _call(target: str, client: dict[str, bytes]) -> str:
     """One call on a new connection (a new TLS handshake) with a client's mounted files."""
     import grpc
-
     from llamafleet.inference.proto import local_pb2 as pb
     from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 
@@ -583,13 +584,12 @@ def _call(target: str, client: dict[str, bytes]) -> str:
         return _generate(ch, pb_grpc, pb)
 
 
-async def test_ca_rotation_keeps_grpc_clients_connected(api, tmp_path, model_path) -> None:  # noqa: ANN001
+async def test_ca_rotation_keeps_grpc_clients_connected(api, tmp_path, model_path) -> None:
     """A real `llamafleet serve` gRPC server and clients fed from the operator's Secrets, as
     a kubelet would mount them, but at different times: at every change, the server with
     the newest files must accept the client with the previous files and vice versa, and a
     channel opened before the rotation keeps working throughout."""
     import grpc
-
     from llamafleet.inference.proto import local_pb2 as pb
     from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 

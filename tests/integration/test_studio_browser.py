@@ -20,7 +20,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 
 
 @pytest.fixture(scope="module")
-def browser():  # noqa: ANN201
+def browser():
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -32,7 +32,7 @@ def browser():  # noqa: ANN201
 
 
 @contextlib.contextmanager
-def open_studio(browser, server):  # noqa: ANN001, ANN201
+def open_studio(browser, server):
     ctx = browser.new_context(viewport={"width": 1366, "height": 820})
     pg = ctx.new_page()
     pg.set_default_timeout(60_000)
@@ -43,20 +43,20 @@ def open_studio(browser, server):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture()
-def page(browser, instruct_server):  # noqa: ANN001, ANN201
+def page(browser, instruct_server):
     """The studio on the default embedded model, a chat model, as users first see it."""
     with open_studio(browser, instruct_server) as pg:
         yield pg
 
 
 @pytest.fixture()
-def base_model_page(browser, server):  # noqa: ANN001, ANN201
+def base_model_page(browser, server):
     """The studio on Gemma 3 270M, a base model: it continues text until it is stopped."""
     with open_studio(browser, server) as pg:
         yield pg
 
 
-def send(page, text: str) -> None:  # noqa: ANN001
+def send(page, text: str) -> None:
     page.get_by_test_id("chat-input").fill(text)
     page.get_by_test_id("send").click()
 
@@ -69,7 +69,7 @@ RECORD_ANSWER_LENGTHS = """() => { window.__lengths = [];
   }).observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
 
 
-def test_answer_uses_the_rag_context_streams_in_and_metrics_show(page) -> None:  # noqa: ANN001
+def test_answer_uses_the_rag_context_streams_in_and_metrics_show(page) -> None:
     requests: list[dict] = []
     page.on("request", lambda r: requests.append(json.loads(r.post_data))
             if r.url.endswith("/v1/chat/completions") else None)
@@ -106,7 +106,7 @@ def test_answer_uses_the_rag_context_streams_in_and_metrics_show(page) -> None: 
     page.screenshot(path=str(ARTIFACTS / "studio-phone.png"), full_page=True)
 
 
-def test_stop_ends_the_stream_and_frees_the_sequence(base_model_page, server) -> None:  # noqa: ANN001
+def test_stop_ends_the_stream_and_frees_the_sequence(base_model_page, server) -> None:
     page = base_model_page
     page.get_by_test_id("max-tokens").fill("900")
     send(page, "Count from one to one thousand.")
@@ -122,7 +122,7 @@ def test_stop_ends_the_stream_and_frees_the_sequence(base_model_page, server) ->
     assert page.get_by_test_id("assistant-message").last.text_content()
 
 
-def test_errors_are_readable(page) -> None:  # noqa: ANN001
+def test_errors_are_readable(page) -> None:
     page.get_by_test_id("temperature").fill("7")
     send(page, "hi")
     err = page.get_by_test_id("error-message")
@@ -130,11 +130,11 @@ def test_errors_are_readable(page) -> None:  # noqa: ANN001
     assert "temperature" in err.inner_text() and "HTTP 400" in err.inner_text()
 
 
-def test_markdown_renders_code_and_never_runs_scripts(page) -> None:  # noqa: ANN001
+def test_markdown_renders_code_and_never_runs_scripts(page) -> None:
     md = ("Here is **bold**:\n\n```python\nprint('hi')\n```\n\n"
           "<script>window.__pwned = 1</script>\n\n<img src=x onerror=\"window.__pwned = 2\">")
 
-    def fake_stream(route) -> None:  # noqa: ANN001
+    def fake_stream(route) -> None:
         chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
                  "choices": [{"index": 0, "delta": {"content": md}, "finish_reason": None}]}
         route.fulfill(status=200, headers={"content-type": "text/event-stream"},
@@ -150,7 +150,7 @@ def test_markdown_renders_code_and_never_runs_scripts(page) -> None:  # noqa: AN
     assert page.evaluate("() => window.__pwned") is None
 
 
-def test_enter_sends_and_shift_enter_adds_a_line(page) -> None:  # noqa: ANN001
+def test_enter_sends_and_shift_enter_adds_a_line(page) -> None:
     box = page.get_by_test_id("chat-input")
     box.click()
     box.type("line one")

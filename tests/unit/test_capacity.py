@@ -5,9 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 from llamafleet.inference import capacity
-from llamafleet.inference.capacity import GiB, MiB, KVShape, plan
+from llamafleet.inference.capacity import GiB, KVShape, MiB, plan
 
 # (name, KV shape, GGUF size of the Q4_K_M file)
 MISTRAL_7B = (KVShape(32, 8, 128, 128), 4.37e9)
@@ -17,7 +16,7 @@ LLAMA31_8B = (KVShape(32, 8, 128, 128), 4.92e9)
 LLAMA31_70B = (KVShape(80, 8, 128, 128), 42.5e9)
 
 
-def gpu(card_gib: float, model, cap: int = 16, context: int = 4096, count: int = 1) -> int:  # noqa: ANN001
+def gpu(card_gib: float, model, cap: int = 16, context: int = 4096, count: int = 1) -> int:
     kv, size = model
     return plan(memory_bytes=card_gib * GiB, device_count=count, weights_bytes=size, kv=kv,
                 context=context, cap=cap).max_batch_size
@@ -53,7 +52,7 @@ def test_a_7b_without_gqa_does_not_fit_at_4k_on_6gb_and_says_why() -> None:
     (80, LLAMA31_70B, 16),
     (80, LLAMA32_3B, 16),
 ])
-def test_realistic_cards(card: int, model, expected: int) -> None:  # noqa: ANN001
+def test_realistic_cards(card: int, model, expected: int) -> None:
     assert gpu(card, model) == expected
 
 
@@ -100,26 +99,26 @@ class FakeNVML:
         self.name = name
         self.shut = False
 
-    def nvmlInit(self) -> None:  # noqa: N802
+    def nvmlInit(self) -> None:
         pass
 
-    def nvmlShutdown(self) -> None:  # noqa: N802
+    def nvmlShutdown(self) -> None:
         self.shut = True
 
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+    def nvmlDeviceGetCount(self) -> int:
         return len(self.free)
 
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
         return i
 
-    def nvmlDeviceGetMemoryInfo(self, h: int):  # noqa: N802, ANN201
+    def nvmlDeviceGetMemoryInfo(self, h: int):
         return SimpleNamespace(free=self.free[h] * MiB, total=self.free[h] * MiB)
 
-    def nvmlDeviceGetName(self, h: int) -> bytes:  # noqa: N802
+    def nvmlDeviceGetName(self, h: int) -> bytes:
         return self.name.encode()
 
 
-def pod_settings(**kw):  # noqa: ANN003, ANN201
+def pod_settings(**kw):
     from llamafleet.inference.settings import Settings
 
     return Settings(**{"max_batch_size": 16, "context_size": 4096, **kw})
@@ -171,7 +170,7 @@ def test_the_real_build_is_asked_whether_it_can_offload() -> None:
     assert capacity.llama_supports_gpu_offload() is bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def test_no_nvml_means_cpu_mode_for_real(tmp_path) -> None:  # noqa: ANN001
+def test_no_nvml_means_cpu_mode_for_real(tmp_path) -> None:
     p = capacity.plan_for_pod(pod_settings(max_batch_size=4), MISTRAL_SHAPE)
     assert p.mode == "cpu"  # this machine has no GPU: the real probe finds none
     (tmp_path / "memory.max").write_text(str(6 * GiB))

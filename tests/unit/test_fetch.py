@@ -8,12 +8,11 @@ import threading
 from functools import partial
 
 import pytest
-
 from llamafleet.inference.fetch import FetchError, fetch
 
 
 @pytest.fixture()
-def files(tmp_path):  # noqa: ANN001, ANN201
+def files(tmp_path):
     (tmp_path / "srv").mkdir()
     (tmp_path / "srv" / "m.gguf").write_bytes(b"GGUF" + b"x" * 5000)
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "srv"))
@@ -24,7 +23,7 @@ def files(tmp_path):  # noqa: ANN001, ANN201
     httpd.shutdown()
 
 
-def test_fetch_verifies_sha256(files) -> None:  # noqa: ANN001
+def test_fetch_verifies_sha256(files) -> None:
     base, tmp = files
     good = hashlib.sha256(b"GGUF" + b"x" * 5000).hexdigest()
     out = fetch(f"{base}/m.gguf", good, tmp / "out" / "model.gguf")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from llamafleet.inference.errors import BadRequest
-from llamafleet.inference.limits import (
-    MAX_SCHEMA_BOUND, MAX_SCHEMA_DEPTH, check_json_schema)
+from llamafleet.inference.limits import MAX_SCHEMA_BOUND, MAX_SCHEMA_DEPTH, check_json_schema
 
 
 def nested(depth: int) -> dict:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import ssl
 import socket
+import ssl
 import threading
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from pathlib import Path
-
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
@@ -24,7 +23,7 @@ K8S = "1.33.0"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def spec(**over):  # noqa: ANN003, ANN201
+def spec(**over):
     raw = {"model": {"source": {"pvc": {"claimName": "models", "path": "m.gguf"}},
                      "shape": {"sizeBytes": 4_370_000_000, "layers": 32, "kvHeads": 8,
                                "keyLength": 128, "valueLength": 128}},
@@ -56,7 +55,7 @@ def validate(obj: dict) -> None:
     ({"model": {"source": {"embedded": True}}, "tls": {"validity": "forever"}}, "invalid duration"),
     ({"model": {"source": {"embedded": True}}, "bogus": 1}, "spec.bogus"),
 ])
-def test_invalid_specs_say_what_to_fix(raw, needle) -> None:  # noqa: ANN001
+def test_invalid_specs_say_what_to_fix(raw, needle) -> None:
     with pytest.raises(SpecError, match=needle):
         parse_spec(raw)
 
@@ -85,7 +84,7 @@ def test_unknown_model_is_planned_conservatively() -> None:
     ({}, SMOLLM2.name),
     ({"name": "gemma-3-270m"}, GEMMA.name),
 ])
-def test_embedded_source_names_the_model_for_the_pod_and_the_planner(source, name) -> None:  # noqa: ANN001
+def test_embedded_source_names_the_model_for_the_pod_and_the_planner(source, name) -> None:
     s = spec(resources={"gpus": 0, "memory": "4Gi"}, model={"source": {"embedded": source}})
     plan = plan_service(s, [])
     assert f"embedded model {name}" in plan.reason
@@ -113,7 +112,7 @@ def test_embedded_shapes_differ_in_the_plan() -> None:
     ({"embedded": False}, "exactly one of model.source.pvc, model.source.url or "
                           "model.source.embedded .got none."),
 ])
-def test_bad_embedded_source_says_what_to_fix(source, needle) -> None:  # noqa: ANN001
+def test_bad_embedded_source_says_what_to_fix(source, needle) -> None:
     with pytest.raises(SpecError, match=needle):
         parse_spec({"model": {"source": source}})
 
@@ -209,7 +208,7 @@ def test_examples_parse_as_valid_specs() -> None:
     ({"imagePullSecrets": [{"name": "Bad_Name"}]}, "spec.imagePullSecrets.0.name"),
     ({"auth": {"apiKeySecret": "has space"}}, "spec.auth.apiKeySecret"),
 ])
-def test_input_the_api_server_would_reject_is_an_invalid_spec(over, needle) -> None:  # noqa: ANN001
+def test_input_the_api_server_would_reject_is_an_invalid_spec(over, needle) -> None:
     with pytest.raises(SpecError) as e:
         spec(**over)
     assert needle in str(e.value)
@@ -350,7 +349,7 @@ def test_renewal_window() -> None:
     assert certs.needs_renewal(ca, dt.timedelta(days=11))
 
 
-def test_server_and_client_certificates_complete_a_real_mtls_handshake(tmp_path) -> None:  # noqa: ANN001
+def test_server_and_client_certificates_complete_a_real_mtls_handshake(tmp_path) -> None:
     ca = certs.new_ca("ca", dt.timedelta(days=1))
     server = certs.issue(ca, "chat", dt.timedelta(days=1), sans=NAMES.dns_names("cluster.local"))
     client = certs.issue(ca, "client", dt.timedelta(days=1), client=True)
@@ -446,9 +445,9 @@ def _handshake(tmp_path: Path, server: tuple, client: tuple) -> bool:
     return False
 
 
-def test_ca_rotation_overlaps_so_mixed_mounts_always_handshake(tmp_path) -> None:  # noqa: ANN001
+def test_ca_rotation_overlaps_so_mixed_mounts_always_handshake(tmp_path) -> None:
     validity, renew, overlap = dt.timedelta(days=10), dt.timedelta(days=3), dt.timedelta(hours=1)
-    t = dt.datetime.now(dt.timezone.utc)  # certificates are issued at the real time
+    t = dt.datetime.now(dt.UTC)  # certificates are issued at the real time
     kw = dict(validity=validity, renew_before=renew, overlap=overlap)
     states = []
 
@@ -477,7 +476,7 @@ def test_ca_rotation_overlaps_so_mixed_mounts_always_handshake(tmp_path) -> None
     assert states[1][0].bundle.count(b"BEGIN CERTIFICATE") == 2
     # Every pair of neighbouring states handshakes both ways: a server and a client whose
     # mounts are refreshed at different times still trust each other.
-    for (ca_a, (srv_a, cli_a)), (ca_b, (srv_b, cli_b)) in zip(states, states[1:]):
+    for (ca_a, (srv_a, cli_a)), (ca_b, (srv_b, cli_b)) in zip(states, states[1:], strict=False):
         assert _handshake(tmp_path, (srv_a, ca_a.bundle), (cli_b, ca_b.bundle))
         assert _handshake(tmp_path, (srv_b, ca_b.bundle), (cli_a, ca_a.bundle))
     # Without the overlap (first state straight to the last) a lagging mount fails.

@@ -12,7 +12,7 @@ def test_stubs_are_fresh() -> None:
 
 
 def test_field_numbers_are_the_contract() -> None:
-    def numbers(msg) -> dict[str, int]:  # noqa: ANN001
+    def numbers(msg) -> dict[str, int]:
         return {f.name: f.number for f in msg.DESCRIPTOR.fields}
 
     assert numbers(pb.LLMLocalServiceGenerateStreamRequest) == {

@@ -4,7 +4,6 @@ tests/integration/test_cpu_portability.py, which starts `llamafleet serve`)."""
 from __future__ import annotations
 
 import pytest
-
 from llamafleet.inference.selftest import SELF_TEST_TOKENS, SelfTestFailed, self_test
 
 from .test_engine import FakeBackend

@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 from llamafleet.inference.cli import main
 from llamafleet.inference.logs import JSONFormatter, request_id_from_headers
 from llamafleet.inference.settings import Settings
 
 
-def test_env_prefix_and_defaults(monkeypatch) -> None:  # noqa: ANN001
+def test_env_prefix_and_defaults(monkeypatch) -> None:
     monkeypatch.setenv("LLM_LLAMA_SERVICE_CONTEXT_SIZE", "2048")
     monkeypatch.setenv("LLM_LLAMA_SERVICE_MAX_BATCH_SIZE", "3")
     s = Settings()
@@ -36,7 +35,7 @@ def test_every_setting_is_documented() -> None:
     ({"LLM_LLAMA_SERVICE_LOG_FORMAT": "xml"}, "LLM_LLAMA_SERVICE_LOG_FORMAT"),
     ({"LLM_LLAMA_SERVICE_GRPC_CA_PATH": "/x"}, "GRPC_CERT_PATH"),
 ])
-def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None:  # noqa: ANN001
+def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None:
     import os
 
     r = subprocess.run([sys.executable, "-I", "-m", "llamafleet.inference.cli", "serve"],
@@ -46,7 +45,7 @@ def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None: 
     assert len(lines) == 1 and needle in lines[0], r.stderr
 
 
-def test_flags_override_env_and_unset_flags_keep_it(monkeypatch) -> None:  # noqa: ANN001
+def test_flags_override_env_and_unset_flags_keep_it(monkeypatch) -> None:
     import argparse
 
     from llamafleet.inference import cli
@@ -61,14 +60,14 @@ def test_flags_override_env_and_unset_flags_keep_it(monkeypatch) -> None:  # noq
     assert s.max_batch_size == 3  # from env: the flag was not given
 
 
-def test_serve_help_lists_env_vars(capsys) -> None:  # noqa: ANN001
+def test_serve_help_lists_env_vars(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "--max-batch-size" in out and "LLM_LLAMA_SERVICE_MAX_BATCH_SIZE" in out
 
 
-def test_missing_model_file_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+def test_missing_model_file_is_a_clear_error(tmp_path) -> None:
     from llamafleet.inference.model import ModelError, resolve_model_path
 
     with pytest.raises(ModelError, match="not found"):
@@ -109,7 +108,6 @@ def test_chat_template_fallback_for_gemma_puts_system_into_the_first_turn() -> N
 
 def test_chat_template_is_sandboxed() -> None:
     from jinja2.exceptions import SecurityError
-
     from llamafleet.inference.model import ChatFormatter
 
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
