@@ -124,7 +124,8 @@ def main() -> int:
     (a.out / f"builds-{stamp}.json").write_text(json.dumps(report, indent=2))
     print(f"{report['machine']['cpu']} ({' '.join(report['machine']['isa'])}), "
           f"{a.threads} threads, {model.name}")
-    print(f"{'build (best of rounds)':<22} {'prefill':>9} {'decode x1':>10} {'decode x4':>10}  llama-cpp-python")
+    print(f"{'build (best of rounds)':<22} {'prefill':>9} {'decode x1':>10} {'decode x4':>10}  "
+          "llama-cpp-python")
     for name, r in results.items():
         print(f"{name:<22} {r['prefill_tok_s']:>9} {r['decode_1_tok_s']:>10} "
               f"{r['decode_4_tok_s']:>10}  {r['llama_cpp_python']}")
