@@ -51,7 +51,8 @@ def load_settings(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .logs import configure
+    from llamafleet.common.logs import configure
+
     from .server import serve
 
     settings = load_settings(args)

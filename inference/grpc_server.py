@@ -15,10 +15,10 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from llamafleet.common.errors import BadRequest, LlamafleetError, mapping_for
+from llamafleet.common.logs import request_id_from_headers
 
 from .engine import Finished, TextDelta
-from .errors import BadRequest, LlamafleetError, mapping_for
-from .logs import request_id_from_headers
 from .proto import local_pb2 as pb
 from .proto import local_pb2_grpc as pb_grpc
 from .serving import Serving

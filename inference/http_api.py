@@ -13,12 +13,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from . import protocol as P
-from .engine import Finished, TextDelta
-from .errors import (
+from llamafleet.common import protocol as P
+from llamafleet.common.contract import VERSION
+from llamafleet.common.errors import (
     BadRequest,
     LlamafleetError,
     NotReady,
@@ -28,7 +25,11 @@ from .errors import (
     openai_body,
     retry_after,
 )
-from .logs import request_id_from_headers
+from llamafleet.common.logs import request_id_from_headers
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Finished, TextDelta
 from .serving import Generation, Serving
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ class BodyLimit:
 
 
 def create_app(settings, serving: Serving | None = None) -> FastAPI:
-    app = FastAPI(title="llamafleet", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="llamafleet", version=VERSION, docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyLimit, limit=settings.request_bytes_limit)
     app.state.settings = settings
     app.state.serving = serving

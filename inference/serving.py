@@ -17,12 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamafleet.common.capacity import Plan
+from llamafleet.common.errors import (
+    BadRequest,
+    ContextTooLong,
+    LlamafleetError,
+    ModelError,
+    ModelNotFound,
+    NotReady,
+)
+
 from . import capacity
 from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextDelta
-from .errors import BadRequest, ContextTooLong, LlamafleetError, ModelNotFound, NotReady
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SCHEMA_CONVERT_TIMEOUT_S, check_json_schema
 from .metrics import EngineMetrics, Metrics
-from .model import ChatFormatter, ModelError, apply_rag, llama_cpp_python_version, resolve_model_path
+from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,7 +106,7 @@ class LoopBridge:
 
 class Serving:
     def __init__(self, settings: Settings, model: Any, engine: Engine, metrics: Metrics,
-                 plan: capacity.Plan):
+                 plan: Plan):
         self.settings = settings
         self.model = model
         self.engine = engine

@@ -11,12 +11,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .embedded import DEFAULT_EMBEDDED, EMBEDDED, IMAGE_MODEL_DIR, lookup
-
-ENV_PREFIX = "LLM_LLAMA_SERVICE_"
 
 DEFAULT_RAG_TEMPLATE = (
     "Use the following context to answer the question.\n\n"
@@ -109,9 +108,9 @@ class Settings(BaseSettings):
     )
     # --- network ------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the HTTP, gRPC and metrics ports bind to.")
-    http_port: int = Field(16070, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
-    grpc_port: int = Field(16071, ge=0, le=65535, description="gRPC port (0 turns gRPC off).")
-    metrics_port: int = Field(16072, ge=0, le=65535, description="Prometheus port (0: off).")
+    http_port: int = Field(HTTP_PORT, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
+    grpc_port: int = Field(GRPC_PORT, ge=0, le=65535, description="gRPC port (0 turns gRPC off).")
+    metrics_port: int = Field(METRICS_PORT, ge=0, le=65535, description="Prometheus port (0: off).")
     grpc_ca_path: Path | None = Field(None, description="CA that signs allowed gRPC clients.")
     grpc_cert_path: Path | None = Field(None, description="Server certificate (PEM).")
     grpc_key_path: Path | None = Field(None, description="Server private key (PEM).")
