@@ -13,7 +13,9 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from llamafleet.common.contract import ENV_PREFIX
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2
+from llamafleet.inference.settings import Settings
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
 from llamafleet.operator.planning import NodeGPU, plan_service
@@ -149,6 +151,24 @@ def test_deployment_is_valid_and_complete() -> None:
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     assert dep["spec"]["selector"]["matchLabels"] == B.selector_labels("chat")
+
+
+@pytest.mark.parametrize("source", [
+    {"pvc": {"claimName": "models", "path": "m.gguf"}},
+    {"url": {"url": "https://models.example/m.gguf", "sha256": "a" * 64}},
+    {"embedded": True},
+])
+def test_every_env_key_the_builders_set_is_a_pod_setting(source) -> None:
+    # Settings ignores unknown LLM_LLAMA_SERVICE_* variables: a typo here would pass silently.
+    s = spec(model={"source": source}, systemPrompt="Be brief.", sampling={
+        "temperature": 0.2, "topK": 20, "topP": 0.9, "repeatPenalty": 1.2, "maxTokens": 64})
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    pod = dep["spec"]["template"]["spec"]
+    names = [e["name"] for c in pod["containers"] + pod.get("initContainers", [])
+             for e in c.get("env", [])]
+    assert len(names) > 15 and all(n.startswith(ENV_PREFIX) for n in names)
+    unknown = {n for n in names if n.removeprefix(ENV_PREFIX).lower() not in Settings.model_fields}
+    assert not unknown
 
 
 def test_same_plan_same_hash_and_new_plan_new_hash() -> None:
