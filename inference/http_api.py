@@ -26,6 +26,7 @@ from llamafleet.common.errors import (
     retry_after,
 )
 from llamafleet.common.logs import request_id_from_headers
+from llamafleet.common.sampling import SamplingParameters
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -94,11 +95,9 @@ async def get_model(model_id: str, request: Request) -> P.ModelCard:
 
 
 def _params(s: Serving, body: P._SamplingFields, max_tokens: int | None, **extra) -> object:
-    return s.sampling(
-        max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-        min_p=body.min_p, repeat_penalty=body.repeat_penalty,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        seed=body.seed, stop=body.stop_list, ignore_eos=body.ignore_eos, **extra)
+    requested = SamplingParameters(**{**body.model_dump(include=set(SamplingParameters.model_fields)),
+                                      "max_tokens": max_tokens})
+    return s.sampling(requested, stop=body.stop_list, ignore_eos=body.ignore_eos, **extra)
 
 
 @api.post("/chat/completions")

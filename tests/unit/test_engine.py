@@ -208,8 +208,7 @@ def test_cancelled_request_frees_its_slot_at_the_next_step() -> None:
     eng = make_engine(be, max_batch_size=1, context_size=10**9)
     req = GenerationRequest([1], SamplingParams(max_tokens=10**9), Collector())
     eng.submit(req)
-    while not any(isinstance(e, TextDelta) for e in req.sink.events):
-        req.sink.done.wait(0.01)
+    wait_until(lambda: any(isinstance(e, TextDelta) for e in req.sink.events))
     req.cancel()
     assert req.sink.done.wait(5)
     assert req.sink.final.reason == "cancelled"
@@ -224,8 +223,7 @@ def test_queue_full_is_overloaded_at_once() -> None:
     be.gate = threading.Event()  # hold the engine inside decode
     eng = make_engine(be, max_batch_size=1, queue_size=2)
     first = submit(eng, [1], max_tokens=5)
-    while eng.running == 0:
-        first.done.wait(0.01)
+    wait_until(lambda: eng.running)
     queued = [submit(eng, [1], max_tokens=1) for _ in range(2)]
     with pytest.raises(Overloaded):
         submit(eng, [1], max_tokens=1)
@@ -265,8 +263,7 @@ def test_stop_fails_everything_still_known() -> None:
     eng = make_engine(be, max_batch_size=1)
     running = submit(eng, [1], max_tokens=100)
     waiting = submit(eng, [1], max_tokens=100)
-    while eng.running == 0:
-        running.done.wait(0.01)
+    wait_until(lambda: eng.running)
     eng._stopping = True
     be.gate.set()
     eng.stop()
@@ -374,8 +371,7 @@ def test_cancelled_sequences_leave_nothing_cached() -> None:
     eng = make_engine(be, max_batch_size=1, context_size=10**9)
     req = GenerationRequest([1, 2, 3], SamplingParams(max_tokens=10**9), Collector())
     eng.submit(req)
-    while not any(isinstance(e, TextDelta) for e in req.sink.events):
-        req.sink.done.wait(0.01)
+    wait_until(lambda: any(isinstance(e, TextDelta) for e in req.sink.events))
     req.cancel()
     assert req.sink.done.wait(5)
     c = submit(eng, [1, 2, 3, 4], max_tokens=1)
@@ -402,8 +398,7 @@ def test_cancelled_waiting_requests_are_purged_when_the_queue_is_full() -> None:
     be.gate = threading.Event()  # hold the engine inside decode
     eng = make_engine(be, max_batch_size=1, queue_size=2)
     first = submit(eng, [1], max_tokens=5)
-    while eng.running == 0:
-        first.done.wait(0.01)
+    wait_until(lambda: eng.running)
     gone = [GenerationRequest([1], SamplingParams(max_tokens=1), Collector()) for _ in range(2)]
     for req in gone:
         eng.submit(req)
