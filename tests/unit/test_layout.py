@@ -28,3 +28,12 @@ def test_the_operator_folder_is_a_namespace_portion_mapped_to_llamafleet_operato
     r = _run_from_root("-c", "import llamafleet.operator.builders as b; print(b.__file__)")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == ROOT / "operator" / "builders.py"
+
+
+def test_llamafleet_common_never_loads_llama_cpp() -> None:
+    modules = sorted(p.stem for p in (ROOT / "common").glob("*.py"))
+    assert {"capacity", "contract", "errors", "logs", "protocol", "sampling"} <= set(modules)
+    code = ("import sys\n" + "".join(f"import llamafleet.common.{m}\n" for m in modules)
+            + "print('llama_cpp' in sys.modules)")
+    r = _run_from_root("-c", code)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
