@@ -8,7 +8,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from llamafleet.common.contract import OPERATOR_ENV_PREFIX, VERSION
+from llamafleet.common.contract import HTTP_PORT, OPERATOR_ENV_PREFIX, USER_ID, VERSION
 from llamafleet.operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,3 +174,12 @@ def test_operator_env_keys_are_operator_settings_and_the_version_is_the_contract
     assert not unknown
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["appVersion"] == VERSION  # the image tag the operator defaults to
+
+
+def test_the_chart_uses_the_contracts_user_and_http_port(helm: Path) -> None:
+    docs = render(helm, "sample.enabled=true")
+    operator = next(d for d in docs if d["kind"] == "Deployment")
+    test_pod = next(d for d in docs if d["kind"] == "Pod")
+    for pod in (operator["spec"]["template"]["spec"], test_pod["spec"]):
+        assert pod["securityContext"]["runAsUser"] == USER_ID
+    assert f".svc:{HTTP_PORT}" in " ".join(test_pod["spec"]["containers"][0]["command"])
