@@ -13,6 +13,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from llamafleet.common import contract as C
 from llamafleet.common.contract import ENV_PREFIX
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2
 from llamafleet.inference.settings import Settings
@@ -257,7 +258,7 @@ def test_network_policy_is_on_by_default_and_closes_metrics() -> None:
     validate(np_)
     (rule,) = np_["spec"]["ingress"]  # no rule for the metrics port
     assert rule["from"] == [{"podSelector": {"matchLabels": {"llamafleet.io/client": "true"}}}]
-    assert {p["port"] for p in rule["ports"]} == {B.HTTP_PORT, B.GRPC_PORT}
+    assert {p["port"] for p in rule["ports"]} == {C.HTTP_PORT, C.GRPC_PORT}
 
 
 def test_network_policy_admits_named_clients_and_monitoring_namespaces() -> None:
@@ -272,7 +273,7 @@ def test_network_policy_admits_named_clients_and_monitoring_namespaces() -> None
     assert metrics == {"from": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}],
-        "ports": [{"port": B.METRICS_PORT, "protocol": "TCP"}]}
+        "ports": [{"port": C.METRICS_PORT, "protocol": "TCP"}]}
 
 
 def _env_from(dep: dict, name: str) -> dict:
