@@ -9,14 +9,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . ../scripts/llama-cpp-env.sh   # the compiler flags of every llamafleet llama.cpp build (no AMX)
-VERSION=$(python3 -I -c "import re,pathlib;print(re.search(r'llama-cpp-python==([\d.]+)',pathlib.Path('../pyproject.toml').read_text()).group(1))")
+VERSION=$(python3 -c "import re,pathlib;print(re.search(r'llama-cpp-python==([\d.]+)',pathlib.Path('../pyproject.toml').read_text()).group(1))")
 suffix=""
 [ "${1:-}" = "--patched" ] && suffix="-patched"
 mkdir -p .build
 cd .build
 if [ ! -x "bin/llama-server$suffix" ]; then
   [ -f "llama_cpp_python-$VERSION.tar.gz" ] || \
-    python3 -I -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d .
+    python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d .
   rm -rf "src$suffix" && mkdir "src$suffix"
   tar xzf "llama_cpp_python-$VERSION.tar.gz" -C "src$suffix" --strip-components=1
   if [ -n "$suffix" ]; then

@@ -122,7 +122,7 @@ for run in range({runs}):
     C.llama_sampler_free(s)
 print(json.dumps(rates))
 """
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     rates = json.loads(out.stdout.strip().splitlines()[-1])
     rates = rates[1:] if len(rates) > 1 else rates  # first run warms caches
     return {"runs": len(rates), "tokens_per_s": round(sum(rates) / len(rates), 2),
@@ -161,7 +161,7 @@ def main() -> int:
         servers.append((f"llamafleet-b{b}", lambda p, b=b: lf + ["--http-port", str(p),
                                                                    "--max-batch-size", str(b)]))
     servers.append(("llama-cpp-python", lambda p: [
-        sys.executable, "-I", "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(p), "--n_ctx", str(a.context), "--n_threads", str(a.threads),
         "--n_threads_batch", str(a.threads)]))
     for name, binary in (("llama-server-np4", a.llama_server),

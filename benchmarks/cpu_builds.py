@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from llamafleet.inference import bench
-from llamafleet.inference.model import embedded_model_path
+from llamafleet.inference.embedded import embedded_model_path
 
 HERE = Path(__file__).parent
 

@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from llamafleet.common.contract import HTTP_PORT
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:16070", help="server base URL")
+    p.add_argument("--url", default=f"http://127.0.0.1:{HTTP_PORT}", help="server base URL")
     p.add_argument("--compare", metavar="URL2", help="a second server, measured in the same run")
     p.add_argument("--concurrent", default="1,4", help="concurrency levels: '4' or '1,2,4,8'")
     p.add_argument("--requests", type=int, default=0,

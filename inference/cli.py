@@ -51,7 +51,8 @@ def load_settings(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .logs import configure
+    from llamafleet.common.logs import configure
+
     from .server import serve
 
     settings = load_settings(args)
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         # Python stack that led there, instead of a bare "Segmentation fault".
         if sys.__stderr__ is not None:
             faulthandler.enable(file=sys.__stderr__)
-        # Load llama.cpp's shared libraries before grpc's and numpy's: with the CUDA build,
-        # loading them later crashed the first model load (seen on an H100).
+        # Load llama.cpp's shared libraries before grpc's and numpy's (server.init_backends
+        # says why).
         import llama_cpp  # noqa: F401
     parser = argparse.ArgumentParser(prog="llamafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .errors import ModelError
+from llamafleet.common.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
+from llamafleet.common.errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from llamafleet.common.errors import BadRequest, LlamafleetError, mapping_for
+from llamafleet.common.logs import request_id_from_headers
+from llamafleet.common.sampling import SamplingParameters
+from pydantic import ValidationError
 
 from .engine import Finished, TextDelta
-from .errors import BadRequest, LlamafleetError, mapping_for
-from .logs import request_id_from_headers
 from .proto import local_pb2 as pb
 from .proto import local_pb2_grpc as pb_grpc
 from .serving import Serving
@@ -32,13 +33,10 @@ ROLES = {"user": "user", "assistant": "assistant", "model": "assistant", "system
 # engine_specific_params keys and their types; anything else is refused by name.
 ENGINE_PARAMS = {"min_p": float, "presence_penalty": float, "frequency_penalty": float,
                  "ignore_eos": bool, "json": bool}
-
-
-def _float(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise BadRequest(f"params.{name} must be in {bound}, got {value}", param=f"params.{name}")
-    return value
+# GenerationParams fields named otherwise in SamplingParameters, and back.
+SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "repetition_penalty": "repeat_penalty"}
+CONTRACT_NAMES = {v: k for k, v in SAMPLING_NAMES.items()} | {
+    k: k for k in ("temperature", "top_k", "top_p", "seed")}
 
 
 def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStreamRequest):
@@ -59,29 +57,12 @@ def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStrea
     prompt = serving.chat_prompt(messages, rag)
 
     p = req.params
-    has = p.HasField
-    kw: dict = {}
-    if has("max_new_tokens"):
-        if p.max_new_tokens < 1:
-            raise BadRequest(f"params.max_new_tokens must be >= 1, got {p.max_new_tokens}",
-                             param="params.max_new_tokens")
-        kw["max_tokens"] = p.max_new_tokens
-    if has("temperature"):
-        kw["temperature"] = _float("temperature", p.temperature, 0, 2)
-    if has("top_k"):
-        if p.top_k < 0:
-            raise BadRequest(f"params.top_k must be >= 0, got {p.top_k}", param="params.top_k")
-        kw["top_k"] = p.top_k
-    if has("top_p"):
-        kw["top_p"] = _float("top_p", p.top_p, 0, 1, lo_open=True)
-    if has("repetition_penalty"):
-        kw["repeat_penalty"] = _float("repetition_penalty", p.repetition_penalty, 0, 10,
-                                      lo_open=True)
-    if has("seed"):
-        kw["seed"] = p.seed
-    kw["stop"] = list(p.stop_sequences)
-    kw["stop_param"] = "params.stop_sequences"
-    if has("engine_specific_params"):
+    # Contract name -> SamplingParameters name; the model checks the ranges (as for HTTP).
+    given = {SAMPLING_NAMES.get(name, name): getattr(p, name)
+             for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                          "seed") if p.HasField(name)}
+    options: dict = {}
+    if p.HasField("engine_specific_params"):
         extra = json_format.MessageToDict(p.engine_specific_params)
         unknown = sorted(set(extra) - set(ENGINE_PARAMS))
         if unknown:
@@ -90,17 +71,23 @@ def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStrea
         for key, value in extra.items():
             want = ENGINE_PARAMS[key]
             if want is bool and not isinstance(value, bool) or \
-                    want is float and not isinstance(value, (int, float)):
+                    want is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise BadRequest(f"engine_specific_params.{key} must be a {want.__name__}",
                                  param=f"params.engine_specific_params.{key}")
-        if "min_p" in extra:
-            kw["min_p"] = _float("min_p", extra["min_p"], 0, 1)
-        for key in ("presence_penalty", "frequency_penalty"):
-            if key in extra:
-                kw[key] = _float(key, extra[key], -2, 2)
-        kw["ignore_eos"] = bool(extra.get("ignore_eos", False))
-        kw["json_object"] = bool(extra.get("json", False))
-    return prompt, serving.sampling(**kw)
+            if want is float:
+                given[key] = value
+        options = {"ignore_eos": bool(extra.get("ignore_eos", False)),
+                   "json_object": bool(extra.get("json", False))}
+    try:
+        requested = SamplingParameters(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0])
+        name = CONTRACT_NAMES.get(field, f"engine_specific_params.{field}")
+        raise BadRequest(f"params.{name}: {err['msg']}, got {err['input']!r}",
+                         param=f"params.{name}") from None
+    return prompt, serving.sampling(requested, stop=list(p.stop_sequences),
+                                    stop_param="params.stop_sequences", **options)
 
 
 class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):

@@ -13,12 +13,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from . import protocol as P
-from .engine import Finished, TextDelta
-from .errors import (
+from llamafleet.common import protocol as P
+from llamafleet.common.contract import VERSION
+from llamafleet.common.errors import (
     BadRequest,
     LlamafleetError,
     NotReady,
@@ -28,7 +25,12 @@ from .errors import (
     openai_body,
     retry_after,
 )
-from .logs import request_id_from_headers
+from llamafleet.common.logs import request_id_from_headers
+from llamafleet.common.sampling import SamplingParameters
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Finished, TextDelta
 from .serving import Generation, Serving
 
 log = logging.getLogger(__name__)
@@ -93,11 +95,9 @@ async def get_model(model_id: str, request: Request) -> P.ModelCard:
 
 
 def _params(s: Serving, body: P._SamplingFields, max_tokens: int | None, **extra) -> object:
-    return s.sampling(
-        max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-        min_p=body.min_p, repeat_penalty=body.repeat_penalty,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        seed=body.seed, stop=body.stop_list, ignore_eos=body.ignore_eos, **extra)
+    requested = SamplingParameters(**{**body.model_dump(include=set(SamplingParameters.model_fields)),
+                                      "max_tokens": max_tokens})
+    return s.sampling(requested, stop=body.stop_list, ignore_eos=body.ignore_eos, **extra)
 
 
 @api.post("/chat/completions")
@@ -354,7 +354,7 @@ class BodyLimit:
 
 
 def create_app(settings, serving: Serving | None = None) -> FastAPI:
-    app = FastAPI(title="llamafleet", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="llamafleet", version=VERSION, docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyLimit, limit=settings.request_bytes_limit)
     app.state.settings = settings
     app.state.serving = serving

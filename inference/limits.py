@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from .errors import BadRequest
+from llamafleet.common.errors import BadRequest
 
 # --- stop strings (both APIs) ----------------------------------------------------------------
 # The engine looks for every stop string in the text of every token of a sequence, on the

@@ -19,11 +19,10 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 from llama_cpp import llama_cpp as C
-from llama_cpp.llama_grammar import JSON_GBNF
+from llamafleet.common.errors import BadRequest, ModelError
 
 from .engine import SamplingParams
-from .errors import BadRequest
-from .model import ModelError, ModelShape, model_shape
+from .model import ModelShape, model_shape
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ def load_backend_modules() -> list[str]:
 
 BACKEND_MODULES = load_backend_modules()
 
-__all__ = ["LlamaModel", "LlamaBackend", "JSON_GBNF", "llama_cpp"]
+__all__ = ["LlamaModel", "LlamaBackend", "llama_cpp"]
 
 
 class LlamaModel:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llamafleet.common.errors import BadRequest, ModelError
 
 from .embedded import DEFAULT_EMBEDDED, embedded_model_path
-from .errors import BadRequest, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""`llamafleet serve`: HTTP first (so probes answer), then the model, then gRPC and metrics.
+"""`llamafleet serve`: the model first, then gRPC and metrics, then HTTP (probes answer once
+it listens; the operator's startupProbe allows for the load).
 
 SIGTERM (or SIGINT) drains: /ready fails and new requests get 503 at once, running
 generations get ``drain_timeout_s`` to finish, then the listeners close and the process
@@ -78,8 +79,7 @@ class Server:
 
     async def _load(self) -> None:
         try:
-            # On the main thread: loading a model from a worker thread crashed llama.cpp's
-            # CUDA back-end on an H100 (inside print_info, after grpc was imported).
+            # On the main thread, like init_backends (which says why).
             self.serving = build(self.settings)
             self.app.state.serving = self.serving
             if self.settings.grpc_port:
@@ -160,8 +160,11 @@ class Server:
 def init_backends() -> None:
     """Initialise llama.cpp's back-ends (CUDA device discovery) on the main thread.
 
-    On an H100, letting the first model load in a worker thread do this crashed the
-    process; after a main-thread init, worker-thread loads are fine.
+    With the CUDA build (seen on an H100), the first model load crashed when llama.cpp's shared
+    libraries were loaded after grpc's and numpy's, and when that load ran in a worker thread
+    and so initialised the back-ends there (inside print_info, after grpc was imported). So
+    ``cli.main`` imports llama_cpp first, this runs on the main thread, and ``Server._load``
+    loads the model on the main thread too.
     """
     import llama_cpp
 

@@ -17,12 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamafleet.common.capacity import Plan
+from llamafleet.common.errors import (
+    BadRequest,
+    ContextTooLong,
+    LlamafleetError,
+    ModelError,
+    ModelNotFound,
+    NotReady,
+)
+from llamafleet.common.sampling import DEFAULTS, SamplingParameters
+
 from . import capacity
 from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextDelta
-from .errors import BadRequest, ContextTooLong, LlamafleetError, ModelNotFound, NotReady
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SCHEMA_CONVERT_TIMEOUT_S, check_json_schema
 from .metrics import EngineMetrics, Metrics
-from .model import ChatFormatter, ModelError, apply_rag, llama_cpp_python_version, resolve_model_path
+from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,7 +107,7 @@ class LoopBridge:
 
 class Serving:
     def __init__(self, settings: Settings, model: Any, engine: Engine, metrics: Metrics,
-                 plan: capacity.Plan):
+                 plan: Plan):
         self.settings = settings
         self.model = model
         self.engine = engine
@@ -150,32 +160,18 @@ class Serving:
                              param="prompt")
         return list(prompt)
 
-    def sampling(self, *, max_tokens: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None,
-                 min_p: float | None = None, repeat_penalty: float | None = None,
-                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 seed: int | None = None, stop: Sequence[str] = (), stop_param: str = "stop",
-                 grammar: str | None = None, json_object: bool = False,
+    def sampling(self, requested: SamplingParameters, *, stop: Sequence[str] = (),
+                 stop_param: str = "stop", grammar: str | None = None, json_object: bool = False,
                  ignore_eos: bool = False) -> SamplingParams:
-        """Defaults filled in; ``grammar`` comes from :meth:`schema_grammar`."""
-        s = self.settings
+        """The engine's parameters: the request's values, else the pod's DEFAULT_* settings,
+        else the built-in defaults (llamafleet.common.sampling). ``grammar`` comes from
+        :meth:`schema_grammar`."""
         check_stop(stop, stop_param)
         if grammar is None and json_object:
             grammar = JSON_GRAMMAR
-        return SamplingParams(
-            temperature=s.default_temperature if temperature is None else temperature,
-            top_k=s.default_top_k if top_k is None else top_k,
-            top_p=s.default_top_p if top_p is None else top_p,
-            min_p=s.default_min_p if min_p is None else min_p,
-            repeat_penalty=s.default_repeat_penalty if repeat_penalty is None else repeat_penalty,
-            presence_penalty=presence_penalty or 0.0,
-            frequency_penalty=frequency_penalty or 0.0,
-            seed=seed,
-            max_tokens=s.default_max_tokens if max_tokens is None else max_tokens,
-            stop=tuple(stop),
-            grammar=grammar,
-            ignore_eos=ignore_eos,
-        )
+        values = requested.over(self.settings.sampling_defaults, DEFAULTS)
+        return SamplingParams(**values.model_dump(), stop=tuple(stop), grammar=grammar,
+                              ignore_eos=ignore_eos)
 
     async def schema_grammar(self, schema: dict) -> str:
         """A response_format JSON schema as GBNF: checked against the limits first, then

@@ -11,12 +11,21 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT, env_name
+from llamafleet.common.sampling import (
+    DEFAULTS,
+    MaxTokens,
+    MinP,
+    RepeatPenalty,
+    SamplingParameters,
+    Temperature,
+    TopK,
+    TopP,
+)
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .embedded import DEFAULT_EMBEDDED, EMBEDDED, IMAGE_MODEL_DIR, lookup
-
-ENV_PREFIX = "LLM_LLAMA_SERVICE_"
 
 DEFAULT_RAG_TEMPLATE = (
     "Use the following context to answer the question.\n\n"
@@ -109,9 +118,9 @@ class Settings(BaseSettings):
     )
     # --- network ------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the HTTP, gRPC and metrics ports bind to.")
-    http_port: int = Field(16070, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
-    grpc_port: int = Field(16071, ge=0, le=65535, description="gRPC port (0 turns gRPC off).")
-    metrics_port: int = Field(16072, ge=0, le=65535, description="Prometheus port (0: off).")
+    http_port: int = Field(HTTP_PORT, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
+    grpc_port: int = Field(GRPC_PORT, ge=0, le=65535, description="gRPC port (0 turns gRPC off).")
+    metrics_port: int = Field(METRICS_PORT, ge=0, le=65535, description="Prometheus port (0: off).")
     grpc_ca_path: Path | None = Field(None, description="CA that signs allowed gRPC clients.")
     grpc_cert_path: Path | None = Field(None, description="Server certificate (PEM).")
     grpc_key_path: Path | None = Field(None, description="Server private key (PEM).")
@@ -136,14 +145,17 @@ class Settings(BaseSettings):
         None, description="Base URL of a knowledge service whose sources the studio lists."
     )
     # --- sampling defaults ------------------------------------------------------------------
-    default_temperature: float = Field(0.7, ge=0, le=2, description="Default temperature.")
-    default_top_k: int = Field(40, ge=0, description="Default top-k (0 disables).")
-    default_top_p: float = Field(0.95, gt=0, le=1, description="Default top-p.")
-    default_min_p: float = Field(0.05, ge=0, le=1, description="Default min-p (0 disables).")
-    default_repeat_penalty: float = Field(
-        1.1, gt=0, le=10, description="Default repetition penalty (1.0 disables)."
+    # (ranges and built-in values: llamafleet.common.sampling; a request's own values win)
+    default_temperature: Temperature = Field(DEFAULTS.temperature, description="Default temperature.")
+    default_top_k: TopK = Field(DEFAULTS.top_k, description="Default top-k (0 disables).")
+    default_top_p: TopP = Field(DEFAULTS.top_p, description="Default top-p.")
+    default_min_p: MinP = Field(DEFAULTS.min_p, description="Default min-p (0 disables).")
+    default_repeat_penalty: RepeatPenalty = Field(
+        DEFAULTS.repeat_penalty, description="Default repetition penalty (1.0 disables)."
     )
-    default_max_tokens: int = Field(1024, ge=1, description="Default cap on generated tokens.")
+    default_max_tokens: MaxTokens = Field(
+        DEFAULTS.max_tokens, description="Default cap on generated tokens."
+    )
     # --- logs ---------------------------------------------------------------------------
     env: str = Field("development", description="Deployment environment; 'production' => JSON logs.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
@@ -179,6 +191,14 @@ class Settings(BaseSettings):
         return 1024 * 1024 + 32 * self.context_size
 
     @property
+    def sampling_defaults(self) -> SamplingParameters:
+        """The DEFAULT_* settings as a layer of sampling defaults."""
+        return SamplingParameters(
+            max_tokens=self.default_max_tokens, temperature=self.default_temperature,
+            top_k=self.default_top_k, top_p=self.default_top_p, min_p=self.default_min_p,
+            repeat_penalty=self.default_repeat_penalty)
+
+    @property
     def tls_enabled(self) -> bool:
         return self.grpc_cert_path is not None
 
@@ -194,6 +214,6 @@ def describe_errors(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         name = ".".join(str(p) for p in e["loc"]) or "settings"
-        label = f"{ENV_PREFIX}{name.upper()}" if e["loc"] else "settings"
+        label = env_name(name) if e["loc"] else "settings"
         lines.append(f"invalid setting {label}: {e['msg']}")
     return lines

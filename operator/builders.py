@@ -12,16 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT, USER_ID
+
 from .planning import MEMORY_LABEL, ServicePlan
 from .spec import LLMServiceSpec
 
-HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 TLS_DIR = "/etc/llamafleet/tls"
 MODEL_DIR = "/models"
 HASH_ANNOTATION = "llamafleet.io/spec-hash"
 API_KEY_KEY = "api-key"
-ENV = "LLM_LLAMA_SERVICE_"
-USER_ID = 10001
 CLIENT_LABEL = "llamafleet.io/client"
 
 
@@ -132,11 +131,11 @@ def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]
                        ("DEFAULT_MAX_TOKENS", s.maxTokens), ("SYSTEM_PROMPT", spec.systemPrompt)):
         if value is not None:
             values[key] = value
-    env = [{"name": ENV + k, "value": str(v)} for k, v in values.items()]
-    env.append({"name": ENV + "THREADS", "valueFrom": {"resourceFieldRef": {
+    env = [{"name": ENV_PREFIX + k, "value": str(v)} for k, v in values.items()]
+    env.append({"name": ENV_PREFIX + "THREADS", "valueFrom": {"resourceFieldRef": {
         "containerName": "server", "resource": "requests.cpu", "divisor": "1"}}})
     secret, key = api_key_ref(names, spec)
-    env.append({"name": ENV + "API_KEY", "valueFrom": {"secretKeyRef": {
+    env.append({"name": ENV_PREFIX + "API_KEY", "valueFrom": {"secretKeyRef": {
         "name": secret, "key": key}}})
     return env
 

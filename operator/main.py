@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     import kopf
-    from llamafleet.inference.logs import configure
+    from llamafleet.common.logs import configure
     from llamafleet.operator.settings import OperatorSettings
 
     configure("debug" if args.verbose else "info", args.log_format)

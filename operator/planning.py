@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from llamafleet.inference.capacity import KVShape, MiB, plan
+from llamafleet.common.capacity import KVShape, MiB, plan
 from llamafleet.inference.embedded import lookup
 
 from .spec import LLMServiceSpec, quantity_bytes
@@ -103,7 +102,3 @@ def plan_service(spec: LLMServiceSpec, nodes: list[NodeGPU]) -> ServicePlan:
         return ServicePlan(0, reason, "gpu", mem, None)
     return ServicePlan(batch, reason, "gpu", mem, mem - 1)
 
-
-def node_from_object(obj: dict[str, Any]) -> NodeGPU | None:
-    meta = obj.get("metadata", {})
-    return NodeGPU.from_labels(meta.get("name", ""), meta.get("labels") or {})

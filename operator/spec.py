@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from llamafleet.common.sampling import MaxTokens, RepeatPenalty, Temperature, TopK, TopP
 from llamafleet.inference.embedded import DEFAULT_EMBEDDED, lookup
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -105,11 +106,13 @@ class Batching(_M):
 
 
 class Sampling(_M):
-    temperature: float | None = Field(None, ge=0, le=2)
-    topK: int | None = Field(None, ge=0)
-    topP: float | None = Field(None, gt=0, le=1)
-    repeatPenalty: float | None = Field(None, gt=0, le=10)
-    maxTokens: int | None = Field(None, ge=1)
+    """The pods' DEFAULT_* sampling settings (ranges: llamafleet.common.sampling)."""
+
+    temperature: Temperature | None = None
+    topK: TopK | None = None
+    topP: TopP | None = None
+    repeatPenalty: RepeatPenalty | None = None
+    maxTokens: MaxTokens | None = None
 
 
 class TLS(_M):

@@ -49,7 +49,7 @@ if [ -z "$wheel" ]; then
   trap 'rm -rf "$work"' EXIT
   sdist=${LLAMAFLEET_SDIST:-}
   if [ -z "$sdist" ]; then
-    "$PY" -I -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work" >&2
+    "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work" >&2
     sdist=$(ls "$work"/llama_cpp_python-*.tar.gz)
   fi
   mkdir "$work/src"
@@ -58,7 +58,7 @@ if [ -z "$wheel" ]; then
   for p in "$ROOT"/patches/llama-cpp-python/*.patch; do apply "$p" "$work/src"; done
   sed -i "s/^__version__ = .*/__version__ = \"$LOCAL\"/" "$work/src/llama_cpp/__init__.py"
   echo "building llama-cpp-python $LOCAL (CMAKE_ARGS='${CMAKE_ARGS:-}' CFLAGS='$CFLAGS'); about 5 minutes" >&2
-  CMAKE_ARGS="${CMAKE_ARGS:-}" "$PY" -I -m pip wheel -q --no-deps "$work/src" -w "$work/wheel" >&2
+  CMAKE_ARGS="${CMAKE_ARGS:-}" "$PY" -m pip wheel -q --no-deps "$work/src" -w "$work/wheel" >&2
   cp "$work"/wheel/llama_cpp_python-*.whl "$OUT/"
   wheel=$(find "$OUT" -maxdepth 1 -name "llama_cpp_python-${LOCAL}-*.whl" | head -1)
 fi

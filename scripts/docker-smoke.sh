@@ -23,12 +23,12 @@ start=$(date +%s)
 docker build -q --network host --build-arg BASE="$BASE" -f "$ctx/docker/Dockerfile" -t "$TAG" "$ctx" >/dev/null
 echo "built $TAG in $(( $(date +%s) - start )) s; size $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f MiB", $1/1048576}')"
 
-port() { python3 -I -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 check() {  # $1 = http port
   for _ in $(seq 1 120); do curl -sf "127.0.0.1:$1/ready" >/dev/null && break; sleep 1; done
   curl -sf "127.0.0.1:$1/ready"; echo
   curl -sf "127.0.0.1:$1/v1/chat/completions" -H 'content-type: application/json' \
-    -d '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":8}' | python3 -I -c \
+    -d '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":8}' | python3 -c \
     'import json,sys; r=json.load(sys.stdin); assert r["choices"][0]["message"]["content"], r; print("chat ok:", r["usage"])'
 }
 # The image carries no -march=native code: ggml picks its CPU module for the CPU it runs on.
@@ -38,7 +38,7 @@ echo "system info: $(docker run --rm --network host --entrypoint python "$TAG" -
   'from llamafleet.inference import llama_backend; import llama_cpp; print(llama_cpp.llama_print_system_info().decode())')"
 
 served() {  # $1 = http port, $2 = the model id /v1/models must list
-  curl -sf "127.0.0.1:$1/v1/models" | python3 -I -c \
+  curl -sf "127.0.0.1:$1/v1/models" | python3 -c \
     'import json,sys; ids=[m["id"] for m in json.load(sys.stdin)["data"]]; assert ids == [sys.argv[1]], ids; print("serves", ids[0])' "$2"
 }
 run() {  # $1 = http port; more args: extra `docker run` options

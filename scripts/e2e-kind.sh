@@ -27,7 +27,7 @@ d=$(mktemp -d)
 for k in ca.crt tls.crt tls.key; do
   kubectl -n "$NS" get secret chat-cpu-client-tls -o "jsonpath={.data.${k//./\\.}}" | base64 -d > "$d/$k"
 done
-.venv/bin/python -I - "$d" <<'PY'
+.venv/bin/python - "$d" <<'PY'
 import sys, grpc
 from llamafleet.inference.proto import local_pb2 as pb, local_pb2_grpc as pbg
 d = sys.argv[1]

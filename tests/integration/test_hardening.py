@@ -236,7 +236,7 @@ def test_a_slid_out_window_is_not_reused(swa_server, model_path) -> None:
 def test_a_window_still_held_is_reused(swa_server) -> None:
     # B is short: its whole sequence stays inside the window, so a repeat reuses it. (No
     # comparison of the text: a reused prefix changes the batch shape, and llama.cpp's CPU
-    # kernels are not batch-invariant; see TESTING-NOTES.)
+    # kernels are not batch-invariant; see docs/testing.md.)
     engine = swa_server.serving.engine
     _b_request(swa_server.url)
     before = engine.prefix_tokens_reused

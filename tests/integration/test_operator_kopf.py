@@ -1,7 +1,7 @@
 """The real kopf runtime against KMock's Kubernetes API emulator.
 
 KMock stores objects as sent; the emulator subclass below fills the gaps the operator
-relies on (as the TESTING-NOTES describe):
+relies on (as docs/testing.md describes):
 - server-set metadata (uid, resourceVersion, creationTimestamp, generation bumped on
   spec changes), because kopf.adopt() and observedGeneration rely on them;
 - PUT (replace). KMock 0.8 maps only PATCH to an update (a recursive dict merge) and
@@ -36,6 +36,8 @@ import kmock
 import pytest
 import yaml
 from cryptography import x509
+
+from ..conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -163,18 +165,6 @@ async def get(api: httpx.AsyncClient, path: str) -> dict | None:
     return r.json() if r.status_code == 200 else None
 
 
-async def until(fn, timeout: float = 30) -> Any:
-    """Await a condition that the operator (another thread) makes true; no fixed sleeps."""
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met in {timeout}s; last value: {last!r}")
-
-
 def node(name: str, memory_mib: int, product: str) -> dict:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
         "nvidia.com/gpu.memory": str(memory_mib), "nvidia.com/gpu.count": "1",
@@ -226,7 +216,7 @@ async def test_llmservice_becomes_pods_with_planned_batching_certs_and_status(ap
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice("chat"))
         dep_path = f"/apis/apps/v1/namespaces/{NS}/deployments/chat"
-        dep = await until(lambda: get(api, dep_path))
+        dep = await wait_until(lambda: get(api, dep_path))
         pod = dep["spec"]["template"]["spec"]
         c = pod["containers"][0]
         env = env_of(dep)
@@ -248,18 +238,18 @@ async def test_llmservice_becomes_pods_with_planned_batching_certs_and_status(ap
         owner = dep["metadata"]["ownerReferences"][0]
         assert owner["kind"] == "LLMService" and owner["name"] == "chat" and owner["uid"]
 
-        svc = await until(lambda: get(api, f"/api/v1/namespaces/{NS}/services/chat"))
+        svc = await wait_until(lambda: get(api, f"/api/v1/namespaces/{NS}/services/chat"))
         assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {
             "http": 16070, "grpc": 16071, "metrics": 16072}
         secrets = {}
         for s in ("chat-ca", "chat-server-tls", "chat-client-tls"):
-            secrets[s] = await until(lambda s=s: get(api, f"/api/v1/namespaces/{NS}/secrets/{s}"))
+            secrets[s] = await wait_until(lambda s=s: get(api, f"/api/v1/namespaces/{NS}/secrets/{s}"))
         server_cert = x509.load_pem_x509_certificate(
             base64.b64decode(secrets["chat-server-tls"]["data"]["tls.crt"]))
         sans = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert "chat.team-a.svc" in sans.get_values_for_type(x509.DNSName)
 
-        obj = await until(lambda: _with(api, "chat", lambda o: condition(o, "CapacityPlanned")))
+        obj = await wait_until(lambda: _with(api, "chat", lambda o: condition(o, "CapacityPlanned")))
         assert condition(obj, "CapacityPlanned")["status"] == "True"
         assert obj["status"]["capacity"]["maxBatchSize"] == 16
         assert obj["status"]["capacity"]["gpuMemoryMiB"] == 81559
@@ -269,7 +259,7 @@ async def test_llmservice_becomes_pods_with_planned_batching_certs_and_status(ap
 
         # The Deployment controller is absent: report one ready replica ourselves.
         await patch(api, dep_path + "/status", {"status": {"replicas": 1, "readyReplicas": 1}})
-        obj = await until(lambda: _with(api, "chat", lambda o: (condition(o, "Ready") or {}).get(
+        obj = await wait_until(lambda: _with(api, "chat", lambda o: (condition(o, "Ready") or {}).get(
             "status") == "True"))
         assert obj["status"]["phase"] == "Ready" and obj["status"]["readyReplicas"] == 1
         assert obj["status"]["observedGeneration"] == 1
@@ -277,16 +267,17 @@ async def test_llmservice_becomes_pods_with_planned_batching_certs_and_status(ap
         # A spec update rolls the Deployment.
         hash_before = dep["metadata"]["annotations"]["llamafleet.io/spec-hash"]
         await patch(api, f"{LLMS}/chat", {"spec": {"model": {"contextSize": 2048}}})
-        dep = await until(lambda: _dep_if(api, dep_path, lambda d: env_of(d)["CONTEXT_SIZE"] == "2048"))
+        dep = await wait_until(lambda: _dep_if(api, dep_path, lambda d: env_of(d)["CONTEXT_SIZE"] == "2048"))
         assert dep["metadata"]["annotations"]["llamafleet.io/spec-hash"] != hash_before
-        obj = await until(lambda: _with(api, "chat", lambda o: o["status"].get("observedGeneration") == 2))
+        obj = await wait_until(
+            lambda: _with(api, "chat", lambda o: o["status"].get("observedGeneration") == 2))
 
         # A relabelled node re-plans: the big node shrinks to 8 GB.
         await patch(api, "/api/v1/nodes/big", {"metadata": {"labels": {"nvidia.com/gpu.memory": "8192"}}})
-        dep = await until(lambda: _dep_if(api, dep_path, lambda d: env_of(d)["MAX_BATCH_SIZE"] != "16"),
+        dep = await wait_until(lambda: _dep_if(api, dep_path, lambda d: env_of(d)["MAX_BATCH_SIZE"] != "16"),
                           timeout=30)
         assert int(env_of(dep)["MAX_BATCH_SIZE"]) < 16
-        obj = await until(lambda: _with(
+        obj = await wait_until(lambda: _with(
             api, "chat", lambda o: o["status"]["capacity"]["gpuMemoryMiB"] == 8192))
 
     assert runner.exit_code == 0, runner.output
@@ -297,7 +288,7 @@ async def test_small_gpu_node_plans_one_sequence(api) -> None:
     await create(api, "/api/v1/nodes", node("small", 6144, "NVIDIA RTX A2000"))
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice("tiny"))
-        dep = await until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/tiny"))
+        dep = await wait_until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/tiny"))
         assert env_of(dep)["MAX_BATCH_SIZE"] == "1"
     assert runner.exception is None
 
@@ -310,7 +301,7 @@ async def test_invalid_spec_gets_a_condition_and_the_operator_keeps_running(api)
                                           "embedded": True}
         bad["spec"]["batching"] = {"maxBatchSize": 0}
         await create(api, LLMS, bad)
-        obj = await until(lambda: _with(api, "broken", lambda o: condition(o, "Ready")))
+        obj = await wait_until(lambda: _with(api, "broken", lambda o: condition(o, "Ready")))
         ready = condition(obj, "Ready")
         assert ready["reason"] == "InvalidSpec"
         assert "exactly one of model.source" in ready["message"]
@@ -322,13 +313,13 @@ async def test_invalid_spec_gets_a_condition_and_the_operator_keeps_running(api)
         await create(api, LLMS, llmservice("nodrain", podDisruptionBudget={"enabled": True}))
         for name, needle in (("chat.v2", "must be a DNS label"),
                              ("nodrain", "minAvailable (1) must be below replicas (1)")):
-            obj = await until(lambda name=name: _with(api, name, lambda o: condition(o, "Ready")))
+            obj = await wait_until(lambda name=name: _with(api, name, lambda o: condition(o, "Ready")))
             assert condition(obj, "Ready")["reason"] == "InvalidSpec"
             assert needle in condition(obj, "Ready")["message"]
             assert await get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/{name}") is None
         # ...and a valid one next to it still reconciles.
         await create(api, LLMS, llmservice("fine"))
-        await until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/fine"))
+        await wait_until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/fine"))
     assert runner.exception is None
 
 
@@ -339,9 +330,9 @@ async def test_short_lived_certificates_are_renewed(api) -> None:
         await create(api, LLMS, llmservice("rot", tls={"validity": "3s", "renewBefore": "2s",
                                                        "caOverlap": "0.5s"}))
         path = f"/api/v1/namespaces/{NS}/secrets/rot-server-tls"
-        first = await until(lambda: get(api, path))
+        first = await wait_until(lambda: get(api, path))
         first_crt = first["data"]["tls.crt"]
-        renewed = await until(lambda: _secret_changed(api, path, first_crt), timeout=20)
+        renewed = await wait_until(lambda: _secret_changed(api, path, first_crt), timeout=20)
         cert = x509.load_pem_x509_certificate(base64.b64decode(renewed["data"]["tls.crt"]))
         assert cert.not_valid_after_utc > x509.load_pem_x509_certificate(
             base64.b64decode(first_crt)).not_valid_after_utc
@@ -357,26 +348,27 @@ async def test_cpu_service_with_optional_children(api) -> None:
             networkPolicy={"enabled": True, "allowedClients": [{"podSelector": {"app": "gateway"}}],
                            "monitoringNamespaces": ["monitoring"]},
             podDisruptionBudget={"enabled": True, "minAvailable": 1}))
-        dep = await until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/cpu"))
+        dep = await wait_until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/cpu"))
         c = dep["spec"]["template"]["spec"]["containers"][0]
         assert "nvidia.com/gpu" not in c["resources"]["limits"]
         assert env_of(dep)["GPU_LAYERS"] == "0"
         assert c["image"] == "llamafleet:0.1.0"  # the CPU image for gpus: 0
         assert env_of(dep)["EMBEDDED_MODEL"] == "smollm2-135m-instruct"
         assert "MODEL_PATH" not in env_of(dep)
-        np_ = await until(lambda: get(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cpu"))
+        np_ = await wait_until(
+            lambda: get(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cpu"))
         assert np_["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
         assert np_["spec"]["ingress"][1] == {"from": [{"namespaceSelector": {"matchLabels": {
             "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"port": 16072, "protocol": "TCP"}]}
         assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
-        await until(lambda: get(api, f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/cpu"))
+        await wait_until(lambda: get(api, f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/cpu"))
         # The other embedded model, by name: the pod gets the name, the status shows it.
         await create(api, LLMS, llmservice(
             "base", model={"source": {"embedded": {"name": "gemma-3-270m"}}},
             resources={"gpus": 0, "cpu": "2", "memory": "4Gi"}))
-        dep = await until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/base"))
+        dep = await wait_until(lambda: get(api, f"/apis/apps/v1/namespaces/{NS}/deployments/base"))
         assert env_of(dep)["EMBEDDED_MODEL"] == "gemma-3-270m"
-        await until(lambda: _with(api, "base", lambda o: o["status"].get("model")
+        await wait_until(lambda: _with(api, "base", lambda o: o["status"].get("model")
                                   == "embedded:gemma-3-270m"))
     assert runner.exception is None
 
@@ -423,7 +415,7 @@ async def test_foreign_objects_survive_untouched_with_a_conflict(api, kmock) -> 
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice("taken", resources={"gpus": 0, "cpu": "1", "memory": "2Gi"},
                                            model={"source": {"embedded": True}}))
-        obj = await until(lambda: _with(api, "taken", lambda o: (condition(o, "Ready") or {}).get(
+        obj = await wait_until(lambda: _with(api, "taken", lambda o: (condition(o, "Ready") or {}).get(
             "reason") == "Conflict"))
         msg = condition(obj, "Ready")["message"]
         assert condition(obj, "Ready")["status"] == "False"
@@ -431,7 +423,7 @@ async def test_foreign_objects_survive_untouched_with_a_conflict(api, kmock) -> 
         assert f"NetworkPolicy {NS}/taken exists" in msg and "Deployment payments" in msg
         assert "PodDisruptionBudget" not in msg  # PDB is off: a same-named one is not in the way
         # Let a few resyncs (0.5 s each) pass: still nothing changed, nothing created.
-        await until(lambda: _with(api, "taken", lambda o: _transitioned_before(o, "Ready", 1.5)))
+        await wait_until(lambda: _with(api, "taken", lambda o: _transitioned_before(o, "Ready", 1.5)))
         assert await get(api, f"{DEP_PATH}/taken") == dep0
         assert await get(api, f"{NP_PATH}/taken") == np0
         assert await get(api, f"{PDB_PATH}/taken") == pdb0
@@ -441,7 +433,7 @@ async def test_foreign_objects_survive_untouched_with_a_conflict(api, kmock) -> 
         # Once the owners remove theirs, the LLMService proceeds; the foreign PDB stays.
         for path in (f"{DEP_PATH}/taken", f"{NP_PATH}/taken"):
             assert (await api.delete(path)).status_code == 200
-        dep = await until(lambda: get(api, f"{DEP_PATH}/taken"))
+        dep = await wait_until(lambda: get(api, f"{DEP_PATH}/taken"))
         assert dep["metadata"]["ownerReferences"][0]["kind"] == "LLMService"
         assert (await get(api, f"{NP_PATH}/taken"))["metadata"]["ownerReferences"][0]["name"] == "taken"
         assert await get(api, f"{PDB_PATH}/taken") == pdb0
@@ -460,7 +452,7 @@ async def test_a_default_llmservice_gets_a_network_policy_and_an_api_key(api, km
         await create(api, LLMS, {"apiVersion": "llamafleet.io/v1alpha1", "kind": "LLMService",
                                  "metadata": {"name": "plain", "namespace": NS},
                                  "spec": {"model": {"source": {"embedded": True}}}})
-        dep = await until(lambda: get(api, f"{DEP_PATH}/plain"))
+        dep = await wait_until(lambda: get(api, f"{DEP_PATH}/plain"))
         np_ = await get(api, f"{NP_PATH}/plain")
         key = await get(api, f"{SECRETS}/plain-api-key")
         # Created in this order: the NetworkPolicy before the Deployment.
@@ -476,21 +468,22 @@ async def test_a_default_llmservice_gets_a_network_policy_and_an_api_key(api, km
             "name": "plain-api-key", "key": "api-key"}}} in env
         # The key is made once: resyncs keep it.
         rv = key["metadata"]["resourceVersion"]
-        await until(lambda: _with(api, "plain", lambda o: _transitioned_before(o, "CapacityPlanned", 1.5)))
+        await wait_until(
+            lambda: _with(api, "plain", lambda o: _transitioned_before(o, "CapacityPlanned", 1.5)))
         assert (await get(api, f"{SECRETS}/plain-api-key"))["metadata"]["resourceVersion"] == rv
 
         # A user-named Secret replaces the generated one; a missing one is reported.
         await patch(api, f"{LLMS}/plain", {"spec": {"auth": {"apiKeySecret": "team-key"}}})
-        obj = await until(lambda: _with(api, "plain", lambda o: (condition(o, "Ready") or {}).get(
+        obj = await wait_until(lambda: _with(api, "plain", lambda o: (condition(o, "Ready") or {}).get(
             "reason") == "APIKeyMissing"))
         assert "team-key, which does not exist" in condition(obj, "Ready")["message"]
         await create(api, SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {
             "name": "team-key", "namespace": NS}, "data": {"api-key": base64.b64encode(b"s3cret").decode()}})
         key_ref = {"name": "LLM_LLAMA_SERVICE_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": "team-key", "key": "api-key"}}}
-        dep = await until(lambda: _dep_if(api, f"{DEP_PATH}/plain", lambda d: key_ref in d[
+        dep = await wait_until(lambda: _dep_if(api, f"{DEP_PATH}/plain", lambda d: key_ref in d[
             "spec"]["template"]["spec"]["containers"][0]["env"]))
-        await until(lambda: _gone(api, f"{SECRETS}/plain-api-key"))
+        await wait_until(lambda: _gone(api, f"{SECRETS}/plain-api-key"))
         assert await get(api, f"{SECRETS}/team-key")  # the user's Secret is only read
     assert runner.exception is None
 
@@ -504,12 +497,12 @@ async def test_a_failing_network_policy_blocks_the_rollout(api, kmock) -> None:
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice("guarded", resources={"gpus": 0, "cpu": "1", "memory": "2Gi"},
                                            model={"source": {"embedded": True}}))
-        obj = await until(lambda: _with(api, "guarded", lambda o: (condition(o, "Ready") or {}).get(
+        obj = await wait_until(lambda: _with(api, "guarded", lambda o: (condition(o, "Ready") or {}).get(
             "reason") == "NetworkPolicyFailed"))
         assert "403" in condition(obj, "Ready")["message"]
         assert await get(api, f"{DEP_PATH}/guarded") is None
         kmock.refuse = set()  # the cause is fixed: the rollout goes on
-        await until(lambda: get(api, f"{DEP_PATH}/guarded"))
+        await wait_until(lambda: get(api, f"{DEP_PATH}/guarded"))
         assert await get(api, f"{NP_PATH}/guarded")
     assert runner.exception is None
 
@@ -523,14 +516,14 @@ async def test_drift_is_repaired_and_removed_fields_disappear(api) -> None:
             "source": url, "contextSize": 4096,
             "shape": {"sizeBytes": 4_370_000_000, "layers": 32, "kvHeads": 8, "keyLength": 128,
                       "valueLength": 128}}))
-        dep = await until(lambda: get(api, f"{DEP_PATH}/drift"))
+        dep = await wait_until(lambda: get(api, f"{DEP_PATH}/drift"))
         pod = dep["spec"]["template"]["spec"]
         assert pod["initContainers"][0]["name"] == "fetch-model" and "affinity" in pod
         # url -> pvc, and 1 GPU -> 0: the init container and the GPU affinity go away.
         await patch(api, f"{LLMS}/drift", {"spec": {
             "model": {"source": {"url": None, "pvc": {"claimName": "models", "path": "m.gguf"}}},
             "resources": {"gpus": 0}}})
-        dep = await until(lambda: _dep_if(api, f"{DEP_PATH}/drift",
+        dep = await wait_until(lambda: _dep_if(api, f"{DEP_PATH}/drift",
                                           lambda d: env_of(d)["GPU_LAYERS"] == "0"))
         pod = dep["spec"]["template"]["spec"]
         assert "initContainers" not in pod and "affinity" not in pod
@@ -543,11 +536,11 @@ async def test_drift_is_repaired_and_removed_fields_disappear(api) -> None:
         np_ = await get(api, f"{NP_PATH}/drift")
         want = np_["spec"]["ingress"]
         await patch(api, f"{NP_PATH}/drift", {"spec": {"ingress": [{}]}})  # admit everyone
-        await until(lambda: _dep_if(api, f"{NP_PATH}/drift", lambda n: n["spec"]["ingress"] == want))
+        await wait_until(lambda: _dep_if(api, f"{NP_PATH}/drift", lambda n: n["spec"]["ingress"] == want))
         # ...a field removed from the Deployment, and a foreign field added to one we own.
         await patch(api, f"{DEP_PATH}/drift", {"spec": {"template": {"spec": {
             "automountServiceAccountToken": None, "hostNetwork": True}}}})
-        dep = await until(lambda: _dep_if(api, f"{DEP_PATH}/drift", lambda d: d["spec"]["template"][
+        dep = await wait_until(lambda: _dep_if(api, f"{DEP_PATH}/drift", lambda d: d["spec"]["template"][
             "spec"].get("automountServiceAccountToken") is False))
         # A replace makes the live object the desired one: the added field is gone too.
         assert "hostNetwork" not in dep["spec"]["template"]["spec"]
@@ -603,8 +596,8 @@ async def test_ca_rotation_keeps_grpc_clients_connected(api, tmp_path, model_pat
         await create(api, LLMS, llmservice("rot", tls={"validity": "15s", "renewBefore": "10s",
                                                        "caOverlap": "4s"}))
         srv_path, cli_path = f"{SECRETS}/rot-server-tls", f"{SECRETS}/rot-client-tls"
-        server_now = _material(await until(lambda: get(api, srv_path)))
-        client_now = _material(await until(lambda: get(api, cli_path)))
+        server_now = _material(await wait_until(lambda: get(api, srv_path)))
+        client_now = _material(await wait_until(lambda: get(api, cli_path)))
         ca0 = await get(api, f"{SECRETS}/rot-ca")
         _kubelet_writes(srv_dir, server_now)
         server = await asyncio.to_thread(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from llamafleet.common.capacity import CapacityError, GiB, KVShape, MiB, plan
 from llamafleet.inference import capacity
-from llamafleet.inference.capacity import GiB, KVShape, MiB, plan
 
 # (name, KV shape, GGUF size of the Q4_K_M file)
 MISTRAL_7B = (KVShape(32, 8, 128, 128), 4.37e9)
@@ -146,7 +146,7 @@ def test_small_gpu_falls_back_to_one() -> None:
 
 
 def test_nothing_fits_is_a_clear_error() -> None:
-    with pytest.raises(capacity.CapacityError, match="does not fit.*CONTEXT_SIZE"):
+    with pytest.raises(CapacityError, match="does not fit.*CONTEXT_SIZE"):
         capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([4096]), gpu_offload=True)
 
 

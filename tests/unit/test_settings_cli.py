@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from llamafleet.common.logs import JSONFormatter, request_id_from_headers
 from llamafleet.inference.cli import main
-from llamafleet.inference.logs import JSONFormatter, request_id_from_headers
 from llamafleet.inference.settings import Settings
 
 
@@ -38,7 +38,7 @@ def test_every_setting_is_documented() -> None:
 def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None:
     import os
 
-    r = subprocess.run([sys.executable, "-I", "-m", "llamafleet.inference.cli", "serve"],
+    r = subprocess.run([sys.executable, "-m", "llamafleet.inference.cli", "serve"],
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("llamafleet:")]

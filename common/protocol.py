@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .sampling import MaxTokens, MinP, Penalty, RepeatPenalty, Seed, Temperature, TopK, TopP
+
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -55,15 +57,15 @@ class _SamplingFields(_Wire):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="extension")
-    min_p: float | None = Field(None, ge=0, le=1, description="extension")
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repeat_penalty: float | None = Field(None, gt=0, le=10, description="extension")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = Field(None, description="extension")
+    min_p: MinP | None = Field(None, description="extension")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repeat_penalty: RepeatPenalty | None = Field(None, description="extension")
+    seed: Seed | None = None
     stop: Stop = None
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
@@ -80,7 +82,7 @@ class _SamplingFields(_Wire):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
     rag_context: str | None = Field(None, description="extension: placed via the RAG template")
     logprobs: bool | None = None

@@ -58,10 +58,6 @@ class NotReady(LlamafleetError):
     retry_after_s = 5
 
 
-class Cancelled(LlamafleetError):
-    pass
-
-
 class InternalError(LlamafleetError):
     pass
 
@@ -83,7 +79,6 @@ ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
     ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", grpc.StatusCode.NOT_FOUND),
     Overloaded: ErrorMapping(503, "server_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
     NotReady: ErrorMapping(503, "server_error", "not_ready", grpc.StatusCode.UNAVAILABLE),
-    Cancelled: ErrorMapping(499, "invalid_request_error", "cancelled", grpc.StatusCode.CANCELLED),
     InternalError: ErrorMapping(500, "server_error", "internal_error", grpc.StatusCode.INTERNAL),
 }
 

@@ -1,0 +1,28 @@
+"""The pod contract: what the operator, the chart, ``bench`` and the router agree on with
+``llamafleet serve``: ports, the environment's names, the user id, the image and the version.
+
+Kept from the C++ service (``sentiric-llm-llama-service``) so its clients work unchanged.
+"""
+
+from __future__ import annotations
+
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
+
+# Every setting of the pod reads LLM_LLAMA_SERVICE_<NAME> (llamafleet.inference.settings).
+ENV_PREFIX = "LLM_LLAMA_SERVICE_"
+# The operator's own settings (llamafleet.operator.settings).
+OPERATOR_ENV_PREFIX = "LLAMAFLEET_OPERATOR_"
+
+# The image runs as this non-root user and group (docker/Dockerfile*, the operator's pods).
+USER_ID = 10001
+
+VERSION = "0.1.0"  # the distribution's version (pyproject.toml reads it from here)
+
+IMAGE_REPOSITORY = "llamafleet"
+IMAGE_TAG = VERSION  # the CPU image
+GPU_IMAGE_TAG = f"{VERSION}-cuda"  # the CUDA image (docker/Dockerfile.cuda)
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a pod setting: ``context_size`` -> LLM_LLAMA_SERVICE_CONTEXT_SIZE."""
+    return ENV_PREFIX + setting.upper()
