@@ -34,7 +34,14 @@ from . import certs
 from .planning import NodeGPU, ServicePlan, plan_service
 from .settings import OperatorSettings
 from .spec import LLMServiceSpec, SpecError, check_name, parse_spec
-from .status import Condition, Key, merge, status_from
+from .status import (
+    Condition,
+    Key,
+    capacity_condition,
+    certificates_condition,
+    merge,
+    status_from,
+)
 
 GROUP, VERSION, PLURAL = "llamafleet.io", "v1alpha1", "llmservices"
 
@@ -114,8 +121,10 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
     conditions = list((body.get("status") or {}).get("conditions") or [])
     generation = meta.get("generation")
 
+    settled: list[Condition] = []  # conditions already known when a later step fails
+
     def fail(phase: str | None, *conds: Condition) -> None:
-        patch.status["conditions"] = merge(conditions, conds)
+        patch.status["conditions"] = merge(conditions, [*settled, *conds])
         if phase:
             patch.status["phase"] = phase
 
@@ -140,6 +149,7 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
         st = status_from(parsed, plan, {})
         fail(st.phase, *st.conditions)
         raise kopf.TemporaryError(f"cannot place the model: {plan.reason}", delay=60)
+    settled.append(capacity_condition(plan))
     if previous is not None and previous != plan.max_batch_size:
         logger.info("re-planned max_batch_size %s -> %s: %s", previous, plan.max_batch_size,
                     plan.reason)
@@ -162,6 +172,7 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
                                             settings.cluster_domain)
             patch.status["certificates"] = {"notAfter": not_after.isoformat(),
                                             "clientSecret": names.client_secret}
+        settled.append(certificates_condition(parsed, children.live))
         step = "api key"
         problem = ensure_api_key(children, body, names, parsed, logger)
         if problem:

@@ -45,11 +45,10 @@ def status_from(spec: LLMServiceSpec, plan: ServicePlan,
     """
     if not plan.fits:
         return Status("Degraded", (
-            Condition("CapacityPlanned", "False", "InsufficientMemory", plan.reason),
+            capacity_condition(plan),
             Condition("Ready", "False", "InsufficientMemory",
                       "No schedulable node has enough GPU memory for one sequence.")))
-    conditions = [Condition("CapacityPlanned", "True", "Planned", plan.reason),
-                  _certificates(spec, children)]
+    conditions = [capacity_condition(plan), certificates_condition(spec, children)]
     deployment = next((obj for (_, kind, _), obj in children.items()
                        if kind == "Deployment" and obj), {})
     dstatus = deployment.get("status") or {}
@@ -72,7 +71,15 @@ def status_from(spec: LLMServiceSpec, plan: ServicePlan,
     return Status(phase, tuple(conditions), int(dstatus.get("replicas") or 0), ready)
 
 
-def _certificates(spec: LLMServiceSpec, children: Mapping[Key, dict | None]) -> Condition:
+def capacity_condition(plan: ServicePlan) -> Condition:
+    if plan.fits:
+        return Condition("CapacityPlanned", "True", "Planned", plan.reason)
+    return Condition("CapacityPlanned", "False", "InsufficientMemory", plan.reason)
+
+
+def certificates_condition(spec: LLMServiceSpec,
+                           children: Mapping[Key, dict | None]) -> Condition:
+    """From the server and client Secrets read back: the earliest expiry of the two."""
     if not spec.tls.enabled:
         return Condition("CertificatesReady", "True", "Disabled", "tls.enabled is false")
     leaves = [secret_bytes(obj, "tls.crt") for (_, kind, _), obj in children.items()
