@@ -6,10 +6,13 @@ The engine knows nothing of HTTP or gRPC. Callers build a :class:`GenerationRequ
 
 1. admits waiting requests into free sequence slots,
 2. drops cancelled sequences (freeing their KV cells),
-3. builds ONE batch: the next token of every generating sequence, then prompt chunks of
-   prefilling ones within ``n_batch``,
-4. decodes it once, and samples every sequence that asked for logits with its own
-   sampler chain.
+3. builds ONE :class:`Batch` (:func:`build_batch`): the next token of every decoding
+   sequence, then prompt chunks of prefilling ones within ``n_batch``,
+4. decodes it once, then applies the result: every sequence advances by what it put in
+   the batch, and each that asked for logits samples with its own sampler chain.
+
+Each sequence is in one :class:`State`: ``PREFILL`` (prompt tokens still to decode),
+``DECODE`` (a sampled token waits to be decoded) or ``DONE`` (finished; its slot is free).
 
 The model sits behind the small :class:`Backend` protocol so the scheduler can be
 tested with a fake; :mod:`llamafleet.inference.llama_backend` is the real one.
@@ -18,11 +21,11 @@ tested with a fake; :mod:`llamafleet.inference.llama_backend` is the real one.
 from __future__ import annotations
 
 import codecs
+import enum
 import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -182,6 +185,15 @@ class TextAssembler:
         return out
 
 
+class State(enum.Enum):
+    PREFILL = "prefill"  # prompt tokens from n_past on are not in the KV cache yet
+    DECODE = "decode"  # next_token was sampled and goes into the next batch
+    DONE = "done"  # finished or failed; the slot is released
+
+
+PREFILL, DECODE, DONE = State.PREFILL, State.DECODE, State.DONE
+
+
 @dataclass(eq=False)
 class _Sequence:
     req: GenerationRequest
@@ -189,7 +201,8 @@ class _Sequence:
     sampler: Any
     text: TextAssembler
     n_past: int = 0  # tokens already in the KV cache
-    next_token: int | None = None  # sampled, not yet decoded
+    state: State = PREFILL
+    next_token: int = -1  # DECODE: sampled, not yet decoded
     completion_tokens: int = 0
     started: bool = False
     generated: list[int] = field(default_factory=list)  # sampled tokens now in the KV cache
@@ -197,9 +210,56 @@ class _Sequence:
     def kv_tokens(self) -> list[int]:
         return (list(self.req.prompt) + self.generated)[: self.n_past]
 
-    @property
-    def prefilling(self) -> bool:
-        return self.n_past < len(self.req.prompt)
+
+@dataclass(eq=False)
+class Batch:
+    """One llama_decode's input, and what each sequence gets from it.
+
+    ``tokens``/``pos``/``seqs``/``logits`` are llama_batch's columns; ``advance`` pairs
+    each sequence in the batch with how many of its tokens it holds; ``sample`` pairs each
+    sequence that asked for logits with its row.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    logits: list[bool] = field(default_factory=list)
+    advance: list[tuple[_Sequence, int]] = field(default_factory=list)
+    sample: list[tuple[_Sequence, int]] = field(default_factory=list)
+
+
+def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
+    """Every decoding sequence's next token first, then prompt chunks of prefilling
+    sequences, in order, until ``n_batch`` tokens. A prefill's last chunk asks for logits
+    (for its first sampled token); an earlier chunk does not."""
+    b = Batch()
+    for seq in running:
+        if seq.state is DECODE:
+            b.sample.append((seq, len(b.tokens)))
+            b.advance.append((seq, 1))
+            b.tokens.append(seq.next_token)
+            b.pos.append(seq.n_past)
+            b.seqs.append(seq.slot)
+            b.logits.append(True)
+    budget = n_batch - len(b.tokens)
+    for seq in running:
+        if budget <= 0:
+            break
+        if seq.state is not PREFILL:
+            continue
+        start = seq.n_past
+        take = min(budget, len(seq.req.prompt) - start)
+        last = start + take == len(seq.req.prompt)
+        b.tokens.extend(seq.req.prompt[start : start + take])
+        b.pos.extend(range(start, start + take))
+        b.seqs.extend([seq.slot] * take)
+        b.logits.extend([False] * (take - 1))
+        b.logits.append(last)
+        b.advance.append((seq, take))
+        if last:
+            b.sample.append((seq, len(b.tokens) - 1))
+        budget -= take
+    return b
 
 
 class Engine:
@@ -226,7 +286,9 @@ class Engine:
         self.context_size = context_size
         self.queue_size = queue_size
         self.observer: EngineObserver = observer or _NullObserver()
-        self._waiting: queue.Queue[GenerationRequest | None] = queue.Queue(maxsize=queue_size + 1)
+        # Room for queue_size waiting requests beyond the free slots, and stop()'s None.
+        self._waiting: queue.Queue[GenerationRequest | None] = queue.Queue(
+            maxsize=queue_size + max_batch_size + 1)
         self._admit_lock = threading.Lock()
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         # Prefix cache: what a free slot's KV cells still hold, so a new request that
@@ -295,7 +357,6 @@ class Engine:
             self._emit(req, Finished("cancelled", len(req.prompt), 0))
 
     def start(self) -> None:
-        self._waiting = queue.Queue(maxsize=self.queue_size + self.max_batch_size + 1)
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="llamafleet-engine", daemon=True)
         self._thread.start()
@@ -388,57 +449,31 @@ class Engine:
             self._finish(seq, "cancelled")
         if not self._running:
             return
-        tokens: list[int] = []
-        pos: list[int] = []
-        seqs: list[int] = []
-        logits: list[bool] = []
-        outputs: list[tuple[_Sequence, int]] = []
-        for seq in self._running:
-            if seq.next_token is not None:
-                tokens.append(seq.next_token)
-                pos.append(seq.n_past)
-                seqs.append(seq.slot)
-                logits.append(True)
-                outputs.append((seq, len(tokens) - 1))
-        budget = self.backend.n_batch - len(tokens)
-        for seq in self._running:
-            if budget <= 0:
-                break
-            if not seq.prefilling:
-                continue
-            take = min(budget, len(seq.req.prompt) - seq.n_past)
-            chunk = seq.req.prompt[seq.n_past : seq.n_past + take]
-            last = seq.n_past + take == len(seq.req.prompt)
-            for i, tok in enumerate(chunk):
-                tokens.append(tok)
-                pos.append(seq.n_past + i)
-                seqs.append(seq.slot)
-                logits.append(last and i == take - 1)
-            budget -= take
-            if last:
-                outputs.append((seq, len(tokens) - 1))
+        batch = build_batch(self._running, self.backend.n_batch)
         # KV cells in use, from our own bookkeeping (asking llama.cpp per sequence each step
         # cost a measurable share of a 7 ms step).
         kv_tokens = sum(s.n_past for s in self._running) + sum(map(len, self._cached.values()))
-        self.observer.on_step(len(self._running), len(tokens), self.queued, kv_tokens)
+        self.observer.on_step(len(self._running), len(batch.tokens), self.queued, kv_tokens)
         try:
-            self.backend.decode(tokens, pos, seqs, logits)
+            self.backend.decode(batch.tokens, batch.pos, batch.seqs, batch.logits)
         except Exception as e:
-            log.exception("llama_decode failed for a batch of %d tokens", len(tokens))
-            touched = set(seqs)
-            for seq in [s for s in self._running if s.slot in touched]:
+            log.exception("llama_decode failed for a batch of %d tokens", len(batch.tokens))
+            for seq, _ in batch.advance:
                 self._fail(seq, InternalError(f"decode failed: {e}"))
             return
         finally:
             self.last_progress = time.monotonic()
         self.steps += 1
-        decoded = Counter(seqs)
-        for seq in self._running:
-            seq.n_past += decoded[seq.slot]
-            if seq.next_token is not None:
+        self._apply(batch)
+
+    def _apply(self, batch: Batch) -> None:
+        """The batch is in the KV cache: advance its sequences, then sample those that
+        asked for logits (each moves to DECODE, or finishes)."""
+        for seq, n in batch.advance:
+            seq.n_past += n
+            if seq.state is DECODE:
                 seq.generated.append(seq.next_token)
-            seq.next_token = None
-        for seq, index in outputs:
+        for seq, index in batch.sample:
             self._accept(seq, index)
 
     def _accept(self, seq: _Sequence, index: int) -> None:
@@ -464,11 +499,13 @@ class Engine:
                 self._finish(seq, "length")
             else:
                 seq.next_token = token
+                seq.state = DECODE
         except Exception as e:
             log.exception("sampling failed for %s", seq.req.request_id)
             self._fail(seq, InternalError(f"sampling failed: {e}"))
 
     def _release(self, seq: _Sequence, keep_cache: bool = False) -> None:
+        seq.state = DONE
         self._running.remove(seq)
         self.observer.on_finish(seq.req)
         try:

@@ -122,24 +122,70 @@ class CAState:
     since: dt.datetime | None = None
 
 
-def advance_ca(state: CAState | None, common_name: str, *, validity: dt.timedelta,
-               renew_before: dt.timedelta, overlap: dt.timedelta,
-               now: dt.datetime | None = None) -> CAState:
-    """One step of the CA's life: create, start a rotation, switch signer, drop the old CA.
+def ca_step(state: CAState | None, *, renew_before: dt.timedelta, overlap: dt.timedelta,
+            now: dt.datetime) -> str:
+    """What the CA's life needs at ``now``: "" nothing, "new" (none yet, or expired: too
+    late to overlap), "rotate" (publish a new CA beside the old), "switch" (sign with the
+    new one) or "drop" (the old CA leaves the bundle).
 
     Each step waits ``overlap`` after the previous one, so that servers and clients whose
     mounted Secrets refresh at different times always trust each other's certificates.
     """
-    now = now or _now()
-    if state is None or now >= state.signer.not_after:  # none yet, or too late to overlap
-        ca = new_ca(common_name, validity * 2)  # the CA outlives its leaves: twice the validity
-        return CAState(ca, ca.cert_pem)
+    if state is None or now >= state.signer.not_after:
+        return "new"
     waited = state.since is not None and now - state.since >= overlap
     if state.phase == "overlap" and state.next is not None and waited:
-        return CAState(state.next, state.bundle, None, "reissued", now)
+        return "switch"
     if state.phase == "reissued" and waited:
-        return CAState(state.signer, state.signer.cert_pem)
+        return "drop"
     if not state.phase and needs_renewal(state.signer, renew_before, now):
+        return "rotate"
+    return ""
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What is due now: the CA's step (see :func:`ca_step`) and the leaves to (re)issue."""
+
+    ca: str
+    leaves: tuple[str, ...]
+
+
+def renewal_due(ca: CAState | None, leaves: dict[str, KeyPair | None], *,
+                renew_before: dt.timedelta, overlap: dt.timedelta,
+                now: dt.datetime) -> Renewal:
+    """Decide, without issuing anything, what :func:`advance_ca` and :func:`issue` must do.
+
+    A leaf (by name) is due when it is missing, not signed by the CA that signs after this
+    step, or within ``renew_before`` of its expiry; while a new CA is only published
+    (overlap), a leaf that is merely close to expiry waits for the switch.
+    """
+    step = ca_step(ca, renew_before=renew_before, overlap=overlap, now=now)
+    if step == "new" or ca is None:
+        return Renewal("new", tuple(leaves))
+    signer = ca.next if step == "switch" and ca.next is not None else ca.signer
+    overlapping = step == "rotate" or (ca.phase == "overlap" and step != "switch")
+    due = tuple(name for name, leaf in leaves.items()
+                if leaf is None or not signed_by(leaf, signer)
+                or (not overlapping and needs_renewal(leaf, renew_before, now)))
+    return Renewal(step, due)
+
+
+def advance_ca(state: CAState | None, common_name: str, *, validity: dt.timedelta,
+               renew_before: dt.timedelta, overlap: dt.timedelta,
+               now: dt.datetime | None = None) -> CAState:
+    """One step of the CA's life (:func:`ca_step`): create, start a rotation, switch
+    signer, drop the old CA; ``state`` itself when nothing is due."""
+    now = now or _now()
+    step = ca_step(state, renew_before=renew_before, overlap=overlap, now=now)
+    if step == "new" or state is None:
+        ca = new_ca(common_name, validity * 2)  # the CA outlives its leaves: twice the validity
+        return CAState(ca, ca.cert_pem)
+    if step == "switch" and state.next is not None:
+        return CAState(state.next, state.bundle, None, "reissued", now)
+    if step == "drop":
+        return CAState(state.signer, state.signer.cert_pem)
+    if step == "rotate":
         new = new_ca(common_name, validity * 2)
         return CAState(state.signer, state.signer.cert_pem + new.cert_pem, new, "overlap", now)
     return state

@@ -34,9 +34,16 @@ from . import certs
 from .planning import NodeGPU, ServicePlan, plan_service
 from .settings import OperatorSettings
 from .spec import LLMServiceSpec, SpecError, check_name, parse_spec
+from .status import (
+    Condition,
+    Key,
+    capacity_condition,
+    certificates_condition,
+    merge,
+    status_from,
+)
 
 GROUP, VERSION, PLURAL = "llamafleet.io", "v1alpha1", "llmservices"
-SETTINGS = OperatorSettings()
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +57,15 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="llamafleet.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="llamafleet.io")
     settings.networking.error_backoffs = [1, 2, 5, 10, 30, 60]
-    memo.dyn = DynamicClient(_api_client())
+    if "settings" not in memo:  # kopf.run(memo=...) may bring them
+        memo.settings = OperatorSettings()
+    memo.dyn = DynamicClient(_api_client(memo.settings))
     memo.locks = {}
 
 
-def _api_client() -> ApiClient:
-    if SETTINGS.kubeconfig:
-        return k8s_config.new_client_from_config(config_file=SETTINGS.kubeconfig)
+def _api_client(settings: OperatorSettings) -> ApiClient:
+    if settings.kubeconfig:
+        return k8s_config.new_client_from_config(config_file=settings.kubeconfig)
     try:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
@@ -83,62 +92,69 @@ def _nodes(index: kopf.Index) -> list[NodeGPU]:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
-              patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
+def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
               gpu_nodes: kopf.Index, **_: Any) -> None:
-    _reconcile(body, spec, meta, status, patch, logger, memo, gpu_nodes, event=True)
+    _reconcile(body, patch, logger, memo, gpu_nodes, event=True)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, idle=0)
-def resync(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
-           patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
+# kopf fixes a timer's interval when the handler is registered, before any startup handler
+# runs: the one setting read at import time.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=OperatorSettings().resync_seconds, idle=0)
+def resync(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
            gpu_nodes: kopf.Index, **_: Any) -> None:
-    _reconcile(body, spec, meta, status, patch, logger, memo, gpu_nodes, event=False)
+    _reconcile(body, patch, logger, memo, gpu_nodes, event=False)
 
 
-def _reconcile(body: kopf.Body, spec: Any, meta: Any, status: Any, patch: kopf.Patch,
-               logger: logging.Logger, memo: kopf.Memo, index: kopf.Index, event: bool) -> None:
+def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
+               index: kopf.Index, event: bool) -> None:
     # kopf may run the timer and a change handler of one object at once (thread pool).
-    with memo.locks.setdefault(meta["uid"], threading.Lock()):
-        _reconcile_locked(body, spec, meta, status, patch, logger, memo, index, event)
+    with memo.locks.setdefault(body["metadata"]["uid"], threading.Lock()):
+        _reconcile_locked(body, patch, logger, memo, _nodes(index), event)
 
 
-def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch: kopf.Patch,
-                      logger: logging.Logger, memo: kopf.Memo, index: kopf.Index,
-                      event: bool) -> None:
+def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
+                      memo: kopf.Memo, nodes: list[NodeGPU], event: bool) -> None:
+    """Parse, plan, write the children, then set the status from what was read back."""
+    settings: OperatorSettings = memo.settings
+    meta = body["metadata"]
     names = B.Names(meta["name"], meta["namespace"])
-    conditions = list((status or {}).get("conditions") or [])
+    conditions = list((body.get("status") or {}).get("conditions") or [])
     generation = meta.get("generation")
+
+    settled: list[Condition] = []  # conditions already known when a later step fails
+
+    def fail(phase: str | None, *conds: Condition) -> None:
+        patch.status["conditions"] = merge(conditions, [*settled, *conds])
+        if phase:
+            patch.status["phase"] = phase
+
     try:
         check_name(names.name)
-        parsed = parse_spec(dict(spec))
+        parsed = parse_spec(dict(body["spec"]))
     except SpecError as e:
-        _set(conditions, "Ready", "False", "InvalidSpec", str(e))
-        _set(conditions, "Progressing", "False", "InvalidSpec", "Fix the spec to continue.")
-        patch.status.update(phase="Failed", conditions=conditions, observedGeneration=generation)
+        fail("Failed", Condition("Ready", "False", "InvalidSpec", str(e)),
+             Condition("Progressing", "False", "InvalidSpec", "Fix the spec to continue."))
+        patch.status["observedGeneration"] = generation
         raise kopf.PermanentError(f"invalid spec: {e}") from None
 
-    dyn: DynamicClient = memo.dyn
-    plan = plan_service(parsed, _nodes(index))
-    previous = ((status or {}).get("capacity") or {}).get("maxBatchSize")
+    plan = plan_service(parsed, nodes)
+    previous = ((body.get("status") or {}).get("capacity") or {}).get("maxBatchSize")
     patch.status["capacity"] = {"maxBatchSize": plan.max_batch_size, "mode": plan.mode,
                                 "gpuMemoryMiB": plan.gpu_memory_mib, "reason": plan.reason}
     patch.status["selector"] = B.selector_string(names.name)
-    patch.status["endpoints"] = B.endpoints(names, SETTINGS.cluster_domain)
+    patch.status["endpoints"] = B.endpoints(names, settings.cluster_domain)
     patch.status["model"] = _model_label(parsed)
     patch.status["observedGeneration"] = generation
     if not plan.fits:
-        _set(conditions, "CapacityPlanned", "False", "InsufficientMemory", plan.reason)
-        _set(conditions, "Ready", "False", "InsufficientMemory",
-             "No schedulable node has enough GPU memory for one sequence.")
-        patch.status.update(phase="Degraded", conditions=conditions)
+        st = status_from(parsed, plan, {})
+        fail(st.phase, *st.conditions)
         raise kopf.TemporaryError(f"cannot place the model: {plan.reason}", delay=60)
-    _set(conditions, "CapacityPlanned", "True", "Planned", plan.reason)
+    settled.append(capacity_condition(plan))
     if previous is not None and previous != plan.max_batch_size:
         logger.info("re-planned max_batch_size %s -> %s: %s", previous, plan.max_batch_size,
                     plan.reason)
 
-    children = Children(dyn, names, meta["uid"])
+    children = Children(memo.dyn, names, meta["uid"])
     step = "read"
     try:
         # Ownership first: if any object we would write (or delete) belongs to someone
@@ -147,26 +163,22 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
         if (conflicts := children.conflicts()):
             msg = "; ".join(conflicts) + ". Nothing was changed: delete or rename those " \
                 "objects, or give this LLMService another name."
-            _set(conditions, "Ready", "False", "Conflict", msg)
-            _set(conditions, "Progressing", "False", "Conflict", "Blocked by foreign objects.")
-            patch.status.update(phase="Failed", conditions=conditions)
-            raise kopf.TemporaryError(f"conflict: {msg}", delay=SETTINGS.resync_seconds)
+            fail("Failed", Condition("Ready", "False", "Conflict", msg),
+                 Condition("Progressing", "False", "Conflict", "Blocked by foreign objects."))
+            raise kopf.TemporaryError(f"conflict: {msg}", delay=settings.resync_seconds)
         step = "certificates"
         if parsed.tls.enabled:
-            not_after = ensure_certificates(children, body, names, parsed, logger)
+            not_after = ensure_certificates(children, body, names, parsed, logger,
+                                            settings.cluster_domain)
             patch.status["certificates"] = {"notAfter": not_after.isoformat(),
                                             "clientSecret": names.client_secret}
-            _set(conditions, "CertificatesReady", "True", "Issued",
-                 f"server and client certificates valid until {not_after.isoformat()}")
-        else:
-            _set(conditions, "CertificatesReady", "True", "Disabled", "tls.enabled is false")
+        settled.append(certificates_condition(parsed, children.live))
         step = "api key"
         problem = ensure_api_key(children, body, names, parsed, logger)
         if problem:
-            _set(conditions, "Ready", "False", "APIKeyMissing", problem)
-            patch.status.update(phase="Degraded", conditions=conditions)
-            raise kopf.TemporaryError(problem, delay=SETTINGS.resync_seconds)
-        image = B.image_for(parsed, SETTINGS)
+            fail("Degraded", Condition("Ready", "False", "APIKeyMissing", problem))
+            raise kopf.TemporaryError(problem, delay=settings.resync_seconds)
+        image = B.image_for(parsed, settings)
         # The NetworkPolicy goes first: pods never run without it when it is wanted.
         step = "network policy"
         if parsed.networkPolicy.enabled:
@@ -180,36 +192,19 @@ def _reconcile_locked(body: kopf.Body, spec: Any, meta: Any, status: Any, patch:
             children.remove(PDB, logger)
         children.apply(body, B.build_service(names), logger, event)
         children.apply(body, B.build_deployment(names, parsed, plan, image), logger, event)
-        deployment = children.get(DEPLOYMENT) or {}
     except (ApiException, DynApiException) as e:
         if step == "network policy":
-            reason, msg = "NetworkPolicyFailed", "the NetworkPolicy could not be applied, so " \
-                f"the Deployment is held back: {e.status} {e.reason}; retrying"
+            ready, reason, msg = "False", "NetworkPolicyFailed", "the NetworkPolicy could " \
+                f"not be applied, so the Deployment is held back: {e.status} {e.reason}; retrying"
         else:
-            reason, msg = "APIError", f"Kubernetes API error ({step}): {e.status} {e.reason}; " \
-                "retrying"
-        _set(conditions, "Ready", "False" if reason != "APIError" else "Unknown", reason, msg)
-        patch.status["conditions"] = conditions
-        raise kopf.TemporaryError(msg, delay=min(10.0, SETTINGS.resync_seconds)) from e
+            ready, reason, msg = "Unknown", "APIError", f"Kubernetes API error ({step}): " \
+                f"{e.status} {e.reason}; retrying"
+        fail(None, Condition("Ready", ready, reason, msg))
+        raise kopf.TemporaryError(msg, delay=min(10.0, settings.resync_seconds)) from e
 
-    dstatus = deployment.get("status") or {}
-    ready = int(dstatus.get("readyReplicas") or 0)
-    want = parsed.replicas
-    patch.status.update(replicas=int(dstatus.get("replicas") or 0), readyReplicas=ready)
-    if ready >= want and want > 0:
-        _set(conditions, "Ready", "True", "ReplicasReady", f"{ready}/{want} replicas ready")
-        _set(conditions, "Progressing", "False", "Complete", "All replicas are up to date.")
-        phase = "Ready"
-    elif want == 0:
-        _set(conditions, "Ready", "False", "ScaledToZero", "replicas is 0")
-        _set(conditions, "Progressing", "False", "ScaledToZero", "replicas is 0")
-        phase = "Pending"
-    else:
-        _set(conditions, "Ready", "False", "ReplicasNotReady", f"{ready}/{want} replicas ready")
-        _set(conditions, "Progressing", "True", "RollingOut", f"waiting for {want - ready} "
-             "replica(s); model loading can take minutes")
-        phase = "Progressing"
-    patch.status.update(phase=phase, conditions=conditions)
+    st = status_from(parsed, plan, children.live)
+    patch.status.update(phase=st.phase, conditions=merge(conditions, st.conditions),
+                        replicas=st.replicas, readyReplicas=st.ready_replicas)
 
 
 def _model_label(spec: LLMServiceSpec) -> str:
@@ -224,7 +219,6 @@ def _model_label(spec: LLMServiceSpec) -> str:
 
 # --- children: ownership, drift repair ------------------------------------------------------
 
-Key = tuple[str, str, str]  # (apiVersion, kind, name)
 DEPLOYMENT = ("apps/v1", "Deployment", "")
 SERVICE = ("v1", "Service", "")
 NETWORK_POLICY = ("networking.k8s.io/v1", "NetworkPolicy", "")
@@ -425,35 +419,38 @@ def build_ca_secret(names: B.Names, ca: certs.CAState) -> dict:
 
 
 def ensure_certificates(children: Children, owner: kopf.Body, names: B.Names,
-                        spec: LLMServiceSpec, logger: logging.Logger) -> dt.datetime:
+                        spec: LLMServiceSpec, logger: logging.Logger,
+                        cluster_domain: str) -> dt.datetime:
     """CA, server and client Secrets: issue what is missing, renew what is due, and rotate
     the CA with an overlap (certs.advance_ca). Returns the earliest leaf expiry."""
     validity = certs.parse_duration(spec.tls.validity)
     renew = certs.parse_duration(spec.tls.renewBefore)
     overlap = certs.parse_duration(spec.tls.caOverlap)
+    now = dt.datetime.now(dt.UTC)
     before = read_ca(children.get(_secret(names.ca_secret)))
+    leaves = {secret_name: _pair(children.get(_secret(secret_name)), "tls.key", "tls.crt")
+              for secret_name in (names.server_secret, names.client_secret)}
+    due = certs.renewal_due(before, leaves, renew_before=renew, overlap=overlap, now=now)
     ca = certs.advance_ca(before, f"{names.name}.{names.namespace} llamafleet CA",
-                          validity=validity, renew_before=renew, overlap=overlap)
-    if ca is not before:
+                          validity=validity, renew_before=renew, overlap=overlap, now=now)
+    if due.ca:
         logger.info("CA of %s: %s", names.name, {
-            "overlap": "published a new CA beside the old one",
-            "reissued": "leaf certificates move to the new CA",
-            "": "issued a new CA" if before is None or before.phase != "reissued"
-                else "dropped the old CA"}[ca.phase])
+            "new": "issued a new CA", "rotate": "published a new CA beside the old one",
+            "switch": "leaf certificates move to the new CA",
+            "drop": "dropped the old CA"}[due.ca])
     children.apply(owner, build_ca_secret(names, ca), logger)
     not_after = []
-    for secret_name, client in ((names.server_secret, False), (names.client_secret, True)):
-        current = children.get(_secret(secret_name))
-        leaf = _pair(current, "tls.key", "tls.crt")
-        # While a new CA is only published (overlap), due leaves wait for the switch.
-        if leaf is None or not certs.signed_by(leaf, ca.signer) or (
-                ca.phase != "overlap" and certs.needs_renewal(leaf, renew)):
+    for secret_name, leaf in leaves.items():
+        client = secret_name == names.client_secret
+        if secret_name in due.leaves:
             leaf = certs.issue(ca.signer, f"{names.name}-{'client' if client else 'server'}",
                                validity, sans=[] if client else
-                               names.dns_names(SETTINGS.cluster_domain), client=client)
+                               names.dns_names(cluster_domain), client=client)
             logger.info("%s %s certificate, valid until %s",
-                        "renewed" if current is not None else "issued",
-                        "client" if client else "server", leaf.not_after.isoformat())
+                        "renewed" if children.get(_secret(secret_name)) is not None
+                        else "issued", "client" if client else "server",
+                        leaf.not_after.isoformat())
+        assert leaf is not None  # renewal_due names every missing leaf
         children.apply(owner, B.build_secret(names, secret_name, {
             "tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem, "ca.crt": ca.bundle}, True),
             logger)
@@ -485,19 +482,6 @@ def ensure_api_key(children: Children, owner: kopf.Body, names: B.Names,
     children.apply(owner, B.build_secret(names, names.api_key_secret, {B.API_KEY_KEY: value},
                                          False, component="auth"), logger)
     return None
-
-
-def _set(conditions: list[dict], type_: str, status: str, reason: str, message: str) -> None:
-    """Set a condition; lastTransitionTime moves only when the status changes."""
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for c in conditions:
-        if c.get("type") == type_:
-            if c.get("status") != status:
-                c["lastTransitionTime"] = now
-            c.update(status=status, reason=reason, message=message)
-            return
-    conditions.append({"type": type_, "status": status, "reason": reason, "message": message,
-                       "lastTransitionTime": now})
 
 
 __all__ = ["reconcile", "resync", "gpu_nodes", "startup", "Children", "ensure_certificates",

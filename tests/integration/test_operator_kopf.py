@@ -140,10 +140,8 @@ async def api(kmock, tmp_path, monkeypatch):
         "users": [{"name": "u", "user": {"token": "test"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}]}))
     monkeypatch.setenv("KMOCK_URL", url)
-    from llamafleet.operator import handlers
-    from llamafleet.operator.settings import OperatorSettings
-
-    monkeypatch.setattr(handlers, "SETTINGS", OperatorSettings(kubeconfig=str(kubeconfig)))
+    # The operator's settings are read by its startup handler, when KopfRunner starts it.
+    monkeypatch.setenv("LLAMAFLEET_OPERATOR_KUBECONFIG", str(kubeconfig))
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         yield client
 

@@ -426,3 +426,68 @@ def test_stalled_for_counts_only_while_sequences_run() -> None:
     wait_until(lambda: eng.running == 0, timeout=5)
     assert eng.stalled_for() == 0.0
     eng.stop()
+
+
+# --- building the batch (no engine thread) ---------------------------------------------------
+
+
+def _seq(slot: int, prompt: list[int], n_past: int = 0, next_token: int | None = None):
+    from llamafleet.inference.engine import DECODE, _Sequence
+
+    seq = _Sequence(GenerationRequest(prompt, SamplingParams(), Collector()), slot, None,
+                    TextAssembler(()), n_past=n_past)
+    if next_token is not None:
+        seq.state, seq.next_token = DECODE, next_token
+    return seq
+
+
+def test_batch_puts_decoding_tokens_first_then_prefill_chunks_within_n_batch() -> None:
+    from llamafleet.inference.engine import build_batch
+
+    long = _seq(0, list(range(100, 110)))  # 10 prompt tokens, none cached
+    dec = _seq(1, [1, 2], n_past=3, next_token=7)
+    short = _seq(2, [50, 51, 52], n_past=1)  # 1 token reused from the prefix cache
+    b = build_batch([long, dec, short], n_batch=8)
+    assert b.tokens == [7, 100, 101, 102, 103, 104, 105, 106]
+    assert b.pos == [3, 0, 1, 2, 3, 4, 5, 6]
+    assert b.seqs == [1, 0, 0, 0, 0, 0, 0, 0]
+    assert b.logits == [True] + [False] * 7  # the long prompt's chunk is not its last
+    assert b.advance == [(dec, 1), (long, 7)]
+    assert b.sample == [(dec, 0)]  # `short` waits: the batch is full
+
+
+def test_batch_samples_where_a_prompt_ends_and_leaves_finished_sequences_out() -> None:
+    from llamafleet.inference.engine import DONE, build_batch
+
+    a = _seq(0, [10, 11, 12], n_past=1)
+    done = _seq(1, [5, 6], n_past=2, next_token=9)
+    done.state = DONE
+    b = _seq(2, [20])
+    batch = build_batch([a, done, b], n_batch=8)
+    assert batch.tokens == [11, 12, 20] and batch.pos == [1, 2, 0] and batch.seqs == [0, 0, 2]
+    assert batch.logits == [False, True, True]
+    assert batch.sample == [(a, 1), (b, 2)] and batch.advance == [(a, 2), (b, 1)]
+
+
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 19), st.booleans()),
+                min_size=1, max_size=8), st.integers(8, 16))
+def test_batch_bounds_hold_for_any_mix(shapes, n_batch) -> None:
+    from llamafleet.inference.engine import build_batch
+
+    seqs = []
+    for slot, (length, cached, decoding) in enumerate(shapes):
+        prompt = list(range(length))
+        seqs.append(_seq(slot, prompt, n_past=length + 1, next_token=3) if decoding
+                    else _seq(slot, prompt, n_past=min(cached, length - 1)))
+    b = build_batch(seqs, n_batch)
+    assert len(b.tokens) == len(b.pos) == len(b.seqs) == len(b.logits) <= n_batch
+    assert sum(n for _, n in b.advance) == len(b.tokens)
+    # Every decoding sequence is in (max_batch_size <= n_batch), each exactly once.
+    assert [s for s, _ in b.advance if s.state.name == "DECODE"] == \
+        [s for s in seqs if s.state.name == "DECODE"]
+    for seq, index in b.sample:
+        assert b.seqs[index] == seq.slot and b.logits[index]
+    assert sum(b.logits) == len(b.sample)
+    for seq, n in b.advance:  # a sequence's positions continue its cache, in order
+        assert [p for p, s in zip(b.pos, b.seqs, strict=True) if s == seq.slot] == \
+            list(range(seq.n_past, seq.n_past + n))
