@@ -7,9 +7,12 @@ Kept from the C++ service (``sentiric-llm-llama-service``) so its clients work u
 from __future__ import annotations
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
+ROUTER_PORT = 16073  # llamafleet router (llamafleet.router.settings)
 
 # Every setting of the pod reads LLM_LLAMA_SERVICE_<NAME> (llamafleet.inference.settings).
 ENV_PREFIX = "LLM_LLAMA_SERVICE_"
+# The router's settings (llamafleet.router.settings).
+ROUTER_ENV_PREFIX = ENV_PREFIX + "ROUTER_"
 # The operator's own settings (llamafleet.operator.settings).
 OPERATOR_ENV_PREFIX = "LLAMAFLEET_OPERATOR_"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+from starlette.responses import JSONResponse
 
 
 class ModelError(Exception):
@@ -58,6 +59,12 @@ class NotReady(LlamafleetError):
     retry_after_s = 5
 
 
+class QueueFull(LlamafleetError):
+    """The router's hold queue is full (no replica ready, and too many already waiting)."""
+
+    retry_after_s = 5
+
+
 class InternalError(LlamafleetError):
     pass
 
@@ -79,6 +86,7 @@ ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
     ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", grpc.StatusCode.NOT_FOUND),
     Overloaded: ErrorMapping(503, "server_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
     NotReady: ErrorMapping(503, "server_error", "not_ready", grpc.StatusCode.UNAVAILABLE),
+    QueueFull: ErrorMapping(429, "rate_limit_error", "queue_full", grpc.StatusCode.RESOURCE_EXHAUSTED),
     InternalError: ErrorMapping(500, "server_error", "internal_error", grpc.StatusCode.INTERNAL),
 }
 
@@ -104,3 +112,11 @@ def openai_body(err: LlamafleetError) -> dict:
 
 def retry_after(err: LlamafleetError) -> int | None:
     return getattr(err, "retry_after_s", None)
+
+
+def error_response(err: LlamafleetError) -> JSONResponse:
+    """The HTTP answer to a domain error (pod and router): OpenAI body, status, Retry-After."""
+    headers = {}
+    if (ra := retry_after(err)) is not None:
+        headers["Retry-After"] = str(ra)
+    return JSONResponse(openai_body(err), status_code=mapping_for(err).http_status, headers=headers)

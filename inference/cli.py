@@ -21,13 +21,16 @@ def _flag_type(annotation: object) -> typing.Callable[[str], object]:
     return str
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per Settings field; help = the field's description and env var."""
-    from .settings import ENV_PREFIX, Settings
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls=None) -> None:
+    """One --flag per settings field (``llamafleet serve``'s Settings unless another class
+    is given); help = the field's description and env var."""
+    if settings_cls is None:
+        from .settings import Settings as settings_cls
+    prefix = settings_cls.model_config["env_prefix"]
 
-    for name, field in Settings.model_fields.items():
+    for name, field in settings_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        env = ENV_PREFIX + name.upper()
+        env = prefix + name.upper()
         help_ = f"{field.description} [env {env}]"
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
@@ -37,15 +40,16 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 default=None, help=help_)
 
 
-def load_settings(args: argparse.Namespace):
+def load_settings(args: argparse.Namespace, settings_cls=None):
     from .settings import Settings, describe_errors
 
+    settings_cls = settings_cls or Settings
     overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k in Settings.model_fields}
+                 if v is not None and k in settings_cls.model_fields}
     try:
-        return Settings(**overrides)
+        return settings_cls(**overrides)
     except ValidationError as e:
-        for line in describe_errors(e):
+        for line in describe_errors(e, settings_cls.model_config["env_prefix"]):
             print(f"llamafleet: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -75,6 +79,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print(f"llamafleet fetch: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from llamafleet.common.logs import configure
+    from llamafleet.router.main import serve
+    from llamafleet.router.settings import RouterSettings
+
+    settings = load_settings(args, RouterSettings)
+    configure(settings.log_level, settings.log_format)
+    return serve(settings)
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -109,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--sha256", required=True)
     f.add_argument("--out", type=Path, required=True)
     f.set_defaults(func=cmd_fetch)
+    from llamafleet.router.settings import RouterSettings
+
+    r = sub.add_parser("router", help="route OpenAI requests over replicas by prefix and load",
+                       description="Every flag also reads LLM_LLAMA_SERVICE_ROUTER_<NAME>; flags win.")
+    add_settings_flags(r, RouterSettings)
+    r.set_defaults(func=cmd_router)
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     o.add_argument("rest", nargs=argparse.REMAINDER, help="operator options (see --help)")
     o.set_defaults(func=cmd_operator)

@@ -21,9 +21,8 @@ from llamafleet.common.errors import (
     NotReady,
     RequestTooLarge,
     Unauthorized,
-    mapping_for,
+    error_response,
     openai_body,
-    retry_after,
 )
 from llamafleet.common.logs import request_id_from_headers
 from llamafleet.common.sampling import SamplingParameters
@@ -36,13 +35,6 @@ from .serving import Generation, Serving
 log = logging.getLogger(__name__)
 
 STUDIO_DIR = Path(__file__).parent / "studio"
-
-
-def error_response(err: LlamafleetError) -> JSONResponse:
-    headers = {}
-    if (ra := retry_after(err)) is not None:
-        headers["Retry-After"] = str(ra)
-    return JSONResponse(openai_body(err), status_code=mapping_for(err).http_status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT, env_name
+from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT
 from llamafleet.common.sampling import (
     DEFAULTS,
     MaxTokens,
@@ -209,11 +209,11 @@ class Settings(BaseSettings):
         return "json" if self.env.lower() == "production" else "console"
 
 
-def describe_errors(err: ValidationError) -> list[str]:
+def describe_errors(err: ValidationError, prefix: str = ENV_PREFIX) -> list[str]:
     """One line per invalid setting, naming the environment variable."""
     lines = []
     for e in err.errors():
         name = ".".join(str(p) for p in e["loc"]) or "settings"
-        label = env_name(name) if e["loc"] else "settings"
+        label = prefix + name.upper() if e["loc"] else "settings"
         lines.append(f"invalid setting {label}: {e['msg']}")
     return lines

@@ -37,3 +37,13 @@ def test_llamafleet_common_never_loads_llama_cpp() -> None:
             + "print('llama_cpp' in sys.modules)")
     r = _run_from_root("-c", code)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_llamafleet_router_never_loads_llama_cpp_nor_the_pod() -> None:
+    modules = sorted(p.stem for p in (ROOT / "router").glob("*.py") if p.stem != "__init__")
+    assert {"affinity", "app", "backends", "main", "metrics", "settings"} <= set(modules)
+    code = ("import sys\n" + "".join(f"import llamafleet.router.{m}\n" for m in modules)
+            + "print(sorted(m for m in sys.modules if m == 'llama_cpp' "
+              "or m.startswith('llamafleet.inference')))")
+    r = _run_from_root("-c", code)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

@@ -1,0 +1,118 @@
+"""Prefix affinity: chained block hashes of the prompt prefix, and consistent hashing with
+bounded loads (CHWBL, Mirrokni et al. 2016; KubeAI's PrefixHash).
+
+Hand-written: no well-kept Python library does CHWBL (the ring libraries on PyPI —
+uhashring, hash_ring — have no load bound), and the rest is a few lines of hashlib."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+
+def _h64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def prompt_prefix(body: dict) -> str:
+    """The part of a request that requests of the same conversation or tenant share: for
+    chat, every message but the last (system prompt and earlier turns), or the lone message;
+    for completions, the prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        shared = messages[:-1] or messages
+        return "".join(f"{m.get('role', '')}\x1f{_text(m.get('content'))}\x1e"
+                       for m in shared if isinstance(m, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = "".join(p for p in prompt if isinstance(p, str))
+    return prompt if isinstance(prompt, str) else ""
+
+
+def _text(content: object) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def block_hashes(text: str, block_chars: int) -> list[int]:
+    """Chained hashes: block i's hash covers blocks 0..i, so equal hashes mean equal prefixes.
+    A partial last block counts too (a short system prompt still gives one block)."""
+    out: list[int] = []
+    prev = b""
+    for start in range(0, len(text), block_chars):
+        h = _h64(prev + text[start:start + block_chars].encode())
+        out.append(h)
+        prev = h.to_bytes(8, "big")
+    return out
+
+
+class Ring:
+    """A consistent-hash ring with ``vnodes`` points per backend."""
+
+    def __init__(self, backends: Sequence[str], vnodes: int):
+        points = sorted((_h64(f"{b}#{i}".encode()), b) for b in backends for i in range(vnodes))
+        self._keys = [k for k, _ in points]
+        self._owners = [b for _, b in points]
+
+    def walk(self, key: int):
+        """The backends in ring order from ``key``, each once."""
+        if not self._keys:
+            return
+        seen: set[str] = set()
+        start = bisect.bisect(self._keys, key)
+        for i in range(len(self._keys)):
+            b = self._owners[(start + i) % len(self._keys)]
+            if b not in seen:
+                seen.add(b)
+                yield b
+
+
+def load_bound(loads: dict[str, float], factor: float) -> float:
+    """The most load one backend may carry, counting the request being placed."""
+    return math.ceil(factor * (sum(loads.values()) + 1) / max(len(loads), 1))
+
+
+class Affinity:
+    """Picks a backend for a list of chained prefix-block hashes:
+    1. the backend that last served the longest matching prefix, if under the load bound
+       (an affinity hit: its KV cache likely holds that prefix);
+    2. else the first backend clockwise from the first block's hash that is under the bound;
+    3. else the least loaded.
+    Then every block is remembered with the chosen backend (LRU, ``entries`` at most)."""
+
+    def __init__(self, vnodes: int, factor: float, entries: int):
+        self.vnodes, self.factor, self.entries = vnodes, factor, entries
+        self._ring = Ring([], vnodes)
+        self._members: tuple[str, ...] = ()
+        self._seen: OrderedDict[int, str] = OrderedDict()
+
+    def pick(self, blocks: Sequence[int], loads: dict[str, float],
+             tiebreak: Callable[[str], float] = lambda b: 0.0) -> tuple[str, bool]:
+        """``loads``: the candidate backends and their loads. Returns (backend, hit)."""
+        if not loads:
+            raise ValueError("no backend to pick from")
+        members = tuple(sorted(loads))
+        if members != self._members:
+            self._ring, self._members = Ring(members, self.vnodes), members
+        bound = load_bound(loads, self.factor)
+        chosen, hit = None, False
+        for h in reversed(blocks):
+            b = self._seen.get(h)
+            if b is not None and b in loads:
+                if loads[b] < bound:
+                    chosen, hit = b, True
+                break
+        if chosen is None and blocks:
+            chosen = next((b for b in self._ring.walk(blocks[0]) if loads[b] < bound), None)
+        if chosen is None:
+            chosen = min(members, key=lambda b: (loads[b], tiebreak(b)))
+        for h in blocks:
+            self._seen[h] = chosen
+            self._seen.move_to_end(h)
+        while len(self._seen) > self.entries:
+            self._seen.popitem(last=False)
+        return chosen, hit

@@ -1,0 +1,34 @@
+"""Every Prometheus series of the router, defined once (prefix ``llamafleet_router_``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "llamafleet_router_requests_total",
+            "Proxied attempts by backend and outcome (ok, error = a 4xx/5xx answered, "
+            "retried = connect error or 503 before any byte, broken = failed after streaming "
+            "began, cancelled = the client left).", ["backend", "outcome"], registry=r)
+        self.refused = Counter(
+            "llamafleet_router_refused_total",
+            "Requests the router answered itself (queue_full = 429, hold_timeout = 503).",
+            ["reason"], registry=r)
+        self.affinity = Counter(
+            "llamafleet_router_affinity_total",
+            "Replica choices: hit = the replica that last served the longest matching prefix; "
+            "miss = placed by the hash ring or by load.", ["result"], registry=r)
+        self.held = Gauge("llamafleet_router_hold_queue_depth",
+                          "Requests waiting for a ready replica.", registry=r)
+        self.in_flight = Gauge("llamafleet_router_in_flight", "Requests proxied now, by backend.",
+                               ["backend"], registry=r)
+        self.ready = Gauge("llamafleet_router_backends_ready", "Replicas ready.", registry=r)
+        self.ttft = Histogram(
+            "llamafleet_router_time_to_first_token_seconds",
+            "Arrival at the router to the first byte of the answer's body (the first token "
+            "when streaming), holding and retries included.", buckets=TTFT_BUCKETS, registry=r)

@@ -1,0 +1,81 @@
+"""Prefix affinity (pure): chained block hashes, the ring, and bounded loads."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from llamafleet.router.affinity import Affinity, Ring, block_hashes, load_bound, prompt_prefix
+
+SYSTEM = "You are the support bot of tenant {0}. " * 20
+
+
+def _chat(tenant: int, turns: list[str]) -> dict:
+    msgs = [{"role": "system", "content": SYSTEM.format(tenant)}]
+    msgs += [{"role": "user", "content": t} for t in turns]
+    return {"messages": msgs}
+
+
+def test_the_prefix_is_every_message_but_the_last_or_the_prompt() -> None:
+    a = prompt_prefix(_chat(1, ["hello"]))
+    assert a == prompt_prefix(_chat(1, ["something else entirely"]))
+    assert a != prompt_prefix(_chat(2, ["hello"]))
+    assert prompt_prefix({"messages": [{"role": "user", "content": "only"}]}).endswith("only\x1e")
+    assert prompt_prefix({"prompt": "abc"}) == "abc"
+    assert prompt_prefix({"prompt": ["ab", "c"]}) == "abc"
+    assert prompt_prefix({}) == ""
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                          {"role": "user", "content": "y"}]}
+    assert prompt_prefix(parts) == "user\x1fx\x1e"
+
+
+def test_block_hashes_are_chained_so_equal_hashes_mean_equal_prefixes() -> None:
+    a = block_hashes("a" * 100 + "b" * 100, 50)
+    b = block_hashes("a" * 100 + "c" * 100, 50)
+    assert len(a) == 4 and a[:2] == b[:2] and a[2] != b[2]
+    # The same block text after a different prefix hashes differently.
+    c = block_hashes("z" * 50 + "a" * 50, 50)
+    assert c[1] != a[1]
+    assert block_hashes("short", 256) == block_hashes("short", 256) and len(block_hashes("short", 256)) == 1
+    assert block_hashes("", 256) == []
+
+
+def test_the_ring_walks_each_backend_once_and_moves_few_keys_when_one_leaves() -> None:
+    ring3, ring2 = Ring(["a", "b", "c"], 256), Ring(["a", "b"], 256)
+    assert sorted(ring3.walk(12345)) == ["a", "b", "c"]
+    keys = [block_hashes(f"tenant {i}", 256)[0] for i in range(600)]
+    moved = [k for k in keys if next(ring3.walk(k)) != "c" and next(ring3.walk(k)) != next(ring2.walk(k))]
+    assert moved == []  # only c's keys move
+    share = Counter(next(ring3.walk(k)) for k in keys)
+    assert all(120 < n < 300 for n in share.values()), share
+
+
+def test_same_prefix_sticks_to_one_backend_and_a_longer_match_wins() -> None:
+    aff = Affinity(vnodes=64, factor=1.25, entries=1000)
+    loads = {"a": 0.0, "b": 0.0, "c": 0.0}
+    first, hit = aff.pick(block_hashes(SYSTEM.format(7), 64), loads)
+    assert not hit
+    again, hit = aff.pick(block_hashes(SYSTEM.format(7) + "more turns", 64), loads)
+    assert (again, hit) == (first, True)
+
+
+def test_no_backend_takes_more_than_the_bound() -> None:
+    aff = Affinity(vnodes=64, factor=1.25, entries=1000)
+    loads = {"a": 0.0, "b": 0.0, "c": 0.0}
+    blocks = block_hashes(SYSTEM.format(1), 64)  # one hot tenant
+    for _ in range(30):
+        bound = load_bound(loads, 1.25)
+        chosen, _ = aff.pick(blocks, loads)
+        assert loads[chosen] < bound
+        loads[chosen] += 1
+    assert max(loads.values()) <= 13  # ceil(1.25 * 30 / 3)
+    assert min(loads.values()) >= 4  # the overflow went to the others
+
+
+def test_the_lru_forgets_old_prefixes_and_gone_backends_are_skipped() -> None:
+    aff = Affinity(vnodes=16, factor=1.25, entries=4)
+    loads = {"a": 0.0, "b": 0.0}
+    aff.pick(block_hashes("x" * 64, 16), loads)  # 4 blocks: the table is full
+    aff.pick(block_hashes("y" * 64, 16), loads)
+    assert len(aff._seen) == 4
+    chosen, _ = aff.pick(block_hashes("y" * 64, 16), {"c": 0.0})
+    assert chosen == "c"
