@@ -120,8 +120,13 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
         content_frame = FastFrame(chunk(P.Delta(content="\x00")), include_usage)
 
         async def frames() -> AsyncIterator[P.BaseModel | bytes]:
-            yield chunk(P.Delta(role="assistant", content=""))
+            # The role frame goes out with the first event, not before: until then no byte
+            # has left, so a router may still retry the request on another replica.
+            role = chunk(P.Delta(role="assistant", content=""))
             async for ev in gen.events():
+                if role is not None:
+                    yield role
+                    role = None
                 if isinstance(ev, TextDelta):
                     yield content_frame.render(ev.text)
                 elif isinstance(ev, Finished):

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 from llamafleet.common.errors import (
+    InternalError,
     LlamafleetError,
     NotReady,
     QueueFull,
     error_response,
+    openai_body,
 )
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -31,6 +33,7 @@ from .settings import RouterSettings
 log = logging.getLogger(__name__)
 
 ROUTING_KEY_HEADER = "x-llamafleet-routing-key"
+BACKEND_HEADER = "x-llamafleet-backend"  # on answers: the replica that served it
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx recomputes.
 _DROP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
          "proxy-authorization", "proxy-authenticate", "content-length", "content-encoding"}
@@ -178,6 +181,8 @@ class Router:
             raise _Retry
         self.metrics.ttft.observe(time.monotonic() - started)
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP}
+        out_headers[BACKEND_HEADER] = backend.url
+        sse = resp.headers.get("content-type", "").startswith("text/event-stream")
 
         async def rest() -> AsyncIterator[bytes]:
             outcome = "ok" if resp.status_code < 400 else "error"
@@ -188,7 +193,12 @@ class Router:
                     yield chunk
             except httpx.HTTPError as e:
                 outcome = "broken"  # streaming began: never retried
-                log.warning("replica %s broke off an answer: %s", backend.url, e)
+                log.warning("replica %s broke off an answer: %r", backend.url, e)
+                if not sse:
+                    raise  # the server aborts the connection: the client sees a cut answer
+                # As the pod reports errors mid-stream: an OpenAI error event.
+                err = InternalError(f"The replica serving this stream failed: {e!r}")
+                yield b"data: " + json.dumps(openai_body(err)).encode() + b"\n\n"
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 raise

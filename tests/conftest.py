@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +48,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_process(*flags: str, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """`llamafleet serve` as users and pods start it: a separate process (that a test may
+    kill) on loopback; returns it and its HTTP port."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "llamafleet.inference.cli", "serve", "--host", "127.0.0.1",
+           "--http-port", str(port), "--grpc-port", str(free_port()),
+           "--metrics-port", str(free_port()), "--threads", "2", "--log-format", "console",
+           *flags]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port
+
+
+def serve_ready(proc: subprocess.Popen, port: int) -> bool:
+    """For wait_until: the process answers /ready (and fails loudly if it died)."""
+    import httpx
+
+    if proc.poll() is not None:
+        raise AssertionError(f"serve exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @pytest.fixture(scope="session")

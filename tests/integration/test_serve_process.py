@@ -15,29 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import serve_process as _serve
+from tests.conftest import serve_ready as _ready
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _serve(*flags: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "llamafleet.inference.cli", "serve", "--host", "127.0.0.1",
-           "--http-port", str(port), "--grpc-port", str(free_port()),
-           "--metrics-port", str(free_port()), "--threads", "2", "--log-format", "console",
-           *flags]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port
-
-
-def _ready(proc: subprocess.Popen, port: int) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"serve exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_serve_self_tests_then_serves_four_concurrent_streams(model_path: Path) -> None:
