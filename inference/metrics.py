@@ -40,6 +40,11 @@ class Metrics:
         self.queued = Gauge("llamafleet_queue_depth", "Requests waiting.", registry=r)
         self.kv_used = Gauge("llamafleet_kv_cache_cells_used", "KV cells holding tokens.", registry=r)
         self.kv_total = Gauge("llamafleet_kv_cache_cells_total", "KV cells in the context.", registry=r)
+        # The Gateway API Inference Extension's model-server protocol reads waiting
+        # (llamafleet_queue_depth), running (llamafleet_running_sequences) and this.
+        self.kv_utilization = Gauge(
+            "llamafleet_kv_cache_utilization",
+            "KV cells holding tokens over the cells planned for the context (0..1).", registry=r)
         self.max_batch = Gauge("llamafleet_max_batch_size", "Sequences that may run at once.",
                                registry=r)
         self.model = Info("llamafleet_model", "The served model.", registry=r)
@@ -51,12 +56,16 @@ class EngineMetrics:
     def __init__(self, metrics: Metrics, kv_total: int):
         self.m = metrics
         self.m.kv_total.set(kv_total)
+        self._kv_total = kv_total
+        self._running = 0
         self._last_token: dict[int, float] = {}
 
     def on_step(self, running: int, batch_tokens: int, queued: int, kv_tokens: int) -> None:
         self.m.steps.inc()
         self.m.kv_used.set(kv_tokens)
+        self.m.kv_utilization.set(min(1.0, kv_tokens / self._kv_total) if self._kv_total else 0.0)
         self.m.batch_occupancy.observe(running)
+        self._running = running
         self.m.running.set(running)
         self.m.queued.set(queued)
 
@@ -74,3 +83,7 @@ class EngineMetrics:
 
     def on_finish(self, req) -> None:
         self._last_token.pop(id(req), None)
+        # Steps set the count; between them (and once idle, when no step comes) finishes
+        # lower it, so routers and endpoint pickers never read a stale load.
+        self._running = max(0, self._running - 1)
+        self.m.running.set(self._running)

@@ -300,6 +300,23 @@ def build_pdb(names: Names, spec: LLMServiceSpec) -> dict:
     })
 
 
+INFERENCE_POOL_API = "inference.networking.k8s.io/v1"
+
+
+def build_inference_pool(names: Names, spec: LLMServiceSpec) -> dict:
+    """A Gateway API Inference Extension InferencePool over the pods' HTTP port, asking the
+    spec's endpoint picker which pod serves each request."""
+    picker = spec.routing.inferencePool.endpointPicker
+    assert picker is not None  # the spec requires it when the pool is enabled
+    return with_hash({
+        "apiVersion": INFERENCE_POOL_API, "kind": "InferencePool", "metadata": _meta(names),
+        "spec": {"selector": {"matchLabels": selector_labels(names.name)},
+                 "targetPorts": [{"number": HTTP_PORT}],
+                 "extensionRef": {"name": picker.name, "portNumber": picker.port,
+                                  "failureMode": picker.failureMode}},
+    })
+
+
 def build_secret(names: Names, name: str, data: dict[str, bytes], tls: bool,
                  component: str = "certificates", annotations: dict[str, str] | None = None
                  ) -> dict:

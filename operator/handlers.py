@@ -26,7 +26,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ApiException as DynApiException
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from kubernetes.utils import parse_quantity
 
 from . import builders as B
@@ -192,6 +192,13 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
             children.remove(PDB, logger)
         children.apply(body, B.build_service(names), logger, event)
         children.apply(body, B.build_deployment(names, parsed, plan, image), logger, event)
+        if parsed.routing.inferencePool.enabled:
+            children.apply(body, B.build_inference_pool(names, parsed), logger, event)
+        else:
+            children.remove(INFERENCE_POOL, logger)
+    except MissingAPI as e:
+        fail("Degraded", Condition("Ready", "False", "MissingAPI", str(e)))
+        raise kopf.TemporaryError(str(e), delay=settings.resync_seconds) from None
     except (ApiException, DynApiException) as e:
         if step == "network policy":
             ready, reason, msg = "False", "NetworkPolicyFailed", "the NetworkPolicy could " \
@@ -223,6 +230,11 @@ DEPLOYMENT = ("apps/v1", "Deployment", "")
 SERVICE = ("v1", "Service", "")
 NETWORK_POLICY = ("networking.k8s.io/v1", "NetworkPolicy", "")
 PDB = ("policy/v1", "PodDisruptionBudget", "")
+INFERENCE_POOL = (B.INFERENCE_POOL_API, "InferencePool", "")
+
+
+class MissingAPI(Exception):
+    """The cluster does not serve a kind the spec asks for (its CRD is not installed)."""
 
 
 def _secret(name: str) -> Key:
@@ -274,12 +286,19 @@ class Children:
         if spec.tls.enabled:
             writes += [_secret(n) for n in (self.names.ca_secret, self.names.server_secret,
                                             self.names.client_secret)]
+        (writes if spec.routing.inferencePool.enabled else optional).append(INFERENCE_POOL)
         self.writes = {self._key(k) for k in writes}
         for key in map(self._key, writes + optional):
             try:
                 self.live[key] = self._api(key).get(
                     name=key[2], namespace=self.names.namespace).to_dict()
             except NotFoundError:
+                self.live[key] = None
+            except ResourceNotFoundError:  # not served here: nothing of ours to delete
+                if key in self.writes:
+                    raise MissingAPI(f"the cluster does not serve {key[0]} {key[1]}: install "
+                                     "the Gateway API Inference Extension CRDs, or disable "
+                                     "spec.routing.inferencePool") from None
                 self.live[key] = None
         return self.live
 

@@ -189,6 +189,31 @@ class PDBSpec(_M):
     minAvailable: int = Field(1, ge=0)
 
 
+class EndpointPicker(_M):
+    """The Service of a Gateway API Inference Extension endpoint picker (e.g. llm-d's)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN.pattern)
+    port: int = Field(9002, ge=1, le=65535)
+    failureMode: Literal["FailOpen", "FailClose"] = "FailClose"
+
+
+class InferencePoolSpec(_M):
+    enabled: bool = False
+    endpointPicker: EndpointPicker | None = None
+
+    @model_validator(mode="after")
+    def _picker(self) -> InferencePoolSpec:
+        if self.enabled and self.endpointPicker is None:
+            raise ValueError("routing.inferencePool.enabled needs routing.inferencePool."
+                             "endpointPicker.name: the Service of the endpoint picker that "
+                             "the gateway asks which pod serves a request")
+        return self
+
+
+class Routing(_M):
+    inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
+
+
 class LLMServiceSpec(_M):
     model: ModelSpec
     replicas: int = Field(1, ge=0, le=1000)
@@ -205,6 +230,7 @@ class LLMServiceSpec(_M):
     podDisruptionBudget: PDBSpec = Field(default_factory=PDBSpec)
     auth: Auth = Field(default_factory=Auth)
     imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list)
+    routing: Routing = Field(default_factory=Routing)
 
     @model_validator(mode="after")
     def _pdb_leaves_room(self) -> LLMServiceSpec:

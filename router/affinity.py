@@ -82,7 +82,8 @@ class Affinity:
        (an affinity hit: its KV cache likely holds that prefix);
     2. else the first backend clockwise from the first block's hash that is under the bound;
     3. else the least loaded.
-    Then every block is remembered with the chosen backend (LRU, ``entries`` at most)."""
+    Then the blocks are remembered with the chosen backend (LRU, ``entries`` at most);
+    blocks already remembered with another live backend keep it (an overflow is not a move)."""
 
     def __init__(self, vnodes: int, factor: float, entries: int):
         self.vnodes, self.factor, self.entries = vnodes, factor, entries
@@ -111,7 +112,10 @@ class Affinity:
         if chosen is None:
             chosen = min(members, key=lambda b: (loads[b], tiebreak(b)))
         for h in blocks:
-            self._seen[h] = chosen
+            # A request that overflowed to another replica leaves the prefix with the
+            # replica that holds it, unless that one is gone.
+            if hit or self._seen.get(h) not in loads:
+                self._seen[h] = chosen
             self._seen.move_to_end(h)
         while len(self._seen) > self.entries:
             self._seen.popitem(last=False)

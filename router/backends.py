@@ -27,12 +27,13 @@ class Backend:
     running: float = 0.0
     waiting: float = 0.0
     kv_use: float = 0.0  # 0..1
+    others: float = 0.0  # at the last poll: requests on it that were not ours
 
     @property
     def load(self) -> float:
-        """Requests on the replica: ours in flight, or what it reports when more (other
-        routers' requests), plus its queue."""
-        return max(float(self.in_flight), self.running + self.waiting)
+        """Requests on the replica: ours in flight now (exact), plus those of other clients
+        and routers as of the last poll (running + waiting beyond ours then)."""
+        return self.in_flight + self.others
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -82,11 +83,14 @@ class Pool:
             r = await self.client.get(f"{backend.url}/ready", headers=self.headers)
             backend.ready = r.status_code == 200
             if backend.ready:
+                ours = backend.in_flight
                 m = await self.client.get(f"{backend.url}/metrics", headers=self.headers)
                 if m.status_code == 200:
                     values = parse_metrics(m.text)
                     backend.running = values.get(RUNNING, 0.0)
                     backend.waiting = values.get(WAITING, 0.0)
+                    backend.others = max(0.0, backend.running + backend.waiting
+                                         - min(ours, backend.in_flight))
                     total = values.get(KV_TOTAL, 0.0)
                     backend.kv_use = values.get(KV_USED, 0.0) / total if total else 0.0
         except httpx.HTTPError:

@@ -190,3 +190,26 @@ def test_shared_prompt_prefix_is_reused(client: openai.OpenAI, model: str, serve
     assert engine.prefix_tokens_reused - before >= 100  # the system prompt was not decoded again
     assert second.usage.prompt_tokens > 100 and second.choices[0].message.content
     assert first.usage.prompt_tokens == second.usage.prompt_tokens
+
+
+def test_inference_extension_gauges_follow_the_load(server, model: str) -> None:
+    """The model-server protocol gauges an llm-d endpoint picker reads: waiting, running
+    and KV-cache utilisation (0..1), from /metrics; running falls back to 0 once idle."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name in {"llamafleet_queue_depth", "llamafleet_running_sequences",
+                              "llamafleet_kv_cache_utilization"}}
+
+    body = {"model": model, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as h, h.stream("POST", server.url + "/v1/chat/completions",
+                                                 json=body) as r:
+        lines = r.iter_lines()
+        next(lines)
+        busy = wait_until(lambda: (g := gauges())["llamafleet_running_sequences"] == 1 and g)
+        assert 0 < busy["llamafleet_kv_cache_utilization"] <= 1
+        assert busy["llamafleet_queue_depth"] == 0
+    wait_until(lambda: gauges()["llamafleet_running_sequences"] == 0)

@@ -79,3 +79,13 @@ def test_the_lru_forgets_old_prefixes_and_gone_backends_are_skipped() -> None:
     assert len(aff._seen) == 4
     chosen, _ = aff.pick(block_hashes("y" * 64, 16), {"c": 0.0})
     assert chosen == "c"
+
+
+def test_an_overflow_does_not_move_the_prefix_away_from_its_replica() -> None:
+    aff = Affinity(vnodes=64, factor=1.25, entries=1000)
+    blocks = block_hashes(SYSTEM.format(3), 64)
+    home, _ = aff.pick(blocks, {"a": 0.0, "b": 0.0, "c": 0.0})
+    busy = {b: (5.0 if b == home else 0.0) for b in "abc"}
+    elsewhere, hit = aff.pick(blocks, busy)
+    assert elsewhere != home and not hit
+    assert aff.pick(blocks, {"a": 0.0, "b": 0.0, "c": 0.0}) == (home, True)

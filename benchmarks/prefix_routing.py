@@ -1,0 +1,150 @@
+"""Prefix routing: TTFT and throughput of a multi-tenant workload through `llamafleet router`
+vs round-robin over the same replicas, on one machine, in one run.
+
+The workload (issue 15's acceptance): 3 replicas of `llamafleet serve` (max_batch_size 4) on
+loopback; 6 tenants, each a ~500-token system prompt, with short user turns; 96 streaming
+requests at concurrency 3, tenants in a fixed pseudo-random order. Round-robin sends request
+i to replica i mod 3 itself (what a plain Service does per connection). Each mode gets its
+own tenants' prompts (a salt), so neither starts with the other's prefixes cached.
+
+    .venv/bin/python benchmarks/prefix_routing.py    # writes benchmarks/results/prefix-routing-*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from compare import VENV_BIN, free_port, running
+from llamafleet.inference import bench
+from llamafleet.inference.embedded import EMBEDDED, GEMMA, embedded_model_path
+
+HERE = Path(__file__).parent
+WORDS = ("invoice refund policy customer account billing shipping warranty order support "
+         "escalate priority contract renewal discount region tax currency ledger audit "
+         "compliance ticket response agent tone concise polite verify identity").split()
+QUESTIONS = ["Where is my order?", "Can I get a refund?", "How do I change my plan?",
+             "Why was I charged twice?", "What is your warranty?", "Talk to a human, please."]
+
+
+def system_prompt(tenant: int, salt: str, words: int) -> str:
+    rng = random.Random(f"{salt}-{tenant}")
+    body = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"You are the support assistant of tenant {tenant} ({salt}). Rules: {body}."
+
+
+def workload(salt: str, tenants: int, requests: int, words: int, seed: int) -> list[list[dict]]:
+    rng = random.Random(seed)
+    systems = [system_prompt(t, salt, words) for t in range(tenants)]
+    return [[{"role": "system", "content": systems[t]},
+             {"role": "user", "content": rng.choice(QUESTIONS)}]
+            for t in (rng.randrange(tenants) for _ in range(requests))]
+
+
+async def run_mode(name: str, urls: list[str], model: str, convs: list[list[dict]],
+                   concurrency: int, max_tokens: int) -> dict:
+    """Streams every conversation once, ``concurrency`` at a time; request i goes to
+    ``urls[i % len(urls)]`` (one URL: the router)."""
+    todo = list(enumerate(convs))
+    samples: list[bench.Sample] = []
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+        async def worker() -> None:
+            while todo:
+                i, messages = todo.pop(0)
+                body = {"model": model, "messages": messages, "max_tokens": max_tokens,
+                        "stream": True, "ignore_eos": True, "temperature": 0,
+                        "stream_options": {"include_usage": True}}
+                samples.append(await bench._one(client, urls[i % len(urls)], body, 600))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    good = [s for s in samples if s.ok]
+    ttfts = [s.ttft_s for s in good if s.ttft_s is not None]
+    tokens = sum(s.completion_tokens for s in good)
+    return {"mode": name, "requests": len(convs), "completed": len(good),
+            "failed": len(samples) - len(good), "wall_s": round(wall, 2),
+            "requests_per_s": round(len(good) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_s": bench._pct(ttfts, 0.5), "ttft_p90_s": bench._pct(ttfts, 0.9),
+            "ttft_mean_s": round(sum(ttfts) / len(ttfts), 4) if ttfts else None,
+            "errors": sorted({s.error for s in samples if s.error})[:5]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(EMBEDDED), default=GEMMA.name)
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--max-batch-size", type=int, default=4)
+    ap.add_argument("--context", type=int, default=1024, help="context per sequence")
+    ap.add_argument("--threads", type=int, default=1, help="threads per replica")
+    ap.add_argument("--tenants", type=int, default=6)
+    ap.add_argument("--words", type=int, default=465, help="system prompt words (~500 tokens)")
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=15)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    a = ap.parse_args()
+
+    model = embedded_model_path(a.model)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    ports = [free_port() for _ in range(a.replicas)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    router_port = free_port()
+    router_url = f"http://127.0.0.1:{router_port}"
+    with contextlib.ExitStack() as stack:
+        for i, (port, url) in enumerate(zip(ports, urls, strict=True)):
+            stack.enter_context(running([
+                str(VENV_BIN / "llamafleet"), "serve", "--model-path", str(model), "--host",
+                "127.0.0.1", "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0",
+                "--context-size", str(a.context), "--max-batch-size", str(a.max_batch_size),
+                "--threads", str(a.threads), "--log-level", "warning"], url,
+                a.out / f"prefix-routing-replica{i}.log"))
+        stack.enter_context(running([
+            str(VENV_BIN / "llamafleet"), "router", "--backends", ",".join(urls), "--host",
+            "127.0.0.1", "--port", str(router_port), "--log-level", "warning"], router_url,
+            a.out / "prefix-routing-router.log"))
+        model_id = httpx.get(urls[0] + "/v1/models").json()["data"][0]["id"]
+        probe = workload("probe", 1, 1, a.words, a.seed)[0]
+        usage = httpx.post(urls[0] + "/v1/chat/completions", timeout=600, json={
+            "model": model_id, "messages": probe, "max_tokens": 1}).json()["usage"]
+        results = []
+        for name, targets in (("round-robin", urls), ("router", [router_url])):
+            convs = workload(name, a.tenants, a.requests, a.words, a.seed)
+            results.append(asyncio.run(run_mode(name, targets, model_id, convs,
+                                                a.concurrency, a.max_tokens)))
+            print(json.dumps(results[-1]), file=sys.stderr)
+        router_metrics = httpx.get(router_url + "/router/metrics").text
+    rr, rt = results
+    ratios = {k: round(rt[k] / rr[k], 3) if rr[k] and rt[k] is not None else None
+              for k in ("ttft_p50_s", "ttft_p90_s")}
+    hits = [line for line in router_metrics.splitlines()
+            if line.startswith("llamafleet_router_affinity_total")]
+    record = {"benchmark": "prefix_routing", **bench.environment(), "model": a.model,
+              "settings": {k: v for k, v in vars(a).items() if k != "out"},
+              "prompt_tokens_per_request": usage["prompt_tokens"], "results": results,
+              "router_vs_round_robin": ratios, "router_affinity": hits,
+              "acceptance": {"ttft_p50_ratio_max": 0.2, "ttft_p90_ratio_max": 0.3,
+                             "met": bool(ratios["ttft_p50_s"] is not None
+                                         and ratios["ttft_p50_s"] <= 0.2
+                                         and ratios["ttft_p90_s"] <= 0.3
+                                         and not rr["failed"] and not rt["failed"])}}
+    path = a.out / f"prefix-routing-{stamp}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({"ratios": ratios, "results": [
+        {k: r[k] for k in ("mode", "completed", "failed", "ttft_p50_s", "ttft_p90_s",
+                           "requests_per_s", "tokens_per_s")} for r in results]}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
