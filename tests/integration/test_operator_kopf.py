@@ -119,6 +119,7 @@ RESOURCES = {
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
     "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True),
+    "inference.networking.k8s.io/v1/inferencepools": dict(kind="InferencePool", namespaced=True),
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
@@ -645,4 +646,48 @@ async def test_ca_rotation_keeps_grpc_clients_connected(api, tmp_path, model_pat
                 await asyncio.to_thread(_call, target, stale)
         finally:
             await asyncio.to_thread(server.stop)
+    assert runner.exception is None
+
+
+POOLS = f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools"
+
+
+async def test_an_inference_pool_follows_spec_routing(api) -> None:
+    from tests.unit.test_inference_pool import INFERENCE_POOL_V1, jsonschema
+
+    async with kopf_runner() as runner:
+        await create(api, LLMS, llmservice("gie", routing={"inferencePool": {
+            "enabled": True, "endpointPicker": {"name": "gie-epp", "port": 9002}}}))
+        pool = await wait_until(lambda: get(api, f"{POOLS}/gie"))
+        jsonschema.validate(pool, INFERENCE_POOL_V1)  # as the upstream CRD would
+        assert pool["spec"]["extensionRef"]["name"] == "gie-epp"
+        assert pool["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "gie"
+        assert pool["metadata"]["ownerReferences"][0]["name"] == "gie"
+        # A changed picker port is repaired in place; disabling removes the pool.
+        await patch(api, f"{LLMS}/gie", {"spec": {"routing": {"inferencePool": {
+            "endpointPicker": {"port": 9100}}}}})
+        await wait_until(lambda: _dep_if(api, f"{POOLS}/gie", lambda p: p["spec"][
+            "extensionRef"]["portNumber"] == 9100))
+        await patch(api, f"{LLMS}/gie", {"spec": {"routing": {"inferencePool": {"enabled": False}}}})
+        await wait_until(lambda: _gone(api, f"{POOLS}/gie"))
+        # Enabled without a picker: a precise condition, and nothing created.
+        await create(api, LLMS, llmservice("nopicker", routing={"inferencePool": {"enabled": True}}))
+        obj = await wait_until(lambda: _with(api, "nopicker", lambda o: condition(o, "Ready")))
+        assert condition(obj, "Ready")["reason"] == "InvalidSpec"
+        assert "endpointPicker.name" in condition(obj, "Ready")["message"]
+        assert await get(api, f"{POOLS}/nopicker") is None
+    assert runner.exception is None
+
+
+async def test_an_inference_pool_without_its_crd_is_a_condition(api, kmock) -> None:
+    del kmock.resources["inference.networking.k8s.io/v1/inferencepools"]
+    async with kopf_runner() as runner:
+        await create(api, LLMS, llmservice("nocrd", routing={"inferencePool": {
+            "enabled": True, "endpointPicker": {"name": "epp"}}}))
+        obj = await wait_until(lambda: _with(api, "nocrd", lambda o: (
+            condition(o, "Ready") or {}).get("reason") == "MissingAPI"))
+        assert "Gateway API Inference Extension" in condition(obj, "Ready")["message"]
+        # Without the pool, a neighbour reconciles as before.
+        await create(api, LLMS, llmservice("plain"))
+        await wait_until(lambda: get(api, f"{DEP_PATH}/plain"))
     assert runner.exception is None
