@@ -32,6 +32,8 @@ from typing import Any, Protocol
 
 from llamafleet.common.errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
 
+from .prompt_cache import PromptCache
+
 log = logging.getLogger(__name__)
 
 
@@ -273,6 +275,7 @@ class Engine:
         queue_size: int,
         context_size: int,
         observer: EngineObserver | None = None,
+        prompt_cache: PromptCache | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -296,6 +299,10 @@ class Engine:
         # part of the prefill.
         self._cached: dict[int, list[int]] = {}
         self.prefix_tokens_reused = 0
+        # ...and beyond the slots, in host RAM (prompt_cache.py); the backend then needs
+        # save_sequence / restore_sequence.
+        self.prompt_cache = prompt_cache
+        self.prompt_cache_restores = 0
         self._running: list[_Sequence] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -432,6 +439,7 @@ class Engine:
                     n += 1
                 if n > best_len:
                     best, best_len = slot, n
+            best, best_len = self._restore_if_longer(req.prompt, best, best_len)
         self._free_slots.remove(best)
         cached = self._cached.pop(best, ())
         keep = min(best_len, len(req.prompt) - 1)  # re-decode at least one token for logits
@@ -443,6 +451,30 @@ class Engine:
             keep = 0
         self.prefix_tokens_reused += keep
         return best, keep
+
+    def _restore_if_longer(self, prompt: Sequence[int], best: int, best_len: int) -> tuple[int, int]:
+        """When the host prompt cache shares more of the prompt than any free slot, copy
+        that state into a free slot (an empty one if any) and use it."""
+        entry = self.prompt_cache.longest(prompt) if self.prompt_cache is not None else None
+        if entry is None or entry[2] <= best_len:
+            return best, best_len
+        tokens, state, shared = entry
+        empty = [s for s in self._free_slots if not self._cached.get(s)]
+        slot = empty[0] if empty else best
+        self._cached.pop(slot, None)
+        if not self.backend.restore_sequence(slot, state):  # type: ignore[attr-defined]
+            return slot, 0
+        self._cached[slot] = list(tokens)
+        self.prompt_cache_restores += 1
+        return slot, shared
+
+    def _save_prompt(self, seq: _Sequence) -> None:
+        """Right after its prefill the sequence's cells hold exactly its prompt: keep a copy
+        in the host prompt cache (seeded requests never reuse cells, so never saved)."""
+        cache, prompt = self.prompt_cache, seq.req.prompt
+        if cache is None or seq.req.params.seed is not None or not cache.wants(prompt):
+            return
+        cache.put(prompt, self.backend.save_sequence(seq.slot))  # type: ignore[attr-defined]
 
     def _step(self) -> None:
         for seq in [s for s in self._running if s.req.cancelled.is_set()]:
@@ -478,6 +510,8 @@ class Engine:
 
     def _accept(self, seq: _Sequence, index: int) -> None:
         try:
+            if seq.state is PREFILL:
+                self._save_prompt(seq)
             token = self.backend.sample(seq.sampler, index)
             if self.backend.is_eog(token) and not seq.req.params.ignore_eos:
                 self._finish(seq, "stop")

@@ -296,6 +296,22 @@ class LlamaBackend:
         oldest_needed = max(0, keep - self.n_swa) if self.n_swa else 0
         return hi == keep - 1 and 0 <= lo <= oldest_needed
 
+    def save_sequence(self, seq_id: int) -> bytes:
+        """The sequence's KV state, serialized (for the host-RAM prompt cache)."""
+        size = C.llama_state_seq_get_size(self.ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = C.llama_state_seq_get_data(self.ctx, buf, size, seq_id)
+        return bytes(memoryview(buf)[:written])
+
+    def restore_sequence(self, seq_id: int, state: bytes) -> bool:
+        """Replaces the sequence's cells with a saved state; False if it does not fit."""
+        C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if C.llama_state_seq_set_data(self.ctx, buf, len(state), seq_id) == 0:
+            C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            return False
+        return True
+
     def close(self) -> None:
         if self._batch is not None:
             C.llama_batch_free(self._batch)

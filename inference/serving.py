@@ -33,6 +33,7 @@ from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams,
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SCHEMA_CONVERT_TIMEOUT_S, check_json_schema
 from .metrics import EngineMetrics, Metrics
 from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
+from .prompt_cache import PromptCache
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -328,8 +329,9 @@ def build(settings: Settings) -> Serving:
     metrics.model.info({"name": settings.model_name or path.stem, "path": str(path),
                         "architecture": model.shape.architecture,
                         "context_size": str(settings.context_size)})
+    prompt_cache = PromptCache(settings.prompt_cache_mib << 20) if settings.prompt_cache_mib else None
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
-                    observer=EngineMetrics(metrics, backend.n_ctx))
+                    observer=EngineMetrics(metrics, backend.n_ctx), prompt_cache=prompt_cache)
     engine.start()
     return Serving(settings, model, engine, metrics, plan)

@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     kv_cache_type: Literal["f16", "q8_0", "f32"] = Field(
         "f16", description="Data type of the KV cache (keys and values)."
     )
+    prompt_cache_mib: int = Field(
+        256,
+        ge=0,
+        le=1_048_576,
+        description="Host RAM (MiB) for KV states of recent prompts beyond the sequence "
+        "slots (llama-server's --cache-ram): a request whose prompt starts like a recent one "
+        "restores that state instead of prefilling it. LRU; 0 turns it off.",
+    )
     # --- batching ----------------------------------------------------------------------
     max_batch_size: int = Field(
         8,

@@ -1,0 +1,74 @@
+"""Prompt cache beyond the slots: KV states of recent prompts in host RAM (llama-server's
+``--cache-ram``).
+
+A replica's free sequence slots keep their prompts' KV cells, but there are only
+``max_batch_size`` of them: tenants and conversations that take turns evict each other, and
+each eviction costs a full prefill next time. After every prefill the engine copies the
+sequence's state out (``llama_state_seq_get_data``) into this LRU, bounded in bytes; a
+later request whose prompt shares a longer prefix with an entry than with any free slot
+gets that state copied back into a slot (``llama_state_seq_set_data``) and prefills only
+the rest. Entries hold the prompt alone (saved before generation), so a sliding-window
+model's cells still reach back to the prompt's start when its prompt fits the window; the
+engine's trim_sequence guard decides, as for slots, whether restored cells may be used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCache:
+    """Token prefix -> serialized sequence state, least recently used out first."""
+
+    def __init__(self, limit_bytes: int, min_tokens: int = 32):
+        self.limit_bytes = limit_bytes
+        self.min_tokens = min_tokens
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, tokens: Sequence[int]) -> bool:
+        return tuple(tokens) in self._entries
+
+    def wants(self, tokens: Sequence[int]) -> bool:
+        """Whether saving these tokens' state is worth its copy (long enough, not held)."""
+        key = tuple(tokens)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return False
+        return len(key) >= self.min_tokens
+
+    def put(self, tokens: Sequence[int], state: bytes) -> None:
+        if len(state) > self.limit_bytes:
+            return
+        key = tuple(tokens)
+        if key in self._entries:
+            self.bytes -= len(self._entries.pop(key))
+        self._entries[key] = state
+        self.bytes += len(state)
+        while self.bytes > self.limit_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= len(old)
+
+    def longest(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], bytes, int] | None:
+        """The entry sharing the longest prefix with ``prompt``: (tokens, state, shared)."""
+        best: tuple[tuple[int, ...], bytes, int] | None = None
+        for key, state in self._entries.items():
+            n = shared_prefix(key, prompt)
+            if n and (best is None or n > best[2]):
+                best = (key, state, n)
+        if best is not None:
+            self._entries.move_to_end(best[0])
+        return best
