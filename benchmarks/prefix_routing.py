@@ -89,6 +89,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--prompt-cache-mib", type=int, default=256,
+                    help="each replica's host-RAM prompt cache (0: slots only)")
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
@@ -106,7 +108,8 @@ def main() -> int:
                 str(VENV_BIN / "llamafleet"), "serve", "--model-path", str(model), "--host",
                 "127.0.0.1", "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0",
                 "--context-size", str(a.context), "--max-batch-size", str(a.max_batch_size),
-                "--threads", str(a.threads), "--log-level", "warning"], url,
+                "--threads", str(a.threads), "--prompt-cache-mib", str(a.prompt_cache_mib),
+                "--log-level", "warning"], url,
                 a.out / f"prefix-routing-replica{i}.log"))
         stack.enter_context(running([
             str(VENV_BIN / "llamafleet"), "router", "--backends", ",".join(urls), "--host",
