@@ -109,8 +109,8 @@ class Router:
                 parsed = json.loads(raw or b"{}")
                 body = parsed if isinstance(parsed, dict) else None
         keys = self.keys_of(request, body)
+        # The client's own Authorization goes through: replicas check the API key.
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
-        headers.update(self.backend_headers)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         tried: set[str] = set()
         while True:

@@ -40,9 +40,9 @@ class RouterSettings(BaseSettings):
         1.0, gt=0, description="Seconds between polls of each replica's /ready and /metrics.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a replica.")
     backend_api_key: SecretStr | None = Field(
-        None, description="Bearer token the router sends to replicas that require an API "
-        "key (their LLM_LLAMA_SERVICE_API_KEY). Clients' own Authorization headers are "
-        "passed through when this is unset.")
+        None, description="Bearer token for the router's own polls of replicas' /metrics "
+        "when they require an API key (their LLM_LLAMA_SERVICE_API_KEY). Never added to "
+        "clients' requests: their Authorization goes through and the replicas check it.")
     log_level: str = Field("INFO", description="Python log level.")
     log_format: Literal["json", "console"] = Field(
         "json", description="Log lines as JSON (production) or readable text.")

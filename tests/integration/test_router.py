@@ -244,3 +244,25 @@ def test_no_replica_within_the_hold_timeout_is_a_503() -> None:
         assert router.metric("llamafleet_router_refused_total", reason="hold_timeout") == 1
     finally:
         router.stop()
+
+
+def test_replicas_check_the_clients_api_key_through_the_router(instruct_model_path: Path) -> None:
+    proc, port = serve_process("--model-path", str(instruct_model_path), *SERVE_FLAGS,
+                               "--api-key", "s3cret")
+    router = None
+    try:
+        wait_until(lambda: serve_ready(proc, port), timeout=300)
+        router = start_router([f"http://127.0.0.1:{port}"], "--backend-api-key", "s3cret")
+        wait_until(lambda: router.metric("llamafleet_router_backends_ready") == 1, timeout=30)
+        body = {"prompt": "The sea is", "max_tokens": 2}
+        # The router's own key is only for its polls: a client without one is refused.
+        r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=120,
+                       headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200, r.text
+    finally:
+        if router is not None:
+            router.stop()
+        proc.kill()
+        proc.communicate(timeout=30)
