@@ -21,6 +21,8 @@ from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams,
 from .errors import BadRequest, ContextTooLong, LlamafleetError, ModelNotFound, NotReady
 from .metrics import EngineMetrics, Metrics
 from .model import ChatFormatter, ModelError, apply_rag, llama_cpp_python_version, resolve_model_path
+from .profiling import StepProfile, wrap_bridge
+from .profiling import install as install_profile
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class Serving:
         self.created = int(time.time())
         self.fingerprint = "fp_llamafleet_0_1_0"
         self._bridges: dict[asyncio.AbstractEventLoop, LoopBridge] = {}
+        self.profile: StepProfile | None = None  # set by build() when STEP_PROFILE is on
         self.formatter = ChatFormatter.for_model(
             settings.chat_template, model.meta, model.bos_text, model.eos_text)
 
@@ -197,6 +200,8 @@ class Serving:
         bridge = self._bridges.get(loop)
         if bridge is None:
             bridge = self._bridges[loop] = LoopBridge(loop)
+            if self.profile is not None:
+                wrap_bridge(bridge, self.profile)
         return bridge
 
     def record(self, gen: Generation, outcome: str, reason: str) -> None:
@@ -233,6 +238,7 @@ class Serving:
             "prefix_tokens_reused": self.engine.prefix_tokens_reused,
             "ready": self.engine.alive,
             "studio": {"knowledge_url": self.settings.studio_knowledge_url},
+            **({"step_profile": self.profile.summary()} if self.profile is not None else {}),
         }
 
     def close(self) -> None:
@@ -284,5 +290,8 @@ def build(settings: Settings) -> Serving:
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
                     observer=EngineMetrics(metrics, backend.n_ctx))
+    profile = install_profile(engine, metrics) if settings.step_profile else None
     engine.start()
-    return Serving(settings, model, engine, metrics, plan)
+    serving = Serving(settings, model, engine, metrics, plan)
+    serving.profile = profile
+    return serving
