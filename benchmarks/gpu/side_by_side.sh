@@ -18,6 +18,8 @@
 #                about 3 min; on a warm machine `bench` reuses /tmp/lf-build)
 # Knobs (env):   LEVELS=1,4,16,64,128  MAX_TOKENS=128  PROMPT_TOKENS=128 (batched-bench)
 #                MODEL_ARGS="--dim 2048 --layers 16 --ff 5632"  THREADS=8  RESULTS=<dir>
+#                CUDA=0 (a CPU dry run of the whole script)  PYTHON=python3  WHEELS=1 (install .whl)
+#                SELF_TEST_LEVELS=16,64,128
 #
 # Writes to $RESULTS (default benchmarks/results/gpu-<card>/), at most 8 files:
 #   side-by-side.json  the bench record (llamafleet = target, llama-server = compare)
@@ -42,7 +44,9 @@ SDIST=${SDIST:-.devcache/llama_cpp_python-$VERSION.tar.gz}
 SRC=/tmp/lf-src BUILD=/tmp/lf-build SITE=/tmp/lf-site MODEL=/tmp/lf-random.gguf
 LOGS=/tmp/lf-logs
 mkdir -p "$LOGS"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE
+NGL=99
+CUDA=${CUDA:-1} PY=${PYTHON:-python3} WHEELS=${WHEELS:-1}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 max_level=$(tr ',' '\n' <<<"$LEVELS" | sort -n | tail -1)
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
        sed 's/NVIDIA //; s/ .*//' | tr '[:upper:]' '[:lower:]' || true)
@@ -57,7 +61,12 @@ trap cleanup EXIT
 say() { echo "[$(date +%T)] $*"; }
 
 build() {
-  command -v nvcc >/dev/null || { echo "no nvcc: this script needs a CUDA machine" >&2; exit 1; }
+  if [ "$CUDA" = 1 ]; then
+    command -v nvcc >/dev/null || { echo "no nvcc: this script needs a CUDA machine (CUDA=0: CPU)" >&2; exit 1; }
+    backend=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90)
+  else
+    backend=(-DGGML_CUDA=OFF)
+  fi
   [ -f "$SDIST" ] || { echo "missing $SDIST: run benchmarks/gpu/prepare.sh here first" >&2; exit 1; }
   if [ -x "$BUILD/bin/llama-server" ] && [ -x "$BUILD/bin/llama-batched-bench" ] &&
      [ -f "$SITE/llama_cpp/lib/libllama.so" ]; then
@@ -72,29 +81,31 @@ build() {
   for p in patches/llama-cpp-python/*.patch; do patch -s -p1 -d "$SRC" < "$p"; done
   sed -i "s/^__version__ = \"\([0-9.]*\)\"/__version__ = \"\1+llamafleet.cuda\"/" "$SRC/llama_cpp/__init__.py"
   local t0=$SECONDS
-  say "build: cmake (CUDA sm_90, shared libraries)"
+  say "build: cmake (${backend[*]}, shared libraries)"
   cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+    "${backend[@]}" -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF > "$LOGS/cmake.log" 2>&1 ||
     { tail -30 "$LOGS/cmake.log"; exit 1; }
   cmake --build "$BUILD" -j"$(nproc)" --target llama llama-server llama-batched-bench \
     > "$LOGS/build.log" 2>&1 || { tail -50 "$LOGS/build.log"; exit 1; }
   say "build: llama.cpp in $((SECONDS - t0)) s"
   # llama-cpp-python's Python part only, then the libraries of the build above.
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl
-  CMAKE_ARGS="-DLLAMA_BUILD=OFF" python3 -m pip install -q --no-deps --no-build-isolation \
+  if [ "$WHEELS" = 1 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" .whl/*.whl
+  fi
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF" "$PY" -m pip install -q --no-deps --no-build-isolation \
     --no-cache-dir --upgrade --target "$SITE" "$SRC" > "$LOGS/pip-llama-cpp-python.log" 2>&1 ||
     { tail -30 "$LOGS/pip-llama-cpp-python.log"; exit 1; }
   mkdir -p "$SITE/llama_cpp/lib"
   cp -a "$BUILD"/bin/lib*.so* "$SITE/llama_cpp/lib/"
-  python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target "$SITE" . \
+  "$PY" -m pip install -q --no-deps --no-build-isolation --upgrade --target "$SITE" . \
     > "$LOGS/pip-llamafleet.log" 2>&1 || { tail -30 "$LOGS/pip-llamafleet.log"; exit 1; }
-  python3 -c "import llama_cpp; print(llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
+  "$PY" -c "import llama_cpp; print(llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
 }
 
 wait_ready() {  # $1 = url, $2 = what
-  python3 - "$1" "$2" <<'PY'
+  "$PY" - "$1" "$2" <<'PY'
 import sys, threading, httpx
 url, what = sys.argv[1:]
 tick = threading.Event()
@@ -111,7 +122,7 @@ PY
 
 serve_llamafleet() {  # $1 = port, $2.. = extra flags
   local port=$1; shift
-  python3 -m llamafleet.inference.cli serve --model-path "$MODEL" --host 127.0.0.1 \
+  "$PY" -m llamafleet.inference.cli serve --model-path "$MODEL" --host 127.0.0.1 \
     --http-port "$port" --grpc-port 0 --metrics-port 0 --context-size "$CTX" \
     --max-batch-size "$max_level" --queue-size 1024 --threads "$THREADS" "$@" \
     > "$LOGS/llamafleet-$port.log" 2>&1 &
@@ -125,7 +136,7 @@ bench() {
   if [ ! -f "$MODEL" ]; then
     say "model: random weights ($MODEL_ARGS)"
     # shellcheck disable=SC2086
-    PYTHONPATH="$SITE:$gguf_py" python3 benchmarks/make_random_gguf.py "$MODEL" $MODEL_ARGS
+    PYTHONPATH="$SITE:$gguf_py" "$PY" benchmarks/make_random_gguf.py "$MODEL" $MODEL_ARGS
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/nvidia-smi.txt"
   # Per sequence: the chat prompt (byte-level vocabulary: ~1 token per byte) + the completion.
@@ -136,7 +147,7 @@ bench() {
   : > "$RESULTS/batched-bench.jsonl"
   for kvu in no-kvu kvu; do
     say "llama-batched-bench --$kvu: the ceiling (B = $LEVELS)"
-    "$BUILD/bin/llama-batched-bench" -m "$MODEL" -ngl 99 -c $(( max_level * (PROMPT_TOKENS + MAX_TOKENS) )) \
+    "$BUILD/bin/llama-batched-bench" -m "$MODEL" -ngl "$NGL" -c $(( max_level * (PROMPT_TOKENS + MAX_TOKENS) )) \
       -b 2048 -ub 512 -npp "$PROMPT_TOKENS" -ntg "$MAX_TOKENS" -npl "$LEVELS" --"$kvu" --output-format jsonl \
       > "$LOGS/batched-bench-$kvu.log" 2>&1 || { tail -30 "$LOGS/batched-bench-$kvu.log"; exit 1; }
     grep '^{' "$LOGS/batched-bench-$kvu.log" |
@@ -144,22 +155,22 @@ bench() {
   done
 
   say "client ceiling: bench --self-test"
-  python3 -m llamafleet.inference.cli bench --self-test --concurrent 16,64,128 \
+  "$PY" -m llamafleet.inference.cli bench --self-test --concurrent "${SELF_TEST_LEVELS:-16,64,128}" \
     --max-tokens "$MAX_TOKENS" --json "$RESULTS/self-test.json" 2>"$LOGS/self-test.err" | tee "$LOGS/self-test.txt" ||
     say "self-test reported failures (see self-test.json)"
 
   say "servers: llamafleet on 18000, llama-server -np $max_level on 18080"
   serve_llamafleet 18000
-  "$BUILD/bin/llama-server" -m "$MODEL" -ngl 99 --host 127.0.0.1 --port 18080 \
+  "$BUILD/bin/llama-server" -m "$MODEL" -ngl "$NGL" --host 127.0.0.1 --port 18080 \
     -np "$max_level" -c $(( max_level * CTX )) -t "$THREADS" --no-webui \
     > "$LOGS/llama-server.log" 2>&1 &
   PIDS+=($!)
   wait_ready "http://127.0.0.1:18080/health" "llama-server"
   # one unmeasured request each (CUDA graphs, allocations)
-  python3 -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
+  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
     --concurrent 1 --requests 1 --max-tokens 16 > "$LOGS/warmup.txt" 2>&1
   say "side by side: $LEVELS"
-  python3 -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
+  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
     --concurrent "$LEVELS" --max-tokens "$MAX_TOKENS" --json "$RESULTS/side-by-side.json" \
     2>"$LOGS/side-by-side.err" | tee "$LOGS/side-by-side.txt" ||
     say "side by side: some requests failed (see side-by-side.json)"
@@ -170,11 +181,11 @@ bench() {
 
   say "llamafleet step profile"
   serve_llamafleet 18001 --step-profile
-  python3 benchmarks/step_profile.py --url http://127.0.0.1:18001 --concurrent "$LEVELS" \
+  "$PY" benchmarks/step_profile.py --url http://127.0.0.1:18001 --concurrent "$LEVELS" \
     --max-tokens "$MAX_TOKENS" --json "$RESULTS/step-profile.json" 2>"$LOGS/step-profile.err" |
     tee "$LOGS/step-profile.txt" || say "step profile: some requests failed"
 
-  python3 benchmarks/gpu/summarise.py "$RESULTS" | tee "$LOGS/summary.txt"
+  "$PY" benchmarks/gpu/summarise.py "$RESULTS" | tee "$LOGS/summary.txt"
 }
 
 case "$STAGE" in
