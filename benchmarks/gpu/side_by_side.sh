@@ -19,7 +19,7 @@
 # Knobs (env):   LEVELS=1,4,16,64,128  MAX_TOKENS=128  PROMPT_TOKENS=128 (batched-bench)
 #                MODEL_ARGS="--dim 2048 --layers 16 --ff 5632"  THREADS=8  RESULTS=<dir>
 #                CUDA=0 (a CPU dry run of the whole script)  PYTHON=python3  WHEELS=1 (install .whl)
-#                SELF_TEST_LEVELS=16,64,128
+#                SELF_TEST_LEVELS=16,64,128  GRAPHS_LEVEL=64
 #
 # Writes to $RESULTS (default benchmarks/results/gpu-<card>/), at most 8 files:
 #   side-by-side.json  the bench record (llamafleet = target, llama-server = compare)
@@ -27,6 +27,7 @@
 #                      (kv_unified false, its default) and one unified buffer (true)
 #   self-test.json     client events/s against a no-op server, 1 vs N processes
 #   step-profile.json  llamafleet's step parts per level (a second serve, --step-profile)
+#   cuda-graphs-off.json  llamafleet at c$GRAPHS_LEVEL (64) with GGML_CUDA_DISABLE_GRAPHS=1
 #   summary.json, summary.md  ratios and the acceptance lines of issue 17 (summarise.py)
 #   logs.tar.gz        build, server and bench logs
 set -euo pipefail
@@ -39,6 +40,7 @@ MAX_TOKENS=${MAX_TOKENS:-128}
 PROMPT_TOKENS=${PROMPT_TOKENS:-128}
 MODEL_ARGS=${MODEL_ARGS:---dim 2048 --layers 16 --ff 5632}
 THREADS=${THREADS:-8}
+GRAPHS_LEVEL=${GRAPHS_LEVEL:-64}
 VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 SDIST=${SDIST:-.devcache/llama_cpp_python-$VERSION.tar.gz}
 SRC=/tmp/lf-src BUILD=/tmp/lf-build SITE=/tmp/lf-site MODEL=/tmp/lf-random.gguf
@@ -184,6 +186,19 @@ bench() {
   "$PY" benchmarks/step_profile.py --url http://127.0.0.1:18001 --concurrent "$LEVELS" \
     --max-tokens "$MAX_TOKENS" --json "$RESULTS/step-profile.json" 2>"$LOGS/step-profile.err" |
     tee "$LOGS/step-profile.txt" || say "step profile: some requests failed"
+
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+
+  # What CUDA graphs buy llamafleet's steps (a batch that changes shape may rebuild them).
+  say "llamafleet at c$GRAPHS_LEVEL with GGML_CUDA_DISABLE_GRAPHS=1"
+  GGML_CUDA_DISABLE_GRAPHS=1 serve_llamafleet 18002
+  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18002 --concurrent 1 --requests 1 \
+    --max-tokens 16 > /dev/null 2>&1
+  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18002 --concurrent "$GRAPHS_LEVEL" \
+    --max-tokens "$MAX_TOKENS" --json "$RESULTS/cuda-graphs-off.json" 2>"$LOGS/cuda-graphs-off.err" |
+    tee "$LOGS/cuda-graphs-off.txt" || say "graphs off: some requests failed"
 
   "$PY" benchmarks/gpu/summarise.py "$RESULTS" | tee "$LOGS/summary.txt"
 }

@@ -88,6 +88,13 @@ def summarise(folder: Path) -> dict:
         summary["client_ceiling_events_s"] = [
             {"concurrency": r["concurrency"], "processes": r["processes"],
              "events_s": r["tokens_per_s"]} for r in st]
+    graphs_off = folder / "cuda-graphs-off.json"
+    if graphs_off.exists():
+        r = json.loads(graphs_off.read_text())["results"][0]
+        on = at.get(r["concurrency"])
+        summary["cuda_graphs_off"] = {
+            "concurrency": r["concurrency"], "tok_s": r["tokens_per_s"],
+            "tok_s_with_graphs": on["llamafleet_tok_s"] if on else None}
     profile = folder / "step-profile.json"
     if profile.exists():
         summary["step_profile"] = [
@@ -118,6 +125,10 @@ def markdown(s: dict) -> str:
         out += ["", "Client ceiling (no-op server): " + ", ".join(
             f"c{r['concurrency']} x{r['processes']} proc {r['events_s']:.0f}/s"
             for r in s["client_ceiling_events_s"])]
+    if "cuda_graphs_off" in s:
+        g = s["cuda_graphs_off"]
+        out += ["", f"CUDA graphs off, c{g['concurrency']}: {g['tok_s']:.0f} tok/s "
+                    f"(on: {g['tok_s_with_graphs']})"]
     if "step_profile" in s:
         out += ["", "| conc | step ms | " + " | ".join(s["step_profile"][0]["parts_ms_per_step"])
                 + " | loop CPU |", "|---" * (len(s["step_profile"][0]["parts_ms_per_step"]) + 3) + "|"]
