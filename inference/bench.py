@@ -46,9 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let requests stop early at end of generation")
     p.add_argument("--processes", default="auto",
                    help="client processes sharing each level's streams: N, or 'auto' "
-                   f"(one per {STREAMS_PER_PROCESS} streams, at most half the cores). One "
-                   "Python SSE client process parses about 4-5k events/s; more processes "
-                   "keep the client from being the limit")
+                   f"(one per {STREAMS_PER_PROCESS} streams, at most half the cores). At high "
+                   "concurrency one Python SSE client process can itself be the limit "
+                   "(--self-test measures it)")
     p.add_argument("--self-test", action="store_true",
                    help="measure this client's own ceiling: serve --concurrent against a "
                    "no-op streaming server (no model), with 1 process and then --processes, "
@@ -161,7 +161,7 @@ async def _drive(url: str, body: dict, headers: dict, concurrency: int, indices:
 
 
 def _client_process(barrier, results, *drive_args) -> None:  # noqa: ANN001 - multiprocessing
-    barrier.wait()  # every process starts its streams together
+    barrier.wait(timeout=120)  # every process starts its streams together (or all give up)
     results.put(asyncio.run(_drive(*drive_args)))
 
 
