@@ -81,7 +81,7 @@ build() {
   tar xzf "$SDIST" -C "$SRC" --strip-components=1
   for p in patches/llama.cpp/*.patch; do patch -s -p1 -d "$SRC/vendor/llama.cpp" < "$p"; done
   for p in patches/llama-cpp-python/*.patch; do patch -s -p1 -d "$SRC" < "$p"; done
-  sed -i "s/^__version__ = \"\([0-9.]*\)\"/__version__ = \"\1+llamafleet.cuda\"/" "$SRC/llama_cpp/__init__.py"
+  sed -i "s/^__version__ = \"\([0-9.]*\)\"/__version__ = \"\1+llamafleet.$([ "$CUDA" = 1 ] && echo cuda || echo cpu)\"/" "$SRC/llama_cpp/__init__.py"
   local t0=$SECONDS
   say "build: cmake (${backend[*]}, shared libraries)"
   cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
