@@ -140,20 +140,20 @@ bench() {
     # shellcheck disable=SC2086
     PYTHONPATH="$SITE:$gguf_py" "$PY" benchmarks/make_random_gguf.py "$MODEL" $MODEL_ARGS
   fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/nvidia-smi.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/nvidia-smi.txt" 2>&1 || true
   # Per sequence: the chat prompt (byte-level vocabulary: ~1 token per byte) + the completion.
   CTX=$(( (PROMPT_TOKENS + MAX_TOKENS + 256 + 255) / 256 * 256 ))
 
   # split KV streams (its default, as llama-server -np N) and one unified KV buffer
   # (llamafleet's kv_unified=True): does the unified cache cost on the GPU?
   : > "$RESULTS/batched-bench.jsonl"
-  for kvu in no-kvu kvu; do
+  for kvu in no-kv-unified kv-unified; do
     say "llama-batched-bench --$kvu: the ceiling (B = $LEVELS)"
     "$BUILD/bin/llama-batched-bench" -m "$MODEL" -ngl "$NGL" -c $(( max_level * (PROMPT_TOKENS + MAX_TOKENS) )) \
       -b 2048 -ub 512 -npp "$PROMPT_TOKENS" -ntg "$MAX_TOKENS" -npl "$LEVELS" --"$kvu" --output-format jsonl \
       > "$LOGS/batched-bench-$kvu.log" 2>&1 || { tail -30 "$LOGS/batched-bench-$kvu.log"; exit 1; }
     grep '^{' "$LOGS/batched-bench-$kvu.log" |
-      sed "s/^{/{\"kv_unified\": $([ $kvu = kvu ] && echo true || echo false), /" >> "$RESULTS/batched-bench.jsonl"
+      sed "s/^{/{\"kv_unified\": $([ $kvu = kv-unified ] && echo true || echo false), /" >> "$RESULTS/batched-bench.jsonl"
   done
 
   say "client ceiling: bench --self-test"

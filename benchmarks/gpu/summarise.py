@@ -22,6 +22,10 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
 def _ceilings(path: Path) -> dict[bool, dict[int, float]]:
     """{kv_unified: {batch size: decode tok/s}} from llama-batched-bench's jsonl."""
     out: dict[bool, dict[int, float]] = {}
@@ -61,7 +65,7 @@ def summarise(folder: Path) -> dict:
     if c64 is not None:
         checks.append({"line": f"c{LEVEL_CHECKED} >= {TARGET_SHARE_OF_CEILING:.0%} of "
                                f"llama-batched-bench B={LEVEL_CHECKED}",
-                       "value": c64["share_of_ceiling"],
+                       "value": c64["share_of_ceiling"],  # of the split-KV rate, as the issue measured
                        "ok": c64["share_of_ceiling"] is not None
                        and c64["share_of_ceiling"] >= TARGET_SHARE_OF_CEILING})
         checks.append({"line": f"c{LEVEL_CHECKED} >= {TARGET_VS_LLAMA_SERVER}x llama-server",
@@ -117,7 +121,7 @@ def markdown(s: dict) -> str:
         out.append(f"| {lv['concurrency']} | {lv['llamafleet_tok_s']:.0f} | "
                    f"{lv['llama_server_tok_s']:.0f} | {lv['vs_llama_server']} | "
                    f"{_ms(t['llamafleet'])} / {_ms(t['llama_server'])} | "
-                   f"{lv['batched_bench_tok_s'] or '-'} / {lv['batched_bench_unified_tok_s'] or '-'} | "
+                   f"{_num(lv['batched_bench_tok_s'])} / {_num(lv['batched_bench_unified_tok_s'])} | "
                    f"{'-' if share is None else f'{share:.0%}'} |")
     out += ["", "Acceptance (issue 17):", ""]
     out += [f"- [{'x' if c['ok'] else ' '}] {c['line']}: {c['value']}" for c in s["acceptance"]]
