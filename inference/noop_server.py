@@ -38,8 +38,10 @@ def _event(obj: dict) -> bytes:
 
 
 def _frame(delta: dict, finish: str | None) -> dict:
-    return {"id": "chatcmpl-noop", "object": "chat.completion.chunk", "created": 0,
-            "model": MODEL_ID, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    """A chunk the size and shape of llamafleet's own (the client parses the same bytes)."""
+    return {"id": "chatcmpl-0123456789abcdef01234567", "object": "chat.completion.chunk",
+            "created": 1764000000, "model": MODEL_ID, "system_fingerprint": "fp_llamafleet_0_1_0",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
 
 TOKEN = _event(_frame({"content": " tok"}, None))
