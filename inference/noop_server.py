@@ -114,9 +114,14 @@ def start(workers: int = 1, host: str = "127.0.0.1", port: int = 0) -> tuple[int
     for p in procs:
         p.start()
     try:
-        for p in procs:
-            if not ready.acquire(timeout=60):
-                raise RuntimeError("the no-op server did not start")
+        started = 0
+        while started < len(procs):
+            if ready.acquire(timeout=0.5):
+                started += 1
+            elif not all(p.is_alive() for p in procs):
+                for p in procs:
+                    p.terminate()
+                raise RuntimeError("a no-op server worker exited at start-up")
     finally:
         probe.close()
 
