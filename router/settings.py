@@ -15,34 +15,55 @@ class RouterSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ROUTER_ENV_PREFIX, extra="ignore", frozen=True)
 
     backends: str = Field(
-        "", description="Comma-separated base URLs of `llamafleet serve` replicas, e.g. "
-        "http://127.0.0.1:16070,http://127.0.0.1:16170 (outside Kubernetes, and for tests).")
+        "",
+        description="Comma-separated base URLs of `llamafleet serve` replicas, e.g. "
+        "http://127.0.0.1:16070,http://127.0.0.1:16170 (outside Kubernetes, and for tests).",
+    )
     host: str = Field("0.0.0.0", description="Address the router listens on.")
     port: int = Field(ROUTER_PORT, ge=1, le=65535, description="HTTP port of the router.")
+    # --- holding ------------------------------------------------------------------------
     hold_timeout: float = Field(
-        120.0, gt=0, description="Seconds a request waits for a ready replica before it fails "
-        "with 503 (no replica ready, e.g. while scaling from zero).")
+        120.0,
+        gt=0,
+        description="Seconds a request waits for a ready replica before it fails with 503 "
+        "(no replica ready, e.g. while scaling from zero).",
+    )
     hold_queue_size: int = Field(
-        256, ge=1, description="Requests that may wait for a ready replica at once; beyond "
-        "it the router answers 429.")
+        256,
+        ge=1,
+        description="Requests that may wait for a ready replica at once; beyond it the "
+        "router answers 429.",
+    )
+    # --- affinity -----------------------------------------------------------------------
     block_chars: int = Field(
-        256, ge=16, description="Size in characters of the prompt-prefix blocks whose chained "
-        "hashes give prefix affinity.")
+        256,
+        ge=16,
+        description="Size in characters of the prompt-prefix blocks whose chained hashes "
+        "give prefix affinity.",
+    )
     load_factor: float = Field(
-        1.25, ge=1.0, description="Bounded loads: no replica takes more than this times the "
-        "mean load (consistent hashing with bounded loads; 1.25 as KubeAI).")
-    virtual_nodes: int = Field(
-        256, ge=1, description="Points per replica on the consistent-hash ring.")
+        1.25,
+        ge=1.0,
+        description="Bounded loads: no replica takes more than this times the mean load "
+        "(consistent hashing with bounded loads; 1.25 as KubeAI).",
+    )
+    virtual_nodes: int = Field(256, ge=1, description="Points per replica on the hash ring.")
     affinity_entries: int = Field(
-        65536, ge=1, description="Prefix blocks remembered with the replica that last served "
-        "them (LRU).")
+        65536,
+        ge=1,
+        description="Prefix blocks remembered with the replica that last served them (LRU).",
+    )
+    # --- replicas -----------------------------------------------------------------------
     poll_interval: float = Field(
-        1.0, gt=0, description="Seconds between polls of each replica's /ready and /metrics.")
+        1.0, gt=0, description="Seconds between polls of each replica's /ready and /metrics."
+    )
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a replica.")
     backend_api_key: SecretStr | None = Field(
-        None, description="Bearer token for the router's own polls of replicas' /metrics "
-        "when they require an API key (their LLM_LLAMA_SERVICE_API_KEY). Never added to "
-        "clients' requests: their Authorization goes through and the replicas check it.")
+        None,
+        description="Bearer token for the router's own polls of replicas' /metrics when "
+        "they require an API key (their LLM_LLAMA_SERVICE_API_KEY). Never added to clients' "
+        "requests: their Authorization goes through and the replicas check it.",
+    )
     log_level: str = Field("INFO", description="Python log level.")
     log_format: Literal["json", "console"] = Field(
         "json", description="Log lines as JSON (production) or readable text.")
