@@ -132,8 +132,10 @@ class Serving:
                 f"The model '{requested}' does not exist. This server serves '{self.model_id}'.",
                 param="model")
 
-    def chat_prompt(self, messages: list[dict[str, str]], rag_context: str | None = None
-                    ) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], rag_context: str | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """``messages`` as chat templates read them (tools.template_messages); ``tools``
+        are rendered by the template (only when it knows tools)."""
         messages = [dict(m) for m in messages]
         if self.settings.system_prompt and not any(
                 m["role"] in ("system", "developer") for m in messages):
@@ -145,7 +147,7 @@ class Serving:
                 raise BadRequest("rag_context needs a user message", param="rag_context")
             messages[last_user]["content"] = apply_rag(
                 self.settings.rag_template, rag_context, messages[last_user]["content"])
-        text = self.formatter.render(messages)
+        text = self.formatter.render(messages, tools)
         if self.settings.log_prompts:
             log.debug("prompt: %r", text)
         add_bos = self.model.add_bos and not text.startswith(self.model.bos_text)
@@ -162,7 +164,7 @@ class Serving:
 
     def sampling(self, requested: SamplingParameters, *, stop: Sequence[str] = (),
                  stop_param: str = "stop", grammar: str | None = None, json_object: bool = False,
-                 ignore_eos: bool = False) -> SamplingParams:
+                 ignore_eos: bool = False, logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters: the request's values, else the pod's DEFAULT_* settings,
         else the built-in defaults (llamafleet.common.sampling). ``grammar`` comes from
         :meth:`schema_grammar`."""
@@ -171,21 +173,23 @@ class Serving:
             grammar = JSON_GRAMMAR
         values = requested.over(self.settings.sampling_defaults, DEFAULTS)
         return SamplingParams(**values.model_dump(), stop=tuple(stop), grammar=grammar,
-                              ignore_eos=ignore_eos)
+                              ignore_eos=ignore_eos, logprobs=logprobs)
 
-    async def schema_grammar(self, schema: dict) -> str:
-        """A response_format JSON schema as GBNF: checked against the limits first, then
-        converted in a worker thread within SCHEMA_CONVERT_TIMEOUT_S."""
-        check_json_schema(schema)
+    async def schema_grammar(self, schema: dict, param: str = "response_format") -> str:
+        """A JSON schema (response_format's, or tool calls') as GBNF: checked against the
+        limits first, then converted in a worker thread within SCHEMA_CONVERT_TIMEOUT_S.
+        Errors name ``param``."""
+        check_json_schema(schema, param)
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._grammar_pool, _schema_grammar, schema, self.model)
+        work = loop.run_in_executor(self._grammar_pool, _schema_grammar, schema, self.model,
+                                    param)
         try:
             return await asyncio.wait_for(work, SCHEMA_CONVERT_TIMEOUT_S)
         except TimeoutError:
             raise BadRequest(
-                f"response_format.json_schema: converting the schema to a grammar took more "
+                f"{param}: converting the schema to a grammar took more "
                 f"than {SCHEMA_CONVERT_TIMEOUT_S:g} s; simplify the schema",
-                param="response_format") from None
+                param=param) from None
 
     # --- generation ---------------------------------------------------------------------
 
@@ -275,7 +279,7 @@ def check_stop(stop: Sequence[str], param: str) -> None:
                              f"characters, got {len(s)}", param=param)
 
 
-def _schema_grammar(schema: dict, model: Any) -> str:
+def _schema_grammar(schema: dict, model: Any, param: str) -> str:
     """Convert, then parse once here so that a grammar llama.cpp refuses is a 400 before
     the request is queued (not a failure inside the engine or mid-stream)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -283,10 +287,10 @@ def _schema_grammar(schema: dict, model: Any) -> str:
     try:
         grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:
-        raise BadRequest(f"unsupported JSON schema: {e}", param="response_format") from e
+        raise BadRequest(f"{param}: unsupported JSON schema: {e}", param=param) from e
     if not model.grammar_ok(grammar):
-        raise BadRequest("response_format.json_schema: llama.cpp refused the grammar made from "
-                         "this schema (too many repetitions?)", param="response_format")
+        raise BadRequest(f"{param}: llama.cpp refused the grammar made from "
+                         "this schema (too many repetitions?)", param=param)
     return grammar
 
 
