@@ -50,13 +50,14 @@ UNSUPPORTED_COMPLETIONS = {
 
 
 def _refuse(data: Any, unsupported: dict[str, str]) -> Any:
-    if isinstance(data, dict):
-        for name, why in unsupported.items():
-            # A field left at its "off" value asks for nothing: accepted.
-            if data.get(name) not in (None, False, [], {}, ""):
-                raise PydanticCustomError("unsupported", "unsupported parameter '{param}': "
-                                          "{why}", {"param": name, "why": why})
-    return data
+    if not isinstance(data, dict):
+        return data
+    for name, why in unsupported.items():
+        # A field left at its "off" value asks for nothing: accepted (and dropped).
+        if data.get(name) not in (None, False, [], {}, ""):
+            raise PydanticCustomError("unsupported", "unsupported parameter '{param}': "
+                                      "{why}", {"param": name, "why": why})
+    return {k: v for k, v in data.items() if k not in unsupported}
 
 
 class TextPart(_Wire):
@@ -229,6 +230,33 @@ class CompletionRequest(_SamplingFields):
         return v
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on inputs per request
+
+
+class EmbeddingRequest(_Wire):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="only the model's own size")
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        if v == "" or v == []:
+            raise ValueError("input must not be empty")
+        if isinstance(v, list) and len(v) > MAX_EMBEDDING_INPUTS and not isinstance(v[0], int):
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return v
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per vector: a text or a token array."""
+        if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)):
+            return [self.input]  # type: ignore[list-item]
+        return list(self.input)  # type: ignore[arg-type]
+
+
 # --- responses ----------------------------------------------------------------------------
 
 
@@ -347,6 +375,24 @@ class Completion(BaseModel):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -208,6 +209,23 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
         choices=[P.ChatChoice(message=message, finish_reason=finish,
                               logprobs=_chat_logprobs(lps) if body.logprobs else None)],
         usage=P.Usage.of(fin.prompt_tokens, fin.completion_tokens)).model_dump(exclude_none=False))
+
+
+@api.post("/embeddings")
+async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
+    s = serving_of(request)
+    s.check_model(body.model)
+    dims = s.embedder.dimensions if s.embedder is not None else None
+    if body.dimensions is not None and body.dimensions != dims:
+        raise BadRequest(f"dimensions: this model's embeddings have {dims} dimensions and "
+                         "cannot be shortened", param="dimensions")
+    vectors, n_tokens = await s.embed(body.inputs)
+    data = [P.Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode()
+                        if body.encoding_format == "base64" else v.tolist())
+            for i, v in enumerate(vectors)]
+    return JSONResponse(P.EmbeddingList(
+        data=data, model=s.model_id,
+        usage=P.EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens)).model_dump())
 
 
 def _text(b: bytes) -> str:

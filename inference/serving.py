@@ -24,6 +24,7 @@ from llamafleet.common.errors import (
     LlamafleetError,
     ModelError,
     ModelNotFound,
+    NotFound,
     NotReady,
 )
 from llamafleet.common.sampling import DEFAULTS, SamplingParameters
@@ -107,8 +108,9 @@ class LoopBridge:
 
 class Serving:
     def __init__(self, settings: Settings, model: Any, engine: Engine, metrics: Metrics,
-                 plan: Plan):
+                 plan: Plan, embedder: Any = None):
         self.settings = settings
+        self.embedder = embedder  # embeddings.Embedder, or None when turned off
         self.model = model
         self.engine = engine
         self.metrics = metrics
@@ -191,6 +193,18 @@ class Serving:
                 f"than {SCHEMA_CONVERT_TIMEOUT_S:g} s; simplify the schema",
                 param=param) from None
 
+    async def embed(self, inputs: Sequence[str | Sequence[int]]) -> tuple[list[Any], int]:
+        """One vector per input (text or token ids), and the number of tokens embedded."""
+        if self.embedder is None:
+            raise NotFound("Embeddings are turned off on this server "
+                           "(LLM_LLAMA_SERVICE_EMBEDDINGS=false).")
+        if self.draining:
+            raise NotReady("The server is shutting down; retry on another replica.")
+        tokens = [self.text_prompt(i) if not isinstance(i, str)
+                  else self.model.tokenize(i, self.model.add_bos) for i in inputs]
+        vectors = await asyncio.to_thread(self.embedder.embed, tokens)
+        return vectors, sum(map(len, tokens))
+
     # --- generation ---------------------------------------------------------------------
 
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
@@ -263,6 +277,8 @@ class Serving:
 
     def close(self) -> None:
         self.engine.stop()
+        if self.embedder is not None:
+            self.embedder.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -336,4 +352,10 @@ def build(settings: Settings) -> Serving:
                     context_size=settings.context_size,
                     observer=EngineMetrics(metrics, backend.n_ctx))
     engine.start()
-    return Serving(settings, model, engine, metrics, plan)
+    embedder = None
+    if settings.embeddings:
+        from .embeddings import Embedder
+
+        embedder = Embedder(model, context_size=settings.embeddings_context_size,
+                            threads=settings.threads, pooling=settings.embeddings_pooling)
+    return Serving(settings, model, engine, metrics, plan, embedder)
