@@ -62,7 +62,7 @@ def calls_of_json(text: str) -> list[Call] | None:
     return [Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
 
 
-_HEAD = re.compile(r'[\s\[,]*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_HEAD = re.compile(r'[\s\[,}]*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
 class CallStream:
