@@ -130,7 +130,8 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
         else None
     # Rendering and tokenising long text take milliseconds: off the event loop.
     prompt = await asyncio.to_thread(s.chat_prompt, messages, body.rag_context, rendered_tools)
-    gen = s.start(prompt, params, api="http_chat", request_id=request_id_from_headers(request.headers))
+    gen = s.start(prompt, params, api="http_chat", request_id=request_id_from_headers(request.headers),
+                  user=body.user)
     rid, created = P.new_id("chatcmpl"), P.now()
     family = tools.family_of(s.formatter.source)
 
@@ -220,6 +221,9 @@ async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
         raise BadRequest(f"dimensions: this model's embeddings have {dims} dimensions and "
                          "cannot be shortened", param="dimensions")
     vectors, n_tokens = await s.embed(body.inputs)
+    log.info("embeddings", extra={"request_id": request_id_from_headers(request.headers),
+                                  "api": "http_embeddings", "user": body.user,
+                                  "inputs": len(vectors), "prompt_tokens": n_tokens})
     data = [P.Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode()
                         if body.encoding_format == "base64" else v.tolist())
             for i, v in enumerate(vectors)]
@@ -260,7 +264,8 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     params = _params(s, body, body.max_tokens if body.max_tokens is not None else 16,
                      logprobs=body.logprobs)
     gen = s.start(prompt, params, api="http_completions",
-                  request_id=request_id_from_headers(request.headers), prompt_param="prompt")
+                  request_id=request_id_from_headers(request.headers), prompt_param="prompt",
+                  user=body.user)
     rid, created = P.new_id("cmpl"), P.now()
 
     def make(text: str, finish: str | None, usage: P.Usage | None = None,

@@ -50,6 +50,7 @@ class Generation:
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished: Finished | None = None
+    user: str | None = None  # OpenAI's end-user id, for the log
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
         outcome, reason = "cancelled", "cancelled"
@@ -208,7 +209,8 @@ class Serving:
     # --- generation ---------------------------------------------------------------------
 
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
-              request_id: str, prompt_param: str = "messages") -> Generation:
+              request_id: str, prompt_param: str = "messages", user: str | None = None
+              ) -> Generation:
         """Submit now: errors (too long, overloaded) raise here, before any output."""
         if not self.engine.alive:
             raise NotReady("The model is not loaded yet.")
@@ -219,7 +221,7 @@ class Serving:
         q: asyncio.Queue = asyncio.Queue()
         bridge = self._bridge()
         req = GenerationRequest(prompt, params, lambda ev: bridge.send(q, ev), request_id)
-        gen = Generation(self, req, api, q)
+        gen = Generation(self, req, api, q, user=user)
         try:
             self.engine.submit(req)
         except LlamafleetError as e:
@@ -247,6 +249,7 @@ class Serving:
         log.info(
             "request finished",
             extra={"request_id": gen.req.request_id, "api": gen.api, "outcome": outcome,
+                   "user": gen.user,
                    "finish_reason": reason,
                    "prompt_tokens": fin.prompt_tokens if fin else len(gen.req.prompt),
                    "completion_tokens": fin.completion_tokens if fin else None,
