@@ -17,7 +17,6 @@ model since the first record; the llama.cpp patch targets its Q8_0 output matrix
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -193,8 +192,8 @@ def main() -> int:
                 "messages": [{"role": "user", "content": prompt}]}).raise_for_status()
             for c in levels:
                 level_args = argparse.Namespace(**{**vars(args), "seed": seeded.get(name)})
-                results.append(asyncio.run(bench.run_level(
-                    name, url, model_id, prompt, c, a.requests, level_args, progress)))
+                results.append(bench.run_level(
+                    name, url, model_id, prompt, c, a.requests, level_args, progress))
     bare_after = bare_decode(model, prompt, a.max_tokens, a.threads, runs=6)
     bare = {"tokens_per_s": round((bare_before["tokens_per_s"] + bare_after["tokens_per_s"]) / 2, 2),
             "before": bare_before, "after": bare_after}

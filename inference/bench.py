@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import httpx
 from llamafleet.common.contract import HTTP_PORT
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+STREAMS_PER_PROCESS = 8  # 'auto': one client process per this many concurrent streams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="send seed N+i with request i (default: no seed)")
     p.add_argument("--no-ignore-eos", action="store_true",
                    help="let requests stop early at end of generation")
+    p.add_argument("--processes", default="auto",
+                   help="client processes sharing each level's streams: N, or 'auto' "
+                   f"(one per {STREAMS_PER_PROCESS} streams, at most half the cores). At high "
+                   "concurrency one Python SSE client process can itself be the limit "
+                   "(--self-test measures it)")
+    p.add_argument("--self-test", action="store_true",
+                   help="measure this client's own ceiling: serve --concurrent against a "
+                   "no-op streaming server (no model), with 1 process and then --processes, "
+                   "and report events/s (tokens/s)")
 
 
 @dataclass
@@ -66,6 +80,7 @@ class LevelResult:
     ttft_p95_s: float | None
     itl_p50_s: float | None
     errors: list[str]
+    processes: int = 1  # client processes that shared the streams
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -116,28 +131,101 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, timeout: float) 
     return s
 
 
-async def run_level(name: str, url: str, model: str, prompt: str, concurrency: int, n: int,
-                    args: argparse.Namespace, progress: Progress) -> LevelResult:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+def _body(model: str, prompt: str, args: argparse.Namespace) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": args.max_tokens, "stream": True, "temperature": 0.7,
             "stream_options": {"include_usage": True}}
     if not args.no_ignore_eos:
         body["ignore_eos"] = True
-    limits = httpx.Limits(max_connections=concurrency + 2)
-    todo = list(range(n))
+    return body
+
+
+async def _drive(url: str, body: dict, headers: dict, concurrency: int, indices: list[int],
+                 seed: int | None, timeout: float, tick: Callable[[], None] = lambda: None
+                 ) -> tuple[list[Sample], float, float]:
+    """Requests ``indices`` over ``concurrency`` streams; returns (samples, start, end) on
+    the system-wide monotonic clock, so several processes' spans can be joined."""
+    todo = list(indices)
     samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(headers=headers, limits=limits) as client:
         async def worker() -> None:
             while todo:
                 i = todo.pop()
-                seeded = body if args.seed is None else {**body, "seed": args.seed + i}
-                samples.append(await _one(client, url, seeded, args.timeout))
-                progress.tick()
+                seeded = body if seed is None else {**body, "seed": seed + i}
+                samples.append(await _one(client, url, seeded, timeout))
+                tick()
 
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+        return samples, t0, time.monotonic()
+
+
+def _client_process(barrier, results, *drive_args) -> None:
+    barrier.wait(timeout=120)  # every process starts its streams together (or all give up)
+    results.put(asyncio.run(_drive(*drive_args)))
+
+
+def _spread(processes: int, url: str, body: dict, headers: dict, concurrency: int, n: int,
+            args: argparse.Namespace, progress: Progress) -> tuple[list[Sample], float]:
+    """One level over ``processes`` client processes: each owns a share of the streams and
+    the requests that fall on them. Returns (samples, wall seconds from first start to last
+    end)."""
+    ctx = multiprocessing.get_context("spawn")
+    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
+    owner = [k for k, c in enumerate(shares) for _ in range(c)]
+    indices = [[i for i in range(n) if owner[i % concurrency] == k] for k in range(processes)]
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_client_process, daemon=True,
+                         args=(barrier, results, url, body, headers, shares[k], indices[k],
+                               args.seed, args.timeout))
+             for k in range(processes)]
+    for p in procs:
+        p.start()
+    got: list[tuple[list[Sample], float, float]] = []
+    while len(got) < processes:
+        try:
+            got.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs) and results.empty():
+                break
+        else:
+            for _ in got[-1][0]:
+                progress.tick()
+    for p in procs:
+        p.join(10)
+    samples = [s for part in got for s in part[0]]
+    lost = n - len(samples)  # requests of a client process that died
+    samples += [Sample(ok=False, error="a client process failed")] * lost
+    wall = max(t1 for _, _, t1 in got) - min(t0 for _, t0, _ in got) if got else 0.0
+    return samples, wall
+
+
+def processes_for(concurrency: int, processes: int | None) -> int:
+    """Client processes for one level: as asked, else one per STREAMS_PER_PROCESS streams,
+    at most half the cores (the other half is for a server on the same machine)."""
+    if processes is None:
+        cap = max(1, (os.cpu_count() or 1) // 2)
+        processes = min(cap, -(-concurrency // STREAMS_PER_PROCESS))
+    return max(1, min(processes, concurrency))
+
+
+async def _in_process(url: str, body: dict, headers: dict, concurrency: int, n: int,
+                      args: argparse.Namespace, progress: Progress) -> tuple[list[Sample], float]:
+    samples, t0, t1 = await _drive(url, body, headers, concurrency, list(range(n)), args.seed,
+                                   args.timeout, progress.tick)
+    return samples, t1 - t0
+
+
+def run_level(name: str, url: str, model: str, prompt: str, concurrency: int, n: int,
+              args: argparse.Namespace, progress: Progress, processes: int = 1) -> LevelResult:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    body = _body(model, prompt, args)
+    processes = max(1, min(processes, concurrency))
+    if processes == 1:
+        samples, wall = asyncio.run(_in_process(url, body, headers, concurrency, n, args, progress))
+    else:
+        samples, wall = _spread(processes, url, body, headers, concurrency, n, args, progress)
     good = [s for s in samples if s.ok]
     tokens = sum(s.completion_tokens for s in good)
     ttfts = [s.ttft_s for s in good if s.ttft_s is not None]
@@ -148,7 +236,7 @@ async def run_level(name: str, url: str, model: str, prompt: str, concurrency: i
         tokens_per_s=round(tokens / wall, 2) if wall else 0.0,
         ttft_p50_s=_pct(ttfts, 0.5), ttft_p95_s=_pct(ttfts, 0.95),
         itl_p50_s=statistics.median(itls) if itls else None,
-        errors=sorted({s.error for s in samples if s.error})[:5])
+        errors=sorted({s.error for s in samples if s.error})[:5], processes=processes)
 
 
 class Progress:
@@ -218,8 +306,6 @@ def environment() -> dict:
         pass
     # The instruction sets that pick llama.cpp's kernels: which CPU class ran the figures.
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    import os
-
     from .model import llama_cpp_python_version
 
     return {"commit": commit, "machine": {"cpu": cpu, "isa": isa, "cores": os.cpu_count(),
@@ -229,23 +315,62 @@ def environment() -> dict:
                                                                       time.gmtime())}
 
 
+def _processes_arg(value: str) -> int | None:
+    """'auto' -> None; N >= 1 -> N; anything else raises ValueError."""
+    if str(value).strip().lower() == "auto":
+        return None
+    n = int(value)
+    if n < 1:
+        raise ValueError(value)
+    return n
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         levels = [int(x) for x in str(args.concurrent).split(",") if x.strip()]
     except ValueError:
         levels = []
+    try:
+        processes = _processes_arg(args.processes)
+    except ValueError:
+        processes = 0
     problem = ("--concurrent needs positive integers, e.g. 1,4" if not levels or min(levels) < 1
                else "--requests must be >= 0" if args.requests < 0
-               else "--max-tokens must be >= 1" if args.max_tokens < 1 else None)
+               else "--max-tokens must be >= 1" if args.max_tokens < 1
+               else "--processes needs 'auto' or an integer >= 1" if processes == 0
+               else "--self-test runs its own server: leave out --compare"
+               if args.self_test and args.compare else None)
     if problem:
         print(f"llamafleet bench: {problem}", file=sys.stderr)
         return 2
     prompt = args.prompt_file.read_text() if args.prompt_file else DEFAULT_PROMPT
-    servers = [("llamafleet" if not args.compare else "target", args.url)]
-    if args.compare:
-        servers.append(("compare", args.compare))
+    stop_noop = None
+    if args.self_test:
+        from . import noop_server
+
+        # Its workers share the machine with the client's; a quarter of the cores is plenty
+        # for a server that only writes pre-rendered chunks.
+        port, stop_noop = noop_server.start(max(1, (os.cpu_count() or 1) // 4))
+        args.url = f"http://127.0.0.1:{port}"
     try:
-        models = {url: args.model or _model_of(url, args.api_key) for _, url in servers}
+        return _run(args, levels, processes, prompt)
+    finally:
+        if stop_noop is not None:
+            stop_noop()
+
+
+def _run(args: argparse.Namespace, levels: list[int], processes: int | None, prompt: str) -> int:
+    # (name, url, client processes at level c)
+    if args.self_test:  # the same no-op server, read by one process, then by several
+        many = lambda c: max(2, processes_for(c, processes))  # noqa: E731
+        servers = [("client-1p", args.url, lambda c: 1), ("client-Np", args.url, many)]
+    else:
+        servers = [("llamafleet" if not args.compare else "target", args.url,
+                    lambda c: processes_for(c, processes))]
+        if args.compare:
+            servers.append(("compare", args.compare, lambda c: processes_for(c, processes)))
+    try:
+        models = {url: args.model or _model_of(url, args.api_key) for _, url, _ in servers}
     except httpx.HTTPError as e:
         print(f"llamafleet bench: cannot reach the server: {e}", file=sys.stderr)
         return 1
@@ -253,16 +378,21 @@ def main(args: argparse.Namespace) -> int:
     progress = Progress(sum(counts.values()) * len(servers))
     results: list[LevelResult] = []
     for c in levels:
-        for name, url in servers:  # interleaved: every server at this level, then the next
-            results.append(asyncio.run(run_level(name, url, models[url], prompt, c, counts[c],
-                                                 args, progress)))
+        for name, url, procs in servers:  # interleaved: every server at this level, then the next
+            results.append(run_level(name, url, models[url], prompt, c, counts[c], args,
+                                     progress, procs(c)))
     print_table(results)
+    if args.self_test:
+        for one, many in zip(results[::2], results[1::2], strict=True):
+            print(f"client ceiling at {one.concurrency} streams: {one.tokens_per_s:.0f} events/s "
+                  f"with 1 process, {many.tokens_per_s:.0f} with {many.processes}")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({
             **environment(),
             "settings": {"concurrent": levels, "max_tokens": args.max_tokens,
                          "requests": counts, "prompt": prompt[:200],
-                         "ignore_eos": not args.no_ignore_eos, "models": models},
+                         "ignore_eos": not args.no_ignore_eos, "models": models,
+                         "processes": args.processes, "self_test": args.self_test},
             "results": [asdict(r) for r in results]}, indent=2))
     return 0 if all(r.failed == 0 for r in results) else 1

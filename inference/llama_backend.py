@@ -243,6 +243,11 @@ class LlamaBackend:
 
     def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
                logits: Sequence[bool]) -> None:
+        self.fill_batch(tokens, pos, seq, logits)
+        self.decode_batch()
+
+    def fill_batch(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
+                   logits: Sequence[bool]) -> None:
         b = self._batch
         n = len(tokens)
         if n > self.n_batch:  # the llama_batch arrays hold n_batch tokens
@@ -254,9 +259,15 @@ class LlamaBackend:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = seq[i]
             b.logits[i] = logits[i]
-        rc = C.llama_decode(self.ctx, b)
+
+    def decode_batch(self) -> None:
+        rc = C.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (the step profile uses it; a no-op on CPU)."""
+        C.llama_synchronize(self.ctx)
 
     def sample(self, sampler: Sampler, batch_index: int) -> int:
         pen = sampler.penalties

