@@ -125,11 +125,8 @@ def default_dir() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def embedded_model_path(name: str = DEFAULT_EMBEDDED, directory: Path | None = None) -> Path:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import httpx
 
+from .embedded import sha256_of
+
 
 class FetchError(Exception):
     pass
@@ -15,7 +17,7 @@ class FetchError(Exception):
 
 def fetch(url: str, sha256: str, out: Path, timeout: float = 60.0) -> Path:
     want = sha256.lower()
-    if out.exists() and _digest(out) == want:
+    if out.exists() and sha256_of(out) == want:
         return out  # already there (restarted init container)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_suffix(out.suffix + ".part")
@@ -39,9 +41,4 @@ def fetch(url: str, sha256: str, out: Path, timeout: float = 60.0) -> Path:
     return out
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+

@@ -218,12 +218,18 @@ def test_cancelled_request_frees_its_slot_at_the_next_step() -> None:
     assert c.text == "6 7 "
 
 
-def test_queue_full_is_overloaded_at_once() -> None:
+def held_engine() -> tuple[FakeBackend, Engine, Collector]:
+    """One slot, a queue of 2, and the engine held inside decode with a request running."""
     be = FakeBackend()
-    be.gate = threading.Event()  # hold the engine inside decode
+    be.gate = threading.Event()
     eng = make_engine(be, max_batch_size=1, queue_size=2)
     first = submit(eng, [1], max_tokens=5)
     wait_until(lambda: eng.running)
+    return be, eng, first
+
+
+def test_queue_full_is_overloaded_at_once() -> None:
+    be, eng, first = held_engine()
     queued = [submit(eng, [1], max_tokens=1) for _ in range(2)]
     with pytest.raises(Overloaded):
         submit(eng, [1], max_tokens=1)
@@ -394,11 +400,7 @@ def test_max_batch_size_above_n_batch_is_refused_naming_both() -> None:
 
 
 def test_cancelled_waiting_requests_are_purged_when_the_queue_is_full() -> None:
-    be = FakeBackend()
-    be.gate = threading.Event()  # hold the engine inside decode
-    eng = make_engine(be, max_batch_size=1, queue_size=2)
-    first = submit(eng, [1], max_tokens=5)
-    wait_until(lambda: eng.running)
+    be, eng, first = held_engine()
     gone = [GenerationRequest([1], SamplingParams(max_tokens=1), Collector()) for _ in range(2)]
     for req in gone:
         eng.submit(req)

@@ -57,9 +57,9 @@ def test_every_step_is_counted_once_with_decode_time_in_decode() -> None:
 
 
 def test_sampler_errors_and_idle_time_do_not_count_as_steps() -> None:
-    be = FakeBackend(fail_sampler_seed=5)
+    be = FakeBackend(refused_grammar="root ::= bad")
     eng, prof = _profiled(be)
-    bad = submit(eng, [1, 2], seed=5)
+    bad = submit(eng, [1, 2], grammar="root ::= bad")
     assert bad.done.wait(5)
     first = submit(eng, [1, 2], max_tokens=2, ignore_eos=True)
     assert first.done.wait(5)
