@@ -76,6 +76,15 @@ class ToolCall(_Wire):
     function: FunctionCall
 
 
+# Fields of an assistant message that clients send back as they received it (an agent
+# appends the response's message to the next request): accepted while empty.
+UNSUPPORTED_MESSAGE = {
+    "audio": "audio is not supported",
+    "function_call": "the deprecated 'function_call' is not supported; use 'tool_calls'",
+    "annotations": "annotations are not supported",
+}
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -83,6 +92,11 @@ class ChatMessage(_Wire):
     tool_calls: list[ToolCall] | None = None  # assistant turns
     tool_call_id: str | None = None  # role "tool"
     refusal: str | None = None  # an earlier assistant turn, sent back as received
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse(data, UNSUPPORTED_MESSAGE)
 
     @property
     def text(self) -> str:

@@ -57,8 +57,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"Missing required parameter: '{'.'.join(loc)}'.", loc[0]
     if err.get("type") == "extra_forbidden":
         return f"Unrecognized request argument supplied: {'.'.join(loc)}.", ".".join(loc)
-    if err.get("type") == "unsupported":
-        return f"{err['msg']}.", err["ctx"]["param"]
+    if err.get("type") == "unsupported":  # common/protocol.py's lists, wherever it stands
+        return f"{err['msg']}.", ".".join([*loc, err["ctx"]["param"]])
     where = ".".join(loc)
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"Invalid value for '{where}': {msg}." if where else f"{msg}."), (loc[0] if loc else None)

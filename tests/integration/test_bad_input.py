@@ -35,6 +35,8 @@ def msgs(text: str = "hi") -> list[dict]:
     ({"messages": [{"role": "user", "content": "x", "audio": {}}]}, 400, "messages.0.audio",
      "Unrecognized"),
     ({"messages": msgs(), "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported parameter"),
+    ({"messages": [*msgs(), {"role": "assistant", "content": "x", "function_call": {"name": "f"}}]},
+     400, "messages.1.function_call", "use 'tool_calls'"),
     ({"messages": msgs(), "top_logprobs": 2}, 400, None, "needs logprobs"),
     ({"messages": msgs(), "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs", "20"),
     ({"messages": msgs(), "tool_choice": "required"}, 400, None, "needs tools"),

@@ -91,7 +91,8 @@ def test_tool_result_round_trip(client) -> None:
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         max_tokens=80, temperature=0)
     call = first.choices[0].message.tool_calls[0]
-    messages = [*ASK, first.choices[0].message.model_dump(exclude_none=True),
+    # The response's message object itself, as agent frameworks send it back.
+    messages = [*ASK, first.choices[0].message,
                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
     second = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
                                             max_tokens=30, temperature=0)

@@ -43,3 +43,22 @@ def test_unknown_fields_are_refused_where_they_are() -> None:
     # An unsupported field left off asks for nothing.
     P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], store=False,
                             logit_bias={})
+
+
+def test_every_message_field_is_honoured_or_refused() -> None:
+    from openai.types.chat import (
+        ChatCompletionAssistantMessageParam,
+        ChatCompletionToolMessageParam,
+        ChatCompletionUserMessageParam,
+    )
+
+    for t in (ChatCompletionAssistantMessageParam, ChatCompletionToolMessageParam,
+              ChatCompletionUserMessageParam):
+        unhandled = set(typing.get_type_hints(t)) - set(P.ChatMessage.model_fields) \
+            - set(P.UNSUPPORTED_MESSAGE)
+        assert not unhandled, (t.__name__, sorted(unhandled))
+    # Sent back empty (as a response carried them): accepted; with a value: refused by name.
+    P.ChatMessage(role="assistant", content="x", audio=None, function_call=None, annotations=[])
+    with pytest.raises(ValidationError) as e:
+        P.ChatMessage(role="assistant", content="x", function_call={"name": "f"})
+    assert e.value.errors()[0]["ctx"]["param"] == "function_call"
