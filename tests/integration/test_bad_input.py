@@ -32,7 +32,7 @@ def msgs(text: str = "hi") -> list[dict]:
     ({"messages": msgs(), "model": "gpt-4"}, 404, "model", "does not exist"),
     ({"messages": [{"role": "system", "content": "only system"}]}, 400, None, "user message"),
     ({"messages": msgs(), "temprature": 1}, 400, "temprature", "Unrecognized request argument"),
-    ({"messages": [{"role": "user", "content": "x", "audio": {}}]}, 400, "messages.0.audio",
+    ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, 400, "messages.0.colour",
      "Unrecognized"),
     ({"messages": msgs(), "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported parameter"),
     ({"messages": [*msgs(), {"role": "assistant", "content": "x", "function_call": {"name": "f"}}]},
