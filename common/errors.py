@@ -51,6 +51,10 @@ class ModelNotFound(LlamafleetError):
     pass
 
 
+class NotFound(LlamafleetError):
+    """A route that this server has turned off."""
+
+
 class Overloaded(LlamafleetError):
     retry_after_s = 1
 
@@ -84,6 +88,7 @@ ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
     RequestTooLarge: ErrorMapping(413, "invalid_request_error", "request_too_large",
                                   grpc.StatusCode.RESOURCE_EXHAUSTED),
     ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", grpc.StatusCode.NOT_FOUND),
+    NotFound: ErrorMapping(404, "invalid_request_error", "not_found", grpc.StatusCode.NOT_FOUND),
     Overloaded: ErrorMapping(503, "server_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
     NotReady: ErrorMapping(503, "server_error", "not_ready", grpc.StatusCode.UNAVAILABLE),
     QueueFull: ErrorMapping(429, "rate_limit_error", "queue_full", grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -7,12 +7,57 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .sampling import MaxTokens, MinP, Penalty, RepeatPenalty, Seed, Temperature, TopK, TopP
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request part: a field we do not know is refused with a 400 that names it, never
+    silently dropped (OpenAI's own wording: "Unrecognized request argument supplied")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# OpenAI fields we know but do not implement: a 400 naming the field and saying why. A test
+# (tests/unit/test_protocol_fields.py) holds every field of the official client's request
+# types to "a field of our model, or listed here", so a new OpenAI field cannot go unhandled.
+UNSUPPORTED_CHAT = {
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "logit_bias": "logit_bias is not supported",
+    "functions": "the deprecated 'functions' API is not supported; use 'tools'",
+    "function_call": "the deprecated 'function_call' is not supported; use 'tool_choice'",
+    "metadata": "stored completions are not supported",
+    "store": "stored completions are not supported",
+    "service_tier": "service tiers are not supported",
+    "reasoning_effort": "reasoning effort is not supported",
+    "web_search_options": "web search is not supported",
+    "verbosity": "verbosity is not supported",
+    "prompt_cache_key": "prompt caching is automatic (shared prefixes are reused); no key",
+    "prompt_cache_retention": "prompt caching is automatic; no retention setting",
+    "prompt_cache_options": "prompt caching is automatic; no options",
+    "moderation": "moderation is not supported",
+    "safety_identifier": "safety identifiers are not supported",
+}
+UNSUPPORTED_COMPLETIONS = {
+    "best_of": "best_of is not supported",
+    "echo": "echo is not supported",
+    "suffix": "suffix is not supported",
+    "logit_bias": "logit_bias is not supported",
+}
+
+
+def _refuse(data: Any, unsupported: dict[str, str]) -> Any:
+    if not isinstance(data, dict):
+        return data
+    for name, why in unsupported.items():
+        # A field left at its "off" value asks for nothing: accepted (and dropped).
+        if data.get(name) not in (None, False, [], {}, ""):
+            raise PydanticCustomError("unsupported", "unsupported parameter '{param}': "
+                                      "{why}", {"param": name, "why": why})
+    return {k: v for k, v in data.items() if k not in unsupported}
 
 
 class TextPart(_Wire):
@@ -20,10 +65,38 @@ class TextPart(_Wire):
     text: str
 
 
+class FunctionCall(_Wire):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+# Fields of an assistant message that clients send back as they received it (an agent
+# appends the response's message to the next request): accepted while empty.
+UNSUPPORTED_MESSAGE = {
+    "audio": "audio is not supported",
+    "function_call": "the deprecated 'function_call' is not supported; use 'tool_calls'",
+    "annotations": "annotations are not supported",
+}
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # role "tool"
+    refusal: str | None = None  # an earlier assistant turn, sent back as received
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse(data, UNSUPPORTED_MESSAGE)
 
     @property
     def text(self) -> str:
@@ -36,6 +109,28 @@ class ChatMessage(_Wire):
 
 class StreamOptions(_Wire):
     include_usage: bool = False
+    include_obfuscation: bool = False  # padding against side channels: not needed, never sent
+
+
+class FunctionDef(_Wire):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # calls are always grammar-enforced for required/named
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Wire):
+    name: str
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JSONSchemaFormat(_Wire):
@@ -80,26 +175,63 @@ class _SamplingFields(_Wire):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+# logprobs: how many alternatives per token OpenAI allows
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
     rag_context: str | None = Field(None, description="extension: placed via the RAG template")
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse(data, UNSUPPORTED_CHAT)
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools and \
+                self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice names '{self.tool_choice.function.name}', "
+                             "which is not in tools")
+        if self.response_format and self.response_format.type != "text" and \
+                self.tool_choice_mode not in ("none", "auto"):
+            raise ValueError("response_format cannot be combined with a required or named "
+                             "tool_choice")
         if not any(m.role in ("user", "assistant", "tool") for m in self.messages):
             raise ValueError("messages must contain at least one user message")
         return self
 
+    @property
+    def tool_choice_mode(self) -> str:
+        """none | auto | required | named; OpenAI's default is auto when tools are given."""
+        if not self.tools:
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return "named" if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int]
-    echo: bool = False
-    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse(data, UNSUPPORTED_COMPLETIONS)
 
     @field_validator("prompt")
     @classmethod
@@ -111,11 +243,32 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        if self.echo or self.suffix:
-            raise ValueError("echo and suffix are not supported")
-        return self
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on inputs per request
+
+
+class EmbeddingRequest(_Wire):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="only the model's own size")
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        if v == "" or v == []:
+            raise ValueError("input must not be empty")
+        if isinstance(v, list) and len(v) > MAX_EMBEDDING_INPUTS and not isinstance(v[0], int):
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return v
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per vector: a text or a token array."""
+        if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)):
+            return [self.input]  # type: ignore[list-item]
+        return list(self.input)  # type: ignore[arg-type]
 
 
 # --- responses ----------------------------------------------------------------------------
@@ -140,16 +293,32 @@ class Usage(BaseModel):
                    total_tokens=prompt + completion)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -163,15 +332,28 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -185,10 +367,17 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -200,6 +389,24 @@ class Completion(BaseModel):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -51,9 +51,20 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF, e.g. for response_format json_object
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n: the token's logprob and the n most likely
 
 
 # --- events sent to the caller (from the engine thread) -----------------------------------
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the ``top`` most likely tokens', from the
+    logits the sampler saw (after penalties, before top-k/p and temperature)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...]
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class Started:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # only for requests that ask
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,11 @@ class Backend(Protocol):
                logits: Sequence[bool]) -> None: ...
 
     def sample(self, sampler: Any, batch_index: int) -> int: ...
+
+    def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        """``token``'s log-probability at ``batch_index`` after :meth:`sample`, and the
+        ``top`` most likely tokens'."""
+        ...
 
     def logits_nonfinite(self, batch_index: int) -> int:
         """How many of the logits at ``batch_index`` are NaN or infinite (start-up self-test)."""
@@ -522,9 +539,11 @@ class Engine:
                 self.observer.on_first_token(seq.req)
             else:
                 self.observer.on_token(seq.req)
+            top = seq.req.params.logprobs
+            lp = () if top is None else (self.backend.logprob(index, token, top),)
             text, hit_stop = seq.text.feed(self.backend.token_bytes(token))
-            if text:
-                self._emit(seq.req, TextDelta(text))
+            if text or lp:
+                self._emit(seq.req, TextDelta(text, lp))
             if hit_stop:
                 self._finish(seq, "stop", flush=False)
             elif seq.completion_tokens >= seq.req.params.max_tokens:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -29,7 +30,8 @@ from llamafleet.common.sampling import SamplingParameters
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Finished, TextDelta
+from . import tools
+from .engine import Finished, TextDelta, TokenLogprob
 from .serving import Generation, Serving
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
                 f"{err.get('ctx', {}).get('error', 'invalid JSON')}."), None
     if err.get("type") == "missing" and loc:
         return f"Missing required parameter: '{'.'.join(loc)}'.", loc[0]
+    if err.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {'.'.join(loc)}.", ".".join(loc)
+    if err.get("type") == "unsupported":  # common/protocol.py's lists, wherever it stands
+        return f"{err['msg']}.", ".".join([*loc, err["ctx"]["param"]])
     where = ".".join(loc)
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"Invalid value for '{where}': {msg}." if where else f"{msg}."), (loc[0] if loc else None)
@@ -98,39 +104,91 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     s.check_model(body.model)
     fmt = body.response_format
     grammar = None
+    mode = body.tool_choice_mode
     if fmt and fmt.type == "json_schema" and fmt.json_schema:
         grammar = await s.schema_grammar(fmt.json_schema.schema_ or {})
+    if mode in ("required", "named"):
+        named = body.tool_choice.function.name if mode == "named" else None  # type: ignore[union-attr]
+        grammar = await s.schema_grammar(
+            tools.call_schema(body.tools or [], named, body.parallel_tool_calls), param="tools")
     params = _params(
         s, body, body.max_completion_tokens or body.max_tokens,
-        json_object=bool(fmt and fmt.type == "json_object"), grammar=grammar)
+        json_object=bool(fmt and fmt.type == "json_object"), grammar=grammar,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    native = tools.template_knows_tools(s.formatter.source)
+    offered = body.tools if mode != "none" else None
+    messages = tools.template_messages(body.messages, native, offered)
+    rendered_tools = [t.model_dump(exclude_none=True) for t in offered] if offered and native \
+        else None
     # Rendering and tokenising long text take milliseconds: off the event loop.
-    prompt = await asyncio.to_thread(
-        s.chat_prompt, [{"role": m.role, "content": m.text} for m in body.messages],
-        body.rag_context)
-    gen = s.start(prompt, params, api="http_chat", request_id=request_id_from_headers(request.headers))
+    prompt = await asyncio.to_thread(s.chat_prompt, messages, body.rag_context, rendered_tools)
+    gen = s.start(prompt, params, api="http_chat", request_id=request_id_from_headers(request.headers),
+                  user=body.user)
     rid, created = P.new_id("chatcmpl"), P.now()
+    family = tools.family_of(s.formatter.source)
+
+    def answer(text: str, fin: Finished) -> tuple[str | None, list[tools.Call], str]:
+        """content, calls, finish_reason of a whole answer."""
+        calls: list[tools.Call] | None = []
+        content: str | None = text
+        if mode in ("required", "named"):
+            calls = tools.calls_of_json(text) or []
+            content = None if calls else text
+        elif mode == "auto":
+            content, calls = tools.parse_calls(family, text)
+            calls = calls if body.parallel_tool_calls else calls[:1]
+        return content, calls, "tool_calls" if calls else _finish_reason(fin)
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: P.Delta, finish: str | None = None) -> P.ChatCompletionChunk:
+        def chunk(delta: P.Delta, finish: str | None = None,
+                  logprobs: P.ChoiceLogprobs | None = None) -> P.ChatCompletionChunk:
             return P.ChatCompletionChunk(
                 id=rid, created=created, model=s.model_id, system_fingerprint=s.fingerprint,
-                choices=[P.ChunkChoice(delta=delta, finish_reason=finish)])
+                choices=[P.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)])
 
         content_frame = FastFrame(chunk(P.Delta(content="\x00")), include_usage)
+        call_stream = tools.CallStream()
 
         async def frames() -> AsyncIterator[P.BaseModel | bytes]:
             # The role frame goes out with the first event, not before: until then no byte
             # has left, so a router may still retry the request on another replica.
             role = chunk(P.Delta(role="assistant", content=""))
+            held: list[str] = []  # auto with tools: the answer is parsed when complete
             async for ev in gen.events():
                 if role is not None:
                     yield role
                     role = None
                 if isinstance(ev, TextDelta):
-                    yield content_frame.render(ev.text)
+                    lp = _chat_logprobs(ev.logprobs) if body.logprobs else None
+                    if mode in ("required", "named"):
+                        deltas = call_stream.feed(ev.text)
+                        if deltas or lp:
+                            yield chunk(P.Delta(tool_calls=deltas or None), logprobs=lp)
+                    elif mode == "auto":
+                        held.append(ev.text)
+                        if lp:
+                            yield chunk(P.Delta(), logprobs=lp)
+                    elif lp:
+                        yield chunk(P.Delta(content=ev.text), logprobs=lp)
+                    else:
+                        yield content_frame.render(ev.text)
                 elif isinstance(ev, Finished):
-                    yield chunk(P.Delta(), _finish_reason(ev))
+                    finish = _finish_reason(ev)
+                    if mode in ("required", "named"):
+                        finish = "tool_calls" if finish == "stop" else finish
+                    elif mode == "auto":
+                        content, calls, finish = answer("".join(held), ev)
+                        if content:
+                            yield chunk(P.Delta(content=content))
+                        for i, c in enumerate(calls):
+                            yield chunk(P.Delta(tool_calls=[P.ToolCallDelta(
+                                index=i, id=tools.new_call_id(), type="function",
+                                function=P.FunctionCallDelta(name=c.name))]))
+                            yield chunk(P.Delta(tool_calls=[P.ToolCallDelta(
+                                index=i, function=P.FunctionCallDelta(arguments=c.arguments))]))
+                    yield chunk(P.Delta(), finish)
                     if include_usage:
                         yield P.ChatCompletionChunk(
                             id=rid, created=created, model=s.model_id,
@@ -140,12 +198,57 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
         return _sse(frames(), gen, include_usage)
     if (done := await _collect(gen, request)) is None:
         return Response(status_code=499)
-    text, fin = done
+    text, fin, lps = done
+    content, calls, finish = answer(text, fin)
+    message = P.AssistantMessage(content=content,
+                                 tool_calls=[c.wire() for c in calls] or None)
     return JSONResponse(P.ChatCompletion(
         id=rid, created=created, model=s.model_id, system_fingerprint=s.fingerprint,
-        choices=[P.ChatChoice(message=P.AssistantMessage(content=text),
-                              finish_reason=_finish_reason(fin))],
-        usage=P.Usage.of(fin.prompt_tokens, fin.completion_tokens)).model_dump())
+        choices=[P.ChatChoice(message=message, finish_reason=finish,
+                              logprobs=_chat_logprobs(lps) if body.logprobs else None)],
+        usage=P.Usage.of(fin.prompt_tokens, fin.completion_tokens)).model_dump(exclude_none=False))
+
+
+@api.post("/embeddings")
+async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
+    s = serving_of(request)
+    s.check_model(body.model)
+    dims = s.embedder.dimensions if s.embedder is not None else None
+    if body.dimensions is not None and body.dimensions != dims:
+        raise BadRequest(f"dimensions: this model's embeddings have {dims} dimensions and "
+                         "cannot be shortened", param="dimensions")
+    vectors, n_tokens = await s.embed(body.inputs)
+    log.info("embeddings", extra={"request_id": request_id_from_headers(request.headers),
+                                  "api": "http_embeddings", "user": body.user,
+                                  "inputs": len(vectors), "prompt_tokens": n_tokens})
+    data = [P.Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode()
+                        if body.encoding_format == "base64" else v.tolist())
+            for i, v in enumerate(vectors)]
+    return JSONResponse(P.EmbeddingList(
+        data=data, model=s.model_id,
+        usage=P.EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens)).model_dump())
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def _chat_logprobs(lps: Sequence[TokenLogprob]) -> P.ChoiceLogprobs:
+    return P.ChoiceLogprobs(content=[
+        P.TokenLogprob(token=_text(lp.token), logprob=lp.logprob, bytes=list(lp.token),
+                       top_logprobs=[P.TopLogprob(token=_text(t), logprob=v, bytes=list(t))
+                                     for t, v in lp.top])
+        for lp in lps])
+
+
+def _completion_logprobs(lps: Sequence[TokenLogprob], offset: int = 0) -> P.CompletionLogprobs:
+    offsets = []
+    for lp in lps:
+        offsets.append(offset)
+        offset += len(_text(lp.token))
+    return P.CompletionLogprobs(
+        tokens=[_text(lp.token) for lp in lps], token_logprobs=[lp.logprob for lp in lps],
+        top_logprobs=[{_text(t): v for t, v in lp.top} for lp in lps], text_offset=offsets)
 
 
 @api.post("/completions")
@@ -155,15 +258,19 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     raw = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) \
         else body.prompt
     prompt = await asyncio.to_thread(s.text_prompt, raw)
-    params = _params(s, body, body.max_tokens if body.max_tokens is not None else 16)
+    params = _params(s, body, body.max_tokens if body.max_tokens is not None else 16,
+                     logprobs=body.logprobs)
     gen = s.start(prompt, params, api="http_completions",
-                  request_id=request_id_from_headers(request.headers), prompt_param="prompt")
+                  request_id=request_id_from_headers(request.headers), prompt_param="prompt",
+                  user=body.user)
     rid, created = P.new_id("cmpl"), P.now()
 
-    def make(text: str, finish: str | None, usage: P.Usage | None = None) -> P.Completion:
+    def make(text: str, finish: str | None, usage: P.Usage | None = None,
+             logprobs: P.CompletionLogprobs | None = None) -> P.Completion:
         return P.Completion(id=rid, created=created, model=s.model_id,
                             system_fingerprint=s.fingerprint,
-                            choices=[P.CompletionChoice(text=text, finish_reason=finish)],
+                            choices=[P.CompletionChoice(text=text, finish_reason=finish,
+                                                        logprobs=logprobs)],
                             usage=usage)
 
     if body.stream:
@@ -171,8 +278,12 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         text_frame = FastFrame(make("\x00", None), include_usage)
 
         async def frames() -> AsyncIterator[P.BaseModel | bytes]:
+            offset = 0
             async for ev in gen.events():
-                if isinstance(ev, TextDelta):
+                if isinstance(ev, TextDelta) and body.logprobs is not None:
+                    yield make(ev.text, None, logprobs=_completion_logprobs(ev.logprobs, offset))
+                    offset += len(ev.text)
+                elif isinstance(ev, TextDelta):
                     yield text_frame.render(ev.text)
                 elif isinstance(ev, Finished):
                     yield make("", _finish_reason(ev))
@@ -184,9 +295,11 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         return _sse(frames(), gen, include_usage)
     if (done := await _collect(gen, request)) is None:
         return Response(status_code=499)
-    text, fin = done
+    text, fin, lps = done
     return JSONResponse(make(text, _finish_reason(fin),
-                             P.Usage.of(fin.prompt_tokens, fin.completion_tokens)).model_dump())
+                             P.Usage.of(fin.prompt_tokens, fin.completion_tokens),
+                             _completion_logprobs(lps) if body.logprobs is not None else None
+                             ).model_dump())
 
 
 def _finish_reason(fin: Finished) -> str:
@@ -232,9 +345,11 @@ def _sse(frames: AsyncIterator[P.BaseModel | bytes], gen: Generation, include_us
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _collect(gen: Generation, request: Request) -> tuple[str, Finished] | None:
+async def _collect(gen: Generation, request: Request
+                   ) -> tuple[str, Finished, list[TokenLogprob]] | None:
     """Gather a whole answer; cancel the sequence if the client disconnects first."""
     parts: list[str] = []
+    lps: list[TokenLogprob] = []
     fin: Finished | None = None
 
     async def run() -> None:
@@ -242,6 +357,7 @@ async def _collect(gen: Generation, request: Request) -> tuple[str, Finished] | 
         async for ev in gen.events():
             if isinstance(ev, TextDelta):
                 parts.append(ev.text)
+                lps.extend(ev.logprobs)
             elif isinstance(ev, Finished):
                 fin = ev
 
@@ -262,7 +378,7 @@ async def _collect(gen: Generation, request: Request) -> tuple[str, Finished] | 
         gen.cancel()
         return None
     work.result()  # re-raises a failed generation's error
-    return "".join(parts), fin  # type: ignore[return-value]
+    return "".join(parts), fin, lps  # type: ignore[return-value]
 
 
 health = APIRouter()

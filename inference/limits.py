@@ -37,12 +37,14 @@ _DATA_KEYS = ("const", "enum", "default", "examples")  # JSON values, not schema
 _QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
-def _schema_error(message: str) -> BadRequest:
-    return BadRequest(f"response_format.json_schema: {message}", param="response_format")
+def check_json_schema(schema: Any, param: str = "response_format") -> None:
+    """Refuse a schema whose grammar would be too big to build or parse, before building it
+    (response_format's, or the one made from tools' parameters; errors name ``param``)."""
+    where_ = "response_format.json_schema" if param == "response_format" else param
 
+    def _schema_error(message: str) -> BadRequest:
+        return BadRequest(f"{where_}: {message}", param=param)
 
-def check_json_schema(schema: Any) -> None:
-    """Refuse a schema whose grammar would be too big to build or parse, before building it."""
     size = len(json.dumps(schema, separators=(",", ":")))
     if size > MAX_SCHEMA_BYTES:
         raise _schema_error(f"the schema is {size} bytes; the limit is {MAX_SCHEMA_BYTES}")

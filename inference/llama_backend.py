@@ -21,7 +21,7 @@ from llama_cpp import _internals
 from llama_cpp import llama_cpp as C
 from llamafleet.common.errors import BadRequest, ModelError
 
-from .engine import SamplingParams
+from .engine import SamplingParams, TokenLogprob
 from .model import ModelShape, model_shape
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,19 @@ class LlamaBackend:
         if pen is not None:
             pen.history.append(token)
         return token
+
+    def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        # The row the chain read: the penalties were applied to it in place, and the chain
+        # samples from a copy.
+        row = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, batch_index),
+                                    shape=(self.model.n_vocab,)).astype(np.float64)
+        peak = row.max()
+        logprobs = row - (peak + np.log(np.exp(row - peak).sum()))
+        best = np.argpartition(-logprobs, top)[:top] if top else np.empty(0, dtype=np.intp)
+        best = best[np.argsort(-logprobs[best])]
+        tb = self.model.token_bytes
+        return TokenLogprob(tb(token), float(logprobs[token]),
+                            tuple((tb(int(t)), float(logprobs[t])) for t in best))
 
     def logits_nonfinite(self, batch_index: int) -> int:
         row = C.llama_get_logits_ith(self.ctx, batch_index)

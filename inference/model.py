@@ -120,6 +120,7 @@ class ChatFormatter:
 
         env.globals["raise_exception"] = raise_exception
         self.template = env.from_string(template)
+        self.source = template
         self.bos_token = bos_token
         self.eos_token = eos_token
 
@@ -139,20 +140,24 @@ class ChatFormatter:
         log.info("chat template: %s", source)
         return cls(text, bos, eos)
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+               ) -> str:
         return self.template.render(
             messages=normalise_messages(messages),
+            tools=tools,
             add_generation_prompt=True,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
 
 
-def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Merge system/developer messages into one leading system message; text only."""
+def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge system/developer messages into one leading system message; other roles than
+    assistant and tool become user (tool messages and calls come from
+    tools.template_messages)."""
     system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
     rest = [
-        {"role": "assistant" if m["role"] == "assistant" else "user", "content": m["content"]}
+        {**m, "role": m["role"] if m["role"] in ("assistant", "tool") else "user"}
         for m in messages
         if m["role"] not in ("system", "developer")
     ]

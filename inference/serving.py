@@ -24,6 +24,7 @@ from llamafleet.common.errors import (
     LlamafleetError,
     ModelError,
     ModelNotFound,
+    NotFound,
     NotReady,
 )
 from llamafleet.common.sampling import DEFAULTS, SamplingParameters
@@ -52,6 +53,7 @@ class Generation:
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished: Finished | None = None
+    user: str | None = None  # OpenAI's end-user id, for the log
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
         outcome, reason = "cancelled", "cancelled"
@@ -110,8 +112,9 @@ class LoopBridge:
 
 class Serving:
     def __init__(self, settings: Settings, model: Any, engine: Engine, metrics: Metrics,
-                 plan: Plan):
+                 plan: Plan, embedder: Any = None):
         self.settings = settings
+        self.embedder = embedder  # embeddings.Embedder, or None when turned off
         self.model = model
         self.engine = engine
         self.metrics = metrics
@@ -136,8 +139,10 @@ class Serving:
                 f"The model '{requested}' does not exist. This server serves '{self.model_id}'.",
                 param="model")
 
-    def chat_prompt(self, messages: list[dict[str, str]], rag_context: str | None = None
-                    ) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], rag_context: str | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """``messages`` as chat templates read them (tools.template_messages); ``tools``
+        are rendered by the template (only when it knows tools)."""
         messages = [dict(m) for m in messages]
         if self.settings.system_prompt and not any(
                 m["role"] in ("system", "developer") for m in messages):
@@ -149,7 +154,7 @@ class Serving:
                 raise BadRequest("rag_context needs a user message", param="rag_context")
             messages[last_user]["content"] = apply_rag(
                 self.settings.rag_template, rag_context, messages[last_user]["content"])
-        text = self.formatter.render(messages)
+        text = self.formatter.render(messages, tools)
         if self.settings.log_prompts:
             log.debug("prompt: %r", text)
         add_bos = self.model.add_bos and not text.startswith(self.model.bos_text)
@@ -166,7 +171,7 @@ class Serving:
 
     def sampling(self, requested: SamplingParameters, *, stop: Sequence[str] = (),
                  stop_param: str = "stop", grammar: str | None = None, json_object: bool = False,
-                 ignore_eos: bool = False) -> SamplingParams:
+                 ignore_eos: bool = False, logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters: the request's values, else the pod's DEFAULT_* settings,
         else the built-in defaults (llamafleet.common.sampling). ``grammar`` comes from
         :meth:`schema_grammar`."""
@@ -175,26 +180,41 @@ class Serving:
             grammar = JSON_GRAMMAR
         values = requested.over(self.settings.sampling_defaults, DEFAULTS)
         return SamplingParams(**values.model_dump(), stop=tuple(stop), grammar=grammar,
-                              ignore_eos=ignore_eos)
+                              ignore_eos=ignore_eos, logprobs=logprobs)
 
-    async def schema_grammar(self, schema: dict) -> str:
-        """A response_format JSON schema as GBNF: checked against the limits first, then
-        converted in a worker thread within SCHEMA_CONVERT_TIMEOUT_S."""
-        check_json_schema(schema)
+    async def schema_grammar(self, schema: dict, param: str = "response_format") -> str:
+        """A JSON schema (response_format's, or tool calls') as GBNF: checked against the
+        limits first, then converted in a worker thread within SCHEMA_CONVERT_TIMEOUT_S.
+        Errors name ``param``."""
+        check_json_schema(schema, param)
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._grammar_pool, _schema_grammar, schema, self.model)
+        work = loop.run_in_executor(self._grammar_pool, _schema_grammar, schema, self.model,
+                                    param)
         try:
             return await asyncio.wait_for(work, SCHEMA_CONVERT_TIMEOUT_S)
         except TimeoutError:
             raise BadRequest(
-                f"response_format.json_schema: converting the schema to a grammar took more "
+                f"{param}: converting the schema to a grammar took more "
                 f"than {SCHEMA_CONVERT_TIMEOUT_S:g} s; simplify the schema",
-                param="response_format") from None
+                param=param) from None
+
+    async def embed(self, inputs: Sequence[str | Sequence[int]]) -> tuple[list[Any], int]:
+        """One vector per input (text or token ids), and the number of tokens embedded."""
+        if self.embedder is None:
+            raise NotFound("Embeddings are turned off on this server "
+                           "(LLM_LLAMA_SERVICE_EMBEDDINGS=false).")
+        if self.draining:
+            raise NotReady("The server is shutting down; retry on another replica.")
+        tokens = [self.text_prompt(i) if not isinstance(i, str)
+                  else self.model.tokenize(i, self.model.add_bos) for i in inputs]
+        vectors = await asyncio.to_thread(self.embedder.embed, tokens)
+        return vectors, sum(map(len, tokens))
 
     # --- generation ---------------------------------------------------------------------
 
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
-              request_id: str, prompt_param: str = "messages") -> Generation:
+              request_id: str, prompt_param: str = "messages", user: str | None = None
+              ) -> Generation:
         """Submit now: errors (too long, overloaded) raise here, before any output."""
         if not self.engine.alive:
             raise NotReady("The model is not loaded yet.")
@@ -205,7 +225,7 @@ class Serving:
         q: asyncio.Queue = asyncio.Queue()
         bridge = self._bridge()
         req = GenerationRequest(prompt, params, lambda ev: bridge.send(q, ev), request_id)
-        gen = Generation(self, req, api, q)
+        gen = Generation(self, req, api, q, user=user)
         try:
             self.engine.submit(req)
         except LlamafleetError as e:
@@ -235,6 +255,7 @@ class Serving:
         log.info(
             "request finished",
             extra={"request_id": gen.req.request_id, "api": gen.api, "outcome": outcome,
+                   "user": gen.user,
                    "finish_reason": reason,
                    "prompt_tokens": fin.prompt_tokens if fin else len(gen.req.prompt),
                    "completion_tokens": fin.completion_tokens if fin else None,
@@ -266,6 +287,8 @@ class Serving:
 
     def close(self) -> None:
         self.engine.stop()
+        if self.embedder is not None:
+            self.embedder.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -282,7 +305,7 @@ def check_stop(stop: Sequence[str], param: str) -> None:
                              f"characters, got {len(s)}", param=param)
 
 
-def _schema_grammar(schema: dict, model: Any) -> str:
+def _schema_grammar(schema: dict, model: Any, param: str) -> str:
     """Convert, then parse once here so that a grammar llama.cpp refuses is a 400 before
     the request is queued (not a failure inside the engine or mid-stream)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -290,10 +313,10 @@ def _schema_grammar(schema: dict, model: Any) -> str:
     try:
         grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:
-        raise BadRequest(f"unsupported JSON schema: {e}", param="response_format") from e
+        raise BadRequest(f"{param}: unsupported JSON schema: {e}", param=param) from e
     if not model.grammar_ok(grammar):
-        raise BadRequest("response_format.json_schema: llama.cpp refused the grammar made from "
-                         "this schema (too many repetitions?)", param="response_format")
+        raise BadRequest(f"{param}: llama.cpp refused the grammar made from "
+                         "this schema (too many repetitions?)", param=param)
     return grammar
 
 
@@ -341,6 +364,12 @@ def build(settings: Settings) -> Serving:
                     observer=EngineMetrics(metrics, backend.n_ctx), prompt_cache=prompt_cache)
     profile = install_profile(engine, metrics) if settings.step_profile else None
     engine.start()
-    serving = Serving(settings, model, engine, metrics, plan)
+    embedder = None
+    if settings.embeddings:
+        from .embeddings import Embedder
+
+        embedder = Embedder(model, context_size=settings.embeddings_context_size,
+                            threads=settings.threads, pooling=settings.embeddings_pooling)
+    serving = Serving(settings, model, engine, metrics, plan, embedder)
     serving.profile = profile
     return serving

@@ -113,6 +113,18 @@ class Settings(BaseSettings):
     n_batch: int = Field(
         512, ge=16, le=65_536, description="Most tokens in one llama_decode step (prefill chunk)."
     )
+    embeddings: bool = Field(
+        True, description="Serve /v1/embeddings from a second llama_context on the same "
+        "weights (its own KV cache of embeddings_context_size tokens); false: 404, no memory.",
+    )
+    embeddings_pooling: Literal["model", "mean", "last"] = Field(
+        "model", description="How /v1/embeddings pools token vectors into one: 'model' uses "
+        "the GGUF's own pooling type (embedding models) and mean when it has none.",
+    )
+    embeddings_context_size: int = Field(
+        512, ge=16, le=65_536, description="Most tokens of all inputs embedded in one "
+        "llama_decode, and so the longest input /v1/embeddings accepts.",
+    )
     engine_stall_timeout_s: float = Field(
         60, gt=0, description="/health fails when sequences are running and no decode step "
         "has finished for this many seconds (a hung llama_decode, e.g. a GPU fault), so the "

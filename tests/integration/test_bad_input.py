@@ -31,6 +31,23 @@ def msgs(text: str = "hi") -> list[dict]:
     ({}, 400, "messages", "Missing required parameter"),
     ({"messages": msgs(), "model": "gpt-4"}, 404, "model", "does not exist"),
     ({"messages": [{"role": "system", "content": "only system"}]}, 400, None, "user message"),
+    ({"messages": msgs(), "temprature": 1}, 400, "temprature", "Unrecognized request argument"),
+    ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, 400, "messages.0.colour",
+     "Unrecognized"),
+    ({"messages": msgs(), "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported parameter"),
+    ({"messages": [*msgs(), {"role": "assistant", "content": "x", "function_call": {"name": "f"}}]},
+     400, "messages.1.function_call", "use 'tool_calls'"),
+    ({"messages": msgs(), "top_logprobs": 2}, 400, None, "needs logprobs"),
+    ({"messages": msgs(), "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs", "20"),
+    ({"messages": msgs(), "tool_choice": "required"}, 400, None, "needs tools"),
+    ({"messages": msgs(), "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools", "pattern"),
+    ({"messages": msgs(), "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string", "maxLength": 100000}}}],
+      "tool_choice": "required"}, 400, "tools", "limit"),
+    ({"messages": msgs(), "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, None,
+     "not in tools"),
 ])
 def test_bad_chat_requests(server, body, status, param, needle) -> None:
     r = httpx.post(server.url + CHAT, json=body, timeout=30)
@@ -40,6 +57,18 @@ def test_bad_chat_requests(server, body, status, param, needle) -> None:
     assert needle in err["message"]
     if param:
         assert err["param"] == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "colour": 1}, "colour"),
+])
+def test_bad_completion_fields_are_named(server, body, param) -> None:
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
 
 
 def test_malformed_json(server) -> None:

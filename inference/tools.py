@@ -1,0 +1,247 @@
+"""Tool calling: the grammar-enforced call format, the chat template families' call
+syntaxes, and the messages a template sees.
+
+Two ways a call comes out of the model:
+
+* ``tool_choice`` ``required`` or a named function: the sampler is held to a grammar made
+  from the functions' JSON schemas (:func:`call_schema`, checked against the schema limits
+  of limits.py), so even a small model writes a valid call. The format is ours,
+  ``{"name": ..., "arguments": {...}}`` (a JSON array of them when parallel calls are
+  allowed); :class:`CallStream` turns it into OpenAI's streamed ``delta.tool_calls``.
+* ``auto``: the model writes what its chat template taught it; :func:`parse_calls` reads the
+  syntax of the template's family (:func:`family_of`). A template that knows no tools gets
+  them in a system message asking for the Hermes syntax (as llama.cpp's generic format).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from llamafleet.common import protocol as P
+
+# --- the grammar-enforced format ------------------------------------------------------------
+
+
+def call_schema(tools: list[P.Tool], name: str | None, parallel: bool) -> dict[str, Any]:
+    """The JSON schema of a call to ``name`` (or to any of ``tools``); an array of one or
+    more calls when ``parallel``."""
+    chosen = [t.function for t in tools if name is None or t.function.name == name]
+    calls = [{"type": "object",
+              "properties": {"name": {"const": f.name},
+                             "arguments": f.parameters or {"type": "object"}},
+              "required": ["name", "arguments"]} for f in chosen]
+    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {"type": "array", "items": one, "minItems": 1} if parallel else one
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class Call:
+    name: str
+    arguments: str  # JSON text
+
+    def wire(self) -> P.ToolCall:
+        return P.ToolCall(id=new_call_id(), function=P.FunctionCall(name=self.name,
+                                                                     arguments=self.arguments))
+
+
+def calls_of_json(text: str) -> list[Call] | None:
+    """The calls in grammar-enforced output; None if it is not complete (cut by max_tokens)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    return [Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
+
+
+_HEAD = re.compile(r'[\s\[,}]*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+class CallStream:
+    """Grammar-enforced output in pieces -> ``delta.tool_calls``: each call's name as soon as
+    it is complete, then its arguments as they arrive."""
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._index = -1
+        self._in_args = False
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+
+    def feed(self, text: str) -> list[P.ToolCallDelta]:
+        self._buf += text
+        out: list[P.ToolCallDelta] = []
+        while self._buf:
+            if not self._in_args:
+                m = _HEAD.match(self._buf)
+                if m is None:
+                    break  # the head is not complete yet (or only the closing "]" is left)
+                self._index += 1
+                self._in_args, self._depth = True, 0
+                self._buf = self._buf[m.end():]
+                out.append(P.ToolCallDelta(index=self._index, id=new_call_id(), type="function",
+                                           function=P.FunctionCallDelta(
+                                               name=json.loads(f'"{m.group(1)}"'))))
+                continue
+            end = self._scan()
+            piece, self._buf = (self._buf, "") if end is None else (self._buf[:end],
+                                                                    self._buf[end:])
+            if piece:
+                out.append(P.ToolCallDelta(index=self._index,
+                                           function=P.FunctionCallDelta(arguments=piece)))
+            if end is None:
+                break
+            self._in_args = False
+        return out
+
+    def _scan(self) -> int | None:
+        """Where the arguments value ends in the buffer (exclusive), or None."""
+        for i, ch in enumerate(self._buf):
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif ch == "\\":
+                    self._esc = True
+                elif ch == '"':
+                    self._in_str = False
+            elif ch == '"':
+                self._in_str = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return None
+
+
+# --- auto: the chat template's own syntax ---------------------------------------------------
+
+# Family -> a marker of its template text. Checked in order: Hermes-style templates of Llama
+# models carry both <tool_call> and Llama's header tokens.
+_FAMILY_MARKERS = (
+    ("hermes", "<tool_call>"),  # Hermes 2/3, Qwen 2.5, Qwen 3 (ChatML with tools)
+    ("mistral", "[TOOL_CALLS]"),
+    ("llama3", "<|start_header_id|>"),
+    ("gemma", "<start_of_turn>"),
+)
+
+
+def family_of(template: str) -> str:
+    """hermes | mistral | llama3 | gemma | generic (the template knows no tool syntax)."""
+    for family, marker in _FAMILY_MARKERS:
+        if marker in template:
+            return family
+    return "generic"
+
+
+def template_knows_tools(template: str) -> bool:
+    return "tools" in template and family_of(template) != "gemma"
+
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_FENCE = re.compile(r"```(?:json|tool_code|tool_call)?\s*(.*?)\s*```", re.S)
+
+
+def _json_calls(text: str) -> list[Call]:
+    """One JSON call object, or an array of them; "parameters" (Llama 3) or "arguments"."""
+    value = json.loads(text)
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for c in items:
+        args = c.get("arguments", c.get("parameters", {}))
+        if not isinstance(c.get("name"), str):
+            raise ValueError("a call without a name")
+        calls.append(Call(c["name"], args if isinstance(args, str)
+                          else json.dumps(args, ensure_ascii=False)))
+    return calls
+
+
+def parse_calls(family: str, text: str) -> tuple[str | None, list[Call]]:
+    """The content and the calls in a whole answer written in ``family``'s syntax; text that
+    is no valid call stays content."""
+    try:
+        if family in ("hermes", "generic"):
+            found = _HERMES.findall(text)
+            if found:
+                calls = [c for body in found for c in _json_calls(body)]
+                content = text[: text.index("<tool_call>")].strip()
+                return content or None, calls
+        elif family == "mistral":
+            head, sep, rest = text.partition("[TOOL_CALLS]")
+            if sep:
+                return head.strip() or None, _json_calls(rest.strip())
+        elif family == "llama3":
+            body = text.strip().removeprefix("<|python_tag|>").strip()
+            if body.startswith("{"):
+                return None, [c for part in body.split(";") if part.strip()
+                              for c in _json_calls(part)]
+        elif family == "gemma":
+            m = _FENCE.search(text)
+            body = m.group(1) if m else text.strip()
+            if body.startswith(("{", "[")):
+                content = text[: m.start()].strip() if m else ""
+                return content or None, _json_calls(body)
+    except (ValueError, AttributeError, TypeError):
+        pass
+    return text, []
+
+
+def generic_tools_prompt(tools: list[P.Tool]) -> str:
+    """The system text that tells a model whose template knows no tools how to call them."""
+    listing = "\n".join(json.dumps(t.function.model_dump(exclude_none=True)) for t in tools)
+    return ("You may call one or more of these functions:\n<tools>\n" + listing + "\n</tools>\n"
+            "To call a function, answer with <tool_call>{\"name\": <function name>, "
+            "\"arguments\": <arguments object>}</tool_call> for each call, and nothing else.")
+
+
+def template_messages(messages: list[P.ChatMessage], native: bool,
+                      tools: list[P.Tool] | None = None) -> list[dict[str, Any]]:
+    """OpenAI messages as chat templates read them: a call's arguments as a mapping (HF
+    templates write them with ``tojson``), tool results with their call id. Without
+    ``native`` tool support, calls become Hermes text, results user turns, and ``tools``
+    (those to offer) open the first user turn (some templates have no system role)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.text}
+        if m.tool_calls:
+            calls = [{"id": c.id, "type": "function",
+                      "function": {"name": c.function.name,
+                                   "arguments": _arguments(c.function.arguments)}}
+                     for c in m.tool_calls]
+            if native:
+                d["tool_calls"] = calls
+            else:
+                d["content"] = (m.text + "".join(
+                    "<tool_call>" + json.dumps(c["function"]) + "</tool_call>" for c in calls))
+        if m.role == "tool":
+            if native:
+                d["tool_call_id"] = m.tool_call_id
+                if m.name:
+                    d["name"] = m.name
+            else:
+                d = {"role": "user", "content": f"<tool_response>\n{m.text}\n</tool_response>"}
+        out.append(d)
+    if tools and not native:
+        first = next((d for d in out if d["role"] == "user"), None)
+        if first is None:
+            out.insert(0, {"role": "user", "content": generic_tools_prompt(tools)})
+        else:
+            first["content"] = generic_tools_prompt(tools) + "\n\n" + first["content"]
+    return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

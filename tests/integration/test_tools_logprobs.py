@@ -1,0 +1,154 @@
+"""Tool calling and logprobs on the real instruct model, judged by the official client."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jsonschema
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+WEATHER = {"type": "object",
+           "properties": {"city": {"type": "string", "maxLength": 20},
+                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+        "required": ["zone"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Time in a zone",
+                                      "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture()
+def client(instruct_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=instruct_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _check_calls(calls, names) -> None:
+    assert calls
+    for c in calls:
+        assert c.id.startswith("call_") and c.type == "function"
+        assert c.function.name in names
+        jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+
+
+@pytest.mark.parametrize("choice, names", [
+    ("required", {"get_weather", "get_time"}),
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+])
+def test_required_and_named_calls_are_valid(client, choice, names) -> None:
+    r = client.chat.completions.create(model=client.models.list().data[0].id,
+                                       messages=ASK, tools=TOOLS, tool_choice=choice,
+                                       max_tokens=80, temperature=0)
+    choice0 = r.choices[0]
+    assert choice0.finish_reason == "tool_calls", choice0
+    assert choice0.message.content is None
+    _check_calls(choice0.message.tool_calls, names)
+
+
+@pytest.mark.parametrize("choice, names", [
+    ("required", {"get_weather", "get_time"}),
+    ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+])
+def test_streamed_calls_name_first_then_arguments_in_pieces(client, choice, names) -> None:
+    stream = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=ASK, tools=TOOLS, tool_choice=choice,
+        parallel_tool_calls=False, max_tokens=80, temperature=0, stream=True)
+    calls: dict[int, dict] = {}
+    pieces = 0
+    finish = None
+    for chunk in stream:
+        ch = chunk.choices[0]
+        finish = ch.finish_reason or finish
+        for d in ch.delta.tool_calls or ():
+            if d.index not in calls:
+                assert d.function.name and d.id.startswith("call_")  # the name comes first
+                calls[d.index] = {"name": d.function.name, "args": ""}
+            else:
+                assert d.function.name is None
+                calls[d.index]["args"] += d.function.arguments
+                pieces += 1
+    assert finish == "tool_calls"
+    assert list(calls) == [0]  # parallel_tool_calls=False: one call
+    assert pieces > 1  # the arguments arrive in pieces
+    call = calls[0]
+    assert call["name"] in names
+    jsonschema.validate(json.loads(call["args"]), SCHEMAS[call["name"]])
+
+
+def test_tool_result_round_trip(client) -> None:
+    model = client.models.list().data[0].id
+    first = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    # The response's message object itself, as agent frameworks send it back.
+    messages = [*ASK, first.choices[0].message,
+                {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    second = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
+                                            max_tokens=30, temperature=0)
+    # The same tools and question, plus the call and its result: a longer prompt.
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + 10
+    msg = second.choices[0].message
+    assert msg.content or msg.tool_calls
+    final = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
+                                           tool_choice="none", max_tokens=30, temperature=0)
+    assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
+
+
+def test_auto_answers_text_or_a_valid_call(client) -> None:
+    r = client.chat.completions.create(model=client.models.list().data[0].id, messages=ASK,
+                                       tools=TOOLS, max_tokens=80, temperature=0)
+    choice = r.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        _check_calls(choice.message.tool_calls, set(SCHEMAS))
+    else:
+        assert choice.message.content
+
+
+def test_top_logprobs_two_alternatives_per_token(client) -> None:
+    r = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Hi!"}],
+        max_tokens=8, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 8
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2
+        assert all(a.logprob <= 0 for a in t.top_logprobs)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob <= t.top_logprobs[0].logprob + 1e-6
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1 + 1e-6
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    # Greedy: the sampled token is the most likely one.
+    g = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Hi!"}],
+        max_tokens=4, logprobs=True, top_logprobs=1, temperature=0, extra_body={"repeat_penalty": 1})
+    for t in g.choices[0].logprobs.content:
+        assert t.token == t.top_logprobs[0].token and t.logprob == t.top_logprobs[0].logprob
+
+
+def test_logprobs_streamed_and_on_completions(client) -> None:
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi!"}], max_tokens=6,
+        logprobs=True, top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    tokens = [t for c in stream if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content]
+    assert len(tokens) == 6 and all(len(t.top_logprobs) == 2 for t in tokens)
+    r = client.completions.create(model=model, prompt="One, two,", max_tokens=5, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) <= 3 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
