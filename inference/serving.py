@@ -126,6 +126,10 @@ class Serving:
         # Schema -> grammar conversion runs here, never on the event loop; two workers so
         # one slow schema cannot hold up every other json_schema request.
         self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="llamafleet-grammar")
+        # Embeddings decode on one thread of their own, always the same: each thread that calls
+        # llama_decode gets its own OpenMP team, and extra teams slowed every engine step
+        # (Engine.start says how much).
+        self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="llamafleet-embeddings")
         self.draining = False  # set on SIGTERM: new generations are refused
         self.profile: StepProfile | None = None  # set by build() when STEP_PROFILE is on
         self.formatter = ChatFormatter.for_model(
@@ -207,7 +211,8 @@ class Serving:
             raise NotReady("The server is shutting down; retry on another replica.")
         tokens = [self.text_prompt(i) if not isinstance(i, str)
                   else self.model.tokenize(i, self.model.add_bos) for i in inputs]
-        vectors = await asyncio.to_thread(self.embedder.embed, tokens)
+        vectors = await asyncio.get_running_loop().run_in_executor(
+            self._embed_thread, self.embedder.embed, tokens)
         return vectors, sum(map(len, tokens))
 
     # --- generation ---------------------------------------------------------------------
@@ -287,6 +292,7 @@ class Serving:
 
     def close(self) -> None:
         self.engine.stop()
+        self._embed_thread.shutdown(wait=True, cancel_futures=True)  # before its context goes
         if self.embedder is not None:
             self.embedder.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
@@ -348,11 +354,6 @@ def build(settings: Settings) -> Serving:
     backend = LlamaBackend(model, n_seq=plan.max_batch_size, context_size=settings.context_size,
                            n_batch=n_batch, threads=settings.threads,
                            kv_cache_type=settings.kv_cache_type)
-    try:
-        self_test(backend, model.tokenize("The sky is", add_bos=model.add_bos))
-    except SelfTestFailed as e:
-        backend.close()
-        raise ModelError(f"{e} (model {path}, llama-cpp-python {llama_cpp_python_version()})") from e
     metrics = Metrics()
     metrics.max_batch.set(plan.max_batch_size)
     metrics.model.info({"name": settings.model_name or path.stem, "path": str(path),
@@ -363,13 +364,21 @@ def build(settings: Settings) -> Serving:
                     context_size=settings.context_size,
                     observer=EngineMetrics(metrics, backend.n_ctx), prompt_cache=prompt_cache)
     profile = install_profile(engine, metrics) if settings.step_profile else None
-    engine.start()
+    probe = model.tokenize("The sky is", add_bos=model.add_bos)
+    try:
+        engine.start(startup=lambda b: self_test(b, probe))  # on the engine thread
+    except SelfTestFailed as e:
+        backend.close()
+        raise ModelError(f"{e} (model {path}, llama-cpp-python {llama_cpp_python_version()})") from e
     embedder = None
     if settings.embeddings:
         from .embeddings import Embedder
 
+        # One thread: a second multi-threaded OpenMP team in the process (ggml's CPU back-end
+        # uses OpenMP) made libgomp throttle its spinning, and every engine step took about
+        # twice as long afterwards (2 cores, Gemma 3 270M: 143 -> 73 tok/s for one stream).
         embedder = Embedder(model, context_size=settings.embeddings_context_size,
-                            threads=settings.threads, pooling=settings.embeddings_pooling)
+                            threads=1, pooling=settings.embeddings_pooling)
     serving = Serving(settings, model, engine, metrics, plan, embedder)
     serving.profile = profile
     return serving

@@ -493,3 +493,25 @@ def test_batch_bounds_hold_for_any_mix(shapes, n_batch) -> None:
     for seq, n in b.advance:  # a sequence's positions continue its cache, in order
         assert [p for p, s in zip(b.pos, b.seqs, strict=True) if s == seq.slot] == \
             list(range(seq.n_past, seq.n_past + n))
+
+
+def test_startup_runs_on_the_engine_thread_before_any_request() -> None:
+    be = FakeBackend()
+    seen: list[str] = []
+    eng = Engine(be, max_batch_size=4, queue_size=8, context_size=64)
+    eng.start(startup=lambda b: seen.append(threading.current_thread().name))
+    c = submit(eng, [1], max_tokens=1)
+    assert c.done.wait(5)
+    eng.stop()
+    assert seen == ["llamafleet-engine"]
+
+
+def test_a_failing_startup_is_raised_and_the_engine_never_runs() -> None:
+    eng = Engine(FakeBackend(), max_batch_size=4, queue_size=8, context_size=64)
+
+    def broken(_b: object) -> None:
+        raise RuntimeError("self-test failed")
+
+    with pytest.raises(RuntimeError, match="self-test failed"):
+        eng.start(startup=broken)
+    assert not eng.alive
