@@ -21,6 +21,9 @@ cp /etc/ssl/certs/ca-certificates.crt "$ctx/docker/ca-certificates.crt"
 cp "$(./scripts/build-llama-cpp-python.sh --portable)" "$ctx/docker/wheels/"
 start=$(date +%s)
 docker build -q --network host --build-arg BASE="$BASE" -f "$ctx/docker/Dockerfile" -t "$TAG" "$ctx" >/dev/null
+# The vfs storage driver keeps every layer as a full copy: drop what the rebuild left
+# dangling (the previous image of this tag), or repeated builds fill the disk.
+docker image prune -f >/dev/null
 echo "built $TAG in $(( $(date +%s) - start )) s; size $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f MiB", $1/1048576}')"
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
