@@ -5,8 +5,9 @@ Why not batched with the generation engine: embeddings need a context with
 row of a batch), not per sequence; sharing the engine's context would mean switching it per
 step and holding up every stream. A context of its own on the same weights costs only its
 KV cache (``embeddings_context_size`` tokens), needs no change to the engine's step, and
-many inputs of one request go into one llama_decode as separate sequences. It runs in a
-worker thread, one request at a time (a lock), so the event loop never waits on it.
+many inputs of one request go into one llama_decode as separate sequences. It runs on one
+dedicated thread with one llama.cpp thread (serving.py says why), one request at a time, so
+the event loop never waits on it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ class RouterSettings(BaseSettings):
     backends: str = Field(
         "",
         description="Comma-separated base URLs of `llamafleet serve` replicas, e.g. "
-        "http://127.0.0.1:16070,http://127.0.0.1:16170 (outside Kubernetes, and for tests).",
+        "http://127.0.0.1:16070,http://127.0.0.1:16170. Required: discovering replicas from "
+        "Kubernetes EndpointSlices is not built yet.",
     )
     host: str = Field("0.0.0.0", description="Address the router listens on.")
     port: int = Field(ROUTER_PORT, ge=1, le=65535, description="HTTP port of the router.")
@@ -71,7 +72,11 @@ class RouterSettings(BaseSettings):
     @field_validator("backends")
     @classmethod
     def _urls(cls, v: str) -> str:
-        for url in filter(None, (u.strip() for u in v.split(","))):
+        urls = [u for u in (u.strip() for u in v.split(",")) if u]
+        if not urls:
+            raise ValueError("name at least one replica, e.g. --backends http://127.0.0.1:16070 "
+                             "(replica discovery from Kubernetes EndpointSlices is not built yet)")
+        for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"backend {url!r} is not an http:// or https:// URL")
         return v
