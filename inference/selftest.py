@@ -36,8 +36,9 @@ class SelfTestResult:
 def self_test(backend: Backend, prompt: Sequence[int], n_tokens: int = SELF_TEST_TOKENS,
               seq_id: int = 0) -> SelfTestResult:
     """Prefill ``prompt`` and greedily decode ``n_tokens`` one row at a time on ``seq_id``,
-    checking every logits row is finite; leave the sequence empty. Call it before the
-    engine thread starts (it uses the backend directly)."""
+    checking every logits row is finite; leave the sequence empty. It uses the backend
+    directly: run it as ``Engine.start(startup=...)``, on the engine thread before its loop
+    (a decode from any other thread slows every later step; Engine.start says why)."""
     if not prompt:
         raise SelfTestFailed("self-test: the prompt tokenised to nothing")
     log.info("start-up self-test: decoding %d tokens on this machine's llama.cpp build "
