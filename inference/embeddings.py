@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from llama_cpp import _internals
 from llama_cpp import llama_cpp as C
-from llamafleet.common.errors import BadRequest, ModelError
+from llamafleet.common.errors import BadRequest, InternalError, ModelError
 
 MAX_SEQS = 16  # inputs per llama_decode (llama_context's n_seq_max)
 _POOLING = {"mean": C.LLAMA_POOLING_TYPE_MEAN, "last": C.LLAMA_POOLING_TYPE_LAST}
@@ -90,7 +90,7 @@ class Embedder:
         C.llama_memory_clear(self._mem, True)
         rc = C.llama_decode(self.ctx, b)
         if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc} for embeddings")
+            raise InternalError(f"llama_decode returned {rc} for embeddings")  # a 500, OpenAI-shaped
         vectors = []
         for seq in range(len(group)):
             ptr = C.llama_get_embeddings_seq(self.ctx, seq)
