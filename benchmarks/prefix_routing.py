@@ -84,6 +84,8 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024, help="context per sequence")
     ap.add_argument("--threads", type=int, default=1, help="threads per replica")
+    ap.add_argument("--n-batch", type=int, default=512,
+                    help="each replica's most tokens per step (its prefill chunk)")
     ap.add_argument("--tenants", type=int, default=6)
     ap.add_argument("--words", type=int, default=465, help="system prompt words (~500 tokens)")
     ap.add_argument("--requests", type=int, default=96)
@@ -108,7 +110,8 @@ def main() -> int:
                 str(VENV_BIN / "llamafleet"), "serve", "--model-path", str(model), "--host",
                 "127.0.0.1", "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0",
                 "--context-size", str(a.context), "--max-batch-size", str(a.max_batch_size),
-                "--threads", str(a.threads), "--prompt-cache-mib", str(a.prompt_cache_mib),
+                "--threads", str(a.threads), "--n-batch", str(a.n_batch),
+                "--prompt-cache-mib", str(a.prompt_cache_mib),
                 "--log-level", "warning"], url,
                 a.out / f"prefix-routing-replica{i}.log"))
         stack.enter_context(running([

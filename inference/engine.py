@@ -249,8 +249,12 @@ class Batch:
 
 def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
     """Every decoding sequence's next token first, then prompt chunks of prefilling
-    sequences, in order, until ``n_batch`` tokens. A prefill's last chunk asks for logits
-    (for its first sampled token); an earlier chunk does not."""
+    sequences, shortest remaining prompt first, until ``n_batch`` tokens. A prefill's last
+    chunk asks for logits (for its first sampled token); an earlier chunk does not.
+
+    Shortest first: a request whose prefix came from the cache has a few tokens left to
+    prefill, and gets its first token in this step instead of waiting behind another
+    request's long prompt (the long one takes what is left of the budget)."""
     b = Batch()
     for seq in running:
         if seq.state is DECODE:
@@ -261,11 +265,11 @@ def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
             b.seqs.append(seq.slot)
             b.logits.append(True)
     budget = n_batch - len(b.tokens)
-    for seq in running:
+    prefilling = sorted((s for s in running if s.state is PREFILL),
+                        key=lambda s: len(s.req.prompt) - s.n_past)
+    for seq in prefilling:
         if budget <= 0:
             break
-        if seq.state is not PREFILL:
-            continue
         start = seq.n_past
         take = min(budget, len(seq.req.prompt) - start)
         last = start + take == len(seq.req.prompt)

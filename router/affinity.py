@@ -78,8 +78,11 @@ def load_bound(loads: dict[str, float], factor: float) -> float:
 
 class Affinity:
     """Picks a backend for a list of chained prefix-block hashes:
-    1. the backend that last served the longest matching prefix, if under the load bound
-       (an affinity hit: its KV cache likely holds that prefix);
+    1. the backend that last served the longest matching prefix, if it has room: under the
+       load bound, or with a free sequence slot (an affinity hit: its KV cache likely holds
+       that prefix, and a free slot starts it at once; the bound alone would send the second
+       request of a tenant elsewhere whenever the fleet is nearly idle, since ceil(1.25 * 2 / 3)
+       is 1, and that request would pay a full prefill);
     2. else the first backend clockwise from the first block's hash that is under the bound;
     3. else the least loaded.
     Then the blocks are remembered with the chosen backend (LRU, ``entries`` at most);
@@ -92,8 +95,10 @@ class Affinity:
         self._seen: OrderedDict[int, str] = OrderedDict()
 
     def pick(self, blocks: Sequence[int], loads: dict[str, float],
-             tiebreak: Callable[[str], float] = lambda b: 0.0) -> tuple[str, bool]:
-        """``loads``: the candidate backends and their loads. Returns (backend, hit)."""
+             tiebreak: Callable[[str], float] = lambda b: 0.0,
+             slots: Callable[[str], float] = lambda b: 0.0) -> tuple[str, bool]:
+        """``loads``: the candidate backends and their loads; ``slots``: a backend's sequence
+        slots (its max batch size; 0 when unknown). Returns (backend, hit)."""
         if not loads:
             raise ValueError("no backend to pick from")
         members = tuple(sorted(loads))
@@ -104,7 +109,7 @@ class Affinity:
         for h in reversed(blocks):
             b = self._seen.get(h)
             if b is not None and b in loads:
-                if loads[b] < bound:
+                if loads[b] < max(bound, slots(b)):
                     chosen, hit = b, True
                 break
         if chosen is None and blocks:

@@ -79,7 +79,8 @@ class Router:
                 self.held -= 1
                 self.metrics.held.set(self.held)
         loads = {b.url: b.load for b in candidates}
-        url, hit = self.affinity.pick(keys, loads, lambda u: self.pool.backends[u].kv_use)
+        url, hit = self.affinity.pick(keys, loads, lambda u: self.pool.backends[u].kv_use,
+                                      lambda u: self.pool.backends[u].slots)
         self.metrics.affinity.labels("hit" if hit else "miss").inc()
         return self.pool.backends[url]
 

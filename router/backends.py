@@ -17,6 +17,7 @@ RUNNING = "llamafleet_running_sequences"
 WAITING = "llamafleet_queue_depth"
 KV_USED = "llamafleet_kv_cache_cells_used"
 KV_TOTAL = "llamafleet_kv_cache_cells_total"
+SLOTS = "llamafleet_max_batch_size"
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Backend:
     running: float = 0.0
     waiting: float = 0.0
     kv_use: float = 0.0  # 0..1
+    slots: float = 0.0  # sequences it runs at once (its max batch size); 0 until polled
     others: float = 0.0  # at the last poll: requests on it that were not ours
 
     @property
@@ -37,7 +39,7 @@ class Backend:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    wanted = {RUNNING, WAITING, KV_USED, KV_TOTAL}
+    wanted = {RUNNING, WAITING, KV_USED, KV_TOTAL, SLOTS}
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -89,6 +91,7 @@ class Pool:
                     values = parse_metrics(m.text)
                     backend.running = values.get(RUNNING, 0.0)
                     backend.waiting = values.get(WAITING, 0.0)
+                    backend.slots = values.get(SLOTS, 0.0)
                     backend.others = max(0.0, backend.running + backend.waiting
                                          - min(ours, backend.in_flight))
                     total = values.get(KV_TOTAL, 0.0)

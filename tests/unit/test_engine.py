@@ -443,19 +443,20 @@ def _seq(slot: int, prompt: list[int], n_past: int = 0, next_token: int | None =
     return seq
 
 
-def test_batch_puts_decoding_tokens_first_then_prefill_chunks_within_n_batch() -> None:
+def test_batch_puts_decoding_tokens_first_then_prefill_chunks_shortest_first() -> None:
     from llamafleet.inference.engine import build_batch
 
     long = _seq(0, list(range(100, 110)))  # 10 prompt tokens, none cached
     dec = _seq(1, [1, 2], n_past=3, next_token=7)
     short = _seq(2, [50, 51, 52], n_past=1)  # 1 token reused from the prefix cache
     b = build_batch([long, dec, short], n_batch=8)
-    assert b.tokens == [7, 100, 101, 102, 103, 104, 105, 106]
-    assert b.pos == [3, 0, 1, 2, 3, 4, 5, 6]
-    assert b.seqs == [1, 0, 0, 0, 0, 0, 0, 0]
-    assert b.logits == [True] + [False] * 7  # the long prompt's chunk is not its last
-    assert b.advance == [(dec, 1), (long, 7)]
-    assert b.sample == [(dec, 0)]  # `short` waits: the batch is full
+    # The short prompt (2 left) goes before the long one, which takes the rest of the budget.
+    assert b.tokens == [7, 51, 52, 100, 101, 102, 103, 104]
+    assert b.pos == [3, 1, 2, 0, 1, 2, 3, 4]
+    assert b.seqs == [1, 2, 2, 0, 0, 0, 0, 0]
+    assert b.logits == [True, False, True] + [False] * 5  # the long prompt's chunk is not its last
+    assert b.advance == [(dec, 1), (short, 2), (long, 5)]
+    assert b.sample == [(dec, 0), (short, 2)]
 
 
 def test_batch_samples_where_a_prompt_ends_and_leaves_finished_sequences_out() -> None:
@@ -466,9 +467,9 @@ def test_batch_samples_where_a_prompt_ends_and_leaves_finished_sequences_out() -
     done.state = DONE
     b = _seq(2, [20])
     batch = build_batch([a, done, b], n_batch=8)
-    assert batch.tokens == [11, 12, 20] and batch.pos == [1, 2, 0] and batch.seqs == [0, 0, 2]
-    assert batch.logits == [False, True, True]
-    assert batch.sample == [(a, 1), (b, 2)] and batch.advance == [(a, 2), (b, 1)]
+    assert batch.tokens == [20, 11, 12] and batch.pos == [0, 1, 2] and batch.seqs == [2, 0, 0]
+    assert batch.logits == [True, False, True]
+    assert batch.sample == [(b, 0), (a, 2)] and batch.advance == [(b, 1), (a, 2)]
 
 
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 19), st.booleans()),

@@ -89,3 +89,16 @@ def test_an_overflow_does_not_move_the_prefix_away_from_its_replica() -> None:
     elsewhere, hit = aff.pick(blocks, busy)
     assert elsewhere != home and not hit
     assert aff.pick(blocks, {"a": 0.0, "b": 0.0, "c": 0.0}) == (home, True)
+
+
+def test_a_prefix_holder_with_a_free_slot_takes_the_request_above_the_bound() -> None:
+    aff = Affinity(vnodes=64, factor=1.25, entries=1000)
+    blocks = block_hashes(SYSTEM.format(4), 64)
+    idle = {"a": 0.0, "b": 0.0, "c": 0.0}
+    home, _ = aff.pick(blocks, idle)
+    one = {b: (1.0 if b == home else 0.0) for b in "abc"}
+    assert load_bound(one, 1.25) == 1  # the bound alone would send it elsewhere
+    assert aff.pick(blocks, one, slots=lambda b: 4.0) == (home, True)
+    full = {b: (4.0 if b == home else 0.0) for b in "abc"}
+    elsewhere, hit = aff.pick(blocks, full, slots=lambda b: 4.0)
+    assert elsewhere != home and not hit  # no free slot and over the bound: overflow
