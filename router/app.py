@@ -238,7 +238,10 @@ def create_app(router: Router) -> Starlette:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(_: Request) -> Response:
-        return JSONResponse({"status": "ok", "ready_backends": len(router.pool.ready())})
+        # ``backends``: every replica the router knows (--backends, or the ready endpoints
+        # of the EndpointSlices); ``ready_backends``: those whose /ready answered 200.
+        return JSONResponse({"status": "ok", "ready_backends": len(router.pool.ready()),
+                             "backends": sorted(router.pool.backends)})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):
