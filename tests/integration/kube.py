@@ -19,7 +19,9 @@ relies on (as docs/testing.md describes):
   `subresources.scale` (crds/llmservice.yaml): GET returns an `autoscaling/v1` Scale
   built from spec.replicas (0 when absent) and status.replicas/status.selector; PUT and
   PATCH write only spec.replicas to the object (a PUT with a stale resourceVersion gets
-  409). KMock would return the whole object, and merge a written Scale into it.
+  409). KMock would return the whole object, and merge a written Scale into it;
+- `expire_watches`: the next N watches get a 410 Gone ERROR event, as when a watch's
+  resourceVersion is older than the API server's history; clients must list again.
 There is no garbage collector and no Deployment controller, so tests assert
 ownerReferences and set a Deployment's status themselves.
 """
@@ -46,6 +48,7 @@ class Emulator(kmock.KubernetesEmulator):
     """KMock plus the server-set metadata that a real API server adds."""
 
     refuse: set[str] = set()
+    expire_watches = 0  # the next N watches end at once with 410 Gone (an expired version)
 
     def _status(self, code: int, reason: str, message: str):
         return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "code": code,
@@ -116,6 +119,13 @@ class Emulator(kmock.KubernetesEmulator):
         return listing
 
     async def _serve_watch(self, request):
+        if self.expire_watches > 0:  # as an API server whose history moved past the version
+            self.expire_watches -= 1
+            yield b""
+            yield {"type": "ERROR", "object": {
+                "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410,
+                "reason": "Expired", "message": "too old resource version", "metadata": {}}}
+            return
         async for event in super()._serve_watch(request):
             if not isinstance(event, dict) or _selected(request, event.get("object") or {}):
                 yield event

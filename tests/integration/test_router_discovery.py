@@ -138,12 +138,14 @@ async def test_a_held_request_scales_from_zero_and_completes_once_a_replica_is_r
     assert "ready replicas of team-a/chat-pods: none" in out, out[-3000:]
 
 
-async def test_a_refused_scale_up_is_counted_and_requests_wait_out_their_timeout(
+async def test_api_trouble_never_stops_the_router(
         api: httpx.AsyncClient, tmp_path: Path, monkeypatch) -> None:
-    """The API refuses the write (RBAC missing, say): the router logs and counts it, keeps
-    running, and the held request ends with the usual 503 after its hold timeout."""
+    """The API refuses the scale write (RBAC missing, say): the router logs and counts it,
+    keeps running, and the held request ends with the usual 503 after its hold timeout.
+    Its first watch expires (410 Gone): it lists and watches again, and sees new slices."""
     await create(api, LLMS, llmservice("idle", replicas=0))
     monkeypatch.setattr(Emulator, "refuse", {"llmservices"})
+    monkeypatch.setattr(Emulator, "expire_watches", 1)
     router = Router("idle", tmp_path / "kubeconfig", "--hold-timeout", "2")
     try:
         await wait_until(router.health, timeout=60)
@@ -154,9 +156,17 @@ async def test_a_refused_scale_up_is_counted_and_requests_wait_out_their_timeout
                                                    outcome="error"), 1))
         assert await replicas(api, "idle") == 0
         assert (await router.health())["status"] == "ok"
+        # The watch recovered from its 410: a slice published now is seen (nothing serves
+        # this address, so the replica is known but not ready).
+        nowhere = free_port()
+        await create(api, SLICES, endpoint_slice("idle-pods-a", pod_service_name("idle"), nowhere,
+                                                 ("127.0.0.1", True)))
+        await wait_until(lambda: _eq(_field(router.health(), "backends"),
+                                     [f"http://127.0.0.1:{nowhere}"]))
     finally:
         out = await router.stop()
     assert "could not scale LLMService team-a/idle from zero: API error 403" in out, out[-3000:]
+    assert "EndpointSlice watch expired (410 Gone); listing again" in out, out[-3000:]
 
 
 async def _eq(value, expected) -> bool:
