@@ -9,6 +9,7 @@ import asyncio
 
 import httpx
 import pytest
+from kubernetes.client import ApiClient
 from llamafleet.common.contract import HTTP_PORT, ROUTER_RBAC_RULES, pod_service_name
 from llamafleet.router.backends import Pool
 from llamafleet.router.discovery import slice_urls
@@ -99,8 +100,8 @@ async def test_one_scale_up_per_hold_episode_and_the_cold_start_is_measured() ->
     metrics = RouterMetrics()
     async with httpx.AsyncClient() as http:
         pool = Pool(http, 1.0, {})
-        scaler = Scaler.__new__(Scaler)  # no API client: scale_up is replaced below
-        scaler.namespace, scaler.name, scaler.metrics = "team-a", "chat", metrics
+        # An API client that is never used: scale_up (the Kubernetes call) is replaced.
+        scaler = Scaler(ApiClient(), "team-a", "chat", metrics)
         outcomes = ["scaled", "error"]
         calls: list[str] = []
 
