@@ -241,7 +241,9 @@ def describe_errors(err: ValidationError, prefix: str = ENV_PREFIX) -> list[str]
     """One line per invalid setting, naming the environment variable."""
     lines = []
     for e in err.errors():
-        name = ".".join(str(p) for p in e["loc"]) or "settings"
-        label = prefix + name.upper() if e["loc"] else "settings"
-        lines.append(f"invalid setting {label}: {e['msg']}")
+        if not e["loc"]:  # a rule over several settings (a model validator)
+            lines.append(f"invalid settings: {e['msg']}")
+            continue
+        name = ".".join(str(p) for p in e["loc"])
+        lines.append(f"invalid setting {prefix + name.upper()}: {e['msg']}")
     return lines

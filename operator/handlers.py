@@ -28,6 +28,7 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ApiException as DynApiException
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from kubernetes.utils import parse_quantity
+from llamafleet.common.contract import API_GROUP, API_VERSION, LLMSERVICE_PLURAL
 
 from . import builders as B
 from . import certs
@@ -43,7 +44,7 @@ from .status import (
     status_from,
 )
 
-GROUP, VERSION, PLURAL = "llamafleet.io", "v1alpha1", "llmservices"
+GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, LLMSERVICE_PLURAL
 
 log = logging.getLogger(__name__)
 

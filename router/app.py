@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+from kubernetes.client import ApiClient
 from llamafleet.common.errors import (
     InternalError,
     LlamafleetError,
@@ -27,7 +28,9 @@ from starlette.routing import Route
 
 from .affinity import Affinity, _h64, block_hashes, prompt_prefix
 from .backends import Backend, Pool
+from .discovery import SliceWatch
 from .metrics import RouterMetrics
+from .scaling import Scaler
 from .settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,13 @@ class _Retry(Exception):
 
 
 class Router:
-    def __init__(self, settings: RouterSettings, metrics: RouterMetrics | None = None):
+    def __init__(self, settings: RouterSettings, metrics: RouterMetrics | None = None,
+                 kube: ApiClient | None = None):
+        """``kube``: the Kubernetes API, needed with ``settings.llmservice`` (discovery)."""
+        if settings.llmservice and kube is None:
+            raise ValueError("--llmservice needs a Kubernetes API client")
         self.settings = settings
+        self.kube = kube
         self.metrics = metrics or RouterMetrics()
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=settings.connect_timeout),
@@ -74,10 +82,12 @@ class Router:
             self.held += 1
             self.metrics.held.set(self.held)
             try:
+                await self.pool.notify()  # the scaler (--llmservice) watches ``held``
                 candidates = await self._wait_for_ready(tried, deadline)
             finally:
                 self.held -= 1
                 self.metrics.held.set(self.held)
+                await self.pool.notify()
         loads = {b.url: b.load for b in candidates}
         url, hit = self.affinity.pick(keys, loads, lambda u: self.pool.backends[u].kv_use,
                                       lambda u: self.pool.backends[u].slots)
@@ -229,18 +239,38 @@ def create_app(router: Router) -> Starlette:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(_: Request) -> Response:
-        return JSONResponse({"status": "ok", "ready_backends": len(router.pool.ready())})
+        # ``backends``: every replica the router knows (--backends, or the ready endpoints
+        # of the EndpointSlices); ``ready_backends``: those whose /ready answered 200.
+        return JSONResponse({"status": "ok", "ready_backends": len(router.pool.ready()),
+                             "backends": sorted(router.pool.backends)})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):
-        await router.pool.set_urls(router.settings.backend_urls)
-        poller = asyncio.create_task(router.pool.poll_forever())
+        tasks = [asyncio.create_task(router.pool.poll_forever())]
+        watch = None
+        s = router.settings
+        if s.llmservice and router.kube is not None:
+            loop = asyncio.get_running_loop()
+
+            def on_urls(urls: list[str]) -> None:  # called in the watch thread
+                asyncio.run_coroutine_threadsafe(router.pool.set_urls(urls), loop)
+
+            watch = SliceWatch(router.kube, s.namespace, s.llmservice, on_urls)
+            watch.start()
+            scaler = Scaler(router.kube, s.namespace, s.llmservice, router.metrics)
+            tasks.append(asyncio.create_task(scaler.run(router.pool, lambda: router.held)))
+        else:
+            await router.pool.set_urls(s.backend_urls)
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            if watch is not None:
+                watch.stop()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await router.client.aclose()
 
     # The router answers /health, /ready (it is ready while it can hold requests) and

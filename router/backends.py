@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ class Pool:
         self.headers = headers
         self.backends: dict[str, Backend] = {}
         self.changed = asyncio.Condition()
+        self._added = asyncio.Event()  # new URLs: poll them now, not at the next period
 
     def ready(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.ready]
@@ -64,7 +66,9 @@ class Pool:
     async def set_urls(self, urls: list[str]) -> None:
         """The current set of replicas (static --backends, or an EndpointSlice watch)."""
         for url in urls:
-            self.backends.setdefault(url, Backend(url))
+            if url not in self.backends:
+                self.backends[url] = Backend(url)
+                self._added.set()
         for url in set(self.backends) - set(urls):
             del self.backends[url]
         await self.notify()
@@ -104,5 +108,7 @@ class Pool:
 
     async def poll_forever(self) -> None:
         while True:
+            self._added.clear()
             await asyncio.gather(*(self.poll_once(b) for b in list(self.backends.values())))
-            await asyncio.sleep(self.poll_interval)  # the poll period, not a synchronisation
+            with contextlib.suppress(TimeoutError):  # the poll period, or sooner for new URLs
+                await asyncio.wait_for(self._added.wait(), self.poll_interval)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# A pod's start: scheduling, image pull, model download and load (seconds to many minutes).
+COLD_START_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
 class RouterMetrics:
@@ -32,3 +34,12 @@ class RouterMetrics:
             "llamafleet_router_time_to_first_token_seconds",
             "Arrival at the router to the first byte of the answer's body (the first token "
             "when streaming), holding and retries included.", buckets=TTFT_BUCKETS, registry=r)
+        self.scale_ups = Counter(
+            "llamafleet_router_scale_ups_total",
+            "Scale-from-zero attempts, one per hold episode (--llmservice): scaled = replicas "
+            "set from 0 to 1, not_needed = already above 0, error = the API refused or failed.",
+            ["outcome"], registry=r)
+        self.cold_start = Histogram(
+            "llamafleet_router_cold_start_seconds",
+            "From scaling the LLMService from 0 to 1 until the first replica was ready.",
+            buckets=COLD_START_BUCKETS, registry=r)

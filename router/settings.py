@@ -4,11 +4,24 @@ Each field reads ``LLM_LLAMA_SERVICE_ROUTER_<NAME>``; ``llamafleet router --<nam
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from llamafleet.common.contract import ROUTER_ENV_PREFIX, ROUTER_PORT
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A Kubernetes object name that is also a DNS label (LLMService and namespace names).
+DNS_LABEL = r"^(|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)$"
+# Where Kubernetes tells a pod its namespace (the service account's mounted token).
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _pod_namespace() -> str:
+    try:
+        return NAMESPACE_FILE.read_text().strip() or "default"
+    except OSError:
+        return "default"
 
 
 class RouterSettings(BaseSettings):
@@ -17,8 +30,21 @@ class RouterSettings(BaseSettings):
     backends: str = Field(
         "",
         description="Comma-separated base URLs of `llamafleet serve` replicas, e.g. "
-        "http://127.0.0.1:16070,http://127.0.0.1:16170. Required: discovering replicas from "
-        "Kubernetes EndpointSlices is not built yet.",
+        "http://127.0.0.1:16070,http://127.0.0.1:16170 (a fixed set). Give this or --llmservice.",
+    )
+    llmservice: str = Field(
+        "",
+        pattern=DNS_LABEL,
+        description="In a cluster: the LLMService whose replicas to route to. The router "
+        "watches the EndpointSlices of its pod Service (<name>-pods), uses the ready "
+        "endpoints, and scales the LLMService from 0 to 1 replica when a request waits "
+        "and none is ready. Give this or --backends.",
+    )
+    namespace: str = Field(
+        default_factory=_pod_namespace,
+        pattern=DNS_LABEL,
+        description="Namespace of --llmservice (default: the router pod's own namespace, "
+        f"from {NAMESPACE_FILE}; else 'default').",
     )
     host: str = Field("0.0.0.0", description="Address the router listens on.")
     port: int = Field(ROUTER_PORT, ge=1, le=65535, description="HTTP port of the router.")
@@ -72,14 +98,17 @@ class RouterSettings(BaseSettings):
     @field_validator("backends")
     @classmethod
     def _urls(cls, v: str) -> str:
-        urls = [u for u in (u.strip() for u in v.split(",")) if u]
-        if not urls:
-            raise ValueError("name at least one replica, e.g. --backends http://127.0.0.1:16070 "
-                             "(replica discovery from Kubernetes EndpointSlices is not built yet)")
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
+        for url in (u.strip() for u in v.split(",")):
+            if url and not url.startswith(("http://", "https://")):
                 raise ValueError(f"backend {url!r} is not an http:// or https:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RouterSettings:
+        if bool(self.backend_urls) == bool(self.llmservice.strip()):
+            raise ValueError("give exactly one of --backends URL,URL (fixed replicas) and "
+                             "--llmservice NAME (discover them in Kubernetes)")
+        return self
 
     @property
     def backend_urls(self) -> list[str]:

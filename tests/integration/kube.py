@@ -12,7 +12,16 @@ relies on (as docs/testing.md describes):
   and a stale resourceVersion gets 409 Conflict. We chose PUT over server-side apply
   because its semantics are small enough to emulate exactly; emulating SSA's field
   ownership would mostly test the emulator;
-- `refuse`: plurals whose writes the emulator answers with 403, to test failures.
+- `refuse`: plurals whose writes the emulator answers with 403, to test failures;
+- `labelSelector` on lists and watches (equality-based: `k=v`, `k==v`, `k!=v`, comma-joined).
+  KMock ignores it and would hand the router every EndpointSlice of the namespace;
+- the `scale` subresource, as a real API server serves it for a CRD with
+  `subresources.scale` (crds/llmservice.yaml): GET returns an `autoscaling/v1` Scale
+  built from spec.replicas (0 when absent) and status.replicas/status.selector; PUT and
+  PATCH write only spec.replicas to the object (a PUT with a stale resourceVersion gets
+  409). KMock would return the whole object, and merge a written Scale into it;
+- `expire_watches`: the next N watches get a 410 Gone ERROR event, as when a watch's
+  resourceVersion is older than the API server's history; clients must list again.
 There is no garbage collector and no Deployment controller, so tests assert
 ownerReferences and set a Deployment's status themselves.
 """
@@ -39,6 +48,7 @@ class Emulator(kmock.KubernetesEmulator):
     """KMock plus the server-set metadata that a real API server adds."""
 
     refuse: set[str] = set()
+    expire_watches = 0  # the next N watches end at once with 410 Gone (an expired version)
 
     def _status(self, code: int, reason: str, message: str):
         return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "code": code,
@@ -69,7 +79,60 @@ class Emulator(kmock.KubernetesEmulator):
             await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
         return aiohttp.web.json_response(raw)
 
+    def _scale_of(self, obj: dict) -> dict:
+        meta, status = obj.get("metadata", {}), obj.get("status") or {}
+        return {"apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid",
+                                                      "resourceVersion", "creationTimestamp")},
+                "spec": {"replicas": int((obj.get("spec") or {}).get("replicas") or 0)},
+                "status": {"replicas": int(status.get("replicas") or 0),
+                           "selector": status.get("selector", "")}}
+
+    async def _scale(self, request):
+        key = (request.resource, request.namespace, request.name)
+        writing = request.method in (kmock.method.PUT, kmock.method.PATCH)
+        if writing and request.resource.plural in self.refuse:
+            return self._status(403, "Forbidden", f"{request.resource.plural}/scale: refused by the test")
+        async with self._lock:
+            if key not in self._objects or self._objects[key].deleted:
+                return self._status(404, "NotFound", f"{request.name} not found")
+            current = self._objects[key].raw
+            body = request.data if isinstance(request.data, dict) else {}
+            if writing:
+                meta, old = body.get("metadata") or {}, current.get("metadata", {})
+                if (request.method == kmock.method.PUT and meta.get("resourceVersion")
+                        and meta["resourceVersion"] != old.get("resourceVersion")):
+                    return self._status(409, "Conflict", "the object has been modified")
+                replicas = (body.get("spec") or {}).get("replicas")
+                if replicas is not None and replicas != (current.get("spec") or {}).get("replicas"):
+                    self._rv = getattr(self, "_rv", 0) + 1
+                    self._objects[key].patch({"spec": {"replicas": replicas}, "metadata": {
+                        "resourceVersion": str(self._rv),
+                        "generation": int(old.get("generation", 1)) + 1}})
+                    await self._buses[request.resource].put(
+                        {"type": "MODIFIED", "object": self._objects[key].raw})
+            return aiohttp.web.json_response(self._scale_of(self._objects[key].raw))
+
+    async def _serve_list(self, request):
+        listing = await super()._serve_list(request)
+        listing["items"] = [o for o in listing["items"] if _selected(request, o)]
+        return listing
+
+    async def _serve_watch(self, request):
+        if self.expire_watches > 0:  # as an API server whose history moved past the version
+            self.expire_watches -= 1
+            yield b""
+            yield {"type": "ERROR", "object": {
+                "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410,
+                "reason": "Expired", "message": "too old resource version", "metadata": {}}}
+            return
+        async for event in super()._serve_watch(request):
+            if not isinstance(event, dict) or _selected(request, event.get("object") or {}):
+                yield event
+
     async def _handle(self, request):
+        if request.resource is not None and request.subresource == "scale":
+            return await self._scale(request)
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         data = request.data if isinstance(request.data, dict) else None
         writing = request.action == kmock.action.CREATE or request.method == kmock.method.PUT
@@ -94,6 +157,21 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+def _selected(request, obj: dict) -> bool:
+    """Whether ``obj`` matches the request's equality-based ``labelSelector`` (if any)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, (t.strip() for t in request.params.get("labelSelector", "").split(","))):
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            if labels.get(k.strip()) == v.strip():
+                return False
+        else:
+            k, v = term.replace("==", "=").split("=", 1)
+            if labels.get(k.strip()) != v.strip():
+                return False
+    return True
+
+
 RESOURCES = {
     "llamafleet.io/v1alpha1/llmservices": dict(kind="LLMService", namespaced=True,
                                                subresources={"status", "scale"}),
@@ -103,6 +181,7 @@ RESOURCES = {
     "v1/secrets": dict(kind="Secret", namespaced=True),
     "v1/services": dict(kind="Service", namespaced=True),
     "v1/events": dict(kind="Event", namespaced=True),
+    "discovery.k8s.io/v1/endpointslices": dict(kind="EndpointSlice", namespaced=True),
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
     "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True),

@@ -39,16 +39,3 @@ def test_load_is_ours_now_plus_the_others_of_the_last_poll() -> None:
     b.in_flight = 0
     assert b.load == 3.0
 
-
-def test_the_router_needs_its_replicas_named(monkeypatch) -> None:
-    import pytest
-    from llamafleet.router.settings import RouterSettings
-    from pydantic import ValidationError
-
-    monkeypatch.delenv("LLM_LLAMA_SERVICE_ROUTER_BACKENDS", raising=False)
-    with pytest.raises(ValidationError, match="name at least one replica"):
-        RouterSettings(backends=" , ")
-    with pytest.raises(ValidationError, match="is not an http"):
-        RouterSettings(backends="notaurl")
-    assert RouterSettings(backends="http://a:1/, http://b:2").backend_urls == ["http://a:1",
-                                                                              "http://b:2"]
