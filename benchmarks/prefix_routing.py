@@ -74,7 +74,8 @@ async def run_mode(name: str, urls: list[str], model: str, convs: list[list[dict
             "requests_per_s": round(len(good) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": bench._pct(ttfts, 0.5), "ttft_p90_s": bench._pct(ttfts, 0.9),
             "ttft_mean_s": round(sum(ttfts) / len(ttfts), 4) if ttfts else None,
-            "errors": sorted({s.error for s in samples if s.error})[:5]}
+            "errors": sorted({s.error for s in samples if s.error})[:5],
+            "ttfts_s": sorted(round(t, 3) for t in ttfts)}
 
 
 def main() -> int:
@@ -127,7 +128,7 @@ def main() -> int:
             convs = workload(name, a.tenants, a.requests, a.words, a.seed)
             results.append(asyncio.run(run_mode(name, targets, model_id, convs,
                                                 a.concurrency, a.max_tokens)))
-            print(json.dumps(results[-1]), file=sys.stderr)
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "ttfts_s"}), file=sys.stderr)
         router_metrics = httpx.get(router_url + "/router/metrics").text
     rr, rt = results
     ratios = {k: round(rt[k] / rr[k], 3) if rr[k] and rt[k] is not None else None

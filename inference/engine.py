@@ -476,7 +476,8 @@ class Engine:
         cells were computed in another batch shape, and llama.cpp's kernels are not
         batch-invariant, so only a full prefill reproduces a seeded request exactly."""
         best, best_len = self._free_slots[-1], 0
-        if req.params.seed is None:
+        reuse, from_slot = req.params.seed is None, False
+        if reuse:
             for slot in self._free_slots:
                 cached = self._cached.get(slot, ())
                 n = 0
@@ -486,34 +487,50 @@ class Engine:
                     n += 1
                 if n > best_len:
                     best, best_len = slot, n
+            restores = self.prompt_cache_restores
             best, best_len = self._restore_if_longer(req.prompt, best, best_len)
+            from_slot = self.prompt_cache_restores == restores
         self._free_slots.remove(best)
-        cached = self._cached.pop(best, ())
-        keep = min(best_len, len(req.prompt) - 1)  # re-decode at least one token for logits
-        # trim_sequence also says whether what is left still serves the prompt (a sliding
-        # window may have been overwritten): if not, a full prefill.
-        if keep == 0 or not self.backend.trim_sequence(best, keep):
-            if cached:
-                self.backend.clear_sequence(best)
-            keep = 0
+        keep = self._keep(best, best_len, len(req.prompt))
+        if reuse and from_slot and best_len and not keep:
+            # The slot's tokens matched but its cells no longer serve them (a sliding
+            # window moved past the prefix while it generated): the host prompt cache holds
+            # the prefix as it was right after its prefill.
+            best, shared = self._restore_if_longer(req.prompt, best, 0, into=best)
+            keep = self._keep(best, shared, len(req.prompt))
         self.prefix_tokens_reused += keep
         return best, keep
 
-    def _restore_if_longer(self, prompt: Sequence[int], best: int, best_len: int) -> tuple[int, int]:
+    def _keep(self, slot: int, matched: int, prompt_len: int) -> int:
+        """Keeps the slot's first ``matched`` cells for a prompt when they still serve it,
+        else clears the slot; returns the tokens kept."""
+        cached = self._cached.pop(slot, ())
+        keep = min(matched, prompt_len - 1)  # re-decode at least one token for logits
+        # trim_sequence also says whether what is left still serves the prompt (a sliding
+        # window may have been overwritten): if not, a full prefill.
+        if keep <= 0 or not self.backend.trim_sequence(slot, keep):
+            if cached:
+                self.backend.clear_sequence(slot)
+            keep = 0
+        return keep
+
+    def _restore_if_longer(self, prompt: Sequence[int], best: int, best_len: int,
+                           into: int | None = None) -> tuple[int, int]:
         """When the host prompt cache shares more of the prompt than any free slot, copy
-        that state into a free slot (an empty one if any) and use it."""
+        that state into a free slot (``into``, else an empty one if any) and use it."""
         entry = self.prompt_cache.longest(prompt) if self.prompt_cache is not None else None
         if entry is None or entry[2] <= best_len:
             return best, best_len
         tokens, state, shared = entry
-        empty = [s for s in self._free_slots if not self._cached.get(s)]
-        slot = empty[0] if empty else best
-        self._cached.pop(slot, None)
-        if not self.backend.restore_sequence(slot, state):  # type: ignore[attr-defined]
-            return slot, 0
-        self._cached[slot] = list(tokens)
+        if into is None:
+            empty = [s for s in self._free_slots if not self._cached.get(s)]
+            into = empty[0] if empty else best
+        self._cached.pop(into, None)
+        if not self.backend.restore_sequence(into, state):  # type: ignore[attr-defined]
+            return into, 0
+        self._cached[into] = list(tokens)
         self.prompt_cache_restores += 1
-        return slot, shared
+        return into, shared
 
     def _save_prompt(self, seq: _Sequence) -> None:
         """Right after its prefill the sequence's cells hold exactly its prompt: keep a copy

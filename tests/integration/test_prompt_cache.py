@@ -92,3 +92,30 @@ def test_one_slot_serves_alternating_tenants_from_host_ram(model_path: Path) -> 
         assert engine.prompt_cache.bytes <= 64 << 20
     finally:
         srv.stop()
+
+
+def test_a_slot_whose_window_slid_past_the_prefix_is_served_from_host_ram(model_path: Path) -> None:
+    """Gemma 3's sliding-window layers keep the last 512 positions of a sequence. After a
+    long answer the slot still lists the tenant's prompt, but its cells no longer serve it:
+    the prefix then comes from the host prompt cache instead of a full prefill."""
+    # llama.cpp sizes the sliding-window cache n_swa + n_ubatch cells and overwrites masked
+    # cells (padded to 256) only when it runs out: with a small n_batch, 300 tokens of answer.
+    srv = start_server(model_path=model_path, max_batch_size=1, context_size=1024, n_batch=64,
+                       grpc_port=0, metrics_port=0, prompt_cache_mib=64)
+    try:
+        engine = srv.serving.engine
+        assert engine.backend.n_swa == 512
+
+        def ask(question: str, max_tokens: int) -> None:
+            r = httpx.post(srv.url + "/v1/completions", timeout=300, json={
+                "prompt": tenant_prompt(3) + question, "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+
+        ask("Question: list every order.", 300)  # ends past the window cache: it slid
+        before = (engine.prompt_cache_restores, engine.prefix_tokens_reused)
+        ask("Question: where is my order?", 4)
+        assert engine.prompt_cache_restores == before[0] + 1
+        assert engine.prefix_tokens_reused - before[1] > 400
+    finally:
+        srv.stop()
