@@ -29,8 +29,8 @@ from kubernetes.dynamic.exceptions import ApiException as DynApiException
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from kubernetes.utils import parse_quantity
 
+from . import autoscaler, certs
 from . import builders as B
-from . import certs
 from .planning import NodeGPU, ServicePlan, plan_service
 from .settings import OperatorSettings
 from .spec import LLMServiceSpec, SpecError, check_name, parse_spec
@@ -103,6 +103,46 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: 
 def resync(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
            gpu_nodes: kopf.Index, **_: Any) -> None:
     _reconcile(body, patch, logger, memo, gpu_nodes, event=False)
+
+
+def _builtin_scaling(spec: kopf.Spec, **_: Any) -> bool:
+    scaling = spec.get("scaling") or {}
+    return bool(scaling) and scaling.get("mode", "builtin") == "builtin"
+
+
+# Like resync's, this interval is fixed at import.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=OperatorSettings().autoscale_interval, idle=0,
+            backoff=OperatorSettings().autoscale_interval, when=_builtin_scaling)
+async def autoscale(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
+                    memo: kopf.Memo, **_: Any) -> None:
+    """spec.scaling.mode builtin: read the load, decide, write the scale subresource and
+    status.autoscaling (llamafleet.operator.autoscaler)."""
+    try:
+        parsed = parse_spec(dict(body["spec"]))
+    except SpecError:
+        return  # reconcile reports it
+    if parsed.scaling is None:
+        return
+    settings: OperatorSettings = memo.settings
+    before = (body.get("status") or {}).get("autoscaling") or {}
+    try:
+        decision = await autoscaler.autoscale(dict(body), parsed, memo.dyn,
+                                              settings.autoscale_read_timeout)
+    except (ApiException, DynApiException) as e:
+        raise kopf.TemporaryError(f"autoscaler: Kubernetes API error {e.status} {e.reason}",
+                                  delay=settings.autoscale_interval) from e
+    status = decision.to_status()
+    # A merge patch keeps map keys it does not mention: pods gone are removed explicitly.
+    for pod in (before.get("requestCounts") or {}):
+        status["requestCounts"].setdefault(pod, None)
+    patch.status["autoscaling"] = status
+    if decision.replicas != parsed.replicas:
+        logger.info("autoscaler: replicas %s -> %s: %s", parsed.replicas, decision.replicas,
+                    decision.reason)
+    cold = decision.state.cold_start_seconds
+    if cold is not None and cold != before.get("coldStartSeconds"):
+        logger.info("autoscaler: cold start from zero took %.1fs (until the first pod was "
+                    "Ready)", cold)
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,

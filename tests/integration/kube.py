@@ -12,9 +12,15 @@ relies on (as docs/testing.md describes):
   and a stale resourceVersion gets 409 Conflict. We chose PUT over server-side apply
   because its semantics are small enough to emulate exactly; emulating SSA's field
   ownership would mostly test the emulator;
-- `refuse`: plurals whose writes the emulator answers with 403, to test failures.
+- `refuse`: plurals whose writes the emulator answers with 403, to test failures;
+- the `scale` subresource of LLMServices (GET and PATCH answer an autoscaling/v1 Scale, as
+  the API server does for a CRD's scale subresource; a PATCH sets spec.replicas and bumps
+  generation). KMock would otherwise treat a subresource as the object itself;
+- `labelSelector` on LIST (equality, inequality and existence terms, as `kubectl -l`
+  writes them). KMock lists every object of a kind; the autoscaler lists pods by label.
 There is no garbage collector and no Deployment controller, so tests assert
-ownerReferences and set a Deployment's status themselves.
+ownerReferences and set a Deployment's status themselves (or, like test_autoscaling.py,
+play the Deployment controller by creating Pod objects).
 """
 
 from __future__ import annotations
@@ -69,7 +75,52 @@ class Emulator(kmock.KubernetesEmulator):
             await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
         return aiohttp.web.json_response(raw)
 
+    async def _scale(self, request):
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self._objects or self._objects[key].deleted:
+                return self._status(404, "NotFound", f"{request.name} not found")
+            if request.method == kmock.method.PATCH:
+                replicas = ((request.data or {}).get("spec") or {}).get("replicas")
+                if not isinstance(replicas, int) or replicas < 0:
+                    return self._status(422, "Invalid", "spec.replicas must be an integer >= 0")
+                old = self._objects[key].raw
+                self._rv = getattr(self, "_rv", 0) + 1
+                changed = (old.get("spec") or {}).get("replicas") != replicas
+                generation = int(old["metadata"].get("generation", 1)) + (1 if changed else 0)
+                self._objects[key].patch({"spec": {"replicas": replicas}, "metadata": {
+                    "generation": generation, "resourceVersion": str(self._rv)}})
+                raw = self._objects[key].raw
+                await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
+            elif request.method != kmock.method.GET:
+                return self._status(405, "MethodNotAllowed", "scale: GET and PATCH only")
+            raw = self._objects[key].raw
+        meta, status = raw["metadata"], raw.get("status") or {}
+        return aiohttp.web.json_response({
+            "apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion",
+                                                   "creationTimestamp")},
+            "spec": {"replicas": (raw.get("spec") or {}).get("replicas", 0)},
+            "status": {"replicas": status.get("replicas", 0),
+                       "selector": status.get("selector", "")}})
+
+    async def _serve_list(self, request):
+        result = await super()._serve_list(request)
+        # A real API server names the list's kind (the dynamic client needs it).
+        res = request.resource
+        info = RESOURCES.get(f"{res.group}/{res.version}/{res.plural}".lstrip("/"))
+        if info:
+            result.update(kind=info["kind"] + "List",
+                          apiVersion=f"{res.group}/{res.version}".lstrip("/"))
+        selector = (request.params or {}).get("labelSelector")
+        if selector:
+            result["items"] = [o for o in result["items"] if selects(selector, o)]
+        return result
+
     async def _handle(self, request):
+        if request.resource is not None and request.subresource == "scale" \
+                and request.resource.plural == "llmservices":
+            return await self._scale(request)
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         data = request.data if isinstance(request.data, dict) else None
         writing = request.action == kmock.action.CREATE or request.method == kmock.method.PUT
@@ -94,6 +145,26 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+def selects(selector: str, obj: dict) -> bool:
+    """A label selector of equality (k=v, k==v), inequality (k!=v) and existence (k, !k)
+    terms, comma-separated (set-based terms are not needed here)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            ok = labels.get(k.strip()) != v.strip()
+        elif "=" in term:
+            k, v = term.replace("==", "=").split("=", 1)
+            ok = labels.get(k.strip()) == v.strip()
+        elif term.startswith("!"):
+            ok = term[1:] not in labels
+        else:
+            ok = term in labels
+        if not ok:
+            return False
+    return True
+
+
 RESOURCES = {
     "llamafleet.io/v1alpha1/llmservices": dict(kind="LLMService", namespaced=True,
                                                subresources={"status", "scale"}),
@@ -103,6 +174,7 @@ RESOURCES = {
     "v1/secrets": dict(kind="Secret", namespaced=True),
     "v1/services": dict(kind="Service", namespaced=True),
     "v1/events": dict(kind="Event", namespaced=True),
+    "v1/pods": dict(kind="Pod", namespaced=True, subresources={"status"}),
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
     "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True),

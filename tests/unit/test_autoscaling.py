@@ -255,3 +255,67 @@ def test_policy_target_defaults_to_the_planned_batch() -> None:
     s = parse_spec({**EMBEDDED, "scaling": {"maxReplicas": 3,
                                             "targetInFlightPerReplica": 2}}).scaling
     assert Policy.from_spec(s, default_target=8).target == 2
+
+
+# --- reading the pods (llamafleet.operator.autoscaler) ----------------------------------------
+
+
+def _pod(name: str, ready: str = "True", ip: str | None = "10.0.0.5", ports=(("http", 16070),),
+         deleting: bool = False) -> dict:
+    meta = {"name": name, **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
+    status = {"conditions": [{"type": "Ready", "status": ready,
+                              "lastTransitionTime": "2026-01-01T00:00:05Z"}]}
+    if ip:
+        status["podIP"] = ip
+    return {"metadata": meta, "spec": {"containers": [{"name": "server", "ports": [
+        {"name": n, "containerPort": p} for n, p in ports]}]}, "status": status}
+
+
+def test_only_ready_pods_with_an_ip_are_read_on_their_named_port() -> None:
+    from llamafleet.operator.autoscaler import ready_targets
+
+    targets = ready_targets([
+        _pod("a"), _pod("b", ready="False"), _pod("c", ip=None), _pod("d", deleting=True),
+        _pod("e", ports=(("grpc", 1), ("http", 8080))), _pod("f", ip="fd00::1", ports=())],
+        "http", 16073)
+    assert [(t.name, t.url) for t in targets] == [
+        ("a", "http://10.0.0.5:16070"), ("e", "http://10.0.0.5:8080"), ("f", "http://[fd00::1]:16073")]
+    assert targets[0].ready_since == at(5)
+
+
+def test_prometheus_samples_are_summed_over_labels() -> None:
+    from llamafleet.inference.metrics import Metrics
+    from llamafleet.operator.autoscaler import FINISHED, QUEUED, RUNNING, sums
+    from prometheus_client import generate_latest
+
+    m = Metrics()  # the pod's own series, so a renamed one fails here
+    m.running.set(2)
+    m.queued.set(3)
+    m.requests.labels("chat", "ok", "stop").inc(4)
+    m.requests.labels("completions", "error", "").inc()
+    text = generate_latest(m.registry).decode()
+    assert sums(text, (RUNNING, QUEUED, FINISHED)) == {RUNNING: 2, QUEUED: 3, FINISHED: 5}
+
+
+def test_router_hold_gauge_name_is_the_routers() -> None:
+    from llamafleet.operator.autoscaler import HELD, sums
+    from llamafleet.router.metrics import RouterMetrics
+    from prometheus_client import generate_latest
+
+    m = RouterMetrics()
+    m.held.set(7)
+    assert sums(generate_latest(m.registry).decode(), (HELD,)) == {HELD: 7}
+
+
+async def test_a_pod_that_does_not_answer_is_a_missing_reading() -> None:
+    import httpx
+    from llamafleet.operator.autoscaler import Target, read_held, read_pod
+
+    from tests.conftest import free_port
+
+    dead = Target("gone", f"http://127.0.0.1:{free_port()}", None)  # nothing listens there
+    async with httpx.AsyncClient(timeout=1) as client:
+        load = await read_pod(client, dead, {})
+        assert load.in_flight is None and load.name == "gone"
+        assert await read_held(client, [dead], {}) is None
+        assert await read_held(client, [], {}) is None
