@@ -236,6 +236,17 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
             children.apply(body, B.build_inference_pool(names, parsed), logger, event)
         else:
             children.remove(INFERENCE_POOL, logger)
+        step = "autoscaling"
+        mode = parsed.scaling.mode if parsed.scaling else None
+        if mode == "hpa":
+            children.apply(body, B.build_hpa(names, parsed, plan), logger, event)
+        else:
+            children.remove(HPA, logger)
+        if mode == "keda":
+            children.apply(body, B.build_scaled_object(names, parsed, plan,
+                                                       settings.prometheus_url), logger, event)
+        else:
+            children.remove(SCALED_OBJECT, logger)
     except MissingAPI as e:
         fail("Degraded", Condition("Ready", "False", "MissingAPI", str(e)))
         raise kopf.TemporaryError(str(e), delay=settings.resync_seconds) from None
@@ -271,6 +282,14 @@ SERVICE = ("v1", "Service", "")
 NETWORK_POLICY = ("networking.k8s.io/v1", "NetworkPolicy", "")
 PDB = ("policy/v1", "PodDisruptionBudget", "")
 INFERENCE_POOL = (B.INFERENCE_POOL_API, "InferencePool", "")
+HPA = ("autoscaling/v2", "HorizontalPodAutoscaler", "")
+SCALED_OBJECT = (B.KEDA_API, "ScaledObject", "")
+# What to install when the cluster does not serve a kind the spec asks for.
+INSTALL_HINT = {
+    "InferencePool": "install the Gateway API Inference Extension CRDs, or disable "
+                     "spec.routing.inferencePool",
+    "ScaledObject": "install KEDA, or use spec.scaling.mode builtin or hpa",
+}
 
 
 class MissingAPI(Exception):
@@ -327,6 +346,9 @@ class Children:
             writes += [_secret(n) for n in (self.names.ca_secret, self.names.server_secret,
                                             self.names.client_secret)]
         (writes if spec.routing.inferencePool.enabled else optional).append(INFERENCE_POOL)
+        mode = spec.scaling.mode if spec.scaling else None
+        (writes if mode == "hpa" else optional).append(HPA)
+        (writes if mode == "keda" else optional).append(SCALED_OBJECT)
         self.writes = {self._key(k) for k in writes}
         for key in map(self._key, writes + optional):
             try:
@@ -336,9 +358,9 @@ class Children:
                 self.live[key] = None
             except ResourceNotFoundError:  # not served here: nothing of ours to delete
                 if key in self.writes:
-                    raise MissingAPI(f"the cluster does not serve {key[0]} {key[1]}: install "
-                                     "the Gateway API Inference Extension CRDs, or disable "
-                                     "spec.routing.inferencePool") from None
+                    hint = INSTALL_HINT.get(key[1], "install its CRD")
+                    raise MissingAPI(f"the cluster does not serve {key[0]} {key[1]}: "
+                                     f"{hint}") from None
                 self.live[key] = None
         return self.live
 

@@ -28,6 +28,9 @@ class OperatorSettings(BaseSettings):
     autoscale_read_timeout: float = Field(
         2.0, gt=0, description="Timeout of one metrics read of a pod or router by the builtin "
         "autoscaler, in seconds; a read that fails is a missing reading.")
+    prometheus_url: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090", description="Prometheus that KEDA "
+        "queries for spec.scaling.mode keda (the ScaledObject's prometheus trigger serverAddress).")
     cluster_domain: str = Field("cluster.local", description="DNS suffix for Service names.")
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch; empty: the whole cluster.")

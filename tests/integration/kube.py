@@ -179,6 +179,8 @@ RESOURCES = {
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
     "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True),
     "inference.networking.k8s.io/v1/inferencepools": dict(kind="InferencePool", namespaced=True),
+    "autoscaling/v2/horizontalpodautoscalers": dict(kind="HorizontalPodAutoscaler", namespaced=True),
+    "keda.sh/v1alpha1/scaledobjects": dict(kind="ScaledObject", namespaced=True),
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 

@@ -164,6 +164,34 @@ async def test_load_scales_up_then_down_then_to_zero(api, serves: list[int]) -> 
             await controller
 
 
+async def test_hpa_and_keda_modes_emit_their_object_and_remove_it_when_the_mode_changes(api) -> None:
+    await create(api, "/api/v1/nodes", node("big", 81559, "NVIDIA H100 80GB HBM3"))
+    hpa_path = f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/modes"
+    so_path = f"/apis/keda.sh/v1alpha1/namespaces/{NS}/scaledobjects/modes"
+    async with kopf_runner() as runner:
+        await create(api, LLMS, llmservice("modes", scaling={
+            "mode": "hpa", "minReplicas": 1, "maxReplicas": 3, "targetInFlightPerReplica": 4}))
+        hpa = await wait_until(lambda: get(api, hpa_path))
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "llamafleet.io/v1alpha1",
+                                                 "kind": "LLMService", "name": "modes"}
+        assert hpa["metadata"]["ownerReferences"][0]["name"] == "modes"
+        await patch(api, f"{LLMS}/modes", {"spec": {"scaling": {"mode": "keda", "minReplicas": 0}}})
+        so = await wait_until(lambda: get(api, so_path))
+        assert so["spec"]["minReplicaCount"] == 0
+        await wait_until(lambda: _absent(get(api, hpa_path)))
+        await patch(api, f"{LLMS}/modes", {"spec": {"scaling": {"mode": "builtin"}}})
+        await wait_until(lambda: _absent(get(api, so_path)))
+        # The builtin timer now runs for it (no pods: nothing read, nothing scaled).
+        obj = await wait_until(lambda: _autoscaling_of(api, "modes"))
+        assert obj["status"]["autoscaling"]["readyPods"] == 0
+    assert runner.exception is None, runner.output
+
+
+async def _autoscaling_of(api: httpx.AsyncClient, name: str) -> dict | None:
+    obj = await get(api, f"{LLMS}/{name}") or {}
+    return obj if (obj.get("status") or {}).get("autoscaling") else None
+
+
 async def _is(value, expected) -> bool:
     return await value == expected
 
