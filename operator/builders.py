@@ -12,7 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT, USER_ID
+from llamafleet.common.contract import (
+    DRAIN_TIMEOUT_S,
+    ENV_PREFIX,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    USER_ID,
+    termination_grace_seconds,
+)
 
 from .planning import MEMORY_LABEL, ServicePlan
 from .spec import LLMServiceSpec
@@ -119,6 +127,7 @@ def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]
         "GRPC_PORT": GRPC_PORT,
         "METRICS_PORT": METRICS_PORT,
         "ENV": "production",
+        "DRAIN_TIMEOUT_S": DRAIN_TIMEOUT_S,  # stated, so the grace period above matches it
         "LOG_FORMAT": spec.logging.format,
         "LOG_LEVEL": spec.logging.level,
     }
@@ -214,7 +223,8 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
+        # Longer than the pod's drain, so scale-down never cuts a stream short.
+        "terminationGracePeriodSeconds": termination_grace_seconds(DRAIN_TIMEOUT_S),
         "topologySpreadConstraints": [{
             "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "ScheduleAnyway",
