@@ -9,6 +9,21 @@ from __future__ import annotations
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 ROUTER_PORT = 16073  # llamafleet router (llamafleet.router.settings)
 
+# On SIGTERM a pod drains: running generations get DRAIN_TIMEOUT_S to finish (the pod's
+# default, llamafleet.inference.settings). The operator's pods get that plus a margin as
+# terminationGracePeriodSeconds, so the kubelet never kills a pod that is still draining
+# (scale-down relies on it: no in-flight stream is cut short).
+DRAIN_TIMEOUT_S = 25
+TERMINATION_GRACE_MARGIN_S = 5
+
+
+def termination_grace_seconds(drain_timeout_s: float = DRAIN_TIMEOUT_S) -> int:
+    """terminationGracePeriodSeconds for a pod that drains for ``drain_timeout_s``."""
+    import math
+
+    return math.ceil(drain_timeout_s) + TERMINATION_GRACE_MARGIN_S
+
+
 # Every setting of the pod reads LLM_LLAMA_SERVICE_<NAME> (llamafleet.inference.settings).
 ENV_PREFIX = "LLM_LLAMA_SERVICE_"
 # The router's settings (llamafleet.router.settings).

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT
+from llamafleet.common.contract import DRAIN_TIMEOUT_S, ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT
 from llamafleet.common.sampling import (
     DEFAULTS,
     MaxTokens,
@@ -165,9 +165,10 @@ class Settings(BaseSettings):
         "bytes per token of context_size (a prompt that fits the context, escaped as JSON).",
     )
     drain_timeout_s: float = Field(
-        25, ge=0, description="On SIGTERM: /ready fails and new requests get 503 at once, and "
-        "running generations get this long to finish before the process exits. Keep it below "
-        "the pod's terminationGracePeriodSeconds (30 in the operator's pods).",
+        DRAIN_TIMEOUT_S, ge=0, description="On SIGTERM: /ready fails and new requests get 503 "
+        "at once, and running generations get this long to finish before the process exits. "
+        "Keep it below the pod's terminationGracePeriodSeconds (the operator's pods get this "
+        "plus a margin: llamafleet.common.contract.termination_grace_seconds).",
     )
     studio_knowledge_url: str | None = Field(
         None, description="Base URL of a knowledge service whose sources the studio lists."

@@ -12,7 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from llamafleet.common.contract import ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT, USER_ID
+from llamafleet.common.contract import (
+    DRAIN_TIMEOUT_S,
+    ENV_PREFIX,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    USER_ID,
+    termination_grace_seconds,
+)
 
 from .planning import MEMORY_LABEL, ServicePlan
 from .spec import LLMServiceSpec
@@ -119,6 +127,7 @@ def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]
         "GRPC_PORT": GRPC_PORT,
         "METRICS_PORT": METRICS_PORT,
         "ENV": "production",
+        "DRAIN_TIMEOUT_S": DRAIN_TIMEOUT_S,  # stated, so the grace period above matches it
         "LOG_FORMAT": spec.logging.format,
         "LOG_LEVEL": spec.logging.level,
     }
@@ -214,7 +223,8 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
+        # Longer than the pod's drain, so scale-down never cuts a stream short.
+        "terminationGracePeriodSeconds": termination_grace_seconds(DRAIN_TIMEOUT_S),
         "topologySpreadConstraints": [{
             "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "ScheduleAnyway",
@@ -338,3 +348,83 @@ def secret_bytes(secret: dict, key: str) -> bytes | None:
 def endpoints(names: Names, cluster_domain: str) -> dict:
     host = f"{names.name}.{names.namespace}.svc.{cluster_domain}"
     return {"http": f"http://{host}:{HTTP_PORT}", "grpc": f"{host}:{GRPC_PORT}"}
+
+
+# --- autoscaling: HPA and KEDA modes ----------------------------------------------------------
+
+# The pods metric an HPA reads (running + queued sequences per pod), served by a Prometheus
+# adapter rule (docs/autoscaling.md); the KEDA query reads the same series from Prometheus.
+INFLIGHT_METRIC = "llamafleet_inflight"
+KEDA_API = "keda.sh/v1alpha1"
+HPA_MAX_WINDOW = 3600  # autoscaling/v2 caps stabilizationWindowSeconds at one hour
+
+
+def scale_target_ref(names: Names) -> dict:
+    """The LLMService itself: HPA and KEDA write its scale subresource (spec.replicas), and
+    the operator carries that to the Deployment, as with the builtin autoscaler."""
+    return {"apiVersion": "llamafleet.io/v1alpha1", "kind": "LLMService", "name": names.name}
+
+
+def scaling_target(spec: LLMServiceSpec, plan: ServicePlan) -> int:
+    """In-flight requests per replica to aim for: the spec's, else the planned batch width."""
+    assert spec.scaling is not None
+    return spec.scaling.targetInFlightPerReplica or max(1, plan.max_batch_size)
+
+
+def _behavior(spec: LLMServiceSpec) -> dict:
+    assert spec.scaling is not None
+
+    def window(name: str) -> int:
+        return min(HPA_MAX_WINDOW, round(spec.scaling.seconds(name)))
+
+    return {"scaleUp": {"stabilizationWindowSeconds": window("scaleUpStabilization")},
+            "scaleDown": {"stabilizationWindowSeconds": window("scaleDownDelay")}}
+
+
+def build_hpa(names: Names, spec: LLMServiceSpec, plan: ServicePlan) -> dict:
+    """spec.scaling.mode hpa: an autoscaling/v2 HPA on the per-pod in-flight metric."""
+    sc = spec.scaling
+    assert sc is not None
+    return with_hash({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(names),
+        "spec": {
+            "scaleTargetRef": scale_target_ref(names),
+            "minReplicas": sc.minReplicas, "maxReplicas": sc.maxReplicas,
+            "metrics": [{"type": "Pods", "pods": {
+                "metric": {"name": INFLIGHT_METRIC},
+                "target": {"type": "AverageValue",
+                           "averageValue": str(scaling_target(spec, plan))}}}],
+            "behavior": _behavior(spec),
+        },
+    })
+
+
+def keda_query(names: Names) -> str:
+    """PromQL for the LLMService's load: in-flight requests of its pods plus the requests its
+    routers hold (labels from the chart's PodMonitor, which copies app.kubernetes.io/instance
+    onto every series); each term is 0 when absent, so the query works at zero pods."""
+    match = f'namespace="{names.namespace}",app_kubernetes_io_instance="{names.name}"'
+    return " + ".join(f"(sum({series}{{{match}}}) or vector(0))" for series in (
+        "llamafleet_running_sequences", "llamafleet_queue_depth",
+        "llamafleet_router_hold_queue_depth"))
+
+
+def build_scaled_object(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
+                        prometheus_url: str) -> dict:
+    """spec.scaling.mode keda: a ScaledObject with a Prometheus trigger on the same load.
+    KEDA scales 0 <-> 1 itself (activationThreshold 0: any load wakes it) and hands 1..max
+    to the HPA it makes; cooldownPeriod is idleBeforeZero."""
+    sc = spec.scaling
+    assert sc is not None
+    return with_hash({
+        "apiVersion": KEDA_API, "kind": "ScaledObject", "metadata": _meta(names),
+        "spec": {
+            "scaleTargetRef": scale_target_ref(names),
+            "minReplicaCount": sc.minReplicas, "maxReplicaCount": sc.maxReplicas,
+            "cooldownPeriod": round(sc.seconds("idleBeforeZero")),
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(spec)}},
+            "triggers": [{"type": "prometheus", "metricType": "AverageValue", "metadata": {
+                "serverAddress": prometheus_url, "query": keda_query(names),
+                "threshold": str(scaling_target(spec, plan)), "activationThreshold": "0"}}],
+        },
+    })

@@ -195,8 +195,9 @@ def needs_renewal(pair: KeyPair, renew_before: dt.timedelta, now: dt.datetime | 
     return (now or _now()) >= pair.not_after - renew_before
 
 
-def parse_duration(text: str) -> dt.timedelta:
-    """Go-style durations as Kubernetes users write them: 8760h, 30m, 90s, 1h30m, 7d."""
+def parse_duration(text: str, allow_zero: bool = False) -> dt.timedelta:
+    """Go-style durations as Kubernetes users write them: 8760h, 30m, 90s, 1h30m, 7d
+    (``0s`` only with ``allow_zero``)."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
     total, num = 0.0, ""
     for ch in text.strip():
@@ -207,6 +208,6 @@ def parse_duration(text: str) -> dt.timedelta:
             num = ""
         else:
             raise ValueError(f"invalid duration {text!r}: use e.g. 8760h, 30m, 90s")
-    if num or total <= 0:
+    if num or total < 0 or (total == 0 and not (allow_zero and text.strip())):
         raise ValueError(f"invalid duration {text!r}: use e.g. 8760h, 30m, 90s")
     return dt.timedelta(seconds=total)

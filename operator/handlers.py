@@ -30,8 +30,8 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from kubernetes.utils import parse_quantity
 from llamafleet.common.contract import API_GROUP, API_VERSION, LLMSERVICE_PLURAL
 
+from . import autoscaler, certs
 from . import builders as B
-from . import certs
 from .planning import NodeGPU, ServicePlan, plan_service
 from .settings import OperatorSettings
 from .spec import LLMServiceSpec, SpecError, check_name, parse_spec
@@ -104,6 +104,46 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: 
 def resync(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
            gpu_nodes: kopf.Index, **_: Any) -> None:
     _reconcile(body, patch, logger, memo, gpu_nodes, event=False)
+
+
+def _builtin_scaling(spec: kopf.Spec, **_: Any) -> bool:
+    scaling = spec.get("scaling") or {}
+    return bool(scaling) and scaling.get("mode", "builtin") == "builtin"
+
+
+# Like resync's, this interval is fixed at import.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=OperatorSettings().autoscale_interval, idle=0,
+            backoff=OperatorSettings().autoscale_interval, when=_builtin_scaling)
+async def autoscale(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
+                    memo: kopf.Memo, **_: Any) -> None:
+    """spec.scaling.mode builtin: read the load, decide, write the scale subresource and
+    status.autoscaling (llamafleet.operator.autoscaler)."""
+    try:
+        parsed = parse_spec(dict(body["spec"]))
+    except SpecError:
+        return  # reconcile reports it
+    if parsed.scaling is None:
+        return
+    settings: OperatorSettings = memo.settings
+    before = (body.get("status") or {}).get("autoscaling") or {}
+    try:
+        decision = await autoscaler.autoscale(dict(body), parsed, memo.dyn,
+                                              settings.autoscale_read_timeout)
+    except (ApiException, DynApiException) as e:
+        raise kopf.TemporaryError(f"autoscaler: Kubernetes API error {e.status} {e.reason}",
+                                  delay=settings.autoscale_interval) from e
+    status = decision.to_status()
+    # A merge patch keeps map keys it does not mention: pods gone are removed explicitly.
+    for pod in (before.get("requestCounts") or {}):
+        status["requestCounts"].setdefault(pod, None)
+    patch.status["autoscaling"] = status
+    if decision.replicas != parsed.replicas:
+        logger.info("autoscaler: replicas %s -> %s: %s", parsed.replicas, decision.replicas,
+                    decision.reason)
+    cold = decision.state.cold_start_seconds
+    if cold is not None and cold != before.get("coldStartSeconds"):
+        logger.info("autoscaler: cold start from zero took %.1fs (until the first pod was "
+                    "Ready)", cold)
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
@@ -197,6 +237,17 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
             children.apply(body, B.build_inference_pool(names, parsed), logger, event)
         else:
             children.remove(INFERENCE_POOL, logger)
+        step = "autoscaling"
+        mode = parsed.scaling.mode if parsed.scaling else None
+        if mode == "hpa":
+            children.apply(body, B.build_hpa(names, parsed, plan), logger, event)
+        else:
+            children.remove(HPA, logger)
+        if mode == "keda":
+            children.apply(body, B.build_scaled_object(names, parsed, plan,
+                                                       settings.prometheus_url), logger, event)
+        else:
+            children.remove(SCALED_OBJECT, logger)
     except MissingAPI as e:
         fail("Degraded", Condition("Ready", "False", "MissingAPI", str(e)))
         raise kopf.TemporaryError(str(e), delay=settings.resync_seconds) from None
@@ -232,6 +283,14 @@ SERVICE = ("v1", "Service", "")
 NETWORK_POLICY = ("networking.k8s.io/v1", "NetworkPolicy", "")
 PDB = ("policy/v1", "PodDisruptionBudget", "")
 INFERENCE_POOL = (B.INFERENCE_POOL_API, "InferencePool", "")
+HPA = ("autoscaling/v2", "HorizontalPodAutoscaler", "")
+SCALED_OBJECT = (B.KEDA_API, "ScaledObject", "")
+# What to install when the cluster does not serve a kind the spec asks for.
+INSTALL_HINT = {
+    "InferencePool": "install the Gateway API Inference Extension CRDs, or disable "
+                     "spec.routing.inferencePool",
+    "ScaledObject": "install KEDA, or use spec.scaling.mode builtin or hpa",
+}
 
 
 class MissingAPI(Exception):
@@ -288,6 +347,9 @@ class Children:
             writes += [_secret(n) for n in (self.names.ca_secret, self.names.server_secret,
                                             self.names.client_secret)]
         (writes if spec.routing.inferencePool.enabled else optional).append(INFERENCE_POOL)
+        mode = spec.scaling.mode if spec.scaling else None
+        (writes if mode == "hpa" else optional).append(HPA)
+        (writes if mode == "keda" else optional).append(SCALED_OBJECT)
         self.writes = {self._key(k) for k in writes}
         for key in map(self._key, writes + optional):
             try:
@@ -297,9 +359,9 @@ class Children:
                 self.live[key] = None
             except ResourceNotFoundError:  # not served here: nothing of ours to delete
                 if key in self.writes:
-                    raise MissingAPI(f"the cluster does not serve {key[0]} {key[1]}: install "
-                                     "the Gateway API Inference Extension CRDs, or disable "
-                                     "spec.routing.inferencePool") from None
+                    hint = INSTALL_HINT.get(key[1], "install its CRD")
+                    raise MissingAPI(f"the cluster does not serve {key[0]} {key[1]}: "
+                                     f"{hint}") from None
                 self.live[key] = None
         return self.live
 

@@ -22,6 +22,15 @@ class OperatorSettings(BaseSettings):
     resync_seconds: float = Field(
         30.0, gt=0, description="How often each LLMService is re-planned against the nodes, "
         "its certificates checked for renewal and its status refreshed.")
+    autoscale_interval: float = Field(
+        15.0, gt=0, description="How often the builtin autoscaler (spec.scaling.mode builtin) "
+        "reads each autoscaled LLMService's pods and router and decides its replicas, in seconds.")
+    autoscale_read_timeout: float = Field(
+        2.0, gt=0, description="Timeout of one metrics read of a pod or router by the builtin "
+        "autoscaler, in seconds; a read that fails is a missing reading.")
+    prometheus_url: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090", description="Prometheus that KEDA "
+        "queries for spec.scaling.mode keda (the ScaledObject's prometheus trigger serverAddress).")
     cluster_domain: str = Field("cluster.local", description="DNS suffix for Service names.")
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch; empty: the whole cluster.")

@@ -214,8 +214,46 @@ class Routing(_M):
     inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
 
 
+DURATION = r"^([0-9]+(\.[0-9]+)?[dhms])+$"  # as the CRD: 90s, 5m, 1h30m, 7d
+
+
+class Scaling(_M):
+    """Autoscaling on load (llamafleet.operator.autoscaling). With it, spec.replicas belongs
+    to the autoscaler, which writes it through the scale subresource: leave it out."""
+
+    mode: Literal["builtin", "hpa", "keda"] = "builtin"
+    minReplicas: int = Field(1, ge=0, le=1000)
+    maxReplicas: int = Field(ge=1, le=1000)
+    # None: the planned max_batch_size (scale out once the pods' sequence slots are full).
+    targetInFlightPerReplica: int | None = Field(None, ge=1, le=100_000)
+    averageWindow: str = Field("30s", pattern=DURATION)
+    scaleUpStabilization: str = Field("0s", pattern=DURATION)
+    scaleDownDelay: str = Field("5m", pattern=DURATION)
+    idleBeforeZero: str = Field("15m", pattern=DURATION)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scaling:
+        for name in ("averageWindow", "scaleUpStabilization", "scaleDownDelay"):
+            parse_duration(getattr(self, name), allow_zero=True)
+        parse_duration(self.idleBeforeZero)
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(f"scaling.minReplicas ({self.minReplicas}) must not be above "
+                             f"scaling.maxReplicas ({self.maxReplicas})")
+        if self.mode == "hpa" and self.minReplicas == 0:
+            raise ValueError("scaling.mode hpa cannot scale to zero (a HorizontalPodAutoscaler "
+                             "needs the alpha HPAScaleToZero feature gate for minReplicas 0): "
+                             "use minReplicas >= 1, or mode builtin or keda")
+        return self
+
+    def seconds(self, name: str) -> float:
+        """One of the duration fields, in seconds."""
+        return parse_duration(getattr(self, name), allow_zero=True).total_seconds()
+
+
 class LLMServiceSpec(_M):
     model: ModelSpec
+    # Absent: 1 for a fixed fleet; with spec.scaling, max(minReplicas, 1) until the
+    # autoscaler first writes it (see _replicas_follow_scaling).
     replicas: int = Field(1, ge=0, le=1000)
     image: Image = Field(default_factory=Image)
     resources: Resources = Field(default_factory=Resources)
@@ -231,10 +269,35 @@ class LLMServiceSpec(_M):
     auth: Auth = Field(default_factory=Auth)
     imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list)
     routing: Routing = Field(default_factory=Routing)
+    scaling: Scaling | None = None
+
+    @model_validator(mode="after")
+    def _replicas_follow_scaling(self) -> LLMServiceSpec:
+        """With spec.scaling the autoscaler owns spec.replicas: absent, the fleet starts at
+        max(minReplicas, 1) (it comes up once, then idles to zero if minReplicas is 0); set,
+        it must lie in [minReplicas, maxReplicas] (the scale subresource keeps it there)."""
+        sc = self.scaling
+        if sc is None:
+            return self
+        if "replicas" not in self.model_fields_set:
+            self.replicas = max(sc.minReplicas, 1)
+        elif not sc.minReplicas <= self.replicas <= sc.maxReplicas:
+            raise ValueError(f"replicas ({self.replicas}) is outside scaling.minReplicas.."
+                             f"scaling.maxReplicas ({sc.minReplicas}..{sc.maxReplicas}): with "
+                             "spec.scaling the autoscaler sets replicas; leave it out")
+        return self
 
     @model_validator(mode="after")
     def _pdb_leaves_room(self) -> LLMServiceSpec:
         pdb = self.podDisruptionBudget
+        if pdb.enabled and self.scaling is not None:
+            # The fleet moves: the PDB must leave room at its smallest non-zero size.
+            floor = max(self.scaling.minReplicas, 1)
+            if pdb.minAvailable >= floor:
+                raise ValueError(f"podDisruptionBudget.minAvailable ({pdb.minAvailable}) must be "
+                                 f"below max(scaling.minReplicas, 1) ({floor}), or no node could "
+                                 "be drained while the fleet is at its smallest")
+            return self
         if pdb.enabled and self.replicas > 0 and pdb.minAvailable >= self.replicas:
             raise ValueError(f"podDisruptionBudget.minAvailable ({pdb.minAvailable}) must be "
                              f"below replicas ({self.replicas}), or no node could ever be "

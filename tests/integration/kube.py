@@ -13,8 +13,9 @@ relies on (as docs/testing.md describes):
   because its semantics are small enough to emulate exactly; emulating SSA's field
   ownership would mostly test the emulator;
 - `refuse`: plurals whose writes the emulator answers with 403, to test failures;
-- `labelSelector` on lists and watches (equality-based: `k=v`, `k==v`, `k!=v`, comma-joined).
-  KMock ignores it and would hand the router every EndpointSlice of the namespace;
+- `labelSelector` on lists and watches (`k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-joined).
+  KMock ignores it and would hand the router every EndpointSlice of the namespace, and the
+  autoscaler every pod; and a `kind` on list responses (the dynamic client needs it);
 - the `scale` subresource, as a real API server serves it for a CRD with
   `subresources.scale` (crds/llmservice.yaml): GET returns an `autoscaling/v1` Scale
   built from spec.replicas (0 when absent) and status.replicas/status.selector; PUT and
@@ -23,7 +24,8 @@ relies on (as docs/testing.md describes):
 - `expire_watches`: the next N watches get a 410 Gone ERROR event, as when a watch's
   resourceVersion is older than the API server's history; clients must list again.
 There is no garbage collector and no Deployment controller, so tests assert
-ownerReferences and set a Deployment's status themselves.
+ownerReferences and set a Deployment's status themselves (or, like test_autoscaling.py,
+play the Deployment controller by creating Pod objects).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class Emulator(kmock.KubernetesEmulator):
                         and meta["resourceVersion"] != old.get("resourceVersion")):
                     return self._status(409, "Conflict", "the object has been modified")
                 replicas = (body.get("spec") or {}).get("replicas")
+                if replicas is not None and (not isinstance(replicas, int) or replicas < 0):
+                    return self._status(422, "Invalid", "spec.replicas must be an integer >= 0")
                 if replicas is not None and replicas != (current.get("spec") or {}).get("replicas"):
                     self._rv = getattr(self, "_rv", 0) + 1
                     self._objects[key].patch({"spec": {"replicas": replicas}, "metadata": {
@@ -114,9 +118,17 @@ class Emulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(self._scale_of(self._objects[key].raw))
 
     async def _serve_list(self, request):
-        listing = await super()._serve_list(request)
-        listing["items"] = [o for o in listing["items"] if _selected(request, o)]
-        return listing
+        result = await super()._serve_list(request)
+        # A real API server names the list's kind (the dynamic client needs it).
+        res = request.resource
+        info = RESOURCES.get(f"{res.group}/{res.version}/{res.plural}".lstrip("/"))
+        if info:
+            result.update(kind=info["kind"] + "List",
+                          apiVersion=f"{res.group}/{res.version}".lstrip("/"))
+        selector = (request.params or {}).get("labelSelector")
+        if selector:
+            result["items"] = [o for o in result["items"] if selects(selector, o)]
+        return result
 
     async def _serve_watch(self, request):
         if self.expire_watches > 0:  # as an API server whose history moved past the version
@@ -126,8 +138,9 @@ class Emulator(kmock.KubernetesEmulator):
                 "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410,
                 "reason": "Expired", "message": "too old resource version", "metadata": {}}}
             return
+        selector = (request.params or {}).get("labelSelector", "")
         async for event in super()._serve_watch(request):
-            if not isinstance(event, dict) or _selected(request, event.get("object") or {}):
+            if not isinstance(event, dict) or selects(selector, event.get("object") or {}):
                 yield event
 
     async def _handle(self, request):
@@ -157,18 +170,23 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
-def _selected(request, obj: dict) -> bool:
-    """Whether ``obj`` matches the request's equality-based ``labelSelector`` (if any)."""
+def selects(selector: str, obj: dict) -> bool:
+    """A label selector of equality (k=v, k==v), inequality (k!=v) and existence (k, !k)
+    terms, comma-separated (set-based terms are not needed here)."""
     labels = (obj.get("metadata") or {}).get("labels") or {}
-    for term in filter(None, (t.strip() for t in request.params.get("labelSelector", "").split(","))):
+    for term in filter(None, (t.strip() for t in selector.split(","))):
         if "!=" in term:
             k, v = term.split("!=", 1)
-            if labels.get(k.strip()) == v.strip():
-                return False
-        else:
+            ok = labels.get(k.strip()) != v.strip()
+        elif "=" in term:
             k, v = term.replace("==", "=").split("=", 1)
-            if labels.get(k.strip()) != v.strip():
-                return False
+            ok = labels.get(k.strip()) == v.strip()
+        elif term.startswith("!"):
+            ok = term[1:] not in labels
+        else:
+            ok = term in labels
+        if not ok:
+            return False
     return True
 
 
@@ -182,10 +200,13 @@ RESOURCES = {
     "v1/services": dict(kind="Service", namespaced=True),
     "v1/events": dict(kind="Event", namespaced=True),
     "discovery.k8s.io/v1/endpointslices": dict(kind="EndpointSlice", namespaced=True),
+    "v1/pods": dict(kind="Pod", namespaced=True, subresources={"status"}),
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
     "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True),
     "inference.networking.k8s.io/v1/inferencepools": dict(kind="InferencePool", namespaced=True),
+    "autoscaling/v2/horizontalpodautoscalers": dict(kind="HorizontalPodAutoscaler", namespaced=True),
+    "keda.sh/v1alpha1/scaledobjects": dict(kind="ScaledObject", namespaced=True),
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 

@@ -183,3 +183,18 @@ def test_the_chart_uses_the_contracts_user_and_http_port(helm: Path) -> None:
     for pod in (operator["spec"]["template"]["spec"], test_pod["spec"]):
         assert pod["securityContext"]["runAsUser"] == USER_ID
     assert f".svc:{HTTP_PORT}" in " ".join(test_pod["spec"]["containers"][0]["command"])
+
+
+def test_operator_may_autoscale(helm: Path) -> None:
+    """spec.scaling: pods read, the scale subresource written, HPAs and ScaledObjects kept."""
+    role = next(d for d in render(helm) if d["kind"] == "ClusterRole")
+    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert {("", "pods", "list"), ("llamafleet.io", "llmservices/scale", "patch"),
+            ("autoscaling", "horizontalpodautoscalers", "create"),
+            ("autoscaling", "horizontalpodautoscalers", "delete"),
+            ("keda.sh", "scaledobjects", "update")} <= allowed
+    dep = next(d for d in render(helm, "operator.autoscaleIntervalSeconds=5")
+               if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLAMAFLEET_OPERATOR_AUTOSCALE_INTERVAL"] == "5"

@@ -154,6 +154,18 @@ def test_deployment_is_valid_and_complete() -> None:
     assert dep["spec"]["selector"]["matchLabels"] == B.selector_labels("chat")
 
 
+def test_grace_period_outlasts_the_pods_drain() -> None:
+    """Scale-down must never kill a pod that is still draining its streams (issue #16)."""
+    s = spec()
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    pod = dep["spec"]["template"]["spec"]
+    drain = float({e["name"]: e.get("value") for e in pod["containers"][0]["env"]}[
+        "LLM_LLAMA_SERVICE_DRAIN_TIMEOUT_S"])
+    assert drain == Settings().drain_timeout_s == C.DRAIN_TIMEOUT_S
+    assert pod["terminationGracePeriodSeconds"] == C.termination_grace_seconds(drain) > drain
+    assert C.termination_grace_seconds(25.2) == 31
+
+
 @pytest.mark.parametrize("source", [
     {"pvc": {"claimName": "models", "path": "m.gguf"}},
     {"url": {"url": "https://models.example/m.gguf", "sha256": "a" * 64}},
