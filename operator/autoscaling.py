@@ -177,10 +177,13 @@ def decide(readings: Readings, state: State, policy: Policy, current: int,
         pod_load *= len(pods) / len(read)
     load = pod_load + held
 
-    # Activity: load now, a request finished since the last reading, or a pod not read.
+    # Activity: load now, a request finished since the last reading, a pod not read, or a
+    # scale-up from zero whose pods are not ready yet (the router's, for a held request: its
+    # request reaches a pod only once one is ready, so the fleet is not idle before that).
     counts = {p.name: p.requests_total for p in read if p.requests_total is not None}
     moved = any(c > state.request_counts.get(name, c) for name, c in counts.items())
-    active = load > 0 or moved or unread > 0
+    starting = state.cold_start_since is not None
+    active = load > 0 or moved or unread > 0 or starting
     last_active = now if active or state.last_active_time is None else state.last_active_time
 
     if state.average is None or state.observed_at is None or policy.average_window <= 0:

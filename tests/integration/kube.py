@@ -34,6 +34,9 @@ import asyncio
 import contextlib
 import copy
 import datetime as dt
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -41,9 +44,14 @@ from typing import Any
 import aiohttp.web
 import httpx
 import kmock
+from llamafleet.common.contract import SERVICE_NAME_LABEL
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port
 
 NS = "team-a"
 LLMS = "/apis/llamafleet.io/v1alpha1/namespaces/team-a/llmservices"
+SLICES = f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -271,3 +279,48 @@ async def kopf_runner():
         yield runner
     finally:
         await asyncio.to_thread(runner.__exit__, None, None, None)
+
+
+class Router:
+    """`llamafleet router --llmservice NAME` as a subprocess, with KUBECONFIG pointing at the
+    emulator (as in a pod with a kubeconfig)."""
+
+
+    def __init__(self, name: str, kubeconfig: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        env.pop("KUBERNETES_SERVICE_HOST", None)  # not in a pod: use the kubeconfig
+        cmd = [sys.executable, "-m", "llamafleet.inference.cli", "router", "--llmservice", name,
+               "--namespace", NS, "--host", "127.0.0.1", "--port", str(self.port),
+               "--poll-interval", "0.2", "--log-format", "console", *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=300)
+
+    async def health(self) -> dict | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"router exited: {self.proc.stdout.read()[-3000:]}")
+        try:
+            return (await self.http.get("/health", timeout=2)).json()
+        except httpx.TransportError:
+            return None
+
+    async def metric(self, name: str, **labels: str) -> float:
+        text = (await self.http.get("/router/metrics")).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    async def stop(self) -> str:
+        await self.http.aclose()
+        self.proc.terminate()
+        return (await asyncio.to_thread(self.proc.communicate, timeout=30))[0]
+
+
+def endpoint_slice(name: str, service: str, port: int, *endpoints: tuple[str, bool]) -> dict:
+    """What the EndpointSlice controller writes for a Service's pods."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": name, "namespace": NS, "labels": {SERVICE_NAME_LABEL: service}},
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}}
+                          for ip, ready in endpoints]}

@@ -4,8 +4,10 @@ real `llamafleet serve` processes on loopback standing in for the pods.
 The emulator (tests/integration/kube.py) has no Deployment controller, so the test plays
 it: whenever the Deployment's replicas change it creates or deletes Pod objects whose
 `status.podIP` is 127.0.0.1, whose Ready condition is True and whose container port named
-`http` is one serve process's port (pod i -> process i). The emulator was extended for
-this test with the LLMService `scale` subresource and label selectors on LIST.
+`http` is one serve process's port (pod i -> process i). It plays the EndpointSlice
+controller too (one slice per pod), so that a real `llamafleet router --llmservice` finds
+the pods and scales the LLMService from zero for a held request. The emulator was extended
+with the LLMService `scale` subresource and label selectors (tests/integration/kube.py).
 """
 
 from __future__ import annotations
@@ -21,9 +23,23 @@ from pathlib import Path
 
 import httpx
 import pytest
+from llamafleet.common.contract import pod_service_name
 
 from ..conftest import serve_process, serve_ready, wait_until
-from .kube import LLMS, NS, condition, create, get, kopf_runner, llmservice, node, patch
+from .kube import (
+    LLMS,
+    NS,
+    SLICES,
+    Router,
+    condition,
+    create,
+    endpoint_slice,
+    get,
+    kopf_runner,
+    llmservice,
+    node,
+    patch,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -63,6 +79,10 @@ async def deployment_controller(api: httpx.AsyncClient, ports: list[int]) -> Non
             for i in range(want):
                 if i not in pods:
                     pods[i] = f"{NAME}-{i}"
+                    # ...and the EndpointSlice controller: one slice per pod, as each
+                    # stand-in pod has its own port.
+                    await create(api, SLICES, endpoint_slice(
+                        pods[i], pod_service_name(NAME), ports[i], ("127.0.0.1", True)))
                     await create(api, PODS, {
                         "apiVersion": "v1", "kind": "Pod",
                         "metadata": {"name": pods[i], "namespace": NS, "labels": labels},
@@ -71,8 +91,9 @@ async def deployment_controller(api: httpx.AsyncClient, ports: list[int]) -> Non
                         "status": {"podIP": "127.0.0.1", "conditions": [
                             {"type": "Ready", "status": "True", "lastTransitionTime": now}]}})
             for i in [i for i in pods if i >= want]:
-                r = await api.delete(f"{PODS}/{pods.pop(i)}")
-                assert r.status_code < 300, r.text
+                for path in (f"{SLICES}/{pods[i]}", f"{PODS}/{pods.pop(i)}"):
+                    r = await api.delete(path)
+                    assert r.status_code < 300, r.text
             status = {"replicas": want, "readyReplicas": want}
             if (dep.get("status") or {}) != status:
                 await patch(api, DEPLOYMENT + "/status", {"status": status})
@@ -99,7 +120,8 @@ async def stream(port: int, started: asyncio.Event) -> None:
                     started.set()
 
 
-async def test_load_scales_up_then_down_then_to_zero(api, serves: list[int]) -> None:
+async def test_load_scales_up_then_down_then_to_zero_and_a_request_brings_one_back(
+        api, serves: list[int], tmp_path: Path) -> None:
     await create(api, "/api/v1/nodes", node("big", 81559, "NVIDIA H100 80GB HBM3"))
     await create(api, f"/api/v1/namespaces/{NS}/secrets", {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": NS},
@@ -152,11 +174,25 @@ async def test_load_scales_up_then_down_then_to_zero(api, serves: list[int]) -> 
                 o, "Ready") or {}).get("reason") == "ScaledToZero"), timeout=30)
             assert obj["status"]["phase"] == "Pending"
 
-            # TODO(router, issue #16 acceptance): with the router branch merged, a request
-            # through `llamafleet router --llmservice chat` is held here, the router scales
-            # 0 -> 1 through the scale subresource, the test's Deployment controller creates
-            # pod 0, and the request completes; then assert
-            # status.autoscaling.coldStartSeconds is set.
+            # A request through the router is held; the router scales 0 -> 1 through the
+            # scale subresource, pod 0 comes back, and the request completes.
+            router = Router(NAME, tmp_path / "kubeconfig", "--backend-api-key", API_KEY)
+            try:
+                assert (await wait_until(router.health, timeout=60))["backends"] == []
+                answer = await router.http.post(
+                    "/v1/completions", json={"prompt": "The sea is", "max_tokens": 4},
+                    headers={"Authorization": f"Bearer {API_KEY}"})
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["text"]
+                assert answer.headers["x-llamafleet-backend"] == f"http://127.0.0.1:{serves[0]}"
+                assert await router.metric("llamafleet_router_scale_ups_total",
+                                           outcome="scaled") == 1
+            finally:
+                await router.stop()
+            obj = await wait_until(lambda: _autoscaling(
+                api, lambda a: a.get("coldStartSeconds") is not None), timeout=30)
+            assert obj["status"]["autoscaling"]["coldStartSeconds"] >= 0
+            assert await replicas(api) == 1
         assert runner.exception is None, runner.output
     finally:
         controller.cancel()

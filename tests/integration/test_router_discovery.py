@@ -14,65 +14,20 @@ through httpx.AsyncClient and waits through the async form of wait_until."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from llamafleet.common.contract import SERVICE_NAME_LABEL, pod_service_name
-from prometheus_client.parser import text_string_to_metric_families
+from llamafleet.common.contract import pod_service_name
 
 from tests.conftest import free_port, serve_process, wait_until
 
-from .kube import LLMS, NS, Emulator, create, get, llmservice
+from .kube import LLMS, SLICES, Emulator, Router, create, endpoint_slice, get, llmservice
 
 pytestmark = pytest.mark.integration
 
-SLICES = f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
 SERVE_FLAGS = ("--max-batch-size", "2", "--context-size", "1024", "--default-max-tokens", "8")
-
-
-class Router:
-    def __init__(self, name: str, kubeconfig: Path, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        env.pop("KUBERNETES_SERVICE_HOST", None)  # not in a pod: use the kubeconfig
-        cmd = [sys.executable, "-m", "llamafleet.inference.cli", "router", "--llmservice", name,
-               "--namespace", NS, "--host", "127.0.0.1", "--port", str(self.port),
-               "--poll-interval", "0.2", "--log-format", "console", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env)
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=300)
-
-    async def health(self) -> dict | None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"router exited: {self.proc.stdout.read()[-3000:]}")
-        try:
-            return (await self.http.get("/health", timeout=2)).json()
-        except httpx.TransportError:
-            return None
-
-    async def metric(self, name: str, **labels: str) -> float:
-        text = (await self.http.get("/router/metrics")).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    async def stop(self) -> str:
-        await self.http.aclose()
-        self.proc.terminate()
-        return (await asyncio.to_thread(self.proc.communicate, timeout=30))[0]
-
-
-def endpoint_slice(name: str, service: str, port: int, *endpoints: tuple[str, bool]) -> dict:
-    """What the EndpointSlice controller writes for a Service's pods."""
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": name, "namespace": NS, "labels": {SERVICE_NAME_LABEL: service}},
-            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}}
-                          for ip, ready in endpoints]}
 
 
 async def replicas(api: httpx.AsyncClient, name: str) -> int:

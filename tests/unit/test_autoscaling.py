@@ -199,6 +199,24 @@ def test_scale_to_zero_after_idle_and_back_on_held_requests() -> None:
     assert d.state.cold_start_since == at(80)
 
 
+def test_a_scale_up_from_zero_by_the_router_is_not_undone_while_its_pod_starts() -> None:
+    p = Policy(0, 3, target=1, average_window=0, down_delay=0, idle_before_zero=60)
+    at_zero = run(p, [(0, Readings(pods(0, counts=(5,)))), (61, Readings(pods(0, counts=(5,))))], 1)
+    assert at_zero[-1].replicas == 0
+    # The router scaled to 1 for a held request (the operator did not read the router):
+    # while no pod is ready, nothing is idle, however long ago the last request was.
+    d = decide(Readings(()), at_zero[-1].state, p, 1, at(200))
+    assert d.replicas == 1 and d.state.cold_start_since == at(200)
+    d = decide(Readings(()), d.state, p, 1, at(230))
+    assert d.replicas == 1
+    # The pod is ready and serves the request; idle counts from then.
+    d = decide(Readings(pods(1, counts=(0,))), d.state, p, 1, at(240))
+    assert d.replicas == 1 and d.state.cold_start_since is None
+    d = decide(Readings(pods(0, counts=(1,))), d.state, p, 1, at(250))
+    d = decide(Readings(pods(0, counts=(1,))), d.state, p, 1, at(311))
+    assert d.replicas == 0
+
+
 def test_requests_between_readings_keep_the_fleet_from_zero() -> None:
     p = Policy(0, 3, target=1, average_window=0, idle_before_zero=60)
     # No load at any reading, but the finished-request counter moves: not idle.
