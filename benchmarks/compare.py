@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], url: str, log: Path):
+def running(cmd: list[str], url: str, log: Path, headers: dict[str, str] | None = None):
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -51,7 +51,7 @@ def running(cmd: list[str], url: str, log: Path):
                 if proc.poll() is not None:
                     raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
                 try:
-                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    if httpx.get(url + "/v1/models", timeout=2, headers=headers).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

@@ -30,6 +30,8 @@ HERE = Path(__file__).parent
 WORDS = ("invoice refund policy customer account billing shipping warranty order support "
          "escalate priority contract renewal discount region tax currency ledger audit "
          "compliance ticket response agent tone concise polite verify identity").split()
+# Replicas run behind an API key, as in a cluster; it also lets /info report prefix reuse.
+AUTH = {"Authorization": "Bearer prefix-routing-bench"}
 QUESTIONS = ["Where is my order?", "Can I get a refund?", "How do I change my plan?",
              "Why was I charged twice?", "What is your warranty?", "Talk to a human, please."]
 
@@ -54,7 +56,8 @@ async def run_mode(name: str, urls: list[str], model: str, convs: list[list[dict
     ``urls[i % len(urls)]`` (one URL: the router)."""
     todo = list(enumerate(convs))
     samples: list[bench.Sample] = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+    async with httpx.AsyncClient(headers=AUTH,
+                                 limits=httpx.Limits(max_connections=concurrency + 2)) as client:
         async def worker() -> None:
             while todo:
                 i, messages = todo.pop(0)
@@ -76,6 +79,11 @@ async def run_mode(name: str, urls: list[str], model: str, convs: list[list[dict
             "ttft_mean_s": round(sum(ttfts) / len(ttfts), 4) if ttfts else None,
             "errors": sorted({s.error for s in samples if s.error})[:5],
             "ttfts_s": sorted(round(t, 3) for t in ttfts)}
+
+
+def reuse_of(url: str) -> dict[str, int]:
+    info = httpx.get(url + "/info", headers=AUTH).json()
+    return {k: info[k] for k in ("prefix_tokens_reused", "prompt_cache_restores")}
 
 
 def main() -> int:
@@ -113,21 +121,28 @@ def main() -> int:
                 "--context-size", str(a.context), "--max-batch-size", str(a.max_batch_size),
                 "--threads", str(a.threads), "--n-batch", str(a.n_batch),
                 "--prompt-cache-mib", str(a.prompt_cache_mib),
+                "--api-key", AUTH["Authorization"].removeprefix("Bearer "),
                 "--log-level", "warning"], url,
-                a.out / f"prefix-routing-replica{i}.log"))
+                a.out / f"prefix-routing-replica{i}.log", AUTH))
         stack.enter_context(running([
-            str(VENV_BIN / "llamafleet"), "router", "--backends", ",".join(urls), "--host",
+            str(VENV_BIN / "llamafleet"), "router", "--backends", ",".join(urls), "--backend-api-key",
+            AUTH["Authorization"].removeprefix("Bearer "), "--host",
             "127.0.0.1", "--port", str(router_port), "--log-level", "warning"], router_url,
-            a.out / "prefix-routing-router.log"))
-        model_id = httpx.get(urls[0] + "/v1/models").json()["data"][0]["id"]
+            a.out / "prefix-routing-router.log", AUTH))
+        model_id = httpx.get(urls[0] + "/v1/models", headers=AUTH).json()["data"][0]["id"]
         probe = workload("probe", 1, 1, a.words, a.seed)[0]
-        usage = httpx.post(urls[0] + "/v1/chat/completions", timeout=600, json={
+        usage = httpx.post(urls[0] + "/v1/chat/completions", timeout=600, headers=AUTH, json={
             "model": model_id, "messages": probe, "max_tokens": 1}).json()["usage"]
         results = []
         for name, targets in (("round-robin", urls), ("router", [router_url])):
             convs = workload(name, a.tenants, a.requests, a.words, a.seed)
+            before = [reuse_of(u) for u in urls]
             results.append(asyncio.run(run_mode(name, targets, model_id, convs,
                                                 a.concurrency, a.max_tokens)))
+            # Per replica: prompt tokens that came from a slot or the prompt cache instead
+            # of a prefill, and states restored from the prompt cache, during this mode.
+            results[-1]["replicas"] = [{k: after[k] - b[k] for k in after}
+                                       for b, after in zip(before, map(reuse_of, urls), strict=True)]
             print(json.dumps({k: v for k, v in results[-1].items() if k != "ttfts_s"}), file=sys.stderr)
         router_metrics = httpx.get(router_url + "/router/metrics").text
     rr, rt = results

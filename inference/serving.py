@@ -288,6 +288,7 @@ class Serving:
         }
         if private:
             out["prefix_tokens_reused"] = self.engine.prefix_tokens_reused
+            out["prompt_cache_restores"] = self.engine.prompt_cache_restores
         return out
 
     def close(self) -> None:
