@@ -29,3 +29,24 @@ GPU_IMAGE_TAG = f"{VERSION}-cuda"  # the CUDA image (docker/Dockerfile.cuda)
 def env_name(setting: str) -> str:
     """The environment variable of a pod setting: ``context_size`` -> LLM_LLAMA_SERVICE_CONTEXT_SIZE."""
     return ENV_PREFIX + setting.upper()
+
+
+def pod_service_name(llmservice: str) -> str:
+    """The Service that always selects an LLMService's ``llamafleet serve`` pods (HTTP, gRPC,
+    metrics). The router watches its EndpointSlices; gRPC clients use it when the router is
+    on, because the router proxies HTTP only."""
+    return f"{llmservice}-pods"
+
+
+# What the router's Role grants (the operator makes one per LLMService that has a router,
+# scoping the llmservices rules to that LLMService by resourceNames). The operator must
+# hold every one of these itself to grant them (charts/llamafleet/files/rbac-rules.yaml).
+ROUTER_RBAC_RULES: tuple[dict[str, tuple[str, ...]], ...] = (
+    # Replicas: the EndpointSlices of the pod Service (pod_service_name).
+    {"apiGroups": ("discovery.k8s.io",), "resources": ("endpointslices",),
+     "verbs": ("get", "list", "watch")},
+    # Scale from zero: read the LLMService and patch its scale subresource.
+    {"apiGroups": ("llamafleet.io",), "resources": ("llmservices",), "verbs": ("get",)},
+    {"apiGroups": ("llamafleet.io",), "resources": ("llmservices/scale",),
+     "verbs": ("get", "patch", "update")},
+)
