@@ -8,6 +8,8 @@ Deployment's status themselves to make a router pod ready."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import os
 
 import httpx
@@ -15,6 +17,7 @@ import kubernetes_validate
 import pytest
 from llamafleet.common.contract import GRPC_PORT, HTTP_PORT, ROUTER_PORT
 from llamafleet.operator import builders as B
+from llamafleet.operator import certs
 
 from ..conftest import wait_until
 from .kube import LLMS, NS, condition, create, get, kopf_runner, llmservice, patch
@@ -161,4 +164,32 @@ async def test_a_foreign_router_account_is_a_conflict_and_left_alone(api) -> Non
         assert f"ServiceAccount {NS}/busy-router exists" in condition(obj, "Ready")["message"]
         assert await get(api, f"{DEPS}/busy-router") is None
         assert await get(api, f"/api/v1/namespaces/{NS}/serviceaccounts/busy-router") == foreign
+    assert runner.exception is None
+
+
+async def test_a_server_certificate_without_the_pod_service_names_is_reissued(api) -> None:
+    """Certificates issued before the pod Service existed lack its names, which gRPC clients
+    of <name>-pods verify: the operator reissues them from the same CA."""
+    secrets = f"/api/v1/namespaces/{NS}/secrets"
+    async with kopf_runner() as runner:
+        await create(api, LLMS, cpu_service("old"))
+        server = await wait_until(lambda: get(api, f"{secrets}/old-server-tls"))
+        ca = await get(api, f"{secrets}/old-ca")
+        signer = certs.KeyPair(base64.b64decode(ca["data"]["ca.key"]),
+                               base64.b64decode(ca["data"]["signer.crt"]))
+        before = B.Names("old", NS).dns_names("cluster.local")
+        legacy = certs.issue(signer, "old-server", dt.timedelta(days=365),
+                             sans=[n for n in before if "-pods" not in n])
+        server["data"]["tls.crt"] = base64.b64encode(legacy.cert_pem).decode()
+        server["data"]["tls.key"] = base64.b64encode(legacy.key_pem).decode()
+        r = await api.put(f"{secrets}/old-server-tls", json=server)
+        assert r.status_code == 200, r.text
+
+        def names_of(secret: dict) -> set[str]:
+            pem = base64.b64decode(secret["data"]["tls.crt"])
+            return certs.subject_names(certs.KeyPair(b"", pem))
+
+        renewed = await wait_until(lambda: _if(api, f"{secrets}/old-server-tls",
+                                               lambda s: "old-pods.team-a.svc" in names_of(s)))
+        assert names_of(renewed) == set(before)
     assert runner.exception is None
