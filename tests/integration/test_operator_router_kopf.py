@@ -53,6 +53,11 @@ async def _all_gone(api: httpx.AsyncClient, paths: list[str]) -> bool:
     return all([await get(api, p) is None for p in paths])
 
 
+def _seconds_since(stamp: str) -> float:
+    when = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - when).total_seconds()
+
+
 def _client_ports(np_: dict) -> set[int]:
     return {p["port"] for p in np_["spec"]["ingress"][0]["ports"]}
 
@@ -162,7 +167,11 @@ async def test_a_foreign_router_account_is_a_conflict_and_left_alone(api) -> Non
         obj = await wait_until(lambda: _with(api, "busy", lambda o: (condition(o, "Ready") or {}).get(
             "reason") == "Conflict"))
         assert f"ServiceAccount {NS}/busy-router exists" in condition(obj, "Ready")["message"]
+        # A few resyncs (0.5 s each) later, still nothing was written.
+        await wait_until(lambda: _with(api, "busy", lambda o: (condition(o, "Ready") or {}).get(
+            "lastTransitionTime") and _seconds_since(condition(o, "Ready")["lastTransitionTime"]) > 1.5))
         assert await get(api, f"{DEPS}/busy-router") is None
+        assert await get(api, f"{SVCS}/busy") is None
         assert await get(api, f"/api/v1/namespaces/{NS}/serviceaccounts/busy-router") == foreign
     assert runner.exception is None
 
