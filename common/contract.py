@@ -45,6 +45,7 @@ def env_name(setting: str) -> str:
     """The environment variable of a pod setting: ``context_size`` -> LLM_LLAMA_SERVICE_CONTEXT_SIZE."""
     return ENV_PREFIX + setting.upper()
 
+
 # The LLMService custom resource (crds/llmservice.yaml): the operator watches it, the router
 # scales it from zero through its `scale` subresource.
 API_GROUP, API_VERSION, LLMSERVICE_PLURAL = "llamafleet.io", "v1alpha1", "llmservices"
@@ -54,17 +55,20 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
 def pod_service_name(llmservice: str) -> str:
-    """The Service that selects an LLMService's serving pods: the router watches its
-    EndpointSlices to find the ready replicas (the operator builds it under this name)."""
+    """The Service that always selects an LLMService's ``llamafleet serve`` pods (HTTP, gRPC,
+    metrics). The router watches its EndpointSlices; gRPC clients use it when the router is
+    on, because the router proxies HTTP only."""
     return f"{llmservice}-pods"
 
 
-# What `llamafleet router --llmservice NAME` does with the Kubernetes API (the operator's
-# Role for the router is built from this list, so the two cannot drift): watch the pod
-# Service's EndpointSlices, and read and write the LLMService's scale (scale from zero).
-ROUTER_RBAC_RULES: list[dict[str, list[str]]] = [
-    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-     "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [API_GROUP], "resources": [f"{LLMSERVICE_PLURAL}/scale"],
-     "verbs": ["get", "patch", "update"]},
-]
+# What the router's Role grants (the operator makes one per LLMService that has a router,
+# scoping the llmservices rules to that LLMService by resourceNames). The operator must
+# hold every one of these itself to grant them (charts/llamafleet/files/rbac-rules.yaml).
+ROUTER_RBAC_RULES: tuple[dict[str, tuple[str, ...]], ...] = (
+    # Replicas: the EndpointSlices of the pod Service (pod_service_name).
+    {"apiGroups": ("discovery.k8s.io",), "resources": ("endpointslices",),
+     "verbs": ("get", "list", "watch")},
+    # Scale from zero: read and write the LLMService's scale subresource (nothing else).
+    {"apiGroups": (API_GROUP,), "resources": (f"{LLMSERVICE_PLURAL}/scale",),
+     "verbs": ("get", "patch", "update")},
+)

@@ -19,7 +19,10 @@ import httpx
 from kubernetes.client import CustomObjectsApi
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
+from llamafleet.common.contract import API_GROUP as GROUP
+from llamafleet.common.contract import API_VERSION as VERSION
 from llamafleet.common.contract import HTTP_PORT, ROUTER_PORT
+from llamafleet.common.contract import LLMSERVICE_PLURAL as PLURAL
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import builders as B
@@ -28,7 +31,6 @@ from .spec import LLMServiceSpec
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "llamafleet.io", "v1alpha1", "llmservices"
 COMPONENT = "app.kubernetes.io/component"
 # The pod's series (llamafleet.inference.metrics) and the router's (llamafleet.router.metrics).
 RUNNING, QUEUED, FINISHED = ("llamafleet_running_sequences", "llamafleet_queue_depth",
@@ -139,7 +141,7 @@ async def readings(dyn: DynamicClient, names: B.Names, spec: LLMServiceSpec,
         asyncio.to_thread(_api_key, dyn, names, spec))
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     targets = ready_targets(pods, "http", HTTP_PORT)
-    router_targets = ready_targets(routers, "http", ROUTER_PORT)
+    router_targets = ready_targets(routers, "router", ROUTER_PORT)
     async with httpx.AsyncClient(timeout=timeout) as client:
         loads, held = await asyncio.gather(
             asyncio.gather(*(read_pod(client, t, headers) for t in targets)),

@@ -18,7 +18,11 @@ from llamafleet.common.contract import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
+    ROUTER_ENV_PREFIX,
+    ROUTER_PORT,
+    ROUTER_RBAC_RULES,
     USER_ID,
+    pod_service_name,
     termination_grace_seconds,
 )
 
@@ -53,9 +57,21 @@ class Names:
     def api_key_secret(self) -> str:
         return f"{self.name}-api-key"
 
+    @property
+    def pod_service(self) -> str:
+        return pod_service_name(self.name)
+
+    @property
+    def router(self) -> str:
+        """The router's Deployment, ServiceAccount, Role and RoleBinding."""
+        return f"{self.name}-router"
+
     def dns_names(self, cluster_domain: str) -> list[str]:
-        n, ns = self.name, self.namespace
-        return [n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.{cluster_domain}", "localhost"]
+        """The server certificate's names: both Services reach the pods' gRPC port."""
+        ns = self.namespace
+        return [dns for n in (self.name, self.pod_service)
+                for dns in (n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.{cluster_domain}")
+                ] + ["localhost"]
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -68,8 +84,22 @@ def labels(name: str, component: str = "inference") -> dict[str, str]:
             "app.kubernetes.io/part-of": "llamafleet"}
 
 
+# The serve pods and the router pods both carry selector_labels(name) (the serve
+# Deployment's selector, which is immutable, is that alone); every other selector of the
+# serve pods adds their component, so that it never picks a router pod.
+def pod_selector_labels(name: str) -> dict[str, str]:
+    """The ``llamafleet serve`` pods of one LLMService."""
+    return {**selector_labels(name), "app.kubernetes.io/component": "inference"}
+
+
+def router_selector_labels(name: str) -> dict[str, str]:
+    """The ``llamafleet router`` pods of one LLMService."""
+    return {**selector_labels(name), "app.kubernetes.io/component": "router"}
+
+
 def selector_string(name: str) -> str:
-    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+    """status.selector, which the scale subresource gives HPA: the serve pods only."""
+    return ",".join(f"{k}={v}" for k, v in pod_selector_labels(name).items())
 
 
 def content_hash(obj: Any) -> str:
@@ -265,10 +295,29 @@ def _container_security() -> dict:
             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
 
 
-def build_service(names: Names) -> dict:
+def build_service(names: Names, routed: bool = False) -> dict:
+    """The Service clients use, ``<name>``: the pods' HTTP, gRPC and metrics ports, or,
+    once ``routed``, HTTP only, to the router (which proxies HTTP, not gRPC: gRPC clients
+    then use the pod Service)."""
+    if routed:
+        return with_hash({
+            "apiVersion": "v1", "kind": "Service", "metadata": _meta(names, component="router"),
+            "spec": {"type": "ClusterIP", "selector": router_selector_labels(names.name),
+                     "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "router",
+                                "protocol": "TCP"}]},
+        })
+    return _pods_service(names, names.name)
+
+
+def build_pod_service(names: Names) -> dict:
+    """``<name>-pods``: always the serve pods; the router watches its EndpointSlices."""
+    return _pods_service(names, names.pod_service)
+
+
+def _pods_service(names: Names, name: str) -> dict:
     return with_hash({
-        "apiVersion": "v1", "kind": "Service", "metadata": _meta(names),
-        "spec": {"type": "ClusterIP", "selector": selector_labels(names.name), "ports": [
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(names, name),
+        "spec": {"type": "ClusterIP", "selector": pod_selector_labels(names.name), "ports": [
             {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
             {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
              "appProtocol": "grpc"},
@@ -277,7 +326,19 @@ def build_service(names: Names) -> dict:
     })
 
 
-def build_network_policy(names: Names, spec: LLMServiceSpec) -> dict:
+def _tcp(*ports: int) -> list[dict]:
+    return [{"port": p, "protocol": "TCP"} for p in ports]
+
+
+def build_network_policy(names: Names, spec: LLMServiceSpec, routed_only: bool = False) -> dict:
+    """Ingress to every pod of the LLMService, serve and router pods alike (each pod type
+    listens only on its own ports, so one port-based policy fits both).
+
+    Clients reach gRPC, and HTTP on the pods or, with the router, on the router. The pods'
+    HTTP port stays open to clients until ``routed_only``: the handler sets it one resync
+    after the Service moved to the router, so that no connection is refused meanwhile.
+    Egress is not restricted: the router reaches the API server and the pods.
+    """
     peers = []
     for c in spec.networkPolicy.allowedClients:
         peer = {}
@@ -288,13 +349,19 @@ def build_network_policy(names: Names, spec: LLMServiceSpec) -> dict:
         peers.append(peer)
     if not peers:
         peers = [{"podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}]
-    ingress = [{"from": peers, "ports": [{"port": HTTP_PORT, "protocol": "TCP"},
-                                         {"port": GRPC_PORT, "protocol": "TCP"}]}]
+    router = spec.router_enabled
+    client_ports = ([] if router and routed_only else [HTTP_PORT]) + [GRPC_PORT] + \
+        ([ROUTER_PORT] if router else [])
+    ingress = [{"from": peers, "ports": _tcp(*client_ports)}]
+    if router:  # the router proxies to the pods and polls their /ready and /metrics
+        ingress.append({"from": [{"podSelector": {"matchLabels": router_selector_labels(
+            names.name)}}], "ports": _tcp(HTTP_PORT)})
     monitoring = spec.networkPolicy.monitoringNamespaces
-    if monitoring:  # otherwise the metrics port admits no one
+    if monitoring:  # otherwise the metrics ports admit no one
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": {
             "kubernetes.io/metadata.name": ns}}} for ns in monitoring],
-            "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]})
+            # the router's own metrics are /router/metrics on its port
+            "ports": _tcp(METRICS_PORT, *([ROUTER_PORT] if router else []))})
     return with_hash({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(names),
         "spec": {"podSelector": {"matchLabels": selector_labels(names.name)},
@@ -306,7 +373,7 @@ def build_pdb(names: Names, spec: LLMServiceSpec) -> dict:
     return with_hash({
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(names),
         "spec": {"minAvailable": spec.podDisruptionBudget.minAvailable,
-                 "selector": {"matchLabels": selector_labels(names.name)}},
+                 "selector": {"matchLabels": pod_selector_labels(names.name)}},
     })
 
 
@@ -320,7 +387,7 @@ def build_inference_pool(names: Names, spec: LLMServiceSpec) -> dict:
     assert picker is not None  # the spec requires it when the pool is enabled
     return with_hash({
         "apiVersion": INFERENCE_POOL_API, "kind": "InferencePool", "metadata": _meta(names),
-        "spec": {"selector": {"matchLabels": selector_labels(names.name)},
+        "spec": {"selector": {"matchLabels": pod_selector_labels(names.name)},
                  "targetPorts": [{"number": HTTP_PORT}],
                  "extensionRef": {"name": picker.name, "portNumber": picker.port,
                                   "failureMode": picker.failureMode}},
@@ -345,9 +412,18 @@ def secret_bytes(secret: dict, key: str) -> bytes | None:
     return base64.b64decode(value) if value else None
 
 
-def endpoints(names: Names, cluster_domain: str) -> dict:
-    host = f"{names.name}.{names.namespace}.svc.{cluster_domain}"
-    return {"http": f"http://{host}:{HTTP_PORT}", "grpc": f"{host}:{GRPC_PORT}"}
+def endpoints(names: Names, cluster_domain: str, spec: LLMServiceSpec, routed: bool) -> dict:
+    """Where clients connect. HTTP is always ``<name>`` (through the router once ``routed``:
+    then ``router`` says so); gRPC is the pod Service while the router is on, because the
+    router proxies HTTP only."""
+    def host(service: str) -> str:
+        return f"{service}.{names.namespace}.svc.{cluster_domain}"
+
+    out = {"http": f"http://{host(names.name)}:{HTTP_PORT}",
+           "grpc": f"{host(names.pod_service if spec.router_enabled else names.name)}:{GRPC_PORT}"}
+    if routed:
+        out["router"] = out["http"]
+    return out
 
 
 # --- autoscaling: HPA and KEDA modes ----------------------------------------------------------
@@ -427,4 +503,100 @@ def build_scaled_object(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
                 "serverAddress": prometheus_url, "query": keda_query(names),
                 "threshold": str(scaling_target(spec, plan)), "activationThreshold": "0"}}],
         },
+    })
+
+
+# --- the router ---------------------------------------------------------------------------------
+
+ROUTER_METRICS_PATH = "/router/metrics"
+
+
+def router_env(names: Names, spec: LLMServiceSpec) -> list[dict]:
+    values = {"LLMSERVICE": names.name, "HOST": "0.0.0.0", "PORT": ROUTER_PORT,
+              "LOG_FORMAT": spec.logging.format, "LOG_LEVEL": spec.logging.level.upper()}
+    env: list[dict] = [{"name": ROUTER_ENV_PREFIX + k, "value": str(v)} for k, v in values.items()]
+    env.append({"name": ROUTER_ENV_PREFIX + "NAMESPACE", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.namespace"}}})
+    # The router's polls of the pods' /metrics need the key the pods require (the same
+    # Secret the pods read); clients' own Authorization headers pass through unchanged.
+    secret, key = api_key_ref(names, spec)
+    env.append({"name": ROUTER_ENV_PREFIX + "BACKEND_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": secret, "key": key}}})
+    return env
+
+
+def build_router_deployment(names: Names, spec: LLMServiceSpec, image: str) -> dict:
+    """``llamafleet router`` from the pods' image, with its own ServiceAccount (it watches
+    the pod Service's EndpointSlices and scales the LLMService from zero)."""
+    r = spec.routing.router
+    probe = {"httpGet": {"path": "/ready", "port": "router"}}
+    container = {
+        "name": "router", "image": image, "imagePullPolicy": spec.image.pullPolicy,
+        "command": ["llamafleet"], "args": ["router"],
+        "env": router_env(names, spec),
+        "ports": [{"name": "router", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "router"}, "periodSeconds": 10,
+                          "failureThreshold": 6},
+        "resources": {"requests": {"cpu": r.resources.cpu, "memory": r.resources.memory},
+                      "limits": {"memory": r.resources.memory}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": _container_security(),
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": names.router,
+        "automountServiceAccountToken": True,  # it talks to the API server
+        "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "terminationGracePeriodSeconds": 30,
+        "topologySpreadConstraints": [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": router_selector_labels(names.name)}}],
+    }
+    if spec.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.imagePullSecrets]
+    return with_hash({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(names, names.router, "router"),
+        "spec": {
+            "replicas": r.replicas,
+            "selector": {"matchLabels": router_selector_labels(names.name)},
+            # Small and stateless: surge, so a rollout never leaves clients without one.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1,
+                                                                     "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": labels(names.name, "router"), "annotations": {
+                "prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT),
+                "prometheus.io/path": ROUTER_METRICS_PATH}},
+                "spec": pod_spec},
+        },
+    })
+
+
+def build_router_service_account(names: Names) -> dict:
+    return with_hash({"apiVersion": "v1", "kind": "ServiceAccount",
+                      "metadata": _meta(names, names.router, "router")})
+
+
+def build_router_role(names: Names) -> dict:
+    """ROUTER_RBAC_RULES in this namespace; the LLMService rules name this LLMService only."""
+    rules = []
+    for rule in ROUTER_RBAC_RULES:
+        out: dict[str, Any] = {k: list(v) for k, v in rule.items()}
+        if "llamafleet.io" in rule["apiGroups"]:
+            out["resourceNames"] = [names.name]
+        rules.append(out)
+    return with_hash({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                      "metadata": _meta(names, names.router, "router"), "rules": rules})
+
+
+def build_router_role_binding(names: Names) -> dict:
+    return with_hash({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _meta(names, names.router, "router"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.router},
+        "subjects": [{"kind": "ServiceAccount", "name": names.router,
+                      "namespace": names.namespace}],
     })

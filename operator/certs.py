@@ -96,6 +96,16 @@ def issue(ca: KeyPair, common_name: str, validity: dt.timedelta, *, sans: list[s
     return KeyPair(_pem(key), cert.public_bytes(serialization.Encoding.PEM))
 
 
+def subject_names(leaf: KeyPair) -> set[str]:
+    """The DNS names and IP addresses a certificate is valid for (its SANs)."""
+    try:
+        san = leaf.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in san.get_values_for_type(x509.IPAddress)}
+
+
 def signed_by(leaf: KeyPair, ca: KeyPair) -> bool:
     """Whether ``ca`` issued ``leaf`` (issuer name and signature both checked)."""
     try:

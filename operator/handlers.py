@@ -183,7 +183,10 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
     patch.status["capacity"] = {"maxBatchSize": plan.max_batch_size, "mode": plan.mode,
                                 "gpuMemoryMiB": plan.gpu_memory_mib, "reason": plan.reason}
     patch.status["selector"] = B.selector_string(names.name)
-    patch.status["endpoints"] = B.endpoints(names, settings.cluster_domain)
+    # Rewritten below once the children show whether HTTP goes through the router yet;
+    # "router": None removes that key (status is merge-patched).
+    patch.status["endpoints"] = {"router": None,
+                                 **B.endpoints(names, settings.cluster_domain, parsed, False)}
     patch.status["model"] = _model_label(parsed)
     patch.status["observedGeneration"] = generation
     if not plan.fits:
@@ -220,10 +223,14 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
             fail("Degraded", Condition("Ready", "False", "APIKeyMissing", problem))
             raise kopf.TemporaryError(problem, delay=settings.resync_seconds)
         image = B.image_for(parsed, settings)
+        was_routed, routed = routing(children, names, parsed)
+        patch.status["endpoints"] = {"router": None, **B.endpoints(
+            names, settings.cluster_domain, parsed, routed)}
         # The NetworkPolicy goes first: pods never run without it when it is wanted.
         step = "network policy"
         if parsed.networkPolicy.enabled:
-            children.apply(body, B.build_network_policy(names, parsed), logger, event)
+            children.apply(body, B.build_network_policy(
+                names, parsed, routed_only=was_routed and routed), logger, event)
         else:
             children.remove(NETWORK_POLICY, logger)
         step = "children"
@@ -231,8 +238,19 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
             children.apply(body, B.build_pdb(names, parsed), logger, event)
         else:
             children.remove(PDB, logger)
-        children.apply(body, B.build_service(names), logger, event)
+        if parsed.router_enabled:
+            step = "router"  # its RBAC before the pods that use it
+            for obj in (B.build_router_service_account(names), B.build_router_role(names),
+                        B.build_router_role_binding(names),
+                        B.build_router_deployment(names, parsed, image)):
+                children.apply(body, obj, logger, event)
+            step = "children"
+        children.apply(body, B.build_pod_service(names), logger, event)
+        children.apply(body, B.build_service(names, routed), logger, event)
         children.apply(body, B.build_deployment(names, parsed, plan, image), logger, event)
+        if not parsed.router_enabled:  # after the Service is back on the pods
+            for key in reversed(router_keys(names)):
+                children.remove(key, logger)
         if parsed.routing.inferencePool.enabled:
             children.apply(body, B.build_inference_pool(names, parsed), logger, event)
         else:
@@ -276,6 +294,23 @@ def _model_label(spec: LLMServiceSpec) -> str:
     return f"embedded:{src.embedded.name}"
 
 
+def routing(children: Children, names: B.Names, spec: LLMServiceSpec) -> tuple[bool, bool]:
+    """(was_routed, routed): whether Service ``<name>`` selected the router when read, and
+    whether it selects the router from now on.
+
+    It moves to the router once a router pod is ready, so that enabling the router never
+    sends clients to pods that are still starting; it stays there while the router
+    Deployment exists, so that it does not flap with the router's readiness.
+    """
+    service = children.get(SERVICE) or {}
+    was = (service.get("spec") or {}).get("selector") == B.router_selector_labels(names.name)
+    router = router_keys(names)[-1]
+    if not spec.router_enabled or not children.owned(router):
+        return was, False
+    ready = int(((children.get(router) or {}).get("status") or {}).get("readyReplicas") or 0)
+    return was, was or ready > 0
+
+
 # --- children: ownership, drift repair ------------------------------------------------------
 
 DEPLOYMENT = ("apps/v1", "Deployment", "")
@@ -291,6 +326,13 @@ INSTALL_HINT = {
                      "spec.routing.inferencePool",
     "ScaledObject": "install KEDA, or use spec.scaling.mode builtin or hpa",
 }
+RBAC = "rbac.authorization.k8s.io/v1"
+
+
+def router_keys(names: B.Names) -> list[Key]:
+    """The router's children, in the order they are created (the Deployment last)."""
+    return [("v1", "ServiceAccount", names.router), (RBAC, "Role", names.router),
+            (RBAC, "RoleBinding", names.router), ("apps/v1", "Deployment", names.router)]
 
 
 class MissingAPI(Exception):
@@ -332,7 +374,7 @@ class Children:
 
     def read(self, spec: LLMServiceSpec) -> dict[Key, dict | None]:
         """Read every child this spec writes, or deletes if it is ours."""
-        writes = [DEPLOYMENT, SERVICE]
+        writes = [DEPLOYMENT, SERVICE, ("v1", "Service", self.names.pod_service)]
         optional = [NETWORK_POLICY, PDB, _secret(self.names.api_key_secret)]
         if spec.networkPolicy.enabled:
             writes.append(optional.pop(0))
@@ -350,6 +392,7 @@ class Children:
         mode = spec.scaling.mode if spec.scaling else None
         (writes if mode == "hpa" else optional).append(HPA)
         (writes if mode == "keda" else optional).append(SCALED_OBJECT)
+        (writes if spec.router_enabled else optional).extend(router_keys(self.names))
         self.writes = {self._key(k) for k in writes}
         for key in map(self._key, writes + optional):
             try:
@@ -513,6 +556,11 @@ def ensure_certificates(children: Children, owner: kopf.Body, names: B.Names,
     leaves = {secret_name: _pair(children.get(_secret(secret_name)), "tls.key", "tls.crt")
               for secret_name in (names.server_secret, names.client_secret)}
     due = certs.renewal_due(before, leaves, renew_before=renew, overlap=overlap, now=now)
+    due_leaves = set(due.leaves)
+    server = leaves[names.server_secret]
+    sans = names.dns_names(cluster_domain)
+    if server is not None and certs.subject_names(server) != set(sans):
+        due_leaves.add(names.server_secret)  # the Services' names changed (e.g. <name>-pods)
     ca = certs.advance_ca(before, f"{names.name}.{names.namespace} llamafleet CA",
                           validity=validity, renew_before=renew, overlap=overlap, now=now)
     if due.ca:
@@ -524,10 +572,9 @@ def ensure_certificates(children: Children, owner: kopf.Body, names: B.Names,
     not_after = []
     for secret_name, leaf in leaves.items():
         client = secret_name == names.client_secret
-        if secret_name in due.leaves:
+        if secret_name in due_leaves:
             leaf = certs.issue(ca.signer, f"{names.name}-{'client' if client else 'server'}",
-                               validity, sans=[] if client else
-                               names.dns_names(cluster_domain), client=client)
+                               validity, sans=[] if client else sans, client=client)
             logger.info("%s %s certificate, valid until %s",
                         "renewed" if children.get(_secret(secret_name)) is not None
                         else "issued", "client" if client else "server",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from llamafleet.common.contract import pod_service_name
 from llamafleet.common.sampling import MaxTokens, RepeatPenalty, Temperature, TopK, TopP
 from llamafleet.inference.embedded import DEFAULT_EMBEDDED, lookup
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,11 +93,12 @@ class Image(_M):
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+CPU = re.compile(r"^[0-9]+(\.[0-9]+)?m?$")
 
 
 class Resources(_M):
     gpus: int = Field(1, ge=0, le=16)
-    cpu: str = Field("2", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    cpu: str = Field("2", pattern=CPU.pattern)
     memory: str = Field("8Gi", pattern=QUANTITY.pattern)
 
 
@@ -210,8 +212,23 @@ class InferencePoolSpec(_M):
         return self
 
 
+class RouterResources(_M):
+    cpu: str = Field("500m", pattern=CPU.pattern)
+    memory: str = Field("512Mi", pattern=QUANTITY.pattern)
+
+
+class RouterSpec(_M):
+    """``llamafleet router`` in front of the pods; ``enabled`` unset means
+    :attr:`LLMServiceSpec.router_enabled` decides."""
+
+    enabled: bool | None = None
+    replicas: int = Field(1, ge=1, le=100)
+    resources: RouterResources = Field(default_factory=RouterResources)
+
+
 class Routing(_M):
     inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
 
 
 DURATION = r"^([0-9]+(\.[0-9]+)?[dhms])+$"  # as the CRD: 90s, 5m, 1h30m, 7d
@@ -304,6 +321,16 @@ class LLMServiceSpec(_M):
                              "drained; lower it or disable the PodDisruptionBudget")
         return self
 
+    @property
+    def router_enabled(self) -> bool:
+        """Whether the operator deploys the router: as set, else when there is more than
+        one replica to choose from (one replica needs no routing), or when autoscaling may
+        change the replicas (the router holds requests while the fleet is at zero; it
+        stays on as the fleet grows and shrinks, so clients never switch Services)."""
+        if self.routing.router.enabled is not None:
+            return self.routing.router.enabled
+        return self.replicas > 1 or self.scaling is not None
+
 
 def parse_spec(raw: dict[str, Any]) -> LLMServiceSpec:
     try:
@@ -318,12 +345,18 @@ def parse_spec(raw: dict[str, Any]) -> LLMServiceSpec:
         raise SpecError(str(e)) from None
 
 
+# Service names are RFC 1035 labels (63 characters); the pod Service adds a suffix.
+MAX_NAME_LENGTH = 63 - len(pod_service_name(""))
+
+
 def check_name(name: str) -> None:
-    """The LLMService's name becomes a Service name (an RFC 1035 label) and a label value."""
-    if len(name) > 63 or not DNS_LABEL.match(name):
-        raise SpecError(f"metadata.name {name!r} must be a DNS label: at most 63 characters, "
-                        "lowercase letters, digits and '-', starting with a letter and ending "
-                        "with a letter or digit (no dots), because it names the Service")
+    """The LLMService's name becomes Service names (RFC 1035 labels: ``<name>`` and
+    ``<name>-pods``) and a label value."""
+    if len(name) > MAX_NAME_LENGTH or not DNS_LABEL.match(name):
+        raise SpecError(f"metadata.name {name!r} must be a DNS label of at most "
+                        f"{MAX_NAME_LENGTH} characters: lowercase letters, digits and '-', "
+                        "starting with a letter and ending with a letter or digit (no dots), "
+                        f"because it names the Services {name}-pods and {name}")
 
 
 def quantity_bytes(q: str) -> int:

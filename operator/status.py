@@ -50,7 +50,7 @@ def status_from(spec: LLMServiceSpec, plan: ServicePlan,
                       "No schedulable node has enough GPU memory for one sequence.")))
     conditions = [capacity_condition(plan), certificates_condition(spec, children)]
     deployment = next((obj for (_, kind, _), obj in children.items()
-                       if kind == "Deployment" and obj), {})
+                       if kind == "Deployment" and obj and _component(obj) != "router"), {})
     dstatus = deployment.get("status") or {}
     ready, want = int(dstatus.get("readyReplicas") or 0), spec.replicas
     if want == 0:
@@ -69,6 +69,10 @@ def status_from(spec: LLMServiceSpec, plan: ServicePlan,
             Condition("Progressing", "True", "RollingOut", f"waiting for {want - ready} "
                       "replica(s); model loading can take minutes")]
     return Status(phase, tuple(conditions), int(dstatus.get("replicas") or 0), ready)
+
+
+def _component(obj: dict) -> str | None:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
 
 
 def capacity_condition(plan: ServicePlan) -> Condition:

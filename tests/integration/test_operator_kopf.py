@@ -171,8 +171,10 @@ async def test_cpu_service_with_optional_children(api) -> None:
         np_ = await wait_until(
             lambda: get(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cpu"))
         assert np_["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
-        assert np_["spec"]["ingress"][1] == {"from": [{"namespaceSelector": {"matchLabels": {
-            "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"port": 16072, "protocol": "TCP"}]}
+        # Two replicas bring the router (test_operator_router_kopf.py): its metrics port too.
+        assert np_["spec"]["ingress"][-1] == {"from": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"port": 16072, "protocol": "TCP"},
+                                                                      {"port": 16073, "protocol": "TCP"}]}
         assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
         await wait_until(lambda: get(api, f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/cpu"))
         # The other embedded model, by name: the pod gets the name, the status shows it.

@@ -198,3 +198,26 @@ def test_operator_may_autoscale(helm: Path) -> None:
                if d["kind"] == "Deployment")
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LLAMAFLEET_OPERATOR_AUTOSCALE_INTERVAL"] == "5"
+
+
+def test_the_pod_monitor_scrapes_the_pods_and_the_routers(helm: Path) -> None:
+    from llamafleet.operator import builders as B
+    from llamafleet.operator.planning import plan_service
+    from llamafleet.operator.spec import parse_spec
+
+    monitor = next(d for d in render(helm, "monitoring.podMonitor=true") if d["kind"] == "PodMonitor")
+    selector = monitor["spec"]["selector"]
+    (expr,) = selector["matchExpressions"]
+    spec = parse_spec({"model": {"source": {"embedded": True}}, "replicas": 2})
+    names = B.Names("chat", "team-a")
+    router = B.build_router_deployment(names, spec, "img:1")["spec"]["template"]
+    serve = B.build_deployment(names, spec, plan_service(spec, []), "img:1")["spec"]["template"]
+    endpoints = {e["port"]: e["path"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert endpoints == {"metrics": "/metrics", "router": B.ROUTER_METRICS_PATH}
+    for template in (serve, router):
+        labels = template["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+        assert labels[expr["key"]] in expr["values"]
+        # each pod has exactly one of the two ports, so no target scrapes a wrong path
+        ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+        assert len(ports & set(endpoints)) == 1

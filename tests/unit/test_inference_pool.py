@@ -59,7 +59,7 @@ def test_the_pool_selects_the_pods_and_names_the_picker() -> None:
     pool = B.build_inference_pool(names, _spec(inferencePool={
         "enabled": True, "endpointPicker": {"name": "chat-epp", "port": 9002}}))
     jsonschema.validate(pool, INFERENCE_POOL_V1)
-    assert pool["spec"]["selector"]["matchLabels"] == B.selector_labels("chat")
+    assert pool["spec"]["selector"]["matchLabels"] == B.pod_selector_labels("chat")  # no router pod
     assert pool["spec"]["targetPorts"] == [{"number": HTTP_PORT}]
     assert pool["spec"]["extensionRef"] == {"name": "chat-epp", "portNumber": 9002,
                                             "failureMode": "FailClose"}

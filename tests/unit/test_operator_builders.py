@@ -204,7 +204,8 @@ def test_url_source_uses_a_verifying_init_container() -> None:
 def test_other_children_are_valid() -> None:
     s = spec(replicas=2, networkPolicy={"monitoringNamespaces": ["monitoring"]},
              podDisruptionBudget={"enabled": True})
-    for obj in (B.build_service(NAMES), B.build_network_policy(NAMES, s), B.build_pdb(NAMES, s),
+    for obj in (B.build_service(NAMES), B.build_pod_service(NAMES), B.build_network_policy(NAMES, s),
+                B.build_network_policy(NAMES, s, routed_only=True), B.build_pdb(NAMES, s),
                 B.build_secret(NAMES, "chat-ca", {"ca.crt": b"x"}, tls=False)):
         validate(obj)
 
@@ -252,14 +253,14 @@ def test_pdb_is_fine_below_replicas_and_when_scaled_to_zero() -> None:
     spec(replicas=0, podDisruptionBudget={"enabled": True, "minAvailable": 1})
 
 
-@pytest.mark.parametrize("name", ["a" * 64, "chat.v2", "Chat", "9chat", "chat-"])
+@pytest.mark.parametrize("name", ["a" * 59, "chat.v2", "Chat", "9chat", "chat-"])
 def test_names_the_api_server_would_reject(name: str) -> None:
     with pytest.raises(SpecError, match="must be a DNS label"):
         check_name(name)
 
 
 def test_good_names_pass() -> None:
-    check_name("a" * 63)
+    check_name("a" * 58)  # <name>-pods is then 63 characters, the most a Service name has
     check_name("chat-2")
 
 
@@ -439,7 +440,9 @@ def test_server_certificate_names() -> None:
     server = certs.issue(ca, "chat", dt.timedelta(days=1), sans=NAMES.dns_names("cluster.local"))
     san = server.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {
-        "chat", "chat.team-a", "chat.team-a.svc", "chat.team-a.svc.cluster.local", "localhost"}
+        "chat", "chat.team-a", "chat.team-a.svc", "chat.team-a.svc.cluster.local", "localhost",
+        "chat-pods", "chat-pods.team-a", "chat-pods.team-a.svc", "chat-pods.team-a.svc.cluster.local"}
+    assert certs.subject_names(server) == set(NAMES.dns_names("cluster.local"))
     assert server.not_after <= ca.not_after
 
 

@@ -116,3 +116,12 @@ def test_renewal_due_names_what_to_issue_through_a_rotation() -> None:
     # An expired CA is replaced at once, and every leaf with it.
     gone = ca.signer.not_after + dt.timedelta(seconds=1)
     assert certs.renewal_due(ca, {"srv": srv}, now=gone, **kw) == certs.Renewal("new", ("srv",))
+
+
+def test_the_router_deployment_never_counts_as_the_replicas() -> None:
+    router = {"kind": "Deployment", "metadata": {"labels": {"app.kubernetes.io/component": "router"}},
+              "status": {"replicas": 1, "readyReplicas": 1}}
+    # Read first (as a dict keeps it), the router's ready pod must not make the service Ready.
+    st = status_from(spec(), FITS, {("apps/v1", "Deployment", "chat-router"): router,
+                                    ("apps/v1", "Deployment", "chat"): deployment(0)})
+    assert st.phase == "Progressing" and (st.replicas, st.ready_replicas) == (2, 0)
