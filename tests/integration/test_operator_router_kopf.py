@@ -89,7 +89,7 @@ async def test_two_replicas_get_a_router_that_takes_http_once_ready(api) -> None
         assert pod["serviceAccountName"] == "duo-router"
         assert pod["containers"][0]["image"] == "llamafleet:0.1.0"  # the pods' image
         assert {r["resources"][0] for r in role["rules"]} == {
-            "endpointslices", "llmservices", "llmservices/scale"}
+            "endpointslices", "llmservices/scale"}
         assert binding["subjects"][0]["name"] == "duo-router"
 
         pods = await wait_until(lambda: get(api, f"{SVCS}/duo-pods"))
