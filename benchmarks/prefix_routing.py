@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--swa-full", action="store_true",
+                    help="replicas keep every position of sliding-window layers (serve --swa-full)")
     ap.add_argument("--prompt-cache-mib", type=int, default=256,
                     help="each replica's host-RAM prompt cache (0: slots only)")
     ap.add_argument("--seed", type=int, default=15)
@@ -122,6 +124,7 @@ def main() -> int:
                 "--threads", str(a.threads), "--n-batch", str(a.n_batch),
                 "--prompt-cache-mib", str(a.prompt_cache_mib),
                 "--api-key", AUTH["Authorization"].removeprefix("Bearer "),
+                "--swa-full" if a.swa_full else "--no-swa-full",
                 "--log-level", "warning"], url,
                 a.out / f"prefix-routing-replica{i}.log", AUTH))
         stack.enter_context(running([

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,6 +106,8 @@ def plan_for_pod(settings: Any, shape: Any, nvml: NVML | None = None,
         if not gpu_offload:
             log.info("this llama.cpp build cannot offload to a GPU: planning from RAM")
     kv = KVShape.of(shape)
+    if getattr(settings, "swa_full", False):  # sliding-window layers keep every position
+        kv = replace(kv, sliding_window=None, swa_pattern=None)
     common = dict(weights_bytes=shape.size_bytes, kv=kv, context=settings.context_size,
                   cap=settings.max_batch_size, kv_type=settings.kv_cache_type,
                   reserve_bytes=settings.memory_reserve_mib * MiB,

@@ -176,7 +176,7 @@ class LlamaBackend:
     """One llama_context with ``n_seq_max`` sequences; used only by the engine thread."""
 
     def __init__(self, model: LlamaModel, *, n_seq: int, context_size: int, n_batch: int,
-                 threads: int, kv_cache_type: str = "f16"):
+                 threads: int, kv_cache_type: str = "f16", swa_full: bool = False):
         self.model = model
         self.n_batch = n_batch
         params = C.llama_context_default_params()
@@ -194,8 +194,12 @@ class LlamaBackend:
         # 103.7 tok/s unified vs 87.5 split end to end (before the kernel patch); pure decode
         # steps cost the same either way (12.0 vs 11.8 ms with it).
         params.kv_unified = True
-        # Sliding-window layers keep only their window (llama-server does the same).
-        params.swa_full = False
+        # Sliding-window layers keep only their window by default (llama-server does the
+        # same). Then a sequence that runs past the window lets llama.cpp overwrite its
+        # oldest cells, and a free slot's cached prefix may no longer serve a new prompt
+        # (trim_sequence checks); swa_full keeps every position, at the memory of full
+        # attention in those layers.
+        params.swa_full = swa_full
         params.no_perf = True
         try:
             self._ctx = _internals.LlamaContext(model=model._model, params=params, verbose=False)

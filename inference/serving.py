@@ -354,7 +354,7 @@ def build(settings: Settings) -> Serving:
                     "running sequence per step)", settings.n_batch, n_batch, plan.max_batch_size)
     backend = LlamaBackend(model, n_seq=plan.max_batch_size, context_size=settings.context_size,
                            n_batch=n_batch, threads=settings.threads,
-                           kv_cache_type=settings.kv_cache_type)
+                           kv_cache_type=settings.kv_cache_type, swa_full=settings.swa_full)
     metrics = Metrics()
     metrics.max_batch.set(plan.max_batch_size)
     metrics.model.info({"name": settings.model_name or path.stem, "path": str(path),

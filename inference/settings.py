@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     n_batch: int = Field(
         512, ge=16, le=65_536, description="Most tokens in one llama_decode step (prefill chunk)."
     )
+    swa_full: bool = Field(
+        False,
+        description="Models with sliding-window attention (Gemma 3): keep every position in "
+        "those layers instead of the last window (llama-server's --swa-full). Free slots "
+        "then keep their cached prefixes however long the last answer ran, at the KV memory "
+        "of full attention in those layers (capacity planning counts it). Off, a "
+        "slot's prefix that slid out of the window comes from the host prompt cache instead.",
+    )
     embeddings: bool = Field(
         True, description="Serve /v1/embeddings from a second llama_context on the same "
         "weights (its own KV cache of embeddings_context_size tokens); false: 404, no memory.",

@@ -177,3 +177,13 @@ def test_no_nvml_means_cpu_mode_for_real(tmp_path) -> None:
     assert capacity.system_memory_bytes(cgroup_root=tmp_path) == 6 * GiB
     (tmp_path / "memory.max").write_text("max")
     assert capacity.system_memory_bytes(cgroup_root=tmp_path) > 6 * GiB
+
+
+def test_swa_full_plans_the_sliding_layers_at_full_context() -> None:
+    gemma = SimpleNamespace(architecture="gemma3", n_layer=48, n_head_kv=8, key_length=256,
+                            value_length=256, sliding_window=1024, size_bytes=7e9)
+    kw = dict(context_size=32768, max_batch_size=256)
+    windowed = capacity.plan_for_pod(pod_settings(**kw), gemma, system_memory=64 * GiB)
+    full = capacity.plan_for_pod(pod_settings(swa_full=True, **kw), gemma, system_memory=64 * GiB)
+    assert full.per_sequence_mib > 4 * windowed.per_sequence_mib
+    assert full.max_batch_size < windowed.max_batch_size
