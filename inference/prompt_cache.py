@@ -51,16 +51,25 @@ class PromptCache:
         return len(key) >= self.min_tokens
 
     def put(self, tokens: Sequence[int], state: bytes) -> None:
+        """Holds ``state`` for ``tokens``. An entry that the new one serves nearly as well
+        goes: one that is a prefix of it (an earlier turn of the same conversation), or one
+        that differs from it only in a short tail (the same system prompt with another
+        question). Otherwise every question of a tenant would hold a copy of its system
+        prompt, and a few busy tenants would push the others' prefixes out."""
         if len(state) > self.limit_bytes:
             return
         key = tuple(tokens)
-        if key in self._entries:
-            self.bytes -= len(self._entries.pop(key))
+        for old in [k for k in self._entries if self._served_by(k, key)]:
+            self.bytes -= len(self._entries.pop(old))
         self._entries[key] = state
         self.bytes += len(state)
         while self.bytes > self.limit_bytes:
             _, old = self._entries.popitem(last=False)
             self.bytes -= len(old)
+
+    def _served_by(self, old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+        n = shared_prefix(old, new)
+        return n == len(old) or (n >= self.min_tokens and len(old) - n <= len(old) // 16)
 
     def longest(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], bytes, int] | None:
         """The entry sharing the longest prefix with ``prompt``: (tokens, state, shared)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
 
@@ -83,7 +83,10 @@ class Affinity:
        that prefix, and a free slot starts it at once; the bound alone would send the second
        request of a tenant elsewhere whenever the fleet is nearly idle, since ceil(1.25 * 2 / 3)
        is 1, and that request would pay a full prefill);
-    2. else the first backend clockwise from the first block's hash that is under the bound;
+    2. else, of the backends under the bound, the one home to the fewest prefixes, the first
+       clockwise from the first block's hash among equals (with few tenants the ring alone
+       is lumpy: 6 prefixes on 3 replicas often land 3/3/0, and a replica's caches then
+       hold 3 tenants while another idles);
     3. else the least loaded.
     Then the blocks are remembered with the chosen backend (LRU, ``entries`` at most);
     blocks already remembered with another live backend keep it (an overflow is not a move)."""
@@ -93,6 +96,9 @@ class Affinity:
         self._ring = Ring([], vnodes)
         self._members: tuple[str, ...] = ()
         self._seen: OrderedDict[int, str] = OrderedDict()
+        # Each remembered prefix (its last block) and its replica, and how many per replica.
+        self._homes: OrderedDict[int, str] = OrderedDict()
+        self._home_count: Counter[str] = Counter()
 
     def pick(self, blocks: Sequence[int], loads: dict[str, float],
              tiebreak: Callable[[str], float] = lambda b: 0.0,
@@ -113,7 +119,10 @@ class Affinity:
                     chosen, hit = b, True
                 break
         if chosen is None and blocks:
-            chosen = next((b for b in self._ring.walk(blocks[0]) if loads[b] < bound), None)
+            under = [b for b in self._ring.walk(blocks[0]) if loads[b] < bound]
+            if under:
+                fewest = min(self._home_count[b] for b in under)
+                chosen = next(b for b in under if self._home_count[b] == fewest)
         if chosen is None:
             chosen = min(members, key=lambda b: (loads[b], tiebreak(b)))
         for h in blocks:
@@ -124,4 +133,17 @@ class Affinity:
             self._seen.move_to_end(h)
         while len(self._seen) > self.entries:
             self._seen.popitem(last=False)
+        if blocks and self._seen.get(blocks[-1]) == chosen:
+            self._home(blocks[-1], chosen)
         return chosen, hit
+
+    def _home(self, prefix: int, backend: str) -> None:
+        old = self._homes.get(prefix)
+        if old != backend:
+            if old is not None:
+                self._home_count[old] -= 1
+            self._home_count[backend] += 1
+            self._homes[prefix] = backend
+        self._homes.move_to_end(prefix)
+        while len(self._homes) > self.entries:
+            self._home_count[self._homes.popitem(last=False)[1]] -= 1

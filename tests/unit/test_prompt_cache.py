@@ -37,3 +37,16 @@ def test_only_new_prompts_long_enough_are_worth_a_copy() -> None:
     assert not c.wants([1, 2, 3])  # held already (and refreshed)
     c.put([1, 2, 3], b"longer")  # replaced, bytes recounted
     assert c.bytes == len(b"longer")
+
+
+def test_an_entry_the_new_one_serves_as_well_makes_room() -> None:
+    c = PromptCache(limit_bytes=1000, min_tokens=4)
+    system_a, system_b = list(range(100, 164)), list(range(200, 264))
+    c.put(system_a + [1, 2], b"a1")
+    c.put(system_b + [1], b"b1")
+    c.put(system_a + [3, 4, 5], b"a2")  # same tenant, another question: replaces a1
+    assert len(c) == 2 and system_a + [1, 2] not in c and system_b + [1] in c
+    c.put(system_b + [1, 7, 8, 9] + list(range(40)), b"b2")  # the conversation goes on
+    assert system_b + [1] not in c and len(c) == 2
+    c.put(system_a[:40] + list(range(900, 960)), b"other")  # shares too little: both stay
+    assert len(c) == 3 and c.bytes == 2 + 2 + 5

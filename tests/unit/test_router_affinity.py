@@ -102,3 +102,15 @@ def test_a_prefix_holder_with_a_free_slot_takes_the_request_above_the_bound() ->
     full = {b: (4.0 if b == home else 0.0) for b in "abc"}
     elsewhere, hit = aff.pick(blocks, full, slots=lambda b: 4.0)
     assert elsewhere != home and not hit  # no free slot and over the bound: overflow
+
+
+def test_new_prefixes_spread_evenly_and_stay_put() -> None:
+    idle = {"a": 0.0, "b": 0.0, "c": 0.0}
+    for salt in range(20):  # whatever the hashes, 6 tenants land 2/2/2 on an idle fleet
+        aff = Affinity(vnodes=256, factor=1.25, entries=1000)
+        homes = {t: aff.pick(block_hashes(f"{salt} " + SYSTEM.format(t), 64), idle)[0]
+                 for t in range(6)}
+        assert sorted(Counter(homes.values()).values()) == [2, 2, 2], (salt, homes)
+        # ...and each tenant keeps its replica.
+        for t, home in homes.items():
+            assert aff.pick(block_hashes(f"{salt} " + SYSTEM.format(t), 64), idle) == (home, True)
