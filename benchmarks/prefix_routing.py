@@ -93,8 +93,9 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024, help="context per sequence")
     ap.add_argument("--threads", type=int, default=1, help="threads per replica")
-    ap.add_argument("--n-batch", type=int, default=512,
-                    help="each replica's most tokens per step (its prefill chunk)")
+    ap.add_argument("--n-batch", type=int, default=64,
+                    help="each replica's most tokens per step (its prefill chunk; small, so a "
+                    "cold prompt holds up its replica's other sequences only briefly)")
     ap.add_argument("--tenants", type=int, default=6)
     ap.add_argument("--words", type=int, default=465, help="system prompt words (~500 tokens)")
     ap.add_argument("--requests", type=int, default=96)
@@ -102,8 +103,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--swa-full", action="store_true",
                     help="replicas keep every position of sliding-window layers (serve --swa-full)")
-    ap.add_argument("--prompt-cache-mib", type=int, default=256,
-                    help="each replica's host-RAM prompt cache (0: slots only)")
+    ap.add_argument("--prompt-cache-mib", type=int, default=20,
+                    help="each replica's host-RAM prompt cache (0: slots only); 20 MiB holds two "
+                    "tenants' prefixes: more tenants than one replica holds, as in a big fleet")
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
