@@ -225,6 +225,7 @@ class _Sequence:
     completion_tokens: int = 0
     started: bool = False
     generated: list[int] = field(default_factory=list)  # sampled tokens now in the KV cache
+    passed_over: int = 0  # PREFILL: steps in a row that left it no budget (build_batch)
 
     def kv_tokens(self) -> list[int]:
         return (list(self.req.prompt) + self.generated)[: self.n_past]
@@ -247,6 +248,9 @@ class Batch:
     sample: list[tuple[_Sequence, int]] = field(default_factory=list)
 
 
+PASSED_OVER_MAX = 4  # steps a prefill may get no budget before it goes first
+
+
 def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
     """Every decoding sequence's next token first, then prompt chunks of prefilling
     sequences, shortest remaining prompt first, until ``n_batch`` tokens. A prefill's last
@@ -254,7 +258,9 @@ def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
 
     Shortest first: a request whose prefix came from the cache has a few tokens left to
     prefill, and gets its first token in this step instead of waiting behind another
-    request's long prompt (the long one takes what is left of the budget)."""
+    request's long prompt (the long one takes what is left of the budget). A prefill left
+    without budget counts the step (``passed_over``); after PASSED_OVER_MAX such steps it
+    goes first."""
     b = Batch()
     for seq in running:
         if seq.state is DECODE:
@@ -265,11 +271,16 @@ def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
             b.seqs.append(seq.slot)
             b.logits.append(True)
     budget = n_batch - len(b.tokens)
+    # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
+    # first: a stream of short prompts never starves a long one.
     prefilling = sorted((s for s in running if s.state is PREFILL),
-                        key=lambda s: len(s.req.prompt) - s.n_past)
+                        key=lambda s: (s.passed_over < PASSED_OVER_MAX,
+                                       len(s.req.prompt) - s.n_past))
     for seq in prefilling:
         if budget <= 0:
-            break
+            seq.passed_over += 1
+            continue
+        seq.passed_over = 0
         start = seq.n_past
         take = min(budget, len(seq.req.prompt) - start)
         last = start + take == len(seq.req.prompt)

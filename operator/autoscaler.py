@@ -31,7 +31,6 @@ from .spec import LLMServiceSpec
 
 log = logging.getLogger(__name__)
 
-COMPONENT = "app.kubernetes.io/component"
 # The pod's series (llamafleet.inference.metrics) and the router's (llamafleet.router.metrics).
 RUNNING, QUEUED, FINISHED = ("llamafleet_running_sequences", "llamafleet_queue_depth",
                              "llamafleet_requests_total")
@@ -115,7 +114,9 @@ async def read_held(client: httpx.AsyncClient, routers: Sequence[Target],
 
 
 def _list_pods(dyn: DynamicClient, names: B.Names, component: str) -> list[dict]:
-    selector = f"{B.selector_string(names.name)},{COMPONENT}={component}"
+    labels = B.router_selector_labels(names.name) if component == "router" \
+        else B.pod_selector_labels(names.name)
+    selector = ",".join(f"{k}={v}" for k, v in labels.items())
     pods = dyn.resources.get(api_version="v1", kind="Pod").get(
         namespace=names.namespace, label_selector=selector).to_dict()
     return list(pods.get("items") or [])

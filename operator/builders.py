@@ -330,14 +330,17 @@ def _tcp(*ports: int) -> list[dict]:
     return [{"port": p, "protocol": "TCP"} for p in ports]
 
 
-def build_network_policy(names: Names, spec: LLMServiceSpec, routed_only: bool = False) -> dict:
+def build_network_policy(names: Names, spec: LLMServiceSpec, routed_only: bool = False,
+                         operator_peer: dict | None = None) -> dict:
     """Ingress to every pod of the LLMService, serve and router pods alike (each pod type
     listens only on its own ports, so one port-based policy fits both).
 
     Clients reach gRPC, and HTTP on the pods or, with the router, on the router. The pods'
     HTTP port stays open to clients until ``routed_only``: the handler sets it one resync
     after the Service moved to the router, so that no connection is refused meanwhile.
-    Egress is not restricted: the router reaches the API server and the pods.
+    Egress is not restricted: the router reaches the API server and the pods. With the
+    builtin autoscaler, ``operator_peer`` (the operator's pods) reads the pods' and the
+    routers' metrics on their HTTP ports.
     """
     peers = []
     for c in spec.networkPolicy.allowedClients:
@@ -356,6 +359,9 @@ def build_network_policy(names: Names, spec: LLMServiceSpec, routed_only: bool =
     if router:  # the router proxies to the pods and polls their /ready and /metrics
         ingress.append({"from": [{"podSelector": {"matchLabels": router_selector_labels(
             names.name)}}], "ports": _tcp(HTTP_PORT)})
+    if operator_peer and spec.scaling is not None and spec.scaling.mode == "builtin":
+        ingress.append({"from": [operator_peer],
+                        "ports": _tcp(HTTP_PORT, *([ROUTER_PORT] if router else []))})
     monitoring = spec.networkPolicy.monitoringNamespaces
     if monitoring:  # otherwise the metrics ports admit no one
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": {

@@ -210,6 +210,13 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
             fail("Failed", Condition("Ready", "False", "Conflict", msg),
                  Condition("Progressing", "False", "Conflict", "Blocked by foreign objects."))
             raise kopf.TemporaryError(f"conflict: {msg}", delay=settings.resync_seconds)
+        if parsed.scaling is not None and "replicas" not in (body.get("spec") or {}):
+            step = "replicas"
+            # The scale subresource reads an absent spec.replicas as 0: an HPA would think
+            # the fleet is off and never scale it, KEDA that it is already at zero, and the
+            # router that it must scale it from zero. Write the starting size once, as the
+            # autoscaler does.
+            autoscaler.write_replicas(memo.dyn, names, parsed.replicas)
         step = "certificates"
         if parsed.tls.enabled:
             not_after = ensure_certificates(children, body, names, parsed, logger,
@@ -230,7 +237,8 @@ def _reconcile_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger
         step = "network policy"
         if parsed.networkPolicy.enabled:
             children.apply(body, B.build_network_policy(
-                names, parsed, routed_only=was_routed and routed), logger, event)
+                names, parsed, routed_only=was_routed and routed,
+                operator_peer=settings.operator_peer), logger, event)
         else:
             children.remove(NETWORK_POLICY, logger)
         step = "children"

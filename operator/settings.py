@@ -31,9 +31,26 @@ class OperatorSettings(BaseSettings):
     prometheus_url: str = Field(
         "http://prometheus-operated.monitoring.svc:9090", description="Prometheus that KEDA "
         "queries for spec.scaling.mode keda (the ScaledObject's prometheus trigger serverAddress).")
+    pod_namespace: str | None = Field(
+        None, description="The operator pod's own namespace (the chart sets it from the downward "
+        "API). With pod_labels it lets the builtin autoscaler through each LLMService's "
+        "NetworkPolicy to read the pods' and routers' metrics; unset (an operator outside the "
+        "cluster), no such rule is added.")
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels of the operator's pods, as JSON (the chart "
+        "sets its selector labels).")
     cluster_domain: str = Field("cluster.local", description="DNS suffix for Service names.")
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch; empty: the whole cluster.")
     kubeconfig: str | None = Field(
         None, description="kubeconfig file for the API client (default: in-cluster, then "
         "$KUBECONFIG / ~/.kube/config).")
+
+    @property
+    def operator_peer(self) -> dict | None:
+        """The operator's pods as a NetworkPolicy peer, when it knows where they run."""
+        if not self.pod_namespace or not self.pod_labels:
+            return None
+        return {"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": self.pod_namespace}},
+                "podSelector": {"matchLabels": dict(self.pod_labels)}}

@@ -88,11 +88,14 @@ class Router:
                 self.held -= 1
                 self.metrics.held.set(self.held)
                 await self.pool.notify()
-        loads = {b.url: b.load for b in candidates}
-        url, hit = self.affinity.pick(keys, loads, lambda u: self.pool.backends[u].kv_use,
-                                      lambda u: self.pool.backends[u].slots)
+        # The candidates themselves, not pool.backends: a replica may leave the pool (its
+        # EndpointSlice changed) while this request waited.
+        by_url = {b.url: b for b in candidates}
+        loads = {u: b.load for u, b in by_url.items()}
+        url, hit = self.affinity.pick(keys, loads, lambda u: by_url[u].kv_use,
+                                      lambda u: by_url[u].slots)
         self.metrics.affinity.labels("hit" if hit else "miss").inc()
-        return self.pool.backends[url]
+        return by_url[url]
 
     async def _wait_for_ready(self, tried: set[str], deadline: float) -> list[Backend]:
         async with self.pool.changed:

@@ -131,13 +131,15 @@ async def test_load_scales_up_then_down_then_to_zero_and_a_request_brings_one_ba
     controller = asyncio.create_task(deployment_controller(api, serves))
     try:
         async with kopf_runner() as runner:
-            # No replicas in the spec: the fleet starts at max(minReplicas, 1).
+            # No replicas in the spec: the fleet starts at max(minReplicas, 1), written to
+            # spec.replicas.
             await create(api, LLMS, llmservice(NAME, scaling=scaling,
                                                auth={"apiKeySecret": "keys"}))
             await wait_until(lambda: get(api, f"{PODS}/{NAME}-0"), timeout=30)
             obj = await wait_until(lambda: _autoscaling(api, lambda a: a.get("podsRead") == 1))
             assert obj["status"]["autoscaling"]["desiredReplicas"] == 1
-            assert (await llmservice_obj(api))["spec"].get("replicas") is None
+            # Written through the scale subresource (absent, it would read as 0).
+            assert (await llmservice_obj(api))["spec"].get("replicas") == 1
 
             # Three concurrent streams on pod 0, target 1 per replica: up to max (2).
             started = [asyncio.Event() for _ in range(3)]
@@ -208,6 +210,8 @@ async def test_hpa_and_keda_modes_emit_their_object_and_remove_it_when_the_mode_
         await create(api, LLMS, llmservice("modes", scaling={
             "mode": "hpa", "minReplicas": 1, "maxReplicas": 3, "targetInFlightPerReplica": 4}))
         hpa = await wait_until(lambda: get(api, hpa_path))
+        # The HPA reads the fleet's size from the scale subresource: never 0 while it runs.
+        assert (await get(api, f"{LLMS}/modes/scale"))["spec"]["replicas"] == 1
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "llamafleet.io/v1alpha1",
                                                  "kind": "LLMService", "name": "modes"}
         assert hpa["metadata"]["ownerReferences"][0]["name"] == "modes"

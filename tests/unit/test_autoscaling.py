@@ -337,3 +337,23 @@ async def test_a_pod_that_does_not_answer_is_a_missing_reading() -> None:
         assert load.in_flight is None and load.name == "gone"
         assert await read_held(client, [dead], {}) is None
         assert await read_held(client, [], {}) is None
+
+
+def test_pods_and_routers_are_listed_by_their_own_selectors() -> None:
+    from types import SimpleNamespace
+
+    from llamafleet.operator import autoscaler
+    from llamafleet.operator import builders as B
+
+    asked: list[str] = []
+
+    def get(namespace: str, label_selector: str):
+        asked.append(label_selector)
+        return SimpleNamespace(to_dict=lambda: {"items": []})
+
+    dyn = SimpleNamespace(resources=SimpleNamespace(get=lambda **_: SimpleNamespace(get=get)))
+    names = B.Names("chat", "team-a")
+    autoscaler._list_pods(dyn, names, "inference")
+    autoscaler._list_pods(dyn, names, "router")
+    parse = [dict(t.split("=") for t in s.split(",")) for s in asked]
+    assert parse == [B.pod_selector_labels("chat"), B.router_selector_labels("chat")]

@@ -136,7 +136,7 @@ def test_security_contexts_are_values_with_strict_defaults(helm: Path) -> None:
 
 def test_operator_gets_both_images(helm: Path) -> None:
     dep = next(d for d in render(helm, "gpuImage.repository=reg/lf-cuda") if d["kind"] == "Deployment")
-    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LLAMAFLEET_OPERATOR_IMAGE_TAG"] == "0.1.0"
     assert env["LLAMAFLEET_OPERATOR_GPU_IMAGE_REPOSITORY"] == "reg/lf-cuda"
     assert env["LLAMAFLEET_OPERATOR_GPU_IMAGE_TAG"] == "0.1.0-cuda"
@@ -221,3 +221,19 @@ def test_the_pod_monitor_scrapes_the_pods_and_the_routers(helm: Path) -> None:
         # each pod has exactly one of the two ports, so no target scrapes a wrong path
         ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
         assert len(ports & set(endpoints)) == 1
+
+
+def test_the_operator_knows_its_pods_so_network_policies_let_the_autoscaler_read_metrics(
+        helm: Path, monkeypatch) -> None:
+    dep = next(d for d in render(helm) if d["kind"] == "Deployment")
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLAMAFLEET_OPERATOR_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.namespace"
+    monkeypatch.setenv("LLAMAFLEET_OPERATOR_POD_NAMESPACE", "llamafleet-system")
+    monkeypatch.setenv("LLAMAFLEET_OPERATOR_POD_LABELS", env["LLAMAFLEET_OPERATOR_POD_LABELS"]["value"])
+    peer = OperatorSettings().operator_peer
+    assert peer is not None
+    assert peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "llamafleet-system"}
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert peer["podSelector"]["matchLabels"].items() <= pod_labels.items()

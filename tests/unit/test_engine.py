@@ -516,3 +516,20 @@ def test_a_failing_startup_is_raised_and_the_engine_never_runs() -> None:
     with pytest.raises(RuntimeError, match="self-test failed"):
         eng.start(startup=broken)
     assert not eng.alive
+
+
+def test_a_long_prompt_is_never_starved_by_short_ones() -> None:
+    from llamafleet.inference.engine import PASSED_OVER_MAX, build_batch
+
+    long = _seq(0, list(range(100, 140)))  # 40 tokens
+    steps_without = 0
+    for step in range(3 * PASSED_OVER_MAX):
+        # Every step, two fresh short prompts that fill the whole budget between them.
+        shorts = [_seq(1 + i, list(range(4 * step + 10 * i, 4 * step + 10 * i + 4))) for i in (0, 1)]
+        b = build_batch([long, *shorts], n_batch=8)
+        got = dict((s.slot, n) for s, n in b.advance).get(0, 0)
+        if got:
+            long.n_past += got
+            break
+        steps_without += 1
+    assert steps_without == PASSED_OVER_MAX and long.n_past == 8

@@ -225,3 +225,18 @@ def test_endpoints_say_where_http_and_grpc_go() -> None:
         "router": "http://chat.team-a.svc.cluster.local:16070"}
     # gRPC goes to the pod Service as soon as the router is on, before HTTP moves.
     assert "router" not in B.endpoints(NAMES, "cluster.local", two, routed=False)
+
+
+def test_the_builtin_autoscaler_may_read_metrics_through_the_network_policy() -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "llamafleet-operator"}}}
+    scaled = parse_spec({"model": {"source": {"embedded": True}},
+                         "scaling": {"minReplicas": 0, "maxReplicas": 3}})
+    policy = B.build_network_policy(B.Names("chat", "team-a"), scaled, operator_peer=peer)
+    validate(policy)
+    rules = [r for r in policy["spec"]["ingress"] if r["from"] == [peer]]
+    assert [{p["port"] for p in r["ports"]} for r in rules] == [{C.HTTP_PORT, C.ROUTER_PORT}]
+    fixed = parse_spec({"model": {"source": {"embedded": True}}, "replicas": 2})
+    for spec, op in ((fixed, peer), (scaled, None)):  # not autoscaled, or operator unknown
+        policy = B.build_network_policy(B.Names("chat", "team-a"), spec, operator_peer=op)
+        assert all(r["from"] != [peer] for r in policy["spec"]["ingress"])
