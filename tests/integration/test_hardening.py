@@ -204,7 +204,10 @@ def _b_request(url: str) -> str:
 
 # llama.cpp keeps n_swa + n_ubatch cells per sequence for the sliding-window layers; with
 # n_batch 64 (so n_ubatch 64), A's 1100 tokens overwrite every cell of the shared prefix.
-SWA_SERVER = dict(context_size=2048, max_batch_size=1, n_batch=64, grpc_port=0, metrics_port=0)
+# No host prompt cache: these tests are about a slot's own cells (when they slid out, the
+# prefix comes from the prompt cache instead: test_prompt_cache.py).
+SWA_SERVER = dict(context_size=2048, max_batch_size=1, n_batch=64, grpc_port=0, metrics_port=0,
+                  prompt_cache_mib=0)
 
 
 @pytest.fixture(scope="module")
