@@ -258,7 +258,7 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         "topologySpreadConstraints": [{
             "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": selector_labels(names.name)}}],
+            "labelSelector": {"matchLabels": pod_selector_labels(names.name)}}],
     }
     if init:
         pod_spec["initContainers"] = init

@@ -151,6 +151,9 @@ def test_deployment_is_valid_and_complete() -> None:
     assert pod["nodeSelector"] == {"pool": "gpu"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    # The spread counts serve pods only (router pods share selector_labels).
+    assert pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"] == \
+        B.pod_selector_labels("chat")
     assert dep["spec"]["selector"]["matchLabels"] == B.selector_labels("chat")
 
 
