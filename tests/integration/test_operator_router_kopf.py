@@ -172,8 +172,21 @@ async def test_a_foreign_router_account_is_a_conflict_and_left_alone(api) -> Non
             "lastTransitionTime") and _seconds_since(condition(o, "Ready")["lastTransitionTime"]) > 1.5))
         assert await get(api, f"{DEPS}/busy-router") is None
         assert await get(api, f"{SVCS}/busy") is None
-        assert await get(api, f"/api/v1/namespaces/{NS}/serviceaccounts/busy-router") == foreign
+        sa_path = f"/api/v1/namespaces/{NS}/serviceaccounts/busy-router"
+        assert await get(api, sa_path) == foreign
+        # Once its owner removes it, the LLMService proceeds and the account is ours. (This
+        # also ends the failing resyncs before kopf stops: a timer that keeps failing while
+        # kopf shuts down sometimes escapes kopf's daemon killer, and kopf never exits.)
+        assert (await api.delete(sa_path)).status_code == 200
+        sa = await wait_until(lambda: _owned(api, sa_path))
+        assert sa["metadata"]["ownerReferences"][0]["name"] == "busy"
+        await wait_until(lambda: get(api, f"{DEPS}/busy-router"))
     assert runner.exception is None
+
+
+async def _owned(api, path: str) -> dict | None:
+    obj = await get(api, path)
+    return obj if obj and (obj.get("metadata") or {}).get("ownerReferences") else None
 
 
 async def test_a_server_certificate_without_the_pod_service_names_is_reissued(api) -> None:
