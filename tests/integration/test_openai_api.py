@@ -114,7 +114,7 @@ def test_concurrent_streams_all_complete_and_never_mix(server, model: str) -> No
     async def one(word: str) -> tuple[str, str | None]:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": f"Repeat: {word} {word} {word}"}],
-            max_tokens=32, temperature=0.3, seed=7, stream=True)
+            max_tokens=32, temperature=0, stream=True)
         parts, finish = [], None
         async for c in stream:
             if c.choices:
@@ -130,7 +130,8 @@ def test_concurrent_streams_all_complete_and_never_mix(server, model: str) -> No
         assert finish in ("stop", "length"), text
         others = [w for w in words if w != word]
         assert not any(o in text for o in others), (word, text)
-    # the model echoes its prompt: each stream carries its own word
+    # the model echoes its prompt (greedy: the likeliest text, whatever the batch shape did
+    # to the low bits of the logits): each stream carries its own word
     assert sum(word in text for word, (text, _) in zip(words, results, strict=True)) >= 3
 
 
