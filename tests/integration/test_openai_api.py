@@ -132,7 +132,10 @@ def test_concurrent_streams_all_complete_and_never_mix(server, model: str) -> No
         assert not any(o in text for o in others), (word, text)
     # the model echoes its prompt (greedy: the likeliest text, whatever the batch shape did
     # to the low bits of the logits): each stream carries its own word
-    assert sum(word in text for word, (text, _) in zip(words, results, strict=True)) >= 3
+    # (At least two, so that the never-mix check above is not vacuous: a 135M model does not
+    # echo every time, and which batch shapes a run gets depends on timing.)
+    echoed = sum(word in text for word, (text, _) in zip(words, results, strict=True))
+    assert echoed >= 2, results
 
 
 def test_json_schema_output_is_valid(client: openai.OpenAI, model: str) -> None:
