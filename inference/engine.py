@@ -20,6 +20,7 @@ tested with a fake; :mod:`llamafleet.inference.llama_backend` is the real one.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import enum
 import logging
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 from llamafleet.common.errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
 
 from .prompt_cache import PromptCache
+from .slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,11 @@ class Backend(Protocol):
                logits: Sequence[bool]) -> None: ...
 
     def sample(self, sampler: Any, batch_index: int) -> int: ...
+
+    def sample_batch(self, samplers: Sequence[Any], indices: Sequence[int]) -> list[int]:
+        """One token per sampler, from the logits row at the matching batch index: every
+        row of a step at once."""
+        ...
 
     def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
         """``token``'s log-probability at ``batch_index`` after :meth:`sample`, and the
@@ -251,16 +258,43 @@ class Batch:
 PASSED_OVER_MAX = 4  # steps a prefill may get no budget before it goes first
 
 
-def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
-    """Every decoding sequence's next token first, then prompt chunks of prefilling
-    sequences, shortest remaining prompt first, until ``n_batch`` tokens. A prefill's last
-    chunk asks for logits (for its first sampled token); an earlier chunk does not.
+def build_batch(running: Sequence[_Sequence], n_batch: int,
+                prefill_budget: int | None = None) -> Batch:
+    """Every decoding sequence's next token, and prompt chunks of prefilling sequences,
+    shortest remaining prompt first, within ``n_batch`` tokens and, while any sequence is
+    decoding, ``prefill_budget`` prompt tokens (chunked prefill: a long prompt never holds the
+    running streams for more than one bounded step). A prefill's last chunk asks for logits
+    (for its first sampled token); an earlier chunk does not.
+
+    Tokens go into the batch in the order of ``running`` (the engine keeps it in slot order),
+    each sequence's tokens together: with one KV stream per sequence llama.cpp cuts a batch
+    into ubatches of *consecutive* sequence ids with equal token counts, so a batch in slot
+    order is one ubatch for every decoding sequence (plus one for what is left of a prompt
+    chunk) instead of one per break in the order.
 
     Shortest first: a request whose prefix came from the cache has a few tokens left to
     prefill, and gets its first token in this step instead of waiting behind another
     request's long prompt (the long one takes what is left of the budget). A prefill left
     without budget counts the step (``passed_over``); after PASSED_OVER_MAX such steps it
     goes first."""
+    decoding = sum(1 for s in running if s.state is DECODE)
+    budget = n_batch - decoding
+    if decoding and prefill_budget is not None:
+        budget = min(budget, prefill_budget)
+    # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
+    # first: a stream of short prompts never starves a long one.
+    prefilling = sorted((s for s in running if s.state is PREFILL),
+                        key=lambda s: (s.passed_over < PASSED_OVER_MAX,
+                                       len(s.req.prompt) - s.n_past))
+    takes: dict[int, int] = {}
+    for seq in prefilling:
+        if budget <= 0:
+            seq.passed_over += 1
+            continue
+        seq.passed_over = 0
+        take = min(budget, len(seq.req.prompt) - seq.n_past)
+        takes[id(seq)] = take
+        budget -= take
     b = Batch()
     for seq in running:
         if seq.state is DECODE:
@@ -270,19 +304,11 @@ def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
             b.pos.append(seq.n_past)
             b.seqs.append(seq.slot)
             b.logits.append(True)
-    budget = n_batch - len(b.tokens)
-    # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
-    # first: a stream of short prompts never starves a long one.
-    prefilling = sorted((s for s in running if s.state is PREFILL),
-                        key=lambda s: (s.passed_over < PASSED_OVER_MAX,
-                                       len(s.req.prompt) - s.n_past))
-    for seq in prefilling:
-        if budget <= 0:
-            seq.passed_over += 1
             continue
-        seq.passed_over = 0
+        take = takes.get(id(seq), 0)
+        if not take:
+            continue
         start = seq.n_past
-        take = min(budget, len(seq.req.prompt) - start)
         last = start + take == len(seq.req.prompt)
         b.tokens.extend(seq.req.prompt[start : start + take])
         b.pos.extend(range(start, start + take))
@@ -292,7 +318,6 @@ def build_batch(running: Sequence[_Sequence], n_batch: int) -> Batch:
         b.advance.append((seq, take))
         if last:
             b.sample.append((seq, len(b.tokens) - 1))
-        budget -= take
     return b
 
 
@@ -308,6 +333,8 @@ class Engine:
         context_size: int,
         observer: EngineObserver | None = None,
         prompt_cache: PromptCache | None = None,
+        deliver: Callable[[list[tuple[GenerationRequest, Event]]], None] | None = None,
+        prefill_step_s: float | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -325,17 +352,15 @@ class Engine:
         self._waiting: queue.Queue[GenerationRequest | None] = queue.Queue(
             maxsize=queue_size + max_batch_size + 1)
         self._admit_lock = threading.Lock()
-        self._free_slots = list(range(max_batch_size - 1, -1, -1))
-        # Prefix cache: what a free slot's KV cells still hold, so a new request that
-        # starts the same way (a shared system prompt, a chat's earlier turns) skips that
-        # part of the prefill.
-        self._cached: dict[int, list[int]] = {}
-        self.prefix_tokens_reused = 0
-        # ...and beyond the slots, in host RAM (prompt_cache.py); the backend then needs
-        # save_sequence / restore_sequence.
-        self.prompt_cache = prompt_cache
-        self.prompt_cache_restores = 0
-        self._running: list[_Sequence] = []
+        self.cache = SlotCache(backend, max_batch_size, prompt_cache)  # type: ignore[arg-type]
+        self._running: list[_Sequence] = []  # in slot order (build_batch says why)
+        # Events of a step go out together at its end (deliver), not one hand-over per token.
+        self._outbox: list[tuple[GenerationRequest, Event]] = []
+        self._deliver = deliver or deliver_each
+        # Chunked prefill: while sequences decode, a step's prompt tokens are held to what
+        # fits prefill_step_s at the measured cost per batch token (None: up to n_batch).
+        self.prefill_step_s = prefill_step_s
+        self._token_s: float | None = None  # seconds per batch token, steps with prompt tokens
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
@@ -351,6 +376,24 @@ class Engine:
     @property
     def queued(self) -> int:
         return self._waiting.qsize()
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        return self.cache.prompt_cache
+
+    @property
+    def prefix_tokens_reused(self) -> int:
+        return self.cache.prefix_tokens_reused
+
+    @property
+    def prompt_cache_restores(self) -> int:
+        return self.cache.prompt_cache_restores
+
+    def prefill_budget(self) -> int | None:
+        """Prompt tokens a step may carry beside decoding sequences (None: n_batch)."""
+        if self.prefill_step_s is None or self._token_s is None:
+            return None
+        return max(MIN_PREFILL_CHUNK, int(self.prefill_step_s / self._token_s))
 
     def stalled_for(self) -> float:
         """Seconds without a finished step while sequences are running; 0 when idle."""
@@ -369,7 +412,7 @@ class Engine:
         with self._admit_lock:
             # Room for queue_size waiting requests beyond the free slots: a request that
             # can start at the next step never counts as queued.
-            limit = self.queue_size + len(self._free_slots)
+            limit = self.queue_size + self.cache.free
             if self._waiting.qsize() >= limit:
                 self._purge_cancelled()
             if self._waiting.qsize() >= limit:
@@ -392,8 +435,8 @@ class Engine:
                 return
             q.queue = type(q.queue)(r for r in q.queue if r is None or not r.cancelled.is_set())
             q.not_full.notify_all()
-        for req in gone:
-            self._emit(req, Finished("cancelled", len(req.prompt), 0))
+        # On the submitting thread, not the engine's: delivered now, not at a step's end.
+        self._deliver([(req, Finished("cancelled", len(req.prompt), 0)) for req in gone])
 
     def start(self, startup: Callable[[Backend], object] | None = None) -> None:
         """Start the engine thread. ``startup`` (the start-up self-test) runs first, on that
@@ -440,20 +483,28 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                if not self._admit(block=not self._running):
-                    break
-                if self._running:
+                more = self._admit(block=not self._running)
+                if more and self._running:
                     self._step()
+                self._flush()
+                if not more:
+                    break
         except BaseException:  # pragma: no cover - a bug in the scheduler itself
             log.exception("engine thread crashed")
             raise
         finally:
             self.alive = False
             self._drain()
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._outbox:
+            out, self._outbox = self._outbox, []
+            self._deliver(out)
 
     def _admit(self, block: bool) -> bool:
         """Move waiting requests into free slots. False when asked to stop."""
-        while self._free_slots:
+        while self.cache.free:
             try:
                 req = self._waiting.get(block=block)
             except queue.Empty:
@@ -475,92 +526,23 @@ class Engine:
                 continue
             if not self._running:
                 self.last_progress = time.monotonic()  # the stall clock starts with work
-            slot, reused = self._take_slot(req)
+            slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
-            self._running.append(seq)
+            bisect.insort(self._running, seq, key=_slot_of)
             self._emit(req, Started(time.monotonic() - req.enqueued_at))
         return True
-
-    def _take_slot(self, req: GenerationRequest) -> tuple[int, int]:
-        """A free slot, preferring the one whose cached tokens share the longest prefix with
-        the prompt; returns (slot, tokens reused). Seeded requests start from scratch: reused
-        cells were computed in another batch shape, and llama.cpp's kernels are not
-        batch-invariant, so only a full prefill reproduces a seeded request exactly."""
-        best, best_len = self._free_slots[-1], 0
-        reuse, from_slot = req.params.seed is None, False
-        if reuse:
-            for slot in self._free_slots:
-                cached = self._cached.get(slot, ())
-                n = 0
-                for a, b in zip(cached, req.prompt, strict=False):
-                    if a != b:
-                        break
-                    n += 1
-                if n > best_len:
-                    best, best_len = slot, n
-            restores = self.prompt_cache_restores
-            best, best_len = self._restore_if_longer(req.prompt, best, best_len)
-            from_slot = self.prompt_cache_restores == restores
-        self._free_slots.remove(best)
-        keep = self._keep(best, best_len, len(req.prompt))
-        if reuse and from_slot and best_len and not keep:
-            # The slot's tokens matched but its cells no longer serve them (a sliding
-            # window moved past the prefix while it generated): the host prompt cache holds
-            # the prefix as it was right after its prefill.
-            best, shared = self._restore_if_longer(req.prompt, best, 0, into=best)
-            keep = self._keep(best, shared, len(req.prompt))
-        self.prefix_tokens_reused += keep
-        return best, keep
-
-    def _keep(self, slot: int, matched: int, prompt_len: int) -> int:
-        """Keeps the slot's first ``matched`` cells for a prompt when they still serve it,
-        else clears the slot; returns the tokens kept."""
-        cached = self._cached.pop(slot, ())
-        keep = min(matched, prompt_len - 1)  # re-decode at least one token for logits
-        # trim_sequence also says whether what is left still serves the prompt (a sliding
-        # window may have been overwritten): if not, a full prefill.
-        if keep <= 0 or not self.backend.trim_sequence(slot, keep):
-            if cached:
-                self.backend.clear_sequence(slot)
-            keep = 0
-        return keep
-
-    def _restore_if_longer(self, prompt: Sequence[int], best: int, best_len: int,
-                           into: int | None = None) -> tuple[int, int]:
-        """When the host prompt cache shares more of the prompt than any free slot, copy
-        that state into a free slot (``into``, else an empty one if any) and use it."""
-        entry = self.prompt_cache.longest(prompt) if self.prompt_cache is not None else None
-        if entry is None or entry[2] <= best_len:
-            return best, best_len
-        tokens, state, shared = entry
-        if into is None:
-            empty = [s for s in self._free_slots if not self._cached.get(s)]
-            into = empty[0] if empty else best
-        self._cached.pop(into, None)
-        if not self.backend.restore_sequence(into, state):  # type: ignore[attr-defined]
-            return into, 0
-        self._cached[into] = list(tokens)
-        self.prompt_cache_restores += 1
-        return into, shared
-
-    def _save_prompt(self, seq: _Sequence) -> None:
-        """Right after its prefill the sequence's cells hold exactly its prompt: keep a copy
-        in the host prompt cache (seeded requests never reuse cells, so never saved)."""
-        cache, prompt = self.prompt_cache, seq.req.prompt
-        if cache is None or seq.req.params.seed is not None or not cache.wants(prompt):
-            return
-        cache.put(prompt, self.backend.save_sequence(seq.slot))  # type: ignore[attr-defined]
 
     def _step(self) -> None:
         for seq in [s for s in self._running if s.req.cancelled.is_set()]:
             self._finish(seq, "cancelled")
         if not self._running:
             return
-        batch = build_batch(self._running, self.backend.n_batch)
+        batch = build_batch(self._running, self.backend.n_batch, self.prefill_budget())
         # KV cells in use, from our own bookkeeping (asking llama.cpp per sequence each step
         # cost a measurable share of a 7 ms step).
-        kv_tokens = sum(s.n_past for s in self._running) + sum(map(len, self._cached.values()))
+        kv_tokens = sum(s.n_past for s in self._running) + self.cache.cached_tokens()
         self.observer.on_step(len(self._running), len(batch.tokens), self.queued, kv_tokens)
+        started = time.perf_counter()
         try:
             self.backend.decode(batch.tokens, batch.pos, batch.seqs, batch.logits)
         except Exception as e:
@@ -570,24 +552,47 @@ class Engine:
             return
         finally:
             self.last_progress = time.monotonic()
+        if len(batch.tokens) > len(batch.sample):  # prompt tokens in it: learn their cost
+            per_token = (time.perf_counter() - started) / len(batch.tokens)
+            self._token_s = per_token if self._token_s is None else (
+                0.7 * self._token_s + 0.3 * per_token)
         self.steps += 1
         self._apply(batch)
 
     def _apply(self, batch: Batch) -> None:
-        """The batch is in the KV cache: advance its sequences, then sample those that
-        asked for logits (each moves to DECODE, or finishes)."""
+        """The batch is in the KV cache: advance its sequences, then sample every sequence
+        that asked for logits at once (each moves to DECODE, or finishes)."""
         for seq, n in batch.advance:
             seq.n_past += n
             if seq.state is DECODE:
                 seq.generated.append(seq.next_token)
-        for seq, index in batch.sample:
-            self._accept(seq, index)
-
-    def _accept(self, seq: _Sequence, index: int) -> None:
-        try:
+        if not batch.sample:
+            return
+        for seq, _ in batch.sample:
             if seq.state is PREFILL:
-                self._save_prompt(seq)
-            token = self.backend.sample(seq.sampler, index)
+                self.cache.saved_prompt(seq.slot, seq.req.prompt, seq.req.params.seed is None)
+        try:
+            tokens = self.backend.sample_batch([s.sampler for s, _ in batch.sample],
+                                               [i for _, i in batch.sample])
+        except Exception:
+            log.exception("batched sampling failed; sampling the %d sequences one by one",
+                          len(batch.sample))
+            tokens = [self._sample_one(seq, index) for seq, index in batch.sample]
+        for (seq, index), token in zip(batch.sample, tokens, strict=True):
+            if token is not None:
+                self._accept(seq, index, token)
+
+    def _sample_one(self, seq: _Sequence, index: int) -> int | None:
+        """One sequence alone (after a failed batch): a failure fails this sequence only."""
+        try:
+            return self.backend.sample(seq.sampler, index)
+        except Exception as e:
+            log.exception("sampling failed for %s", seq.req.request_id)
+            self._fail(seq, InternalError(f"sampling failed: {e}"))
+            return None
+
+    def _accept(self, seq: _Sequence, index: int, token: int) -> None:
+        try:
             if self.backend.is_eog(token) and not seq.req.params.ignore_eos:
                 self._finish(seq, "stop")
                 return
@@ -620,13 +625,9 @@ class Engine:
         self._running.remove(seq)
         self.observer.on_finish(seq.req)
         try:
-            if keep_cache:
-                self._cached[seq.slot] = seq.kv_tokens()
-            else:
-                self.backend.clear_sequence(seq.slot)
-            self.backend.free_sampler(seq.sampler)
+            self.cache.release(seq.slot, seq.kv_tokens() if keep_cache else None)
         finally:
-            self._free_slots.append(seq.slot)
+            self.backend.free_sampler(seq.sampler)
 
     def _finish(self, seq: _Sequence, reason: str, flush: bool = True) -> None:
         self._release(seq, keep_cache=reason != "cancelled")
@@ -641,11 +642,7 @@ class Engine:
         self._emit(seq.req, Failed(err))
 
     def _emit(self, req: GenerationRequest, event: Event) -> None:
-        try:
-            req.sink(event)
-        except Exception:
-            log.warning("dropping events for %s: its consumer failed", req.request_id, exc_info=True)
-            req.cancel()
+        self._outbox.append((req, event))
 
     def _drain(self) -> None:
         """On shutdown, every request still known gets a final event."""
@@ -659,3 +656,20 @@ class Engine:
             if req is not None:
                 self._emit(req, Failed(Overloaded("The server is shutting down.")))
 
+
+MIN_PREFILL_CHUNK = 16  # prompt tokens a step always carries, however slow the hardware
+
+
+def _slot_of(seq: _Sequence) -> int:
+    return seq.slot
+
+
+def deliver_each(events: list[tuple[GenerationRequest, Event]]) -> None:
+    """Hand each event to its request's sink; a failing sink cancels its request only."""
+    for req, event in events:
+        try:
+            req.sink(event)
+        except Exception:
+            log.warning("dropping events for %s: its consumer failed", req.request_id,
+                        exc_info=True)
+            req.cancel()

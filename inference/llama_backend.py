@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import random
-from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
@@ -23,6 +20,7 @@ from llamafleet.common.errors import BadRequest, ModelError
 
 from .engine import SamplingParams, TokenLogprob
 from .model import ModelShape, model_shape
+from .sampler import Sampler, SamplerPool, seed32
 
 log = logging.getLogger(__name__)
 
@@ -135,65 +133,38 @@ class LlamaModel:
         self._model.close()
 
 
-PENALTY_LAST_N = 64  # tokens of history the penalties look at (llama.cpp's default)
-
-
-@dataclass(eq=False)
-class Penalties:
-    """Repeat / frequency / presence penalties over the last ``PENALTY_LAST_N`` generated
-    tokens, with llama.cpp's exact arithmetic (float32; a positive logit is divided by the
-    repeat penalty, a negative one multiplied).
-
-    Why not ``llama_sampler_init_penalties``: it looks every vocabulary entry up in its
-    history map, about 0.8 ms per token for Gemma's 262k vocabulary, which at 4 streams
-    cost 3 ms of every 37 ms step. Here only the tokens in the history are touched, in
-    place in the logits row, before the chain runs, so the chain sees the same numbers.
-    """
-
-    repeat: np.float32
-    frequency: np.float32
-    presence: np.float32
-    history: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_LAST_N))
-
-    def apply(self, logits: np.ndarray) -> None:
-        if not self.history:
-            return
-        counts = Counter(self.history)
-        ids = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
-        n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-        row = logits[ids]
-        row = np.where(row <= 0, row * self.repeat, row / self.repeat)
-        logits[ids] = row - (n * self.frequency + self.presence)
-
-
-@dataclass(eq=False)
-class Sampler:
-    chain: ctypes.c_void_p
-    penalties: Penalties | None = None
+KV_LAYOUTS = ("split", "unified")
 
 
 class LlamaBackend:
     """One llama_context with ``n_seq_max`` sequences; used only by the engine thread."""
 
     def __init__(self, model: LlamaModel, *, n_seq: int, context_size: int, n_batch: int,
-                 threads: int, kv_cache_type: str = "f16", swa_full: bool = False):
+                 threads: int, kv_cache_type: str = "f16", swa_full: bool = False,
+                 kv_layout: str = "split", n_ubatch: int | None = None):
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, not {kv_layout!r}")
         self.model = model
         self.n_batch = n_batch
+        self.kv_layout = kv_layout
         params = C.llama_context_default_params()
         params.n_ctx = context_size * n_seq
         params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_ubatch = n_ubatch or n_batch
         params.n_seq_max = n_seq
         params.n_threads = threads
         params.n_threads_batch = threads
         params.type_k = KV_TYPES[kv_cache_type]
         params.type_v = KV_TYPES[kv_cache_type]
-        # One KV buffer shared by all sequences: one attention pass per step over mixed
-        # decode + prefill rows (split per-sequence streams make llama.cpp cut such a batch
-        # into several equal-length ubatches). Measured here, 4 streams, Gemma 270M, 2 cores:
-        # 103.7 tok/s unified vs 87.5 split end to end (before the kernel patch); pure decode
-        # steps cost the same either way (12.0 vs 11.8 ms with it).
-        params.kv_unified = True
+        # "split": one KV stream per sequence (llama-server's default with -np N). A token
+        # attends over its own sequence's cells only, so attention grows with batch x own
+        # length. "unified": one buffer for all sequences; every token attends over the used
+        # cells of all of them (masked), batch x total cells: 4.4x slower at 64 sequences on
+        # the random llama of benchmarks/high_concurrency.py. Unified's one advantage is that
+        # a batch mixing decode and prefill rows is one ubatch; split streams cut it into
+        # equal-length ubatches of consecutive sequence ids (llama_batch_allocr::split_equal),
+        # which the engine's batch order and slot choice keep few (see Engine).
+        params.kv_unified = kv_layout == "unified"
         # Sliding-window layers keep only their window by default (llama-server does the
         # same). Then a sequence that runs past the window lets llama.cpp overwrite its
         # oldest cells, and a free slot's cached prefix may no longer serve a new prompt
@@ -210,40 +181,47 @@ class LlamaBackend:
         self.ctx = self._ctx.ctx
         self.n_ctx = C.llama_n_ctx(self.ctx)  # KV cells, all sequences together
         self._mem = C.llama_get_memory(self.ctx)
-        self._batch = C.llama_batch_init(n_batch, 0, 1)
+        self._batch = _Batch(n_batch)
+        # Row of llama.cpp's logits matrix for each batch index (-1: no logits asked).
+        self._out_row = np.full(n_batch, -1, dtype=np.intp)
+        self._n_out = 0
         # Sliding-window attention span (Gemma 3: 512); 0 for models without one.
         self.n_swa = C.llama_model_n_swa(model.ptr)
+        self.pool = SamplerPool(model.n_vocab, capacity=n_seq + 1)
 
     def new_sampler(self, p: SamplingParams) -> Sampler:
-        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        add = lambda s: C.llama_sampler_chain_add(chain, s)  # noqa: E731
+        """A sampler for one sequence. Every request samples in the batched pool
+        (sampler.py); a grammar adds a llama.cpp chain (grammar + the same filters) beside it,
+        used only when the pool's token breaks the grammar."""
+        grammar = None
         if p.grammar:
-            g = C.llama_sampler_init_grammar(self.model.vocab, p.grammar.encode(), b"root")
-            if not g:
-                C.llama_sampler_free(chain)
+            grammar = C.llama_sampler_init_grammar(self.model.vocab, p.grammar.encode(), b"root")
+            if not grammar:
                 raise BadRequest("invalid grammar", param="response_format")
-            add(g)
-        penalties = None
-        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            penalties = Penalties(np.float32(p.repeat_penalty), np.float32(p.frequency_penalty),
-                                  np.float32(p.presence_penalty))
-        sampler = Sampler(chain, penalties)
-        if p.temperature <= 0:
-            add(C.llama_sampler_init_greedy())
-            return sampler
-        if p.top_k > 0:
-            add(C.llama_sampler_init_top_k(p.top_k))
-        if p.top_p < 1.0:
-            add(C.llama_sampler_init_top_p(p.top_p, 1))
-        if p.min_p > 0:
-            add(C.llama_sampler_init_min_p(p.min_p, 1))
-        add(C.llama_sampler_init_temp(p.temperature))
-        seed = p.seed if p.seed is not None else random.getrandbits(32)
-        add(C.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        sampler = self.pool.open(p)
+        if grammar is not None:
+            chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+            C.llama_sampler_chain_add(chain, grammar)
+            if p.temperature <= 0:
+                C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
+            else:
+                if p.top_k > 0:
+                    C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(p.top_k))
+                if p.top_p < 1.0:
+                    C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(p.top_p, 1))
+                if p.min_p > 0:
+                    C.llama_sampler_chain_add(chain, C.llama_sampler_init_min_p(p.min_p, 1))
+                C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(p.temperature))
+                seed = seed32(p.seed) if p.seed is not None else C.LLAMA_DEFAULT_SEED
+                C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
+            sampler.chain, sampler.grammar = chain, grammar
         return sampler
 
     def free_sampler(self, sampler: Sampler) -> None:
-        C.llama_sampler_free(sampler.chain)
+        if sampler.chain is not None:
+            C.llama_sampler_free(sampler.chain)  # frees the grammar with it
+            sampler.chain = sampler.grammar = None
+        self.pool.close(sampler)
 
     def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
                logits: Sequence[bool]) -> None:
@@ -252,20 +230,16 @@ class LlamaBackend:
 
     def fill_batch(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
                    logits: Sequence[bool]) -> None:
-        b = self._batch
         n = len(tokens)
         if n > self.n_batch:  # the llama_batch arrays hold n_batch tokens
             raise ValueError(f"a batch of {n} tokens exceeds n_batch {self.n_batch}")
-        b.n_tokens = n
-        for i in range(n):
-            b.token[i] = tokens[i]
-            b.pos[i] = pos[i]
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq[i]
-            b.logits[i] = logits[i]
+        flags = self._batch.fill(tokens, pos, seq, logits)
+        counted = np.cumsum(flags, dtype=np.intp)
+        self._out_row[:n] = np.where(flags != 0, counted - 1, -1)
+        self._n_out = int(counted[-1]) if n else 0
 
     def decode_batch(self) -> None:
-        rc = C.llama_decode(self.ctx, self._batch)
+        rc = C.llama_decode(self.ctx, self._batch.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
@@ -273,21 +247,47 @@ class LlamaBackend:
         """Wait for the device's queued work (the step profile uses it; a no-op on CPU)."""
         C.llama_synchronize(self.ctx)
 
+    def logits(self) -> np.ndarray:
+        """The last decode's logits, one row per batch token that asked for them, in batch
+        order (llama.cpp reorders its output buffer to batch order when it is read)."""
+        ptr = C.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_out, self.model.n_vocab))
+
     def sample(self, sampler: Sampler, batch_index: int) -> int:
-        pen = sampler.penalties
-        if pen is not None:
-            row = C.llama_get_logits_ith(self.ctx, batch_index)
-            pen.apply(np.ctypeslib.as_array(row, shape=(self.model.n_vocab,)))
-        token = C.llama_sampler_sample(sampler.chain, self.ctx, batch_index)
-        if pen is not None:
-            pen.history.append(token)
-        return token
+        return self.sample_batch([sampler], [batch_index])[0]
+
+    def sample_batch(self, samplers: Sequence[Sampler], indices: Sequence[int]) -> list[int]:
+        """One token for each sampler from the row at its batch index, all rows together:
+        penalties, then the batched draw (sampler.py). A grammar sampler whose drawn token the
+        grammar refuses samples again through its llama.cpp chain, grammar first (llama-server's
+        common_sampler does the same: checking one token costs little, constraining the whole
+        vocabulary costs milliseconds on a 262k vocabulary; greedy output is exactly the
+        constrained argmax either way)."""
+        pool = self.pool
+        logits = self.logits()
+        rows = self._out_row[np.asarray(indices, dtype=np.intp)]
+        pool.penalise(logits, rows, samplers)
+        tokens = pool.sample(logits, rows, samplers)
+        for i, s in enumerate(samplers):
+            if s.grammar is None:
+                continue
+            if self._grammar_allows(s.grammar, int(tokens[i]), logits[rows[i]]):
+                C.llama_sampler_accept(s.chain, int(tokens[i]))
+            else:  # the chain reads the same (penalised) row and accepts what it draws
+                tokens[i] = C.llama_sampler_sample(s.chain, self.ctx, indices[i])
+        pool.accept(samplers, tokens)
+        return tokens.tolist()
+
+    @staticmethod
+    def _grammar_allows(grammar: ctypes.c_void_p, token: int, row: np.ndarray) -> bool:
+        data = (C.llama_token_data * 1)(C.llama_token_data(token, float(row[token]), 0.0))
+        arr = C.llama_token_data_array(data, 1, -1, False)
+        C.llama_sampler_apply(grammar, ctypes.byref(arr))
+        return bool(np.isfinite(data[0].logit))
 
     def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
-        # The row the chain read: the penalties were applied to it in place, and the chain
-        # samples from a copy.
-        row = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, batch_index),
-                                    shape=(self.model.n_vocab,)).astype(np.float64)
+        # The row the sampler read: the penalties were applied to it in place.
+        row = self.logits()[self._out_row[batch_index]].astype(np.float64)
         peak = row.max()
         logprobs = row - (peak + np.log(np.exp(row - peak).sum()))
         best = np.argpartition(-logprobs, top)[:top] if top else np.empty(0, dtype=np.intp)
@@ -341,7 +341,42 @@ class LlamaBackend:
         return True
 
     def close(self) -> None:
-        if self._batch is not None:
-            C.llama_batch_free(self._batch)
-            self._batch = None
+        self._batch = None
         self._ctx.close()
+
+
+class _Batch:
+    """A ``llama_batch`` whose columns are numpy arrays we own, filled with whole-array writes.
+
+    ``llama_batch_init`` allocates the columns in C, and filling them through ctypes costs about
+    1 µs per token and column; here a step's batch is a few slice assignments. llama.cpp only
+    reads the struct during ``llama_decode``; it is never passed to ``llama_batch_free``."""
+
+    def __init__(self, n: int):
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        self.token = np.zeros(n, np.int32)
+        self.pos = np.zeros(n, np.int32)
+        self.n_seq_id = np.ones(n, np.int32)
+        self.seq = np.zeros(n, np.int32)
+        self.logits = np.zeros(n, np.int8)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (i32 * n)(*(ctypes.cast(base + 4 * i, i32) for i in range(n)))
+        b = C.llama_batch()
+        b.n_tokens = 0
+        b.token = self.token.ctypes.data_as(i32)
+        b.embd = None
+        b.pos = self.pos.ctypes.data_as(i32)
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(i32)
+        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.batch = b
+
+    def fill(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
+             logits: Sequence[bool]) -> np.ndarray:
+        n = len(tokens)
+        self.batch.n_tokens = n
+        self.token[:n] = tokens
+        self.pos[:n] = pos
+        self.seq[:n] = seq
+        self.logits[:n] = logits
+        return self.logits[:n]

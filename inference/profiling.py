@@ -171,6 +171,7 @@ class _TimedBackend:
             decode = prof.timed("decode", backend.decode)
         self.decode = decode
         self.sample = prof.timed("sample", backend.sample)
+        self.sample_batch = prof.timed("sample", backend.sample_batch)
         self.token_bytes = prof.timed("text", backend.token_bytes)
         self.is_eog = prof.timed("text", backend.is_eog)
         self.clear_sequence = prof.timed("admit", backend.clear_sequence)
@@ -205,14 +206,16 @@ class _TimedObserver:
 
 
 def install(engine: Any, metrics: Any = None) -> StepProfile:
-    """Wrap a not yet started engine's backend and observer with a new :class:`StepProfile`."""
+    """Wrap a not yet started engine's backend, observer and event hand-over with a new
+    :class:`StepProfile`."""
     prof = StepProfile(metrics)
     engine.backend = _TimedBackend(engine.backend, prof)
+    engine.cache.backend = engine.backend
     engine.observer = _TimedObserver(engine.observer, prof)
+    engine._deliver = prof.timed("deliver", engine._deliver)
     return prof
 
 
 def wrap_bridge(bridge: Any, prof: StepProfile) -> None:
-    """Time the engine thread's hand-over of events to this bridge's loop."""
-    prof.watch_loop_thread()  # the bridge is created on its loop's thread
-    bridge.send = prof.timed("deliver", bridge.send)
+    """Read the CPU time of this bridge's event loop thread (it is created on that thread)."""
+    prof.watch_loop_thread()

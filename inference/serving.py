@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +30,16 @@ from llamafleet.common.errors import (
 from llamafleet.common.sampling import DEFAULTS, SamplingParameters
 
 from . import capacity
-from .engine import Engine, Failed, Finished, GenerationRequest, SamplingParams, Started, TextDelta
+from .engine import (
+    Engine,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    Started,
+    TextDelta,
+    deliver_each,
+)
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SCHEMA_CONVERT_TIMEOUT_S, check_json_schema
 from .metrics import EngineMetrics, Metrics
 from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
@@ -95,8 +104,12 @@ class LoopBridge:
         self._scheduled = False
 
     def send(self, q: asyncio.Queue, event: object) -> None:
+        self.send_many(((q, event),))
+
+    def send_many(self, items: Iterable[tuple[asyncio.Queue, object]]) -> None:
+        """Queue events for the loop and wake it once (the engine hands over a whole step)."""
         with self._lock:
-            self._pending.append((q, event))
+            self._pending.extend(items)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -108,6 +121,34 @@ class LoopBridge:
             self._scheduled = False
         for q, event in items:
             q.put_nowait(event)
+
+
+@dataclass(frozen=True, eq=False)
+class QueueSink:
+    """An engine request's sink: events go to ``queue`` on the bridge's loop."""
+
+    bridge: LoopBridge
+    queue: asyncio.Queue
+
+    def __call__(self, event: object) -> None:
+        self.bridge.send(self.queue, event)
+
+
+def deliver(events: list[tuple[GenerationRequest, Any]]) -> None:
+    """The engine's hand-over of one step's events: one lock and one wake-up per event
+    loop, not per event. Sinks that are not :class:`QueueSink` are called one by one."""
+    by_bridge: dict[LoopBridge, list[tuple[asyncio.Queue, object]]] = {}
+    others = []
+    for req, event in events:
+        sink = req.sink
+        if type(sink) is QueueSink:
+            by_bridge.setdefault(sink.bridge, []).append((sink.queue, event))
+        else:
+            others.append((req, event))
+    for bridge, items in by_bridge.items():
+        bridge.send_many(items)
+    if others:
+        deliver_each(others)
 
 
 class Serving:
@@ -229,7 +270,7 @@ class Serving:
             raise ContextTooLong(len(prompt), self.engine.context_size, param=prompt_param)
         q: asyncio.Queue = asyncio.Queue()
         bridge = self._bridge()
-        req = GenerationRequest(prompt, params, lambda ev: bridge.send(q, ev), request_id)
+        req = GenerationRequest(prompt, params, QueueSink(bridge, q), request_id)
         gen = Generation(self, req, api, q, user=user)
         try:
             self.engine.submit(req)
@@ -336,6 +377,16 @@ def _json_grammar() -> str:
 JSON_GRAMMAR = _json_grammar()
 
 
+SPLIT_FROM = 8  # kv_layout auto: sequences from which one KV stream each pays (see Settings)
+
+
+def kv_layout(setting: str, max_batch_size: int) -> str:
+    """The KV layout for a pod: the setting, or for 'auto' the measured choice by batch size."""
+    if setting != "auto":
+        return setting
+    return "split" if max_batch_size >= SPLIT_FROM else "unified"
+
+
 def build(settings: Settings) -> Serving:
     """Load the model, plan capacity, start the engine. Raises ModelError/CapacityError."""
     from .llama_backend import LlamaBackend, LlamaModel
@@ -352,9 +403,13 @@ def build(settings: Settings) -> Serving:
     if n_batch != settings.n_batch:
         log.warning("n_batch raised from %d to %d to fit max_batch_size=%d (one token per "
                     "running sequence per step)", settings.n_batch, n_batch, plan.max_batch_size)
+    layout = kv_layout(settings.kv_layout, plan.max_batch_size)
     backend = LlamaBackend(model, n_seq=plan.max_batch_size, context_size=settings.context_size,
                            n_batch=n_batch, threads=settings.threads,
-                           kv_cache_type=settings.kv_cache_type, swa_full=settings.swa_full)
+                           kv_cache_type=settings.kv_cache_type, swa_full=settings.swa_full,
+                           kv_layout=layout)
+    log.info("KV layout %s (%s) for %d sequences", layout, settings.kv_layout,
+             plan.max_batch_size)
     metrics = Metrics()
     metrics.max_batch.set(plan.max_batch_size)
     metrics.model.info({"name": settings.model_name or path.stem, "path": str(path),
@@ -363,7 +418,8 @@ def build(settings: Settings) -> Serving:
     prompt_cache = PromptCache(settings.prompt_cache_mib << 20) if settings.prompt_cache_mib else None
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
-                    observer=EngineMetrics(metrics, backend.n_ctx), prompt_cache=prompt_cache)
+                    observer=EngineMetrics(metrics, backend.n_ctx), prompt_cache=prompt_cache,
+                    deliver=deliver, prefill_step_s=settings.prefill_step_ms / 1e3 or None)
     profile = install_profile(engine, metrics) if settings.step_profile else None
     probe = model.tokenize("The sky is", add_bos=model.add_bos)
     try:

@@ -113,6 +113,22 @@ class Settings(BaseSettings):
     n_batch: int = Field(
         512, ge=16, le=65_536, description="Most tokens in one llama_decode step (prefill chunk)."
     )
+    prefill_step_ms: float = Field(
+        50, ge=0, le=60_000,
+        description="Chunked prefill: while sequences are decoding, a step carries only as "
+        "many prompt tokens as fit this many milliseconds at the measured cost per token "
+        "(at least 16), so a long prompt never stalls the running streams for more than about "
+        "this long; with nothing decoding a prompt goes in chunks of n_batch. 0 turns it off "
+        "(chunks of n_batch always).",
+    )
+    kv_layout: Literal["auto", "split", "unified"] = Field(
+        "auto",
+        description="KV cache layout. 'split': one stream per sequence (llama-server's "
+        "default), attention over a sequence's own cells only; the fastest at high "
+        "concurrency. 'unified': one buffer for all sequences, every token attends over all "
+        "used cells (masked); one ubatch for mixed prefill and decode rows. 'auto': split "
+        "when max_batch_size >= 8, else unified (measured: benchmarks/high_concurrency.py).",
+    )
     swa_full: bool = Field(
         False,
         description="Models with sliding-window attention (Gemma 3): keep every position in "

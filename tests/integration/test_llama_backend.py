@@ -1,12 +1,15 @@
-"""The llama.cpp boundary on the real model: our own penalty step against llama.cpp's."""
+"""The llama.cpp boundary on the real model: the batched sampler against llama.cpp's chain."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
+import numpy as np
 import pytest
 from llamafleet.inference.engine import SamplingParams
-from llamafleet.inference.llama_backend import PENALTY_LAST_N, LlamaBackend, LlamaModel
+from llamafleet.inference.sampler import PENALTY_LAST_N
+from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
 from llamafleet.inference.llama_backend import llama_cpp as _llama_cpp
 
 C = _llama_cpp.llama_cpp
@@ -35,41 +38,65 @@ def _generate(be: LlamaBackend, sample, n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_penalties_match_llama_cpp_sampler(backend: LlamaBackend, temperature: float) -> None:
-    """Strong penalties change the text; ours must change it exactly as llama.cpp's would."""
-    params = SamplingParams(temperature=temperature, seed=7, top_k=40, top_p=0.95, min_p=0.05,
-                            repeat_penalty=1.5, frequency_penalty=0.4, presence_penalty=0.3)
+def _reference_chain(be: LlamaBackend, p: SamplingParams) -> ctypes.c_void_p:
+    """llama.cpp's own chain for ``p``, its own penalties sampler first (what llamafleet
+    sampled through before the batched sampler)."""
+    ref = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+    C.llama_sampler_chain_add(ref, C.llama_sampler_init_penalties(
+        be.model.n_vocab, PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty,
+        p.presence_penalty))
+    C.llama_sampler_chain_add(ref, C.llama_sampler_init_greedy())
+    return ref
+
+
+def test_greedy_output_is_token_for_token_llama_cpps(backend: LlamaBackend) -> None:
+    """Strong penalties change the text; the batched sampler must change it exactly as
+    llama.cpp's chain does, token for token."""
+    params = SamplingParams(temperature=0.0, repeat_penalty=1.5, frequency_penalty=0.4,
+                            presence_penalty=0.3)
     ours = backend.new_sampler(params)
-    assert ours.penalties is not None
     try:
         got = _generate(backend, lambda i: backend.sample(ours, i), 48)
     finally:
         backend.free_sampler(ours)
-
-    # Reference: the same chain with llama.cpp's own penalties sampler right after creation
-    # order (grammar, penalties, top-k, top-p, min-p, temperature, dist).
-    plain = backend.new_sampler(SamplingParams(**{**params.__dict__, "repeat_penalty": 1.0,
-                                                  "frequency_penalty": 0.0,
-                                                  "presence_penalty": 0.0}))
-    ref = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-    C.llama_sampler_chain_add(ref, C.llama_sampler_init_penalties(
-        backend.model.n_vocab, PENALTY_LAST_N, 1.5, 0.4, 0.3))
-    for i in range(C.llama_sampler_chain_n(plain.chain)):
-        C.llama_sampler_chain_add(ref, C.llama_sampler_clone(C.llama_sampler_chain_get(plain.chain, i)))
-    backend.free_sampler(plain)
+    ref = _reference_chain(backend, params)
     try:
         want = _generate(backend, lambda i: C.llama_sampler_sample(ref, backend.ctx, i), 48)
     finally:
         C.llama_sampler_free(ref)
-
-    unpenalised = backend.new_sampler(SamplingParams(**{**params.__dict__, "repeat_penalty": 1.0,
-                                                        "frequency_penalty": 0.0,
-                                                        "presence_penalty": 0.0}))
+    plain = backend.new_sampler(SamplingParams(temperature=0.0, repeat_penalty=1.0))
     try:
-        free = _generate(backend, lambda i: backend.sample(unpenalised, i), 48)
+        free = _generate(backend, lambda i: backend.sample(plain, i), 48)
     finally:
-        backend.free_sampler(unpenalised)
-
+        backend.free_sampler(plain)
     assert got == want
     assert got != free, "the penalties should have changed the text"
+
+
+def test_logits_rows_follow_the_batch_order(backend: LlamaBackend) -> None:
+    """The matrix the batch sampler reads has one row per token that asked for logits, in
+    batch order: each row equals llama_get_logits_ith at that token's batch index."""
+    prompt = backend.model.tokenize("One two three four five six", True)
+    backend.clear_sequence(0)
+    flags = [i % 3 == 1 or i == len(prompt) - 1 for i in range(len(prompt))]
+    backend.decode(prompt, list(range(len(prompt))), [0] * len(prompt), flags)
+    rows = backend.logits()
+    assert rows.shape[0] == sum(flags)
+    for row, index in enumerate(i for i, f in enumerate(flags) if f):
+        ith = np.ctypeslib.as_array(C.llama_get_logits_ith(backend.ctx, index),
+                                    shape=(backend.model.n_vocab,))
+        np.testing.assert_array_equal(rows[row], ith)
+    backend.clear_sequence(0)
+
+
+def test_a_grammar_holds_when_the_free_draw_breaks_it(backend: LlamaBackend) -> None:
+    """The pool draws without the grammar and the chain resamples only when the grammar
+    refuses that token: every token still obeys it."""
+    grammar = 'root ::= [0-9]+ "."'
+    s = backend.new_sampler(SamplingParams(temperature=0.8, grammar=grammar, seed=3))
+    try:
+        out = _generate(backend, lambda i: backend.sample(s, i), 6)
+    finally:
+        backend.free_sampler(s)
+    text = b"".join(backend.model.token_bytes(t) for t in out).decode()
+    assert text and all(c.isdigit() or c == "." for c in text), text

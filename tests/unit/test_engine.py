@@ -46,6 +46,7 @@ class FakeBackend:
         self.gate: threading.Event | None = None
         self.nonfinite_logits = 0  # what logits_nonfinite() reports (start-up self-test)
         self.decode_error: Exception | None = None  # raised by every decode when set
+        self.sample_batches: list[list[int]] = []  # the batch indices of each sample_batch
 
     def new_sampler(self, params: SamplingParams):
         if self.refused_grammar is not None and params.grammar == self.refused_grammar:
@@ -69,6 +70,10 @@ class FakeBackend:
             self._last[s] = t
             if logits[i]:
                 self._seq_of_index[i] = s
+
+    def sample_batch(self, samplers, indices) -> list[int]:
+        self.sample_batches.append(list(indices))
+        return [self.sample(s, i) for s, i in zip(samplers, indices, strict=True)]
 
     def sample(self, sampler, batch_index: int) -> int:
         s = self._seq_of_index[batch_index]
@@ -443,20 +448,33 @@ def _seq(slot: int, prompt: list[int], n_past: int = 0, next_token: int | None =
     return seq
 
 
-def test_batch_puts_decoding_tokens_first_then_prefill_chunks_shortest_first() -> None:
+def test_batch_gives_the_budget_to_the_shortest_prompt_first_and_keeps_slot_order() -> None:
     from llamafleet.inference.engine import build_batch
 
     long = _seq(0, list(range(100, 110)))  # 10 prompt tokens, none cached
     dec = _seq(1, [1, 2], n_past=3, next_token=7)
     short = _seq(2, [50, 51, 52], n_past=1)  # 1 token reused from the prefix cache
     b = build_batch([long, dec, short], n_batch=8)
-    # The short prompt (2 left) goes before the long one, which takes the rest of the budget.
-    assert b.tokens == [7, 51, 52, 100, 101, 102, 103, 104]
-    assert b.pos == [3, 1, 2, 0, 1, 2, 3, 4]
-    assert b.seqs == [1, 2, 2, 0, 0, 0, 0, 0]
-    assert b.logits == [True, False, True] + [False] * 5  # the long prompt's chunk is not its last
-    assert b.advance == [(dec, 1), (short, 2), (long, 5)]
-    assert b.sample == [(dec, 0), (short, 2)]
+    # The short prompt (2 left) gets its budget before the long one, which takes the rest;
+    # the tokens go in slot order, each sequence's together (one ubatch per run of
+    # consecutive slots with split KV streams).
+    assert b.tokens == [100, 101, 102, 103, 104, 7, 51, 52]
+    assert b.pos == [0, 1, 2, 3, 4, 3, 1, 2]
+    assert b.seqs == [0, 0, 0, 0, 0, 1, 2, 2]
+    assert b.logits == [False] * 5 + [True, False, True]  # the long chunk is not its last
+    assert b.advance == [(long, 5), (dec, 1), (short, 2)]
+    assert b.sample == [(dec, 5), (short, 7)]
+
+
+def test_prefill_budget_bounds_prompt_tokens_only_while_sequences_decode() -> None:
+    from llamafleet.inference.engine import build_batch
+
+    long = _seq(0, list(range(100, 140)))
+    dec = _seq(1, [1, 2], n_past=3, next_token=7)
+    b = build_batch([long, dec], n_batch=32, prefill_budget=6)
+    assert b.advance == [(long, 6), (dec, 1)]
+    alone = build_batch([_seq(0, list(range(100, 140)))], n_batch=32, prefill_budget=6)
+    assert len(alone.tokens) == 32  # nobody waits: the whole n_batch
 
 
 def test_batch_samples_where_a_prompt_ends_and_leaves_finished_sequences_out() -> None:
@@ -467,9 +485,9 @@ def test_batch_samples_where_a_prompt_ends_and_leaves_finished_sequences_out() -
     done.state = DONE
     b = _seq(2, [20])
     batch = build_batch([a, done, b], n_batch=8)
-    assert batch.tokens == [20, 11, 12] and batch.pos == [0, 1, 2] and batch.seqs == [2, 0, 0]
-    assert batch.logits == [True, False, True]
-    assert batch.sample == [(b, 0), (a, 2)] and batch.advance == [(b, 1), (a, 2)]
+    assert batch.tokens == [11, 12, 20] and batch.pos == [1, 2, 0] and batch.seqs == [0, 0, 2]
+    assert batch.logits == [False, True, True]
+    assert batch.sample == [(a, 1), (b, 2)] and batch.advance == [(a, 2), (b, 1)]
 
 
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 19), st.booleans()),

@@ -1,0 +1,147 @@
+"""Which sequence slot a request takes, and what the KV cells of free slots still hold.
+
+The scheduler (:class:`~llamafleet.inference.engine.Engine`) admits, steps and applies; this
+class owns the cache policy behind a small interface (vLLM splits its ``KVCacheManager`` from
+the scheduler the same way):
+
+* :meth:`SlotCache.take`: a free slot for a prompt, and how many of its tokens are already in
+  the slot's cells (from the slot itself, or copied in from the host-RAM prompt cache);
+* :meth:`SlotCache.saved_prompt`: right after a prefill, a copy of the sequence's state into
+  the host-RAM prompt cache;
+* :meth:`SlotCache.release`: a finished sequence's slot goes back, its cells kept for reuse or
+  cleared.
+
+A free slot's cells keep its last sequence's tokens, so a new request that starts the same way
+(a shared system prompt, a chat's earlier turns) skips that part of the prefill; beyond the
+slots, :class:`~llamafleet.inference.prompt_cache.PromptCache` keeps recent prompts' states in
+host RAM. Without a useful prefix a request takes the lowest free slot: with one KV stream per
+sequence, llama.cpp decodes the running sequences in one ubatch per run of consecutive slots,
+so running sequences packed at the low slots decode in the fewest ubatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .prompt_cache import PromptCache, shared_prefix
+
+
+class KVBackend(Protocol):
+    """What the cache needs from the model boundary."""
+
+    def clear_sequence(self, seq_id: int) -> None: ...
+
+    def trim_sequence(self, seq_id: int, keep: int) -> bool:
+        """Drop positions >= keep of a sequence; False if the cache cannot do that, or if
+        the cells left cannot serve a continuation from ``keep`` (then the caller clears
+        the sequence and prefills from scratch)."""
+        ...
+
+    def save_sequence(self, seq_id: int) -> bytes:
+        """The sequence's KV state, serialized."""
+        ...
+
+    def restore_sequence(self, seq_id: int, state: bytes) -> bool:
+        """Replace the sequence's cells with a saved state; False if it does not fit."""
+        ...
+
+
+class SlotCache:
+    """Free slots and what their cells hold; used only on the engine thread (``free`` may
+    be read from any)."""
+
+    def __init__(self, backend: KVBackend, n_slots: int, prompt_cache: PromptCache | None = None):
+        self.backend = backend
+        self.prompt_cache = prompt_cache
+        self._free: set[int] = set(range(n_slots))
+        self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
+        self.prefix_tokens_reused = 0
+        self.prompt_cache_restores = 0
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def cached_tokens(self) -> int:
+        """Cells that free slots keep for reuse."""
+        return sum(map(len, self._cached.values()))
+
+    def take(self, prompt: Sequence[int], reuse: bool = True) -> tuple[int, int]:
+        """A free slot for ``prompt``, preferring the one whose cached tokens share the longest
+        prefix with it (the lowest slot among equals); returns (slot, tokens reused).
+
+        ``reuse=False`` (a seeded request) starts from scratch: reused cells were computed in
+        another batch shape, and llama.cpp's kernels are not batch-invariant, so only a full
+        prefill reproduces a seeded request exactly."""
+        best, best_len = min(self._free), 0
+        from_slot = False
+        if reuse:
+            for slot in sorted(self._free):
+                n = shared_prefix(self._cached.get(slot, ()), prompt)
+                if n > best_len:
+                    best, best_len = slot, n
+            restores = self.prompt_cache_restores
+            best, best_len = self._restore_if_longer(prompt, best, best_len)
+            from_slot = self.prompt_cache_restores == restores
+        self._free.remove(best)
+        keep = self._keep(best, best_len, len(prompt))
+        if reuse and from_slot and best_len and not keep:
+            # The slot's tokens matched but its cells no longer serve them (a sliding
+            # window moved past the prefix while it generated): the host prompt cache holds
+            # the prefix as it was right after its prefill.
+            best, shared = self._restore_if_longer(prompt, best, 0, into=best)
+            keep = self._keep(best, shared, len(prompt))
+        self.prefix_tokens_reused += keep
+        return best, keep
+
+    def _keep(self, slot: int, matched: int, prompt_len: int) -> int:
+        """Keeps the slot's first ``matched`` cells for a prompt when they still serve it,
+        else clears the slot; returns the tokens kept."""
+        cached = self._cached.pop(slot, ())
+        keep = min(matched, prompt_len - 1)  # re-decode at least one token for logits
+        # trim_sequence also says whether what is left still serves the prompt (a sliding
+        # window may have been overwritten): if not, a full prefill.
+        if keep <= 0 or not self.backend.trim_sequence(slot, keep):
+            if cached:
+                self.backend.clear_sequence(slot)
+            keep = 0
+        return keep
+
+    def _restore_if_longer(self, prompt: Sequence[int], best: int, best_len: int,
+                           into: int | None = None) -> tuple[int, int]:
+        """When the host prompt cache shares more of the prompt than any free slot, copy
+        that state into a free slot (``into``, else the lowest empty one if any) and use it."""
+        entry = self.prompt_cache.longest(prompt) if self.prompt_cache is not None else None
+        if entry is None or entry[2] <= best_len:
+            return best, best_len
+        tokens, state, shared = entry
+        if into is None:
+            empty = [s for s in self._free if not self._cached.get(s)]
+            into = min(empty) if empty else best
+        self._cached.pop(into, None)
+        if not self.backend.restore_sequence(into, state):
+            return into, 0
+        self._cached[into] = list(tokens)
+        self.prompt_cache_restores += 1
+        return into, shared
+
+    def saved_prompt(self, slot: int, prompt: Sequence[int], reuse: bool = True) -> None:
+        """Right after its prefill the sequence's cells hold exactly its prompt: keep a copy
+        in the host prompt cache (seeded requests never reuse cells, so never saved)."""
+        cache = self.prompt_cache
+        if cache is None or not reuse or not cache.wants(prompt):
+            return
+        cache.put(prompt, self.backend.save_sequence(slot))
+
+    def release(self, slot: int, tokens: list[int] | None) -> None:
+        """A slot is free again; ``tokens``: what its cells hold, kept for reuse (None:
+        cleared)."""
+        try:
+            if tokens is not None:
+                self._cached[slot] = tokens
+            else:
+                self._cached.pop(slot, None)
+                self.backend.clear_sequence(slot)
+        finally:
+            self._free.add(slot)
