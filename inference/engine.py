@@ -183,18 +183,31 @@ class TextAssembler:
     """
 
     def __init__(self, stop: Sequence[str]):
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         self._stop = [s for s in stop if s]
+        # Characters that end some proper prefix of a stop string: text ending in none of
+        # them holds nothing back (the common case, checked in O(1) per token).
+        self._prefix_ends = {s[k - 1] for s in self._stop for k in range(1, len(s))}
         self._pending = ""
 
     def feed(self, data: bytes) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
-        self._pending += self._decoder.decode(data)
+        text = self._decode(data)
+        if not self._stop:
+            return text, False
+        pending = self._pending = self._pending + text
         # The earliest stop string in the text wins, whatever its place in the list.
-        hits = [at for at in (self._pending.find(s) for s in self._stop) if at >= 0]
-        if hits:
-            out, self._pending = self._pending[: min(hits)], ""
-            return out, True
+        first = -1
+        for s in self._stop:
+            at = pending.find(s)
+            if at >= 0 and (first < 0 or at < first):
+                first = at
+        if first >= 0:
+            self._pending = ""
+            return pending[:first], True
+        if not pending or pending[-1] not in self._prefix_ends:
+            self._pending = ""
+            return pending, False
         hold = 0
         for s in self._stop:
             for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
@@ -206,7 +219,7 @@ class TextAssembler:
         return out, False
 
     def flush(self) -> str:
-        out = self._pending + self._decoder.decode(b"", final=True)
+        out = self._pending + self._decode(b"", final=True)
         self._pending = ""
         return out
 

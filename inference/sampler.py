@@ -219,16 +219,26 @@ class SamplerPool:
         self.n_history[pr] += 1
 
 
+LARGE_VOCAB = 8192  # from here the top k come from a pre-filtered candidate set
+STRIDE = 32  # the pre-filter's sampling stride
+
+
 def top_candidates(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest entries of each row of ``x``, in descending order: (ids, values).
 
     The k-th largest value of every row comes from one ``np.partition`` (linear time); the
     entries at or above it are exactly the top k unless values tie at the threshold, and such
-    rows are sorted on their own."""
+    rows are sorted on their own. For a large vocabulary (Gemma's 262k) a row is first cut
+    to the entries at or above the k-th largest of every STRIDE-th entry: that value can only
+    be lower than the row's own k-th largest, so the cut keeps the whole top k (about
+    k x STRIDE entries remain) at the cost of one comparison pass instead of a partition of
+    the whole row (about 1 ms each)."""
     n, v = x.shape
     if k >= v:
         ids = np.argsort(-x, axis=1, kind="stable")
         return ids, x[np.arange(n)[:, None], ids]
+    if v >= LARGE_VOCAB and k * STRIDE * 4 <= v:
+        return _top_candidates_large(x, k)
     thr = np.partition(x, v - k, axis=1)[:, v - k]
     mask = x >= thr[:, None]
     counts = mask.sum(axis=1)
@@ -245,3 +255,17 @@ def top_candidates(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     vals = x[rows, ids]
     order = np.argsort(-vals, axis=1, kind="stable")
     return ids[rows, order], vals[rows, order]
+
+
+def _top_candidates_large(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    sub = x[:, ::STRIDE]
+    bound = np.partition(sub, sub.shape[1] - k, axis=1)[:, sub.shape[1] - k]
+    ids = np.empty((n, k), dtype=np.intp)
+    vals = np.empty((n, k), dtype=x.dtype)
+    for r in range(n):
+        cand = np.flatnonzero(x[r] >= bound[r])
+        cv = x[r, cand]
+        top = np.argsort(-cv, kind="stable")[:k]  # stable: ties in vocabulary order
+        ids[r], vals[r] = cand[top], cv[top]
+    return ids, vals

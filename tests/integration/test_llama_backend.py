@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from llamafleet.inference.engine import SamplingParams
-from llamafleet.inference.sampler import PENALTY_LAST_N
 from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
 from llamafleet.inference.llama_backend import llama_cpp as _llama_cpp
+from llamafleet.inference.sampler import PENALTY_LAST_N
 
 C = _llama_cpp.llama_cpp
 
