@@ -364,9 +364,12 @@ def build(settings: Settings) -> Serving:
 
     path = resolve_model_path(settings.model_path, settings.embedded_model,
                               settings.embedded_model_dir)
+    # GPUs probed before the load: their free memory must still hold the weights' room,
+    # which the plan subtracts (inference/capacity.py, probe_for_pod).
+    gpus = capacity.probe_for_pod(settings)
     log.info("loading model %s", path)
     model = LlamaModel(path, settings.gpu_layers)
-    plan = capacity.plan_for_pod(settings, model.shape)
+    plan = capacity.plan_for_pod(settings, model.shape, gpus)
     log.info("max_batch_size=%d: %s", plan.max_batch_size, plan.reason)
     # Each running sequence adds a token to every step's batch: the batch must hold them all.
     n_batch = max(settings.n_batch, plan.max_batch_size)
