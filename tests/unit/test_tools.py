@@ -212,3 +212,20 @@ def test_forced_calls_parse(text, parallel, calls) -> None:
 def test_forced_calls_refuse_anything_else(text, parallel) -> None:
     with pytest.raises(tools.MalformedCalls):
         tools.forced_calls(text, {"get_weather"}, parallel)
+
+
+@pytest.mark.parametrize("reason, stop, status, param", [
+    ("length", [], 400, "max_tokens"),  # max_tokens ran out inside the call
+    ("stop", ["}"], 400, "stop"),  # a stop string cut it
+    ("stop", [], 500, None),  # the grammar should have made that impossible: ours
+])
+def test_an_incomplete_forced_call_is_an_error_naming_its_cause(reason, stop, status, param) -> None:
+    from types import SimpleNamespace
+
+    from llamafleet.common.errors import mapping_for, openai_body
+    from llamafleet.inference.http_api import _forced_call_error
+
+    err = _forced_call_error("cut", SimpleNamespace(reason=reason), stop)
+    assert mapping_for(err).http_status == status and err.param == param
+    assert openai_body(err)["error"]["code"] == ("tool_call_incomplete" if status == 400
+                                                 else "tool_call_invalid")
