@@ -39,6 +39,14 @@ class ContextTooLong(BadRequest):
         self.limit = limit
 
 
+class ToolCallIncomplete(BadRequest):
+    """A required or named tool_choice whose call the request's own limits cut short
+    (max_tokens, a stop string): no call, and never the partial text as content."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message, param=param, code="tool_call_incomplete")
+
+
 class Unauthorized(LlamafleetError):
     pass
 

@@ -33,7 +33,7 @@ class NVML(Protocol):
 @dataclass(frozen=True)
 class GPUInfo:
     count: int
-    memory_bytes: int  # smallest free memory among the visible devices
+    memory_bytes: int  # smallest free memory among the visible devices (before the load)
     name: str
 
 
@@ -94,17 +94,31 @@ def llama_supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def plan_for_pod(settings: Any, shape: Any, nvml: NVML | None = None,
-                 system_memory: int | None = None, gpu_offload: bool | None = None) -> Plan:
-    """Probe the machine and plan; raise CapacityError when not even one sequence fits.
+def probe_for_pod(settings: Any, nvml: NVML | None = None, gpu_offload: bool | None = None
+                  ) -> GPUInfo | None:
+    """The GPUs the pod plans from, or None to plan from RAM.
+
+    Call it **before the model is loaded**: :func:`plan` subtracts the weights from the
+    memory it is given, as the operator does from the card's memory. NVML's free memory
+    measured after the load already lacks them, and a pod that planned from it subtracted
+    them twice and refused a model the operator had planned for it (a 7B Q4 on a 6 GB card).
 
     GPU memory (NVML) is used only when the llama.cpp build can offload: a CPU build on a
     GPU node keeps the KV cache in RAM, so it is planned from RAM.
     """
-    if settings.gpu_layers != 0 and gpu_offload is None:
+    if settings.gpu_layers == 0:
+        return None
+    if gpu_offload is None:
         gpu_offload = llama_supports_gpu_offload()
         if not gpu_offload:
             log.info("this llama.cpp build cannot offload to a GPU: planning from RAM")
+    return probe_gpus(nvml) if gpu_offload else None
+
+
+def plan_for_pod(settings: Any, shape: Any, gpus: GPUInfo | None,
+                 system_memory: int | None = None) -> Plan:
+    """Plan from ``gpus`` (:func:`probe_for_pod`, before the load) or, when None, from RAM;
+    raise CapacityError when not even one sequence fits."""
     kv = KVShape.of(shape)
     if getattr(settings, "swa_full", False):  # sliding-window layers keep every position
         kv = replace(kv, sliding_window=None, swa_pattern=None)
@@ -112,7 +126,6 @@ def plan_for_pod(settings: Any, shape: Any, nvml: NVML | None = None,
                   cap=settings.max_batch_size, kv_type=settings.kv_cache_type,
                   reserve_bytes=settings.memory_reserve_mib * MiB,
                   usable_fraction=settings.memory_usable_fraction)
-    gpus = probe_gpus(nvml) if settings.gpu_layers != 0 and gpu_offload else None
     if gpus is not None:
         layers = shape.n_layer if settings.gpu_layers < 0 else min(settings.gpu_layers, shape.n_layer)
         result = plan(memory_bytes=gpus.memory_bytes, device_count=gpus.count,

@@ -18,9 +18,11 @@ from llamafleet.common import protocol as P
 from llamafleet.common.contract import VERSION
 from llamafleet.common.errors import (
     BadRequest,
+    InternalError,
     LlamafleetError,
     NotReady,
     RequestTooLarge,
+    ToolCallIncomplete,
     Unauthorized,
     error_response,
     openai_body,
@@ -107,10 +109,14 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     mode = body.tool_choice_mode
     if fmt and fmt.type == "json_schema" and fmt.json_schema:
         grammar = await s.schema_grammar(fmt.json_schema.schema_ or {})
-    if mode in ("required", "named"):
-        named = body.tool_choice.function.name if mode == "named" else None  # type: ignore[union-attr]
+    forced = mode in ("required", "named")
+    named = body.tool_choice.function.name if mode == "named" else None  # type: ignore[union-attr]
+    # A named function is exactly one call; required is one or more unless
+    # parallel_tool_calls is false.
+    parallel = body.parallel_tool_calls and named is None
+    if forced:
         grammar = await s.schema_grammar(
-            tools.call_schema(body.tools or [], named, body.parallel_tool_calls), param="tools")
+            tools.call_schema(body.tools or [], named, parallel), param="tools")
     params = _params(
         s, body, body.max_completion_tokens or body.max_tokens,
         json_object=bool(fmt and fmt.type == "json_object"), grammar=grammar,
@@ -127,13 +133,22 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     rid, created = P.new_id("chatcmpl"), P.now()
     family = tools.family_of(s.formatter.source)
 
+    offered_names = {t.function.name for t in body.tools or [] if named in (None, t.function.name)}
+
+    def forced_calls(text: str, fin: Finished) -> list[tools.Call]:
+        """The calls of a required or named tool_choice; an error when the answer is not
+        them (never content: the client asked for a call)."""
+        try:
+            return tools.forced_calls(text, offered_names, parallel)
+        except tools.MalformedCalls as e:
+            raise _forced_call_error(str(e), fin, body.stop_list) from None
+
     def answer(text: str, fin: Finished) -> tuple[str | None, list[tools.Call], str]:
         """content, calls, finish_reason of a whole answer."""
         calls: list[tools.Call] | None = []
         content: str | None = text
-        if mode in ("required", "named"):
-            calls = tools.calls_of_json(text) or []
-            content = None if calls else text
+        if forced:
+            calls, content = forced_calls(text, fin), None
         elif mode == "auto":
             content, calls = tools.parse_calls(family, text)
             calls = calls if body.parallel_tool_calls else calls[:1]
@@ -155,14 +170,16 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
             # The role frame goes out with the first event, not before: until then no byte
             # has left, so a router may still retry the request on another replica.
             role = chunk(P.Delta(role="assistant", content=""))
-            held: list[str] = []  # auto with tools: the answer is parsed when complete
+            held: list[str] = []  # auto with tools: the answer is parsed when complete;
+            # required/named: checked when complete (its pieces have gone out already)
             async for ev in gen.events():
                 if role is not None:
                     yield role
                     role = None
                 if isinstance(ev, TextDelta):
                     lp = _chat_logprobs(ev.logprobs) if body.logprobs else None
-                    if mode in ("required", "named"):
+                    if forced:
+                        held.append(ev.text)
                         deltas = call_stream.feed(ev.text)
                         if deltas or lp:
                             yield chunk(P.Delta(tool_calls=deltas or None), logprobs=lp)
@@ -176,8 +193,9 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
                         yield content_frame.render(ev.text)
                 elif isinstance(ev, Finished):
                     finish = _finish_reason(ev)
-                    if mode in ("required", "named"):
-                        finish = "tool_calls" if finish == "stop" else finish
+                    if forced:
+                        forced_calls("".join(held), ev)  # an error event if not well formed
+                        finish = "tool_calls"
                     elif mode == "auto":
                         content, calls, finish = answer("".join(held), ev)
                         if content:
@@ -300,6 +318,22 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
                              P.Usage.of(fin.prompt_tokens, fin.completion_tokens),
                              _completion_logprobs(lps) if body.logprobs is not None else None
                              ).model_dump())
+
+
+def _forced_call_error(why: str, fin: Finished, stop: Sequence[str]) -> LlamafleetError:
+    """A required or named tool_choice whose answer is not a well-formed call. The grammar
+    lets the model end only after a complete call, so the answer was cut: by max_tokens or
+    a stop string (the request's to change: 400), else by us (500)."""
+    if fin.reason == "length":
+        return ToolCallIncomplete(
+            f"max_tokens ran out before the forced tool call was complete ({why}); "
+            "raise max_tokens or bound the schema's strings and arrays", param="max_tokens")
+    if stop:
+        return ToolCallIncomplete(f"a stop string ended the forced tool call ({why}); "
+                                  "leave out stop with a required or named tool_choice",
+                                  param="stop")
+    return InternalError(f"the model's forced tool call is not well formed ({why})",
+                         code="tool_call_invalid")
 
 
 def _finish_reason(fin: Finished) -> str:

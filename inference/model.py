@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,12 @@ def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rest
 
 
+_RAG_SLOT = re.compile(r"\{(context|question)\}")
+
+
 def apply_rag(template: str, context: str, question: str) -> str:
-    # str.replace, not str.format: user text may contain braces.
-    return template.replace("{context}", context).replace("{question}", question)
+    """The template with both slots filled in one pass: neither str.format (user text may
+    hold braces) nor two replaces (a context holding "{question}" would get the question
+    spliced into it)."""
+    values = {"context": context, "question": question}
+    return _RAG_SLOT.sub(lambda m: values[m.group(1)], template)

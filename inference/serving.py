@@ -353,13 +353,34 @@ def check_stop(stop: Sequence[str], param: str) -> None:
                              f"characters, got {len(s)}", param=param)
 
 
+# A JSON string's character: no raw control characters (JSON forbids them; json.loads
+# refuses them), as in llama.cpp's own json-schema-to-grammar and llama-cpp-python's
+# JSON_GBNF. llama-cpp-python's converter allows any character but '"' and '\\', so a
+# model could write a raw newline inside a string and the answer did not parse.
+STRICT_JSON_CHAR = (r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] '
+                    r'[0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])')
+
+
+def json_schema_to_gbnf(schema: dict) -> str:
+    """llama-cpp-python's converter (its json_schema_to_gbnf), with strict JSON strings."""
+    from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter
+
+    class Strict(SchemaConverter):
+        def _add_primitive(self, name: str, rule: BuiltinRule):  # type: ignore[override]
+            if name == "char":
+                rule = BuiltinRule(STRICT_JSON_CHAR, [])
+            return super()._add_primitive(name, rule)
+
+    converter = Strict(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "stdin"), "")
+    return converter.format_grammar()
+
+
 def _schema_grammar(schema: dict, model: Any, param: str) -> str:
     """Convert, then parse once here so that a grammar llama.cpp refuses is a 400 before
     the request is queued (not a failure inside the engine or mid-stream)."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema))
+        grammar = json_schema_to_gbnf(schema)
     except Exception as e:
         raise BadRequest(f"{param}: unsupported JSON schema: {e}", param=param) from e
     if not model.grammar_ok(grammar):
@@ -394,9 +415,12 @@ def build(settings: Settings) -> Serving:
 
     path = resolve_model_path(settings.model_path, settings.embedded_model,
                               settings.embedded_model_dir)
+    # GPUs probed before the load: their free memory must still hold the weights' room,
+    # which the plan subtracts (inference/capacity.py, probe_for_pod).
+    gpus = capacity.probe_for_pod(settings)
     log.info("loading model %s", path)
     model = LlamaModel(path, settings.gpu_layers)
-    plan = capacity.plan_for_pod(settings, model.shape)
+    plan = capacity.plan_for_pod(settings, model.shape, gpus)
     log.info("max_batch_size=%d: %s", plan.max_batch_size, plan.reason)
     # Each running sequence adds a token to every step's batch: the batch must hold them all.
     n_batch = max(settings.n_batch, plan.max_batch_size)

@@ -6,8 +6,11 @@ Two ways a call comes out of the model:
 * ``tool_choice`` ``required`` or a named function: the sampler is held to a grammar made
   from the functions' JSON schemas (:func:`call_schema`, checked against the schema limits
   of limits.py), so even a small model writes a valid call. The format is ours,
-  ``{"name": ..., "arguments": {...}}`` (a JSON array of them when parallel calls are
-  allowed); :class:`CallStream` turns it into OpenAI's streamed ``delta.tool_calls``.
+  ``{"name": ..., "arguments": {...}}`` (a JSON array of them when ``required`` allows
+  parallel calls; a named function is exactly one call, as OpenAI's); :class:`CallStream`
+  turns it into OpenAI's streamed ``delta.tool_calls``, and :func:`forced_calls` reads the
+  whole answer strictly: what is not the calls the grammar allows is an error, never
+  content.
 * ``auto``: the model writes what its chat template taught it; :func:`parse_calls` reads the
   syntax of the template's family (:func:`family_of`). A template that knows no tools gets
   them in a system message asking for the Hermes syntax (as llama.cpp's generic format).
@@ -28,14 +31,77 @@ from llamafleet.common import protocol as P
 
 def call_schema(tools: list[P.Tool], name: str | None, parallel: bool) -> dict[str, Any]:
     """The JSON schema of a call to ``name`` (or to any of ``tools``); an array of one or
-    more calls when ``parallel``."""
+    more calls when ``parallel`` and no ``name`` is forced (a named tool_choice is exactly
+    one call).
+
+    Each function's parameters sit under ``properties.arguments`` here, so their local
+    ``$ref``s (``#/$defs/X``, as pydantic's ``model_json_schema`` writes them) would point
+    at this schema's root: their ``$defs``/``definitions`` move to the root under names of
+    their own, and the references follow."""
     chosen = [t.function for t in tools if name is None or t.function.name == name]
-    calls = [{"type": "object",
-              "properties": {"name": {"const": f.name},
-                             "arguments": f.parameters or {"type": "object"}},
-              "required": ["name", "arguments"]} for f in chosen]
+    defs: dict[str, Any] = {}
+    calls = []
+    for i, f in enumerate(chosen):
+        arguments = _hoist_refs(f.parameters or {"type": "object"}, f"t{i}-", defs)
+        calls.append({"type": "object",
+                      "properties": {"name": {"const": f.name}, "arguments": arguments},
+                      "required": ["name", "arguments"]})
     one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return {"type": "array", "items": one, "minItems": 1} if parallel else one
+    schema = {"type": "array", "items": one, "minItems": 1} if parallel and name is None \
+        else dict(one)
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+_DEF_MAPS = ("$defs", "definitions")
+
+
+def _hoist_refs(parameters: dict[str, Any], prefix: str, defs: dict[str, Any]) -> Any:
+    """``parameters`` for a place below the root: its definitions go into ``defs`` as
+    ``prefix`` + name, its ``#/...`` references are rewritten to match (any other pointer
+    into ``parameters`` goes through ``defs[prefix + "root"]``, a copy of it). Distinct
+    names per function: llama.cpp's converter names a rule after the last part of a
+    reference, so two functions' same-named definitions would otherwise share one rule."""
+    if not isinstance(parameters, dict):
+        return parameters
+    root_key = prefix + "root"
+
+    def target(ref: str) -> str:
+        parts = ref[2:].split("/")
+        if len(parts) >= 2 and parts[0] in _DEF_MAPS:
+            tag = "" if parts[0] == "$defs" else "d-"
+            return "#/$defs/" + "/".join([prefix + tag + parts[1], *parts[2:]])
+        return "#/$defs/" + "/".join([root_key, *parts])
+
+    used_root = False
+
+    def rewrite(node: Any) -> Any:
+        nonlocal used_root
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for k, v in node.items():
+            if k == "$ref" and isinstance(v, str) and v.startswith("#/"):
+                out[k] = target(v)
+                used_root = used_root or out[k].startswith(f"#/$defs/{root_key}")
+            elif k in ("const", "enum", "default", "examples"):
+                out[k] = v  # JSON data, not schemas
+            else:
+                out[k] = rewrite(v)
+        return out
+
+    body = {k: v for k, v in parameters.items() if k not in _DEF_MAPS}
+    for key in _DEF_MAPS:
+        tag = "" if key == "$defs" else "d-"
+        for def_name, sub in (parameters.get(key) or {}).items():
+            defs[prefix + tag + def_name] = rewrite(sub)
+    body = rewrite(body)
+    if used_root:
+        defs[root_key] = body
+    return body
 
 
 def new_call_id() -> str:
@@ -52,14 +118,35 @@ class Call:
                                                                      arguments=self.arguments))
 
 
-def calls_of_json(text: str) -> list[Call] | None:
-    """The calls in grammar-enforced output; None if it is not complete (cut by max_tokens)."""
+class MalformedCalls(ValueError):
+    """Grammar-enforced output that is not the calls the grammar allows (cut short)."""
+
+
+def forced_calls(text: str, names: set[str], parallel: bool) -> list[Call]:
+    """The calls in grammar-enforced output, read strictly: one call object (an array of
+    one or more when ``parallel``), each a ``name`` among ``names`` and an ``arguments``
+    object, nothing else. Raises :class:`MalformedCalls` otherwise (for instance when
+    max_tokens cut the call: the grammar cannot end it early)."""
     try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    items = value if isinstance(value, list) else [value]
-    return [Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
+        value = json.loads(text)  # strict: raw control characters in strings are refused
+    except ValueError as e:
+        raise MalformedCalls(f"the call is not complete JSON ({e.msg})") from None
+    if parallel and isinstance(value, list):
+        items = value
+        if not items:
+            raise MalformedCalls("an empty list of calls")
+    else:
+        items = [value]
+    calls = []
+    for c in items:
+        if not isinstance(c, dict) or set(c) != {"name", "arguments"}:
+            raise MalformedCalls("a call must be an object with 'name' and 'arguments'")
+        if c["name"] not in names:
+            raise MalformedCalls(f"a call to {c['name']!r}, which was not offered")
+        if not isinstance(c["arguments"], dict):
+            raise MalformedCalls("a call's 'arguments' must be an object")
+        calls.append(Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)))
+    return calls
 
 
 _HEAD = re.compile(r'[\s\[,}]*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')

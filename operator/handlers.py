@@ -13,11 +13,13 @@ object disappear from the live one; an unchanged plan never rolls the pods.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import secrets
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -61,7 +63,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     if "settings" not in memo:  # kopf.run(memo=...) may bring them
         memo.settings = OperatorSettings()
     memo.dyn = DynamicClient(_api_client(memo.settings))
-    memo.locks = {}
+    memo.locks = KeyedLocks()
 
 
 def _api_client(settings: OperatorSettings) -> ApiClient:
@@ -146,10 +148,41 @@ async def autoscale(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
                     "Ready)", cold)
 
 
+class KeyedLocks:
+    """One lock per key (an LLMService's uid), kept only while a reconcile holds or waits
+    for it: the last one to leave drops the entry. So the map never outgrows the reconciles
+    in flight (kopf's worker threads), deleted LLMServices leave nothing behind, and no
+    delete handler is needed (one would need a finalizer to be sure to run)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, users)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (None, 0))
+            lock = lock or threading.Lock()
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
 def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo,
                index: kopf.Index, event: bool) -> None:
     # kopf may run the timer and a change handler of one object at once (thread pool).
-    with memo.locks.setdefault(body["metadata"]["uid"], threading.Lock()):
+    with memo.locks.hold(body["metadata"]["uid"]):
         _reconcile_locked(body, patch, logger, memo, _nodes(index), event)
 
 

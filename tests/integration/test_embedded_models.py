@@ -56,6 +56,29 @@ def test_chat_with_system_prompt_and_rag_context_answers_from_the_context(
     assert "1874" in text, text  # ...and the answer comes from the context
 
 
+def test_a_rag_context_holding_the_question_slot_stays_as_it_is(instruct_server) -> None:
+    """issue 23, item 17: the context's own "{question}" got the question spliced in."""
+
+    def prompt_tokens(rag_context: str, question: str) -> int:
+        r = httpx.post(instruct_server.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": question}], "max_tokens": 1,
+            "rag_context": rag_context})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    short = "Where is it?"
+    long = "Where is it? " + "Tell me every detail you know about the place. " * 8
+    # The question appears once in the prompt: a longer question adds its own tokens only,
+    # whether or not the context holds the text "{question}" (or "{context}").
+    plain = prompt_tokens("Notes: {quest}.", long) - prompt_tokens("Notes: {quest}.", short)
+    slots = prompt_tokens("Notes: {question}.", long) - prompt_tokens("Notes: {question}.", short)
+    assert plain > 50
+    assert slots == plain
+    both = (prompt_tokens("Notes: {question} {context}.", long)
+            - prompt_tokens("Notes: {question} {context}.", short))
+    assert both == plain
+
+
 def test_gemma_is_served_when_named(model_path: Path) -> None:
     srv = start_server(embedded_model="gemma-3-270m", embedded_model_dir=model_path.parent,
                        max_batch_size=1, grpc_port=0, metrics_port=0)

@@ -8,6 +8,7 @@ import math
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +83,101 @@ def test_streamed_calls_name_first_then_arguments_in_pieces(client, choice, name
     call = calls[0]
     assert call["name"] in names
     jsonschema.validate(json.loads(call["args"]), SCHEMAS[call["name"]])
+
+
+class Address(BaseModel):
+    city: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+
+
+class Person(BaseModel):
+    """As instructor sends a response model: pydantic's schema, with $defs and $ref."""
+
+    name: str = Field(max_length=20)
+    home: Address
+
+
+PERSON_TOOL = {"type": "function", "function": {
+    "name": "Person", "description": "Correctly extracted `Person` with all the required "
+    "parameters with correct types", "parameters": Person.model_json_schema()}}
+NAMED = {"type": "function", "function": {"name": "Person"}}
+PEOPLE = ["Alice lives in Paris, France.", "Bob moved to Berlin in Germany last year.",
+          "My neighbour Chen is from Shanghai, China.", "Dana grew up in Lima, Peru.",
+          "Extract: Emeka, Lagos, Nigeria.", "Who is Farid? He lives in Cairo, Egypt."]
+
+
+def test_pydantic_schema_with_defs_works_as_a_required_and_a_named_tool(client) -> None:
+    assert "$defs" in PERSON_TOOL["function"]["parameters"]  # the case of issue 23, item 13
+    for choice in ("required", NAMED):
+        r = client.chat.completions.create(
+            model=client.models.list().data[0].id, tools=[PERSON_TOOL, *TOOLS],
+            tool_choice=choice, max_tokens=120, temperature=0,
+            messages=[{"role": "user", "content": PEOPLE[0]}])
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls, r
+        for c in calls:
+            if c.function.name == "Person":
+                Person.model_validate_json(c.function.arguments)
+            else:
+                jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_named_choice_is_exactly_one_well_formed_call(client, stream) -> None:
+    """issue 23, item 14: the grammar allowed an array of calls (the model went on adding
+    calls, or two when streamed), and a raw newline in a string made the answer plain
+    content with finish_reason stop."""
+    model = client.models.list().data[0].id
+    for text in PEOPLE[:3] if stream else PEOPLE:
+        args = dict(model=model, messages=[{"role": "user", "content": text}],
+                    tools=[PERSON_TOOL, *TOOLS], tool_choice=NAMED, max_tokens=120,
+                    temperature=0)
+        if stream:
+            calls: dict[int, dict] = {}
+            finish = None
+            for chunk in client.chat.completions.create(stream=True, **args):
+                ch = chunk.choices[0]
+                assert ch.delta.content in (None, ""), chunk  # never content
+                finish = ch.finish_reason or finish
+                for d in ch.delta.tool_calls or ():
+                    call = calls.setdefault(d.index, {"name": d.function.name, "args": ""})
+                    call["args"] += d.function.arguments or ""
+            assert finish == "tool_calls" and list(calls) == [0], (text, calls)
+            name, arguments = calls[0]["name"], calls[0]["args"]
+        else:
+            r = client.chat.completions.create(**args)
+            msg = r.choices[0].message
+            assert r.choices[0].finish_reason == "tool_calls" and msg.content is None, (text, r)
+            assert len(msg.tool_calls) == 1, (text, msg.tool_calls)
+            name, arguments = msg.tool_calls[0].function.name, msg.tool_calls[0].function.arguments
+        assert name == "Person"
+        Person.model_validate_json(arguments)  # strict JSON, the schema's shape
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_forced_call_that_cannot_be_completed_is_an_error_not_content(client, stream) -> None:
+    args = dict(model=client.models.list().data[0].id, tools=[PERSON_TOOL], tool_choice=NAMED,
+                messages=[{"role": "user", "content": PEOPLE[0]}], max_tokens=4)
+    with pytest.raises(openai.APIError) as caught:
+        if stream:
+            for chunk in client.chat.completions.create(stream=True, **args):
+                assert chunk.choices[0].finish_reason is None, chunk  # no "stop" before it
+        else:
+            client.chat.completions.create(**args)
+    err = caught.value
+    assert "max_tokens ran out before the forced tool call was complete" in err.message
+    if not stream:
+        assert isinstance(err, openai.BadRequestError)
+        assert err.code == "tool_call_incomplete" and err.param == "max_tokens"
+
+
+def test_required_with_parallel_tool_calls_false_is_one_call(client) -> None:
+    r = client.chat.completions.create(
+        model=client.models.list().data[0].id, tools=[PERSON_TOOL, *TOOLS],
+        tool_choice="required", parallel_tool_calls=False, max_tokens=120, temperature=0,
+        messages=[{"role": "user", "content": "Weather in Paris and the time in Tokyo?"}])
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert len(r.choices[0].message.tool_calls) == 1
 
 
 def test_tool_result_round_trip(client) -> None:

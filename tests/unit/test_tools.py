@@ -115,3 +115,117 @@ def test_call_schema_shapes() -> None:
     assert one["properties"]["arguments"] == {"type": "object"}
     many = tools.call_schema([TOOL, other], None, parallel=True)
     assert many["type"] == "array" and len(many["items"]["anyOf"]) == 2
+
+
+# --- forced calls (issue 23, items 13 and 14) --------------------------------------------------
+
+# As pydantic's model_json_schema writes a model with a nested model (instructor sends this).
+PERSON = {
+    "$defs": {"Address": {"properties": {"city": {"title": "City", "type": "string"},
+                                         "zip": {"title": "Zip", "type": "integer"}},
+                          "required": ["city", "zip"], "title": "Address", "type": "object"}},
+    "properties": {"name": {"title": "Name", "type": "string"},
+                   "home": {"$ref": "#/$defs/Address"},
+                   "past": {"items": {"$ref": "#/$defs/Address"}, "type": "array"}},
+    "required": ["name", "home"], "title": "Person", "type": "object"}
+# Another function whose definitions reuse the name Address, with other fields.
+SHIP = {"definitions": {"Address": {"type": "object", "properties": {"port": {"type": "string"}},
+                                    "required": ["port"]}},
+        "type": "object", "properties": {"to": {"$ref": "#/definitions/Address"},
+                                         "also": {"$ref": "#/properties/to"}},
+        "required": ["to"]}
+
+
+def fn(name: str, parameters: dict | None = None) -> P.Tool:
+    return P.Tool(type="function", function=P.FunctionDef(name=name, parameters=parameters))
+
+
+def resolve(schema: dict, ref: str):
+    node = schema
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def refs(node) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if "$ref" in node else []
+        return own + [r for v in node.values() for r in refs(v)]
+    return [r for v in node for r in refs(v)] if isinstance(node, list) else []
+
+
+@pytest.mark.parametrize("name, parallel", [("person", True), (None, False), (None, True)])
+def test_call_schemas_keep_the_functions_defs_reachable(name, parallel) -> None:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    schema = tools.call_schema([fn("person", PERSON), fn("ship", SHIP)], name, parallel)
+    found = refs(schema)
+    assert found and all(r.startswith("#/$defs/") for r in found)
+    for r in found:  # every reference resolves from the root of the call schema
+        assert isinstance(resolve(schema, r), dict), r
+    grammar = json_schema_to_gbnf(json.dumps(schema))  # raised on unresolvable references
+    assert '\\"zip\\"' in grammar
+    if name is None:  # both functions' Address, not one rule for the two
+        assert '\\"port\\"' in grammar
+
+
+def test_a_named_choice_is_one_call_object_even_with_parallel_calls() -> None:
+    other = fn("get_time")
+    named = tools.call_schema([TOOL, other], "get_time", parallel=True)
+    assert named["type"] == "object" and named["properties"]["name"] == {"const": "get_time"}
+    assert tools.call_schema([TOOL, other], None, parallel=False)["anyOf"]  # one of them
+    many = tools.call_schema([TOOL, other], None, parallel=True)
+    assert many["type"] == "array" and many["minItems"] == 1
+
+
+def test_grammar_strings_cannot_hold_raw_control_characters() -> None:
+    from llamafleet.inference.serving import json_schema_to_gbnf
+
+    grammar = json_schema_to_gbnf(tools.call_schema([fn("person", PERSON)], "person", False))
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
+    assert rules["char"].startswith(r'[^"\\\x7F\x00-\x1F] | "\\"')
+    assert "char*" in rules["string"]
+    bounded = json_schema_to_gbnf({"type": "string", "maxLength": 5})  # char via repetition
+    assert r"[^\"\\\x7F\x00-\x1F]" in bounded or r'[^"\\\x7F\x00-\x1F]' in bounded
+
+
+@pytest.mark.parametrize("text, parallel, calls", [
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', False, 1),
+    ('[{"name": "get_weather", "arguments": {}}, {"name": "get_time", "arguments": {}}]', True, 2),
+    ('{"name": "get_weather", "arguments": {"city": "Pa\\nris"}}', False, 1),  # escaped
+])
+def test_forced_calls_parse(text, parallel, calls) -> None:
+    got = tools.forced_calls(text, {"get_weather", "get_time"}, parallel)
+    assert len(got) == calls and all(isinstance(json.loads(c.arguments), dict) for c in got)
+
+
+@pytest.mark.parametrize("text, parallel", [
+    ('{"name": "get_weather", "arguments": {"city": "Pa\nris"}}', False),  # raw newline
+    ('{"name": "get_weather", "arguments": {"city": "Par', False),  # cut by max_tokens
+    ('[{"name": "get_weather", "arguments": {}}]', False),  # a list where one call was asked
+    ('[]', True),
+    ('{"name": "get_time", "arguments": {}}', False),  # not the named function
+    ('{"name": "get_weather", "arguments": "{}"}', False),
+    ('{"name": "get_weather", "arguments": {}, "extra": 1}', False),
+    ('"get_weather"', False),
+])
+def test_forced_calls_refuse_anything_else(text, parallel) -> None:
+    with pytest.raises(tools.MalformedCalls):
+        tools.forced_calls(text, {"get_weather"}, parallel)
+
+
+@pytest.mark.parametrize("reason, stop, status, param", [
+    ("length", [], 400, "max_tokens"),  # max_tokens ran out inside the call
+    ("stop", ["}"], 400, "stop"),  # a stop string cut it
+    ("stop", [], 500, None),  # the grammar should have made that impossible: ours
+])
+def test_an_incomplete_forced_call_is_an_error_naming_its_cause(reason, stop, status, param) -> None:
+    from types import SimpleNamespace
+
+    from llamafleet.common.errors import mapping_for, openai_body
+    from llamafleet.inference.http_api import _forced_call_error
+
+    err = _forced_call_error("cut", SimpleNamespace(reason=reason), stop)
+    assert mapping_for(err).http_status == status and err.param == param
+    assert openai_body(err)["error"]["code"] == ("tool_call_incomplete" if status == 400
+                                                 else "tool_call_invalid")
