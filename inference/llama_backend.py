@@ -188,6 +188,7 @@ class LlamaBackend:
         # Sliding-window attention span (Gemma 3: 512); 0 for models without one.
         self.n_swa = C.llama_model_n_swa(model.ptr)
         self.pool = SamplerPool(model.n_vocab, capacity=n_seq + 1)
+        self.grammar_resamples = 0  # grammar rows the free draw broke (sample_batch)
 
     def new_sampler(self, p: SamplingParams) -> Sampler:
         """A sampler for one sequence. Every request samples in the batched pool
@@ -274,6 +275,7 @@ class LlamaBackend:
             if self._grammar_allows(s.grammar, int(tokens[i]), logits[rows[i]]):
                 C.llama_sampler_accept(s.chain, int(tokens[i]))
             else:  # the chain reads the same (penalised) row and accepts what it draws
+                self.grammar_resamples += 1
                 tokens[i] = C.llama_sampler_sample(s.chain, self.ctx, indices[i])
         pool.accept(samplers, tokens)
         return tokens.tolist()

@@ -210,9 +210,9 @@ SWA_SERVER = dict(context_size=2048, max_batch_size=1, n_batch=64, grpc_port=0, 
                   prompt_cache_mib=0)
 
 
-@pytest.fixture(scope="module")
-def swa_server(model_path):
-    srv = start_server(model_path=model_path, **SWA_SERVER)
+@pytest.fixture(scope="module", params=["split", "unified"])
+def swa_server(model_path, request):
+    srv = start_server(model_path=model_path, kv_layout=request.param, **SWA_SERVER)
     yield srv
     srv.stop()
 
@@ -228,7 +228,7 @@ def test_a_slid_out_window_is_not_reused(swa_server, model_path) -> None:
     assert r.json()["usage"]["completion_tokens"] == 800
     before = engine.prefix_tokens_reused
     b_after_a = _b_request(swa_server.url)
-    fresh = start_server(model_path=model_path, **SWA_SERVER)
+    fresh = start_server(model_path=model_path, kv_layout=engine.backend.kv_layout, **SWA_SERVER)
     try:
         assert _b_request(fresh.url) == b_after_a
     finally:

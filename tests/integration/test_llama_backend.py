@@ -93,6 +93,7 @@ def test_a_grammar_holds_when_the_free_draw_breaks_it(backend: LlamaBackend) -> 
     """The pool draws without the grammar and the chain resamples only when the grammar
     refuses that token: every token still obeys it."""
     grammar = 'root ::= [0-9]+ "."'
+    before = backend.grammar_resamples
     s = backend.new_sampler(SamplingParams(temperature=0.8, grammar=grammar, seed=3))
     try:
         out = _generate(backend, lambda i: backend.sample(s, i), 6)
@@ -100,3 +101,24 @@ def test_a_grammar_holds_when_the_free_draw_breaks_it(backend: LlamaBackend) -> 
         backend.free_sampler(s)
     text = b"".join(backend.model.token_bytes(t) for t in out).decode()
     assert text and all(c.isdigit() or c == "." for c in text), text
+    assert backend.grammar_resamples > before  # the model's own words broke it
+
+
+def test_a_grammar_that_allows_the_free_draw_costs_no_constrained_pass(
+        backend: LlamaBackend) -> None:
+    """Greedy under a grammar that allows what the model writes: every token is the free
+    draw, checked against the grammar alone (no pass over the whole vocabulary), and the text
+    is the unconstrained greedy text."""
+    plain = backend.new_sampler(SamplingParams(temperature=0.0))
+    try:
+        free = _generate(backend, lambda i: backend.sample(plain, i), 12)
+    finally:
+        backend.free_sampler(plain)
+    before = backend.grammar_resamples
+    s = backend.new_sampler(SamplingParams(temperature=0.0, grammar="root ::= [^\\x00]*"))
+    try:
+        constrained = _generate(backend, lambda i: backend.sample(s, i), 12)
+    finally:
+        backend.free_sampler(s)
+    assert constrained == free
+    assert backend.grammar_resamples == before

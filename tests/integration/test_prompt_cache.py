@@ -29,9 +29,12 @@ def _logits(be: LlamaBackend) -> np.ndarray:
     return np.ctypeslib.as_array(C.llama_get_logits_ith(be.ctx, 0), shape=(be.model.n_vocab,)).copy()
 
 
-def test_a_restored_state_answers_like_its_prefill_and_costs_far_less(model_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["split", "unified"])
+def test_a_restored_state_answers_like_its_prefill_and_costs_far_less(model_path: Path,
+                                                                       layout: str) -> None:
     model = LlamaModel(model_path, gpu_layers=0)
-    be = LlamaBackend(model, n_seq=3, context_size=1024, n_batch=512, threads=2)
+    be = LlamaBackend(model, n_seq=3, context_size=1024, n_batch=512, threads=2,
+                      kv_layout=layout)
     try:
         prompt = model.tokenize(tenant_prompt(1), True)
         assert 400 < len(prompt) < 600
@@ -70,9 +73,10 @@ def test_a_restored_state_answers_like_its_prefill_and_costs_far_less(model_path
         model.close()
 
 
-def test_one_slot_serves_alternating_tenants_from_host_ram(model_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["split", "unified"])
+def test_one_slot_serves_alternating_tenants_from_host_ram(model_path: Path, layout: str) -> None:
     srv = start_server(model_path=model_path, max_batch_size=1, context_size=2048,
-                       grpc_port=0, metrics_port=0, prompt_cache_mib=64)
+                       grpc_port=0, metrics_port=0, prompt_cache_mib=64, kv_layout=layout)
     try:
         engine = srv.serving.engine
 
