@@ -1,9 +1,11 @@
 """Prefix routing: TTFT and throughput of a multi-tenant workload through `llamafleet router`
 vs round-robin over the same replicas, on one machine, in one run.
 
-The workload (issue 15's acceptance): 3 replicas of `llamafleet serve` (max_batch_size 4) on
-loopback; 6 tenants, each a ~500-token system prompt, with short user turns; 96 streaming
-requests at concurrency 3, tenants in a fixed pseudo-random order. Round-robin sends request
+The workload (the defaults): 3 replicas of `llamafleet serve` (max_batch_size 4, otherwise the
+pod's default settings, a prompt cache of about four tenants) on loopback; 12 tenants, each a
+~500-token system prompt, with short user turns; 192 streaming requests at concurrency 3,
+tenants in a fixed pseudo-random order. (Issue 15's setting was 6 tenants, 96 requests, a
+20 MiB cache and --n-batch 64.) Round-robin sends request
 i to replica i mod 3 itself (what a plain Service does per connection). Each mode gets its
 own tenants' prompts (a salt), so neither starts with the other's prefixes cached.
 
@@ -93,19 +95,22 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024, help="context per sequence")
     ap.add_argument("--threads", type=int, default=1, help="threads per replica")
-    ap.add_argument("--n-batch", type=int, default=64,
-                    help="each replica's most tokens per step (its prefill chunk; small, so a "
-                    "cold prompt holds up its replica's other sequences only briefly)")
-    ap.add_argument("--tenants", type=int, default=6)
+    ap.add_argument("--n-batch", type=int, default=None,
+                    help="each replica's most tokens per step (default: the pod's own, 512; its "
+                    "chunked prefill keeps a cold prompt from holding up the other sequences)")
+    ap.add_argument("--prefill-step-ms", type=float, default=None,
+                    help="each replica's chunked-prefill step target (default: the pod's own)")
+    ap.add_argument("--tenants", type=int, default=12)
     ap.add_argument("--words", type=int, default=465, help="system prompt words (~500 tokens)")
-    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--requests", type=int, default=192)
     ap.add_argument("--concurrency", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--swa-full", action="store_true",
                     help="replicas keep every position of sliding-window layers (serve --swa-full)")
-    ap.add_argument("--prompt-cache-mib", type=int, default=20,
-                    help="each replica's host-RAM prompt cache (0: slots only); 20 MiB holds two "
-                    "tenants' prefixes: more tenants than one replica holds, as in a big fleet")
+    ap.add_argument("--prompt-cache-mib", type=int, default=36,
+                    help="each replica's host-RAM prompt cache (0: slots only); 36 MiB holds about "
+                    "four tenants' prefixes (9 MiB each): more tenants than one replica holds, "
+                    "as in a big fleet")
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
@@ -123,7 +128,10 @@ def main() -> int:
                 str(VENV_BIN / "llamafleet"), "serve", "--model-path", str(model), "--host",
                 "127.0.0.1", "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0",
                 "--context-size", str(a.context), "--max-batch-size", str(a.max_batch_size),
-                "--threads", str(a.threads), "--n-batch", str(a.n_batch),
+                "--threads", str(a.threads),
+                *(["--n-batch", str(a.n_batch)] if a.n_batch else []),
+                *(["--prefill-step-ms", str(a.prefill_step_ms)] if a.prefill_step_ms is not None
+                  else []),
                 "--prompt-cache-mib", str(a.prompt_cache_mib),
                 "--api-key", AUTH["Authorization"].removeprefix("Bearer "),
                 "--swa-full" if a.swa_full else "--no-swa-full",
