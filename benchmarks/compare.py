@@ -42,9 +42,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], url: str, log: Path, headers: dict[str, str] | None = None):
+def running(cmd: list[str], url: str, log: Path, headers: dict[str, str] | None = None,
+            env: dict[str, str] | None = None):
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -71,15 +72,16 @@ def bare_decode(model: Path, prompt: str, max_tokens: int, threads: int, runs: i
     """A bare llama-cpp-python loop: prefill, then decode one token per llama_decode.
 
     It samples exactly as llamafleet does by default (top-k 40, top-p 0.95, min-p 0.05,
-    temperature 0.7, repeat penalty 1.1 over the last 64 tokens, applied by the same
-    Penalties step as the server), so the gap to llamafleet's single stream is the cost
-    of the server itself: scheduler, HTTP, SSE.
+    temperature 0.7, repeat penalty 1.1 over the last 64 tokens, with the server's own
+    batched sampler, sampler.py, on a batch of one), so the gap to llamafleet's single stream
+    is the cost of the server itself: scheduler, HTTP, SSE.
     """
     code = f"""
 import json, time, random
 import numpy as np
 from llama_cpp import llama_cpp as C, _internals
-from llamafleet.inference.llama_backend import Penalties
+from llamafleet.inference.engine import SamplingParams
+from llamafleet.inference.sampler import SamplerPool
 from llamafleet.inference.model import ChatFormatter
 mp = C.llama_model_default_params()
 m = _internals.LlamaModel(path_model={str(model)!r}, params=mp, verbose=False)
@@ -95,12 +97,9 @@ batch = C.llama_batch_init(512, 0, 1)
 rates = []
 for run in range({runs}):
     C.llama_memory_clear(C.llama_get_memory(ctx.ctx), True)
-    s = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-    pen = Penalties(np.float32(1.1), np.float32(0), np.float32(0))
-    for x in (C.llama_sampler_init_top_k(40),
-              C.llama_sampler_init_top_p(0.95, 1), C.llama_sampler_init_min_p(0.05, 1),
-              C.llama_sampler_init_temp(0.7), C.llama_sampler_init_dist(run)):
-        C.llama_sampler_chain_add(s, x)
+    pool = SamplerPool(m.n_vocab())
+    s = pool.open(SamplingParams(seed=run))
+    row0 = np.zeros(1, dtype=np.intp)
     t0 = time.perf_counter()
     batch.n_tokens = len(toks)
     for i, t in enumerate(toks):
@@ -109,16 +108,17 @@ for run in range({runs}):
     C.llama_decode(ctx.ctx, batch)
     idx, pos = len(toks) - 1, len(toks)
     for n in range({max_tokens}):
-        pen.apply(np.ctypeslib.as_array(C.llama_get_logits_ith(ctx.ctx, idx), shape=(m.n_vocab(),)))
-        tok = C.llama_sampler_sample(s, ctx.ctx, idx)
-        pen.history.append(tok)
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx.ctx, idx), shape=(1, m.n_vocab()))
+        pool.penalise(logits, row0, [s])
+        tok = int(pool.sample(logits, row0, [s])[0])
+        pool.accept([s], [tok])
         if n == {max_tokens} - 1:
             break
         batch.n_tokens = 1; batch.token[0] = tok; batch.pos[0] = pos; batch.n_seq_id[0] = 1
         batch.seq_id[0][0] = 0; batch.logits[0] = True
         C.llama_decode(ctx.ctx, batch); idx = 0; pos += 1
     rates.append({max_tokens} / (time.perf_counter() - t0))
-    C.llama_sampler_free(s)
+    pool.close(s)
 print(json.dumps(rates))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -154,9 +154,11 @@ class EngineObserver(Protocol):
 
     def on_step(self, running: int, batch_tokens: int, queued: int, kv_tokens: int) -> None: ...
 
-    def on_first_token(self, req: GenerationRequest) -> None: ...
-
-    def on_token(self, req: GenerationRequest) -> None: ...
+    def on_tokens(self, first: Sequence[GenerationRequest],
+                  later: Sequence[GenerationRequest]) -> None:
+        """Once per step: the requests that got their first token, and the others that got
+        one."""
+        ...
 
     def on_finish(self, req: GenerationRequest) -> None: ...
 
@@ -165,10 +167,8 @@ class _NullObserver:
     def on_step(self, running: int, batch_tokens: int, queued: int, kv_tokens: int) -> None:
         pass
 
-    def on_first_token(self, req: GenerationRequest) -> None:
-        pass
-
-    def on_token(self, req: GenerationRequest) -> None:
+    def on_tokens(self, first: Sequence[GenerationRequest],
+                  later: Sequence[GenerationRequest]) -> None:
         pass
 
     def on_finish(self, req: GenerationRequest) -> None:
@@ -591,9 +591,13 @@ class Engine:
             log.exception("batched sampling failed; sampling the %d sequences one by one",
                           len(batch.sample))
             tokens = [self._sample_one(seq, index) for seq, index in batch.sample]
+        first: list[GenerationRequest] = []
+        later: list[GenerationRequest] = []
         for (seq, index), token in zip(batch.sample, tokens, strict=True):
             if token is not None:
-                self._accept(seq, index, token)
+                self._accept(seq, index, token, first, later)
+        if first or later:
+            self.observer.on_tokens(first, later)
 
     def _sample_one(self, seq: _Sequence, index: int) -> int | None:
         """One sequence alone (after a failed batch): a failure fails this sequence only."""
@@ -604,7 +608,8 @@ class Engine:
             self._fail(seq, InternalError(f"sampling failed: {e}"))
             return None
 
-    def _accept(self, seq: _Sequence, index: int, token: int) -> None:
+    def _accept(self, seq: _Sequence, index: int, token: int, first: list[GenerationRequest],
+                later: list[GenerationRequest]) -> None:
         try:
             if self.backend.is_eog(token) and not seq.req.params.ignore_eos:
                 self._finish(seq, "stop")
@@ -612,9 +617,9 @@ class Engine:
             seq.completion_tokens += 1
             if not seq.started:
                 seq.started = True
-                self.observer.on_first_token(seq.req)
+                first.append(seq.req)
             else:
-                self.observer.on_token(seq.req)
+                later.append(seq.req)
             top = seq.req.params.logprobs
             lp = () if top is None else (self.backend.logprob(index, token, top),)
             text, hit_stop = seq.text.feed(self.backend.token_bytes(token))

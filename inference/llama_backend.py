@@ -95,6 +95,7 @@ class LlamaModel:
         self.bos_text = self._text(self._model.token_bos())
         self.eos_text = self._text(self._model.token_eos())
         self._piece_cache: dict[int, bytes] = {}
+        self._eog_cache: dict[int, bool] = {}
 
     @property
     def ptr(self):
@@ -119,7 +120,10 @@ class LlamaModel:
         return piece
 
     def is_eog(self, token: int) -> bool:
-        return bool(C.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog_cache.get(token)
+        if eog is None:  # a dict hit costs far less than the ctypes call, every token
+            eog = self._eog_cache[token] = bool(C.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def grammar_ok(self, grammar: str) -> bool:
         """Whether llama.cpp accepts a GBNF grammar (parsed and freed; any thread)."""

@@ -73,17 +73,17 @@ class EngineMetrics:
         self.m.running.set(running)
         self.m.queued.set(queued)
 
-    def on_first_token(self, req) -> None:
+    def on_tokens(self, first, later) -> None:
         now = time.monotonic()
-        self.m.ttft.observe(now - req.enqueued_at)
-        self._last_token[id(req)] = now
-
-    def on_token(self, req) -> None:
-        now = time.monotonic()
-        last = self._last_token.get(id(req))
-        if last is not None:
-            self.m.itl.observe(now - last)
-        self._last_token[id(req)] = now
+        last_token = self._last_token
+        for req in first:
+            self.m.ttft.observe(now - req.enqueued_at)
+            last_token[id(req)] = now
+        for req in later:
+            last = last_token.get(id(req))
+            if last is not None:
+                self.m.itl.observe(now - last)
+            last_token[id(req)] = now
 
     def on_finish(self, req) -> None:
         self._last_token.pop(id(req), None)
