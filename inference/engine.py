@@ -101,6 +101,9 @@ class GenerationRequest:
     params: SamplingParams
     sink: Callable[[Event], None]
     request_id: str = ""
+    # False: the text is held and sent as one delta before Finished, not one per token
+    # (a non-streaming answer needs nothing earlier, and every event costs the event loop).
+    stream: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -246,6 +249,7 @@ class _Sequence:
     started: bool = False
     generated: list[int] = field(default_factory=list)  # sampled tokens now in the KV cache
     passed_over: int = 0  # PREFILL: steps in a row that left it no budget (build_batch)
+    held: list[TextDelta] = field(default_factory=list)  # not streamed: sent at the end
 
     def kv_tokens(self) -> list[int]:
         return (list(self.req.prompt) + self.generated)[: self.n_past]
@@ -624,7 +628,10 @@ class Engine:
             lp = () if top is None else (self.backend.logprob(index, token, top),)
             text, hit_stop = seq.text.feed(self.backend.token_bytes(token))
             if text or lp:
-                self._emit(seq.req, TextDelta(text, lp))
+                if seq.req.stream:
+                    self._emit(seq.req, TextDelta(text, lp))
+                else:
+                    seq.held.append(TextDelta(text, lp))
             if hit_stop:
                 self._finish(seq, "stop", flush=False)
             elif seq.completion_tokens >= seq.req.params.max_tokens:
@@ -652,7 +659,15 @@ class Engine:
         if flush and reason != "cancelled":
             tail = seq.text.flush()
             if tail:
-                self._emit(seq.req, TextDelta(tail))
+                seq.held.append(TextDelta(tail))
+        if seq.held and reason != "cancelled":
+            if seq.req.stream:  # only the tail
+                events = seq.held
+            else:  # the whole answer in one delta
+                events = [TextDelta("".join(d.text for d in seq.held),
+                                    tuple(lp for d in seq.held for lp in d.logprobs))]
+            for event in events:
+                self._emit(seq.req, event)
         self._emit(seq.req, Finished(reason, len(seq.req.prompt), seq.completion_tokens))
 
     def _fail(self, seq: _Sequence, err: LlamafleetError) -> None:

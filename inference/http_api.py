@@ -129,7 +129,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     # Rendering and tokenising long text take milliseconds: off the event loop.
     prompt = await asyncio.to_thread(s.chat_prompt, messages, body.rag_context, rendered_tools)
     gen = s.start(prompt, params, api="http_chat", request_id=request_id_from_headers(request.headers),
-                  user=body.user)
+                  user=body.user, stream=bool(body.stream))
     rid, created = P.new_id("chatcmpl"), P.now()
     family = tools.family_of(s.formatter.source)
 
@@ -280,7 +280,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
                      logprobs=body.logprobs)
     gen = s.start(prompt, params, api="http_completions",
                   request_id=request_id_from_headers(request.headers), prompt_param="prompt",
-                  user=body.user)
+                  user=body.user, stream=bool(body.stream))
     rid, created = P.new_id("cmpl"), P.now()
 
     def make(text: str, finish: str | None, usage: P.Usage | None = None,

@@ -259,9 +259,11 @@ class Serving:
     # --- generation ---------------------------------------------------------------------
 
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
-              request_id: str, prompt_param: str = "messages", user: str | None = None
-              ) -> Generation:
-        """Submit now: errors (too long, overloaded) raise here, before any output."""
+              request_id: str, prompt_param: str = "messages", user: str | None = None,
+              stream: bool = True) -> Generation:
+        """Submit now: errors (too long, overloaded) raise here, before any output.
+        ``stream=False``: the text comes in one delta right before the end (no event per
+        token crosses to the event loop)."""
         if not self.engine.alive:
             raise NotReady("The model is not loaded yet.")
         if self.draining:
@@ -270,7 +272,7 @@ class Serving:
             raise ContextTooLong(len(prompt), self.engine.context_size, param=prompt_param)
         q: asyncio.Queue = asyncio.Queue()
         bridge = self._bridge()
-        req = GenerationRequest(prompt, params, QueueSink(bridge, q), request_id)
+        req = GenerationRequest(prompt, params, QueueSink(bridge, q), request_id, stream=stream)
         gen = Generation(self, req, api, q, user=user)
         try:
             self.engine.submit(req)

@@ -551,3 +551,21 @@ def test_a_long_prompt_is_never_starved_by_short_ones() -> None:
             break
         steps_without += 1
     assert steps_without == PASSED_OVER_MAX and long.n_past == 8
+
+
+def test_a_request_that_does_not_stream_gets_its_text_in_one_delta_at_the_end() -> None:
+    be = FakeBackend()
+    e = make_engine(be)
+    try:
+        c = Collector()
+        e.submit(GenerationRequest([1, 2], SamplingParams(max_tokens=5, stop=("9 ",)), c,
+                                   stream=False))
+        streamed = submit(e, [1, 2], max_tokens=5)
+        assert c.done.wait(10) and streamed.done.wait(10)
+        deltas = [ev for ev in c.events if isinstance(ev, TextDelta)]
+        assert [d.text for d in deltas] == ["3 4 5 6 7 "]  # one delta, then Finished
+        assert isinstance(c.events[-1], Finished) and c.events[-1].completion_tokens == 5
+        assert streamed.text == "3 4 5 6 7 "
+        assert len([ev for ev in streamed.events if isinstance(ev, TextDelta)]) > 1
+    finally:
+        e.stop()
