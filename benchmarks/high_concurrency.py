@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,10 +396,23 @@ def ensure_model(path: Path) -> Path:
 
 
 class Lock:
-    """/tmp/llamafleet-bench.lock while measuring: waits for another holder, removes only its own."""
+    """/tmp/llamafleet-bench.lock while measuring: waits for another holder, removes only its
+    own, and puts it back (counted in ``restored``) if someone else's clean-up removes it."""
 
     def __init__(self, path: Path):
-        self.path, self.held = path, False
+        self.path, self.held, self.restored = path, False, 0
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def _mark(self) -> None:
+        self.path.write_text(f"{os.getpid()} benchmarks/high_concurrency.py\n")
+
+    def _keep(self) -> None:
+        while not self._stop.wait(1.0):
+            if not self.path.exists():
+                self._mark()
+                self.restored += 1
+                print(f"  {self.path} was removed by someone else: put back", flush=True)
 
     def __enter__(self) -> Lock:
         waited = False
@@ -407,11 +421,16 @@ class Lock:
                 print(f"waiting for {self.path} (another benchmark is measuring)", flush=True)
                 waited = True
             time.sleep(10)
-        self.path.write_text(f"{os.getpid()} benchmarks/high_concurrency.py\n")
+        self._mark()
         self.held = True
+        self._watch = threading.Thread(target=self._keep, daemon=True)
+        self._watch.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join()
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
@@ -460,7 +479,7 @@ def run(a: argparse.Namespace) -> int:
         "side_by_side": [], "step_profile": [], "batched_bench": [], "servers": {},
         "system_info": {"llamafleet": python_system_info()}}
     run_s: dict[str, float] = {}
-    with Lock(a.lock):
+    with Lock(a.lock) as lock:
         t_all = time.monotonic()
         # Others' work on this shared machine shows here (1-minute load, before and after).
         record["load_avg_1m"] = {"before": round(os.getloadavg()[0], 2)}
@@ -518,6 +537,7 @@ def run(a: argparse.Namespace) -> int:
         run_s["batched_bench"] = time.monotonic() - t0
         record["load_avg_1m"]["after"] = round(os.getloadavg()[0], 2)
         run_s["total"] = time.monotonic() - t_all
+        record["lock_restored"] = lock.restored
     record["run_s"] = {k: round(v, 1) for k, v in run_s.items()}
     record["logs"] = str(logs.relative_to(ROOT))
     summary = evaluate(record)
