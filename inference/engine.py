@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from llamafleet.common.errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
 
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, shared_prefix
 from .slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
@@ -249,10 +249,19 @@ class _Sequence:
     started: bool = False
     generated: list[int] = field(default_factory=list)  # sampled tokens now in the KV cache
     passed_over: int = 0  # PREFILL: steps in a row that left it no budget (build_batch)
+    follows: bool = False  # PREFILL: waits for another sequence's prefill of its prefix
     held: list[TextDelta] = field(default_factory=list)  # not streamed: sent at the end
 
     def kv_tokens(self) -> list[int]:
         return (list(self.req.prompt) + self.generated)[: self.n_past]
+
+    def shared_with(self, prompt: Sequence[int]) -> int:
+        """How many first tokens of ``prompt`` this sequence's cells hold."""
+        own = self.req.prompt
+        n = shared_prefix(own, prompt)
+        if n == len(own) and self.generated:
+            n += shared_prefix(self.generated, prompt[n:])
+        return min(n, self.n_past)
 
 
 @dataclass(eq=False)
@@ -300,7 +309,7 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
         budget = min(budget, prefill_budget)
     # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
     # first: a stream of short prompts never starves a long one.
-    prefilling = sorted((s for s in running if s.state is PREFILL),
+    prefilling = sorted((s for s in running if s.state is PREFILL and not s.follows),
                         key=lambda s: (s.passed_over < PASSED_OVER_MAX,
                                        len(s.req.prompt) - s.n_past))
     takes: dict[int, int] = {}
@@ -554,6 +563,8 @@ class Engine:
             self._finish(seq, "cancelled")
         if not self._running:
             return
+        if any(s.state is PREFILL for s in self._running):
+            self._share_prefixes()
         batch = build_batch(self._running, self.backend.n_batch, self.prefill_budget())
         # KV cells in use, from our own bookkeeping (asking llama.cpp per sequence each step
         # cost a measurable share of a 7 ms step).
@@ -575,6 +586,49 @@ class Engine:
                 0.7 * self._token_s + 0.3 * per_token)
         self.steps += 1
         self._apply(batch)
+
+    def _share_prefixes(self) -> None:
+        """Running sequences whose prompts start the same way (a shared system prompt, the
+        same question from many clients) compute that prefix once: a prefilling sequence
+        takes another's cells that hold more of its prompt than its own (SlotCache.share),
+        and while one of them is still prefilling the common part the others wait for it
+        instead of computing it too. Prompts are grouped by their first SHARE_MIN tokens, so
+        the cost is linear in the running sequences. Seeded requests take no part (their
+        cells must come from their own prefill to reproduce)."""
+        groups: dict[tuple[int, ...], list[_Sequence]] = {}
+        for s in self._running:
+            s.follows = False
+            p = s.req.prompt
+            if len(p) > SHARE_MIN and s.req.params.seed is None:
+                groups.setdefault(tuple(p[:SHARE_MIN]), []).append(s)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            for f in members:
+                if f.state is not PREFILL:
+                    continue
+                limit = len(f.req.prompt) - 1  # at least one token left for its logits
+                donor, best = None, f.n_past
+                # The most advanced first; a few at most (each comparison walks the prefix).
+                for d in sorted(members, key=_n_past, reverse=True)[:SHARE_CANDIDATES]:
+                    if d is f or d.n_past <= best:
+                        continue
+                    n = min(d.shared_with(f.req.prompt), limit)
+                    if n > best:
+                        donor, best = d, n
+                if donor is not None and best - f.n_past >= SHARE_MIN and \
+                        self.cache.share(donor.slot, f.slot, best):
+                    f.n_past = best
+            # One leader prefills what the group has in common; the others wait for it.
+            prefilling = [m for m in members if m.state is PREFILL]
+            if len(prefilling) < 2:
+                continue
+            leader = max(prefilling, key=lambda m: (m.n_past, -m.slot))
+            for f in prefilling:
+                if f is not leader:
+                    common = min(shared_prefix(leader.req.prompt, f.req.prompt),
+                                 len(f.req.prompt) - 1)
+                    f.follows = common - f.n_past >= SHARE_MIN and leader.n_past < common
 
     def _apply(self, batch: Batch) -> None:
         """The batch is in the KV cache: advance its sequences, then sample every sequence
@@ -691,10 +745,16 @@ class Engine:
 
 
 MIN_PREFILL_CHUNK = 16  # prompt tokens a step always carries, however slow the hardware
+SHARE_MIN = 32  # prompt tokens in common from which running sequences share their cells
+SHARE_CANDIDATES = 4  # sequences a prefilling one compares itself with, the most advanced
 
 
 def _slot_of(seq: _Sequence) -> int:
     return seq.slot
+
+
+def _n_past(seq: _Sequence) -> int:
+    return seq.n_past
 
 
 def deliver_each(events: list[tuple[GenerationRequest, Event]]) -> None:

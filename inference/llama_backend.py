@@ -316,6 +316,19 @@ class LlamaBackend:
     def clear_sequence(self, seq_id: int) -> None:
         C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
 
+    def copy_sequence(self, src: int, dst: int, keep: int) -> bool:
+        """Make ``dst`` hold the first ``keep`` positions of ``src``'s cells; False (and
+        ``dst`` empty) if they cannot serve a continuation from ``keep``. In one KV buffer
+        the cells are shared (metadata only); across per-sequence streams llama.cpp copies
+        the source stream at the next decode (a device copy: a few MiB, far cheaper than
+        the prefill it saves)."""
+        C.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        C.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        if self.trim_sequence(dst, keep):
+            return True
+        C.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        return False
+
     def trim_sequence(self, seq_id: int, keep: int) -> bool:
         if not C.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
             return False

@@ -332,6 +332,7 @@ class Serving:
         if private:
             out["prefix_tokens_reused"] = self.engine.prefix_tokens_reused
             out["prompt_cache_restores"] = self.engine.prompt_cache_restores
+            out["prefix_tokens_shared"] = self.engine.cache.prefix_tokens_shared
         return out
 
     def close(self) -> None:

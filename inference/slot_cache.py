@@ -46,6 +46,11 @@ class KVBackend(Protocol):
         """Replace the sequence's cells with a saved state; False if it does not fit."""
         ...
 
+    def copy_sequence(self, src: int, dst: int, keep: int) -> bool:
+        """Make ``dst`` hold the first ``keep`` positions of ``src``; False if they cannot
+        serve a continuation (``dst`` is then empty)."""
+        ...
+
 
 class SlotCache:
     """Free slots and what their cells hold; used only on the engine thread (``free`` may
@@ -57,6 +62,7 @@ class SlotCache:
         self._free: set[int] = set(range(n_slots))
         self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
         self.prefix_tokens_reused = 0
+        self.prefix_tokens_shared = 0  # copied between running sequences (share)
         self.prompt_cache_restores = 0
 
     @property
@@ -125,6 +131,14 @@ class SlotCache:
         self._cached[into] = list(tokens)
         self.prompt_cache_restores += 1
         return into, shared
+
+    def share(self, src: int, dst: int, keep: int) -> bool:
+        """A running sequence's first ``keep`` cells into another running sequence's slot
+        (both prompts start the same way): that part of the prefill is skipped."""
+        if not self.backend.copy_sequence(src, dst, keep):
+            return False
+        self.prefix_tokens_shared += keep
+        return True
 
     def saved_prompt(self, slot: int, prompt: Sequence[int], reuse: bool = True) -> None:
         """Right after its prefill the sequence's cells hold exactly its prompt: keep a copy

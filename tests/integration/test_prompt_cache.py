@@ -74,6 +74,37 @@ def test_a_restored_state_answers_like_its_prefill_and_costs_far_less(model_path
 
 
 @pytest.mark.parametrize("layout", ["split", "unified"])
+def test_a_shared_prefix_answers_like_its_own_prefill(model_path: Path, layout: str) -> None:
+    """copy_sequence (running sequences sharing a prompt's cells): the copy continues the
+    prompt as its own prefill would, within the noise of two identical prefills."""
+    model = LlamaModel(model_path, gpu_layers=0)
+    be = LlamaBackend(model, n_seq=3, context_size=1024, n_batch=512, threads=2,
+                      kv_layout=layout)
+    try:
+        prompt = model.tokenize(tenant_prompt(2), True)
+        head = prompt[:-1]
+        for seq in (0, 2):  # the donor, and a second prefill as the yardstick
+            be.decode(head, list(range(len(head))), [seq] * len(head), [False] * len(head))
+        be.decode([prompt[-1], 42], [len(head), len(head) + 1], [0, 0], [False, False])
+        assert be.copy_sequence(0, 1, len(head))  # the donor ran on; the copy takes the head
+        logits = []
+        for seq in (2, 1):
+            be.decode([prompt[-1]], [len(head)], [seq], [True])
+            logits.append(_logits(be))
+        be.clear_sequence(0)
+        be.decode(head + [prompt[-1]], list(range(len(prompt))), [0] * len(prompt),
+                  [False] * len(head) + [True])
+        again = be.logits()[0].copy()
+        fresh, copied = logits
+        noise = float(np.max(np.abs(fresh - again)))
+        assert int(np.argmax(copied)) == int(np.argmax(fresh))
+        assert float(np.max(np.abs(copied - fresh))) <= 1.5 * noise + 1e-3
+    finally:
+        be.close()
+        model.close()
+
+
+@pytest.mark.parametrize("layout", ["split", "unified"])
 def test_one_slot_serves_alternating_tenants_from_host_ram(model_path: Path, layout: str) -> None:
     srv = start_server(model_path=model_path, max_batch_size=1, context_size=2048,
                        grpc_port=0, metrics_port=0, prompt_cache_mib=64, kv_layout=layout)

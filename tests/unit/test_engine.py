@@ -38,6 +38,7 @@ class FakeBackend:
         self.batches: list[tuple[list[int], list[int], list[int], list[bool]]] = []
         self.cleared: list[int] = []
         self.trimmed: list[tuple[int, int]] = []
+        self.copied: list[tuple[int, int, int]] = []
         self.samplers: dict[int, SamplingParams] = {}
         self.eog_from = eog_from
         self.refused_grammar = refused_grammar
@@ -96,6 +97,10 @@ class FakeBackend:
 
     def trim_sequence(self, seq_id: int, keep: int) -> bool:
         self.trimmed.append((seq_id, keep))
+        return True
+
+    def copy_sequence(self, src: int, dst: int, keep: int) -> bool:
+        self.copied.append((src, dst, keep))
         return True
 
 
@@ -567,5 +572,59 @@ def test_a_request_that_does_not_stream_gets_its_text_in_one_delta_at_the_end() 
         assert isinstance(c.events[-1], Finished) and c.events[-1].completion_tokens == 5
         assert streamed.text == "3 4 5 6 7 "
         assert len([ev for ev in streamed.events if isinstance(ev, TextDelta)]) > 1
+    finally:
+        e.stop()
+
+
+def test_identical_prompts_arriving_together_prefill_their_prefix_once() -> None:
+    """64 clients, one prompt: one sequence prefills it, the others wait one step and then
+    take its cells, prefilling only their last token."""
+    be = FakeBackend()
+    be.n_batch = 128  # a whole prompt in one step
+    e = make_engine(be, max_batch_size=8, context_size=256)
+    prompt = list(range(100, 180))  # 80 tokens
+    be.gate = threading.Event()  # hold the first step until all eight are queued
+    try:
+        cs = [submit(e, prompt, max_tokens=3) for _ in range(8)]
+        be.gate.set()
+        assert all(c.done.wait(10) for c in cs)
+        assert all(c.text == "180 181 182 " for c in cs)
+        prompt_tokens = sum(1 for toks, _, _, logits in be.batches for t in toks if t < 180)
+        assert prompt_tokens == 80 + 7  # one whole prefill, then one token per follower
+        assert sorted(dst for _, dst, _ in be.copied) == list(range(1, 8))
+        assert {keep for _, _, keep in be.copied} == {79}
+        assert e.cache.prefix_tokens_shared == 7 * 79
+    finally:
+        e.stop()
+
+
+def test_seeded_requests_never_share_cells() -> None:
+    be = FakeBackend()
+    be.n_batch = 64
+    e = make_engine(be, max_batch_size=4, context_size=256)
+    prompt = list(range(100, 160))
+    be.gate = threading.Event()
+    try:
+        cs = [submit(e, prompt, max_tokens=2, seed=7) for _ in range(3)]
+        be.gate.set()
+        assert all(c.done.wait(10) for c in cs)
+        assert be.copied == []
+    finally:
+        e.stop()
+
+
+def test_followers_wait_for_the_leader_of_a_long_common_prefix() -> None:
+    """A prompt longer than a step: the others wait while one prefills it, then take its
+    cells (at most the last stretch is computed again by each)."""
+    be = FakeBackend()
+    be.n_batch = 64
+    e = make_engine(be, max_batch_size=4, context_size=512)
+    prompt = [100 + (i % 50) for i in range(200)]
+    try:
+        cs = [submit(e, prompt, max_tokens=2) for _ in range(4)]
+        assert all(c.done.wait(10) for c in cs)
+        decoded = sum(len(toks) for toks, _, _, _ in be.batches)
+        assert decoded - 4 * 2 < 200 + 3 * 64  # alone, each would have prefilled all 200
+        assert e.cache.prefix_tokens_shared >= 3 * 128
     finally:
         e.stop()
