@@ -59,7 +59,7 @@ def running(cmd: list[str], url: str, log: Path, headers: dict[str, str] | None 
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{cmd[0]} did not start; see {log}")
                 time.sleep(0.5)
-            yield
+            yield proc
         finally:
             proc.terminate()
             try:

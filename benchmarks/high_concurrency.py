@@ -19,7 +19,7 @@ model does on a GPU, so that the server's own work around ``llama_decode`` shows
 * then a table of the ratios and issue 30's acceptance lines with PASS/FAIL.
 
     .venv/bin/python benchmarks/high_concurrency.py   # -> benchmarks/results/high-concurrency-*.json|md
-    .venv/bin/python benchmarks/high_concurrency.py --skip-build --levels 64 --requests 128
+    .venv/bin/python benchmarks/high_concurrency.py --skip-build --levels 64 --requests 64
 
 While measuring it holds /tmp/llamafleet-bench.lock (other work on this shared machine pauses
 while that file exists); it waits for a lock that someone else holds.
@@ -56,6 +56,7 @@ ACCEPT_PLAIN = 1.0          # llamafleet / llama-server, non-streaming tokens/s,
 ACCEPT_STREAM = 1.3         # llamafleet / llama-server, streaming tokens/s, at least
 ACCEPT_STEP = 1.2           # our decode step / batched-bench's decode step, at most
 ACCEPT_HOST_US = 30.0       # host work outside llama_decode, µs per sequence per step, at most
+NOISY = 0.05                # others' share of the CPU above which a figure is flagged
 
 
 # --- pure helpers (tests/unit/test_high_concurrency_bench.py) ------------------------------
@@ -205,6 +206,12 @@ def markdown(record: dict, summary: dict) -> str:
               f"{r['short']} short" for r in record["side_by_side"] if r["failed"] or r["short"]]
     if failed:
         out += ["", "Incomplete: " + "; ".join(failed)]
+    noisy = [f"{r['server']} {r['mode']} c{r['concurrency']} {r['others_cpu_share']:.0%}"
+             for r in record["side_by_side"] if (r.get("others_cpu_share") or 0) > NOISY]
+    noisy += [f"step profile c{p['concurrency']} {p['others_cpu_share']:.0%}"
+              for p in record.get("step_profile", []) if (p.get("others_cpu_share") or 0) > NOISY]
+    out += ["", f"Others' CPU while measuring (share of all cores; above {NOISY:.0%} the figure is "
+            "suspect): " + ("; ".join(noisy) if noisy else "none above it")]
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in record["run_s"].items() if k != "total")
     out += ["", f"Run: {record['run_s']['total']:.0f} s measuring ({phases})."]
     return "\n".join(out) + "\n"
@@ -231,6 +238,7 @@ class Figures:
     itl_p50_s: float | None = None
     processes: int = 1
     errors: list[str] = field(default_factory=list)
+    others_cpu_share: float | None = None  # CPU others used meanwhile, share of all cores
 
 
 def figures(server: str, mode: str, c: int, samples: list, wall: float, max_tokens: int,
@@ -273,7 +281,10 @@ async def _plain(url: str, body: dict, concurrency: int, n: int, timeout: float)
 
     todo = list(range(n))
     samples: list[Sample] = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+    # A new connection per request: reusing one that the server's keep-alive timer is closing
+    # fails the request (ReadError) without the server being at fault.
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits) as client:
         async def one() -> Sample:
             t0 = time.perf_counter()
             try:
@@ -296,12 +307,64 @@ async def _plain(url: str, body: dict, concurrency: int, n: int, timeout: float)
         return samples, time.monotonic() - t0
 
 
-def measure(server: str, url: str, model: str, c: int, n: int, a: argparse.Namespace) -> list[Figures]:
-    """One level on one server: plain, then streaming through ``llamafleet bench``'s client."""
+class CpuWatch:
+    """CPU that others used while we measured: the machine's busy time (/proc/stat) less this
+    process's and its reaped children's (servers, client processes, llama-batched-bench), as
+    a share of all cores over the window. Our own servers are reaped when they stop, so read
+    it after a segment's server is gone; the live server's share shows up as others' until
+    then (``stop`` takes the server's CPU seconds for that)."""
+
+    @staticmethod
+    def _busy() -> float:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(f) - f[3] - (f[4] if len(f) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.ours0 = time.monotonic(), self._busy(), self._ours()
+
+    def others_share(self, live_cpu_s: float = 0.0) -> float:
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        others = (self._busy() - self.busy0) - (self._ours() - self.ours0) - live_cpu_s
+        return round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
+
+
+def wait_quiet(limit_s: float, waits: list[float]) -> None:
+    """Before a segment: wait (up to ``limit_s``) until others use under NOISY of the CPU over
+    one second, e.g. a test that started before the lock finishing; the wait goes in ``waits``."""
+    t0 = time.monotonic()
+    while True:
+        watch = CpuWatch()
+        time.sleep(1.0)
+        share = watch.others_share()
+        if share <= NOISY or time.monotonic() - t0 > limit_s:
+            break
+        if time.monotonic() - t0 < 1.5:
+            print(f"  others use {share:.0%} of the CPU: waiting (up to {limit_s:.0f} s)", flush=True)
+    waits.append(round(time.monotonic() - t0, 1))
+
+
+def process_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a live process and its threads."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(server: str, url: str, model: str, c: int, n: int, a: argparse.Namespace,
+            pid: int) -> list[Figures]:
+    """One level on one server (process ``pid``): plain, then streaming through
+    ``llamafleet bench``'s client; each with the CPU share others used meanwhile."""
     from llamafleet.inference import bench
 
+    watch, cpu0 = CpuWatch(), process_cpu_s(pid)
     samples, wall = asyncio.run(_plain(url, _body(model, a.max_tokens, False), c, n, 600))
     out = [figures(server, "plain", c, samples, wall, a.max_tokens, 1)]
+    out[-1].others_cpu_share = watch.others_share(process_cpu_s(pid) - cpu0)
+    watch, cpu0 = CpuWatch(), process_cpu_s(pid)
     ns = argparse.Namespace(max_tokens=a.max_tokens, no_ignore_eos=False, seed=None, timeout=600,
                             api_key=None)
     body, progress = _body(model, a.max_tokens, True), bench.Progress(n)
@@ -311,9 +374,11 @@ def measure(server: str, url: str, model: str, c: int, n: int, a: argparse.Names
     else:
         samples, wall = bench._spread(procs, url, body, {}, c, n, ns, progress)
     out.append(figures(server, "stream", c, samples, wall, a.max_tokens, procs))
+    out[-1].others_cpu_share = watch.others_share(process_cpu_s(pid) - cpu0)
     for f in out:
         print(f"  {server:<13}{f.mode:<7}c{c:<4}{f.tokens_per_s:>9.1f} tok/s  "
-              f"{f.completed}/{f.requests} ok, {f.short} short"
+              f"{f.completed}/{f.requests} ok, {f.short} short, others' CPU "
+              f"{f.others_cpu_share:.0%}"
               + (f"  TTFT p50 {_f(f.ttft_p50_s, '.0f', 1e3)} ms p90 {_f(f.ttft_p90_s, '.0f', 1e3)} ms"
                  if f.mode == "stream" else "")
               + "".join(f"\n    error: {e}" for e in f.errors), flush=True)
@@ -353,6 +418,21 @@ def log_value(log: Path, key: str) -> str | None:
     return None
 
 
+def cmake_options(build: Path) -> dict[str, str]:
+    """The options of the llama-server / llama-batched-bench build that pick its kernels."""
+    keep = ("CMAKE_BUILD_TYPE", "BUILD_SHARED_LIBS", "GGML_NATIVE", "GGML_AVX2", "GGML_AVX512",
+            "GGML_OPENMP", "CMAKE_C_FLAGS", "CMAKE_CXX_FLAGS")
+    out = {}
+    try:
+        for line in (build / "CMakeCache.txt").read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name.split(":")[0] in keep:
+                out[name.split(":")[0]] = value
+    except OSError:
+        pass
+    return out
+
+
 def python_system_info() -> str | None:
     """llama.cpp's system_info as llamafleet's llama-cpp-python build reports it (the CPU
     features its kernels use: compare with llama-server's)."""
@@ -371,13 +451,16 @@ def batched_bench(binary: Path, model: Path, levels: list[int], pp: int, a: argp
                "-ub", "512", "-npp", str(pp), "-ntg", str(a.max_tokens),
                "-npl", ",".join(map(str, levels)), "-t", str(a.threads), "-tb", str(a.threads),
                flag, "--output-format", "jsonl"]
+        watch = CpuWatch()
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        others = watch.others_share()
         (logs / f"batched-bench{'-kvu' if unified else ''}.log").write_text(out.stdout + out.stderr)
         if out.returncode != 0:
             raise RuntimeError(f"llama-batched-bench failed ({out.returncode}): {out.stderr[-2000:]}")
         got = parse_batched_bench(out.stdout + "\n" + out.stderr, unified)
         for r in got:
             r["command"] = " ".join([binary.name, *cmd[1:]])
+            r["others_cpu_share"] = others  # over the whole run of this layout
             print(f"  batched-bench {'unified' if unified else 'split':<8}B={r['batch']:<4}"
                   f"{r['step_ms']:>8.2f} ms per step, {r['decode_tok_s']:>9.1f} tok/s", flush=True)
         rows += got
@@ -477,8 +560,10 @@ def run(a: argparse.Namespace) -> int:
                          server_bin, model, 0, 0, a)[1:]).replace("--port 0", "--port PORT").replace(
                          "-np 0", "-np LEVEL").replace("-c 0", f"-c {a.context}*LEVEL")},
         "side_by_side": [], "step_profile": [], "batched_bench": [], "servers": {},
-        "system_info": {"llamafleet": python_system_info()}}
+        "system_info": {"llamafleet": python_system_info(),
+                        "llama_server_build": cmake_options(BUILD / "build-patched")}}
     run_s: dict[str, float] = {}
+    waits: list[float] = []
     with Lock(a.lock) as lock:
         t_all = time.monotonic()
         # Others' work on this shared machine shows here (1-minute load, before and after).
@@ -487,12 +572,13 @@ def run(a: argparse.Namespace) -> int:
         prompt_tokens = None
         for c in levels:
             for name in ("llamafleet", "llama-server"):
+                wait_quiet(a.quiet_wait, waits)
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 cmd = (llamafleet_cmd(model, port, c, a) if name == "llamafleet"
                        else llama_server_cmd(server_bin, model, port, c, a))
                 log = logs / f"{name}-c{c}.log"
-                with running(cmd, url, log):
+                with running(cmd, url, log) as proc:
                     model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
                     usage = warm_up(url, model_id)
                     if name == "llamafleet":
@@ -506,22 +592,24 @@ def run(a: argparse.Namespace) -> int:
                                   f"{info.get('max_batch_size')}, not {c}", flush=True)
                     record["servers"].setdefault(name, {}).setdefault(str(c), {})[
                         "prompt_tokens"] = usage.get("prompt_tokens")
-                    for f in measure(name, url, model_id, c, requests[c], a):
+                    for f in measure(name, url, model_id, c, requests[c], a, proc.pid):
                         record["side_by_side"].append(f.__dict__)
                 if name == "llama-server":
                     record["servers"][name][str(c)]["kv_unified"] = log_value(log, "kv_unified")
-                    record["system_info"]["llama_server"] = log_value(log, "system_info")
         run_s["side_by_side"] = time.monotonic() - t0
 
         t0 = time.monotonic()
         for c in levels:
+            wait_quiet(a.quiet_wait, waits)
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             with running(llamafleet_cmd(model, port, c, a, "--step-profile"), url,
-                         logs / f"llamafleet-step-profile-c{c}.log"):
+                         logs / f"llamafleet-step-profile-c{c}.log") as proc:
                 warm_up(url, httpx.get(url + "/v1/models").json()["data"][0]["id"])
+                watch, cpu0 = CpuWatch(), process_cpu_s(proc.pid)
                 lv = step_profile.level(url, c, argparse.Namespace(
                     max_tokens=a.max_tokens, requests=requests[c], processes=str(a.processes)))
+                lv["others_cpu_share"] = watch.others_share(process_cpu_s(proc.pid) - cpu0)
                 record["step_profile"].append(lv)
                 d = lv["decode_steps"]
                 print(f"  step profile c{c}: {d['steps']} pure decode steps, {d['ms_per_step']:.2f} ms "
@@ -533,11 +621,13 @@ def run(a: argparse.Namespace) -> int:
         # Prompt + completion must fit a sequence's context in batched-bench's split layout.
         pp = min(prompt_tokens or 128, a.context - a.max_tokens)
         record["settings"]["batched_bench_pp"] = pp
+        wait_quiet(a.quiet_wait, waits)
         record["batched_bench"] = batched_bench(bb_bin, model, levels, pp, a, logs)
         run_s["batched_bench"] = time.monotonic() - t0
         record["load_avg_1m"]["after"] = round(os.getloadavg()[0], 2)
         run_s["total"] = time.monotonic() - t_all
         record["lock_restored"] = lock.restored
+        record["quiet_waits_s"] = waits
     record["run_s"] = {k: round(v, 1) for k, v in run_s.items()}
     record["logs"] = str(logs.relative_to(ROOT))
     summary = evaluate(record)
@@ -558,8 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64, 128],
                    help="concurrency levels = max_batch_size = llama-server -np (default: 16,64,128)")
     p.add_argument("--max-tokens", type=int, default=96, help="completion tokens per request")
-    p.add_argument("--requests", type=int, default=0,
-                   help="requests per level, server and mode (default: 2 x level)")
+    p.add_argument("--requests", type=int, default=128,
+                   help="requests per level, server and mode; 0: 2 x level (default: %(default)s: "
+                   "8 rounds of streams at c16, 2 at c64, 1 at c128, which keeps a run of today's "
+                   "engine under 10 minutes on 2 cores)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--context", type=int, default=256, help="context per sequence")
     p.add_argument("--processes", type=int, default=2, help="client processes for streaming")
@@ -568,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="record path (default: "
                    "benchmarks/results/high-concurrency-<time>.json, with a .md beside it)")
     p.add_argument("--lock", type=Path, default=LOCK, help="held while measuring")
+    p.add_argument("--quiet-wait", type=float, default=120,
+                   help="before each server: wait up to this many seconds for others' CPU use "
+                   f"to fall under {round(NOISY * 100)}%% (default: %(default)s)")
     a = p.parse_args(argv)
     if a.max_tokens >= a.context:
         p.error("--max-tokens must leave room for the prompt in --context")
