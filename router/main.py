@@ -7,6 +7,7 @@ import logging
 
 import uvicorn
 from kubernetes.config import ConfigException
+from llamafleet.common.http_limits import uvicorn_options
 
 from .app import Router, create_app
 from .discovery import api_client
@@ -26,5 +27,6 @@ def serve(settings: RouterSettings) -> int:
             return 2
     app = create_app(Router(settings, kube=kube))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                access_log=False, timeout_graceful_shutdown=10)
+                access_log=False, timeout_graceful_shutdown=10,
+                **uvicorn_options(settings.read_limits))
     return 0
