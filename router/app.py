@@ -9,7 +9,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from kubernetes.client import ApiClient
@@ -81,6 +81,22 @@ class _Reservation:
     def release(self) -> None:
         self.router.buffered -= self.size
         self.size = 0
+
+
+class _Answer(StreamingResponse):
+    """A replica's answer, passed through; ``cleanup`` runs however the response ends, even
+    when the client left before its body iterator began (its ``finally`` then never runs)."""
+
+    def __init__(self, content: AsyncIterator[bytes], status_code: int,
+                 cleanup: Callable[[], Awaitable[None]]):
+        super().__init__(content, status_code=status_code)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
 
 
 class Router:
@@ -216,7 +232,10 @@ class Router:
             self.metrics.refused.labels("queue_full").inc()
             raise QueueFull(f"{self.held} requests are already waiting for a ready replica.")
         length = declared_length(request.scope)
-        size = s.max_request_bytes if length is None else length
+        if length is None:  # chunked: count the most it may be; else HTTP/1.1 has no body
+            chunked = any(k == b"transfer-encoding" for k, _ in request.scope["headers"])
+            length = s.max_request_bytes if chunked else 0
+        size = length
         if self.buffered + size > s.max_buffered_bytes:
             self.metrics.refused.labels("buffer_full").inc()
             raise Overloaded("The router holds as many request bodies as it may "
@@ -372,7 +391,12 @@ class Router:
                 finish(outcome)
                 reservation.release()
 
-        answer = StreamingResponse(rest(), status_code=resp.status_code)
+        async def cleanup() -> None:  # also when the stream never started (client gone)
+            await resp.aclose()
+            finish("cancelled")
+            reservation.release()
+
+        answer = _Answer(rest(), resp.status_code, cleanup)
         answer.raw_headers = [(k, v) for k, v in resp.headers.raw
                               if k.lower() not in _DROP_ANSWER]
         answer.raw_headers.append((BACKEND_HEADER.encode(), backend.id.encode()))

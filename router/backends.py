@@ -111,8 +111,9 @@ class Pool:
                 log.info("replica %s is %s", b.id, url)
                 self._tasks[url] = asyncio.create_task(self._poll_forever(b))
         for url in set(self.backends) - set(urls):
-            gone = self.backends.pop(url)
-            gone.lost.set()  # requests waiting on it go elsewhere
+            # Its requests in flight go on: a pod that leaves its EndpointSlice is often
+            # draining (SIGTERM), and finishes what it has.
+            del self.backends[url]
             task = self._tasks.pop(url, None)
             if task is not None:
                 task.cancel()

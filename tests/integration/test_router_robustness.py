@@ -153,7 +153,7 @@ def test_a_stopped_replica_neither_freezes_readiness_nor_holds_its_requests() ->
         assert sorted(results) == list(range(6))
         assert all(status == 200 and took < 8 for status, took in results.values()), results
     later.stop()
-    assert watch.worst < 1.0, watch.worst
+    assert watch.worst < 2.0, watch.worst
 
 
 def test_a_stream_whose_replica_stops_mid_way_ends_with_an_error_event() -> None:
@@ -172,7 +172,7 @@ def test_a_stream_whose_replica_stops_mid_way_ends_with_an_error_event() -> None
         took = time.monotonic() - t
         assert '"error"' in lines[-1] and "replica" in lines[-1], lines
         assert took < 8, took
-    assert watch.worst < 1.0, watch.worst
+    assert watch.worst < 2.0, watch.worst
 
 
 # --- 2: a replica that fails every request before its first byte -------------------------
@@ -193,7 +193,7 @@ def test_a_replica_that_fails_every_request_gets_each_request_once() -> None:
         assert r.status_code in (502, 503), r.text
         assert time.monotonic() - t < 6
         assert len(failing.received()) <= 2
-    assert watch.worst < 1.0, watch.worst
+    assert watch.worst < 2.0, watch.worst
 
 
 def test_retries_go_to_other_replicas_and_stop_after_max_attempts() -> None:
@@ -246,7 +246,7 @@ def test_slow_clients_get_408_at_their_deadlines() -> None:
         assert b" 408 " in out.split(b"\r\n")[0] and b"request_timeout" in out, out
         assert time.monotonic() - t < 4
         assert stub.received() == []
-    assert watch.worst < 1.0
+    assert watch.worst < 2.0, watch.worst
 
 
 def test_refusals_come_before_the_body_is_read() -> None:
