@@ -194,13 +194,14 @@ class Router:
                 if ready:
                     return ready
                 left = deadline - time.monotonic()
+                if tried and not set(self.pool.backends) - tried:
+                    left = 0  # every replica known has failed this request: none to wait for
                 if left <= 0:
-                    self.metrics.refused.labels("hold_timeout").inc()
+                    self.metrics.refused.labels("replica_failed" if tried else "hold_timeout").inc()
                     if tried:
                         raise ReplicaFailed(
                             f"The request failed on {len(tried)} replica(s) before any answer, "
-                            f"and no other replica became ready within "
-                            f"{self.settings.hold_timeout:g} s.")
+                            "and no other replica was ready for it.")
                     raise NotReady(f"No replica became ready within {self.settings.hold_timeout:g} s.")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.pool.changed.wait(), left)

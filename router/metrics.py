@@ -21,7 +21,8 @@ class RouterMetrics:
             ["backend", "outcome"], registry=r)
         self.refused = Counter(
             "llamafleet_router_refused_total",
-            "Requests the router answered itself (queue_full = 429, hold_timeout = 503 or 502, "
+            "Requests the router answered itself (queue_full = 429, hold_timeout = 503, "
+            "replica_failed = 502 once the replicas it tried failed and no other was ready, "
             "buffer_full = 503 before the body was read, client_left = the client left while "
             "held).",
             ["reason"], registry=r)

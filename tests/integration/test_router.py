@@ -82,9 +82,11 @@ def fleet(instruct_model_path: Path) -> Iterator[Fleet]:
         for proc, port in replicas:
             wait_until(lambda p=proc, n=port: serve_ready(p, n), timeout=300)
         router = start_router([f"http://127.0.0.1:{port}" for _, port in replicas])
-        wait_until(lambda: router.metric("llamafleet_router_backends_ready") == 2, timeout=30)
-        yield Fleet(router, replicas)
-        router.stop()
+        try:
+            wait_until(lambda: router.metric("llamafleet_router_backends_ready") == 2, timeout=30)
+            yield Fleet(router, replicas)
+        finally:
+            print(router.stop()[-8000:])  # shown when a test failed
     finally:
         for proc, _ in replicas:
             proc.kill()
