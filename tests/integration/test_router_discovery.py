@@ -119,7 +119,7 @@ async def test_api_trouble_never_stops_the_router(
         await create(api, SLICES, endpoint_slice("idle-pods-a", pod_service_name("idle"), nowhere,
                                                  ("127.0.0.1", True)))
         await wait_until(lambda: _eq(_field(router.health(), "backends"),
-                                     [f"http://127.0.0.1:{nowhere}"]))
+                                     [replica_id(f"http://127.0.0.1:{nowhere}")]))
     finally:
         out = await router.stop()
     assert "could not scale LLMService team-a/idle from zero: API error 403" in out, out[-3000:]
