@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def serve(settings: RouterSettings) -> int:
+    # httpx logs every request at INFO: each poll would be a line (2 per replica per second).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     kube = None
     if settings.llmservice:
         try:
