@@ -59,7 +59,7 @@ class Sampler:
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, rss_mib(self.pid))
             n += 1
-            if n % 10 == 0:
+            if n % 10 == 1:
                 t = time.monotonic()
                 try:
                     httpx.get(f"{self.url}/health", timeout=10)
