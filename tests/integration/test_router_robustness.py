@@ -253,8 +253,8 @@ def test_refusals_come_before_the_body_is_read() -> None:
     router = start_router([f"http://127.0.0.1:{free_port()}"], "--hold-queue-size", "1",
                           "--max-request-bytes", "1048576", "--hold-timeout", "4")
     box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", post(router, timeout=60)))
     try:
-        t = threading.Thread(target=lambda: box.setdefault("r", post(router, timeout=60)))
         t.start()
         wait_until(lambda: router.metric("llamafleet_router_hold_queue_depth") == 1)
         # Queue full: 429 to a head that announces 1 MiB, with no byte of the body sent.
@@ -266,7 +266,8 @@ def test_refusals_come_before_the_body_is_read() -> None:
         out = raw_exchange(router.port, head.replace(b"1048576", b"2000000"), read_timeout=5)
         assert out.startswith(b"HTTP/1.1 413") and b"request_too_large" in out, out[:300]
     finally:
-        t.join(10)
+        if t.ident is not None:
+            t.join(10)
         output = router.stop()
     assert box["r"].status_code == 503
     assert "Traceback" not in output
@@ -295,6 +296,8 @@ def test_odd_inputs_pass_through_or_get_4xx_never_500() -> None:
 def test_held_requests_whose_clients_left_free_their_places() -> None:
     router = start_router([f"http://127.0.0.1:{free_port()}"], "--hold-queue-size", "4",
                           "--hold-timeout", "10")
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", post(router, timeout=60)))
     try:
         body = json.dumps(BODY).encode()
         req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
@@ -310,14 +313,13 @@ def test_held_requests_whose_clients_left_free_their_places() -> None:
         wait_until(lambda: router.metric("llamafleet_router_hold_queue_depth") == 0, timeout=5)
         assert router.metric("llamafleet_router_refused_total", reason="client_left") == 4
         # A new client is held, not refused.
-        box: dict = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", post(router, timeout=60)))
         t.start()
         wait_until(lambda: router.metric("llamafleet_router_hold_queue_depth") == 1)
         assert "r" not in box
     finally:
         router.stop()
-        t.join(10)
+        if t.ident is not None:
+            t.join(10)
 
 
 # --- 6: smaller findings ------------------------------------------------------------------
