@@ -55,12 +55,24 @@ class RequestTooLarge(LlamafleetError):
     pass
 
 
+class RequestTimeout(LlamafleetError):
+    """The request's head or body did not arrive by its deadline (a slow or stalled client)."""
+
+
+class HeadersTooLarge(LlamafleetError):
+    """More header fields than the server accepts."""
+
+
 class ModelNotFound(LlamafleetError):
     pass
 
 
 class NotFound(LlamafleetError):
     """A route that this server has turned off."""
+
+
+class MethodNotAllowed(LlamafleetError):
+    """A route that exists, asked with another method."""
 
 
 class Overloaded(LlamafleetError):
@@ -75,6 +87,13 @@ class QueueFull(LlamafleetError):
     """The router's hold queue is full (no replica ready, and too many already waiting)."""
 
     retry_after_s = 5
+
+
+class ReplicaFailed(LlamafleetError):
+    """The router sent the request to replicas and each failed before answering (a connect
+    error, a dropped connection, or a replica that stopped answering)."""
+
+    retry_after_s = 1
 
 
 class InternalError(LlamafleetError):
@@ -95,11 +114,18 @@ ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
                                grpc.StatusCode.UNAUTHENTICATED),
     RequestTooLarge: ErrorMapping(413, "invalid_request_error", "request_too_large",
                                   grpc.StatusCode.RESOURCE_EXHAUSTED),
+    RequestTimeout: ErrorMapping(408, "invalid_request_error", "request_timeout",
+                                 grpc.StatusCode.DEADLINE_EXCEEDED),
+    HeadersTooLarge: ErrorMapping(431, "invalid_request_error", "headers_too_large",
+                                  grpc.StatusCode.INVALID_ARGUMENT),
     ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", grpc.StatusCode.NOT_FOUND),
     NotFound: ErrorMapping(404, "invalid_request_error", "not_found", grpc.StatusCode.NOT_FOUND),
+    MethodNotAllowed: ErrorMapping(405, "invalid_request_error", "method_not_allowed",
+                                   grpc.StatusCode.UNIMPLEMENTED),
     Overloaded: ErrorMapping(503, "server_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
     NotReady: ErrorMapping(503, "server_error", "not_ready", grpc.StatusCode.UNAVAILABLE),
     QueueFull: ErrorMapping(429, "rate_limit_error", "queue_full", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ReplicaFailed: ErrorMapping(502, "server_error", "replica_failed", grpc.StatusCode.UNAVAILABLE),
     InternalError: ErrorMapping(500, "server_error", "internal_error", grpc.StatusCode.INTERNAL),
 }
 

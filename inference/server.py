@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from llamafleet.common.http_limits import ReadLimits, uvicorn_options
 from prometheus_client import start_http_server
 
 from .http_api import create_app
@@ -65,9 +66,12 @@ class Server:
                    "ssl_context_factory": ReloadingSSLContext(settings.grpc_cert_path,  # type: ignore[arg-type]
                                                               settings.grpc_key_path)}  # type: ignore[arg-type]
         # uvicorn's own grace period only covers flushing responses after our drain.
+        # Bounded reads (heads and bodies, in bytes and time): llamafleet.common.http_limits.
+        limits = settings.read_limits
         self.http = _Uvicorn(uvicorn.Config(
-            self.app, host=settings.host, port=settings.http_port, log_config=None,
-            timeout_graceful_shutdown=5, **ssl), self._on_signal)
+            ReadLimits(self.app, limits), host=settings.host, port=settings.http_port,
+            log_config=None, timeout_graceful_shutdown=5, **uvicorn_options(limits), **ssl),
+            self._on_signal)
 
     @property
     def http_port(self) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from llamafleet.common.contract import DRAIN_TIMEOUT_S, ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT
+from llamafleet.common.http_limits import Limits
 from llamafleet.common.sampling import (
     DEFAULTS,
     MaxTokens,
@@ -188,6 +189,29 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED beyond it, before anything is parsed). Default: 1 MiB plus 32 "
         "bytes per token of context_size (a prompt that fits the context, escaped as JSON).",
     )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="Largest HTTP request head (request line and headers "
+        "together), in bytes: beyond it 400 and the connection is closed before the head is "
+        "held (h11's limit). 32 KiB is nginx's default: room for long bearer tokens.",
+    )
+    max_headers: int = Field(
+        100, ge=8, description="Most header fields in one HTTP request (431 beyond; Apache's "
+        "default). OpenAI clients send about 15.",
+    )
+    header_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds an HTTP client has to send a request's head once its "
+        "connection opens (or its next request begins); then 408 and the connection is "
+        "closed. Every client sends its head at once: this only ends slow-drip clients.",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds an HTTP request's whole body has to arrive once its "
+        "head has (408 beyond): 60 s carries the default 1.13 MiB limit at 20 KB/s.",
+    )
+    max_connections: int = Field(
+        1024, ge=16, description="HTTP requests in progress at once, streams included "
+        "(uvicorn's limit_concurrency; 503 beyond). Far above what one pod serves "
+        "(max_batch_size running plus queue_size waiting).",
+    )
     drain_timeout_s: float = Field(
         DRAIN_TIMEOUT_S, ge=0, description="On SIGTERM: /ready fails and new requests get 503 "
         "at once, and running generations get this long to finish before the process exits. "
@@ -242,6 +266,14 @@ class Settings(BaseSettings):
         if self.max_request_bytes is not None:
             return self.max_request_bytes
         return 1024 * 1024 + 32 * self.context_size
+
+    @property
+    def read_limits(self) -> Limits:
+        """The HTTP server's bounded reads (llamafleet.common.http_limits)."""
+        return Limits(max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
+                      head_timeout=self.header_timeout_s, max_body_bytes=self.request_bytes_limit,
+                      body_timeout=self.body_timeout_s, max_connections=self.max_connections,
+                      body_setting="LLM_LLAMA_SERVICE_MAX_REQUEST_BYTES")
 
     @property
     def sampling_defaults(self) -> SamplingParameters:

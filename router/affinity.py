@@ -33,8 +33,11 @@ def prompt_prefix(body: dict) -> str:
 
 
 def _text(content: object) -> str:
+    """The text of a message's content; parts that are not text (or whose ``text`` is not a
+    string: the replica answers those with a 400) count as nothing."""
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "".join(t for p in content if isinstance(p, dict)
+                       and isinstance(t := p.get("text"), str))
     return content if isinstance(content, str) else ""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,22 +23,46 @@ KV_TOTAL = "llamafleet_kv_cache_cells_total"
 SLOTS = "llamafleet_max_batch_size"
 
 
+def replica_id(url: str) -> str:
+    """What callers see for a replica (``x-llamafleet-backend``, /health, metric labels): a
+    stable short hash of its URL, never the URL, which is an internal address. The router
+    logs each id with its URL when the replica joins."""
+    return "r-" + hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
+
+
 @dataclass
 class Backend:
     url: str
-    ready: bool = False
+    ready: bool = False  # its last poll answered, and /ready said 200
     in_flight: int = 0
     running: float = 0.0
     waiting: float = 0.0
     kv_use: float = 0.0  # 0..1
     slots: float = 0.0  # sequences it runs at once (its max batch size); 0 until polled
     others: float = 0.0  # at the last poll: requests on it that were not ours
+    missed_polls: int = 0  # polls in a row that got no answer in time
+    failures: int = 0  # requests in a row that failed on it before any answer
+    out_until: float = 0.0  # time.monotonic(): out of rotation until then (failure backoff)
+    auth_warned: bool = False
+    announced: bool = False  # ``usable`` as last logged and notified
+    # Set when the poller gives it up (its failure budget is spent): requests on it stop
+    # waiting for it. A new Event once it answers again.
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id = replica_id(self.url)
 
     @property
     def load(self) -> float:
         """Requests on the replica: ours in flight now (exact), plus those of other clients
         and routers as of the last poll (running + waiting beyond ours then)."""
         return self.in_flight + self.others
+
+    @property
+    def usable(self) -> bool:
+        """Ready, and not backing off after failed requests."""
+        return self.ready and time.monotonic() >= self.out_until
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -49,66 +75,128 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-class Pool:
-    """Backends by URL; ``changed`` wakes requests held while none is ready."""
+@dataclass(frozen=True)
+class PollPolicy:
+    interval: float
+    timeout: float
+    failure_budget: int
+    backoff: float
+    backoff_max: float
 
-    def __init__(self, client: httpx.AsyncClient, poll_interval: float, headers: dict[str, str]):
-        self.client = client
-        self.poll_interval = poll_interval
+
+class Pool:
+    """Backends by URL, each polled by its own task (a replica that never answers delays
+    no other's poll); ``changed`` wakes requests held while none is usable."""
+
+    def __init__(self, client: httpx.AsyncClient, policy: PollPolicy, headers: dict[str, str]):
+        self.client = client  # its own client: polls never queue behind proxied requests
+        self.policy = policy
         self.headers = headers
         self.backends: dict[str, Backend] = {}
         self.changed = asyncio.Condition()
-        self._added = asyncio.Event()  # new URLs: poll them now, not at the next period
+        self._tasks: dict[str, asyncio.Task] = {}
 
     def ready(self) -> list[Backend]:
-        return [b for b in self.backends.values() if b.ready]
+        return [b for b in self.backends.values() if b.usable]
+
+    def by_id(self) -> dict[str, str]:
+        return {b.id: b.url for b in self.backends.values()}
 
     async def set_urls(self, urls: list[str]) -> None:
-        """The current set of replicas (static --backends, or an EndpointSlice watch)."""
+        """The current set of replicas (static --backends, or an EndpointSlice watch); new
+        ones are polled at once."""
         for url in urls:
             if url not in self.backends:
-                self.backends[url] = Backend(url)
-                self._added.set()
+                b = self.backends[url] = Backend(url)
+                log.info("replica %s is %s", b.id, url)
+                self._tasks[url] = asyncio.create_task(self._poll_forever(b))
         for url in set(self.backends) - set(urls):
+            # Its requests in flight go on: a pod that leaves its EndpointSlice is often
+            # draining (SIGTERM), and finishes what it has.
             del self.backends[url]
+            task = self._tasks.pop(url, None)
+            if task is not None:
+                task.cancel()
         await self.notify()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
 
-    async def mark_down(self, backend: Backend) -> None:
-        """A connect error: out of rotation until its next good poll."""
-        if backend.ready:
-            log.warning("replica %s is unreachable; out of rotation until it answers", backend.url)
-        backend.ready = False
+    async def failed(self, backend: Backend, why: object) -> None:
+        """A request failed on it before any answer: out of rotation for the backoff, which
+        doubles with each failure in a row (its polls alone would put it back at once)."""
+        backend.failures += 1
+        p = self.policy
+        pause = min(p.backoff * 2 ** (backend.failures - 1), p.backoff_max)
+        backend.out_until = time.monotonic() + pause
+        backend.announced = False
+        log.warning("replica %s failed a request before answering (%s); out of rotation for "
+                    "%g s", backend.url, why, pause)
+        await self.notify()
+
+    def answered(self, backend: Backend) -> None:
+        backend.failures = 0
 
     async def poll_once(self, backend: Backend) -> None:
-        was = backend.ready
+        """One poll within the poll timeout; a poll that gets no answer in time counts
+        against the replica's failure budget."""
         try:
-            r = await self.client.get(f"{backend.url}/ready", headers=self.headers)
-            backend.ready = r.status_code == 200
-            if backend.ready:
-                ours = backend.in_flight
-                m = await self.client.get(f"{backend.url}/metrics", headers=self.headers)
-                if m.status_code == 200:
-                    values = parse_metrics(m.text)
-                    backend.running = values.get(RUNNING, 0.0)
-                    backend.waiting = values.get(WAITING, 0.0)
-                    backend.slots = values.get(SLOTS, 0.0)
-                    backend.others = max(0.0, backend.running + backend.waiting
-                                         - min(ours, backend.in_flight))
-                    total = values.get(KV_TOTAL, 0.0)
-                    backend.kv_use = values.get(KV_USED, 0.0) / total if total else 0.0
-        except httpx.HTTPError:
+            async with asyncio.timeout(self.policy.timeout):
+                await self._poll(backend)
+        except (httpx.HTTPError, TimeoutError) as e:
             backend.ready = False
-        if backend.ready != was:
-            log.info("replica %s is %s", backend.url, "ready" if backend.ready else "not ready")
+            backend.missed_polls += 1
+            if backend.missed_polls == self.policy.failure_budget:
+                log.warning("replica %s answered none of its last %d polls (%r); its requests "
+                            "go elsewhere", backend.url, backend.missed_polls, e)
+                backend.lost.set()
+        else:
+            backend.missed_polls = 0
+            if backend.lost.is_set():
+                backend.lost = asyncio.Event()
+        if backend.usable != backend.announced:  # also when a failure backoff has ended
+            backend.announced = backend.usable
+            log.info("replica %s is %s", backend.url, "ready" if backend.usable else "not ready")
             await self.notify()
 
-    async def poll_forever(self) -> None:
+    async def _poll(self, backend: Backend) -> None:
+        r = await self.client.get(f"{backend.url}/ready", headers=self.headers)
+        backend.ready = r.status_code == 200
+        if not backend.ready:
+            return
+        ours = backend.in_flight
+        m = await self.client.get(f"{backend.url}/metrics", headers=self.headers)
+        if m.status_code in (401, 403):
+            if not backend.auth_warned:
+                backend.auth_warned = True
+                log.warning("replica %s refuses the router's polls of /metrics (%d): it has an "
+                            "API key, and --backend-api-key is %s. The router routes to it "
+                            "without knowing its load (queue, running sequences, KV cache).",
+                            backend.url, m.status_code,
+                            "not its key" if self.headers else "not set")
+            return
+        if m.status_code == 200:
+            backend.auth_warned = False
+            values = parse_metrics(m.text)
+            backend.running = values.get(RUNNING, 0.0)
+            backend.waiting = values.get(WAITING, 0.0)
+            backend.slots = values.get(SLOTS, 0.0)
+            backend.others = max(0.0, backend.running + backend.waiting
+                                 - min(ours, backend.in_flight))
+            total = values.get(KV_TOTAL, 0.0)
+            backend.kv_use = values.get(KV_USED, 0.0) / total if total else 0.0
+
+    async def _poll_forever(self, backend: Backend) -> None:
         while True:
-            self._added.clear()
-            await asyncio.gather(*(self.poll_once(b) for b in list(self.backends.values())))
-            with contextlib.suppress(TimeoutError):  # the poll period, or sooner for new URLs
-                await asyncio.wait_for(self._added.wait(), self.poll_interval)
+            await self.poll_once(backend)
+            await asyncio.sleep(self.policy.interval)

@@ -14,12 +14,17 @@ class RouterMetrics:
         r = self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "llamafleet_router_requests_total",
-            "Proxied attempts by backend and outcome (ok, error = a 4xx/5xx answered, "
-            "retried = connect error or 503 before any byte, broken = failed after streaming "
-            "began, cancelled = the client left).", ["backend", "outcome"], registry=r)
+            "Proxied attempts by backend (its replica id, as in x-llamafleet-backend) and "
+            "outcome (ok, error = a 4xx/5xx answered, retried = connect error, dropped "
+            "connection, replica given up by its poller, or 503, before any byte; broken = "
+            "failed after streaming began, cancelled = the client left).",
+            ["backend", "outcome"], registry=r)
         self.refused = Counter(
             "llamafleet_router_refused_total",
-            "Requests the router answered itself (queue_full = 429, hold_timeout = 503).",
+            "Requests the router answered itself (queue_full = 429, hold_timeout = 503, "
+            "replica_failed = 502 once the replicas it tried failed and no other was ready, "
+            "buffer_full = 503 before the body was read, client_left = the client left while "
+            "held).",
             ["reason"], registry=r)
         self.affinity = Counter(
             "llamafleet_router_affinity_total",
@@ -27,7 +32,8 @@ class RouterMetrics:
             "miss = placed by the hash ring or by load.", ["result"], registry=r)
         self.held = Gauge("llamafleet_router_hold_queue_depth",
                           "Requests waiting for a ready replica.", registry=r)
-        self.in_flight = Gauge("llamafleet_router_in_flight", "Requests proxied now, by backend.",
+        self.in_flight = Gauge("llamafleet_router_in_flight",
+                               "Requests proxied now, by backend (replica id).",
                                ["backend"], registry=r)
         self.ready = Gauge("llamafleet_router_backends_ready", "Replicas ready.", registry=r)
         self.ttft = Histogram(

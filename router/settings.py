@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from llamafleet.common.contract import ROUTER_ENV_PREFIX, ROUTER_PORT
+from llamafleet.common.http_limits import Limits
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -61,6 +62,56 @@ class RouterSettings(BaseSettings):
         description="Requests that may wait for a ready replica at once; beyond it the "
         "router answers 429.",
     )
+    # --- client reads (llamafleet.common.http_limits) ---------------------------------
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest request head (request line and headers together) in bytes; "
+        "beyond it 400 and the connection is closed, before the head is held. 32 KiB is "
+        "nginx's default (4 buffers of 8 KiB): room for long bearer tokens and cookies.",
+    )
+    max_headers: int = Field(
+        100,
+        ge=8,
+        description="Most header fields in one request (431 beyond; Apache's default "
+        "LimitRequestFields). OpenAI clients send about 15.",
+    )
+    header_timeout: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds a client has to send a request's head once its connection "
+        "opens (or once its next request begins on a kept-alive connection); then 408 and "
+        "the connection is closed. Every HTTP client sends its head at once; this only "
+        "ends slow-drip clients that would hold a connection for ever.",
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body (413 beyond: at once from Content-Length, else as "
+        "soon as the count passes it). Above a pod's own limit up to a 229k-token context "
+        "(1 MiB + 32 B per token), so below that the pod's own 413 is the one clients see.",
+    )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a request's whole body has to arrive once its head has (408 "
+        "beyond). 60 s carries an 8 MiB body at 140 KB/s; a client sending one byte every "
+        "10 s is cut off instead of holding its connection and its buffer.",
+    )
+    max_buffered_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Request bodies the router keeps in memory at once, all requests "
+        "together (being read, held for a replica, or being sent; a body is kept until its "
+        "answer ends, for retries). Beyond it new requests get 503 `overloaded` before their "
+        "body is read. 128 MiB keeps the router well inside its pod's default 512 MiB limit.",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=16,
+        description="Requests in progress at once, streams included (uvicorn's "
+        "limit_concurrency; 503 beyond). About 64 sequences on each of 64 replicas.",
+    )
     # --- affinity -----------------------------------------------------------------------
     block_chars: int = Field(
         256,
@@ -84,12 +135,58 @@ class RouterSettings(BaseSettings):
     poll_interval: float = Field(
         1.0, gt=0, description="Seconds between polls of each replica's /ready and /metrics."
     )
+    poll_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds one poll (/ready, then /metrics) of a replica may take. Both "
+        "answer in milliseconds from the pod's event loop, off the engine thread; a replica "
+        "slower than this (stopped, hung, partitioned) is out of rotation until a poll "
+        "answers in time, and the other replicas' polls never wait for it.",
+    )
+    poll_failure_budget: int = Field(
+        3,
+        ge=1,
+        description="Polls in a row that may go unanswered before a replica is given up: its "
+        "requests that have had no answer yet go to another replica, and its streams end "
+        "with an error event. One missed poll only takes it out of rotation (a busy pod can "
+        "miss one); three (about 3 x (poll-interval + poll-timeout) = 9 s by default) means "
+        "it is stopped or hung.",
+    )
+    failure_backoff: float = Field(
+        1.0,
+        gt=0,
+        description="After a request fails on a replica before any answer (connect error, "
+        "dropped connection, given up), the replica stays out of rotation this long even "
+        "while its /ready answers 200, doubling with each failure in a row up to "
+        "--failure-backoff-max; an answered request resets it. Without it a replica that "
+        "fails every request but passes its polls gets new ones every poll.",
+    )
+    failure_backoff_max: float = Field(
+        60.0, gt=0, description="The longest --failure-backoff (seconds)."
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Replicas one request is sent to at most: the first and its retries. "
+        "A retry never goes to a replica this request has already tried; once every "
+        "untried ready replica is used up or this many were tried, the client gets 502 "
+        "`replica_failed`.",
+    )
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a replica.")
+    read_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="The longest silence from a replica on a proxied request: before its "
+        "answer, or between two chunks of it. A non-streaming answer arrives whole at the end, "
+        "so this must exceed the longest generation; a stopped replica is found much sooner "
+        "by its polls (--poll-failure-budget). Also bounds writing a body to a replica.",
+    )
     backend_api_key: SecretStr | None = Field(
         None,
         description="Bearer token for the router's own polls of replicas' /metrics when "
         "they require an API key (their LLM_LLAMA_SERVICE_API_KEY). Never added to clients' "
-        "requests: their Authorization goes through and the replicas check it.",
+        "requests: their Authorization goes through and the replicas check it. A caller "
+        "that presents it also sees the replicas' URLs on /health.",
     )
     log_level: str = Field("INFO", description="Python log level.")
     log_format: Literal["json", "console"] = Field(
@@ -109,6 +206,19 @@ class RouterSettings(BaseSettings):
             raise ValueError("give exactly one of --backends URL,URL (fixed replicas) and "
                              "--llmservice NAME (discover them in Kubernetes)")
         return self
+
+    @model_validator(mode="after")
+    def _bodies_fit(self) -> RouterSettings:
+        if self.max_request_bytes > self.max_buffered_bytes:
+            raise ValueError("max_request_bytes must not exceed max_buffered_bytes")
+        return self
+
+    @property
+    def read_limits(self) -> Limits:
+        return Limits(max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
+                      head_timeout=self.header_timeout, max_body_bytes=self.max_request_bytes,
+                      body_timeout=self.body_timeout, max_connections=self.max_connections,
+                      body_setting="LLM_LLAMA_SERVICE_ROUTER_MAX_REQUEST_BYTES")
 
     @property
     def backend_urls(self) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from llamafleet.common.contract import pod_service_name
+from llamafleet.router.backends import replica_id
 
 from ..conftest import serve_process, serve_ready, wait_until
 from .kube import (
@@ -186,7 +187,8 @@ async def test_load_scales_up_then_down_then_to_zero_and_a_request_brings_one_ba
                     headers={"Authorization": f"Bearer {API_KEY}"})
                 assert answer.status_code == 200, answer.text
                 assert answer.json()["choices"][0]["text"]
-                assert answer.headers["x-llamafleet-backend"] == f"http://127.0.0.1:{serves[0]}"
+                assert answer.headers["x-llamafleet-backend"] == \
+                    replica_id(f"http://127.0.0.1:{serves[0]}")
                 assert await router.metric("llamafleet_router_scale_ups_total",
                                            outcome="scaled") == 1
             finally:

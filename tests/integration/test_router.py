@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from llamafleet.router.backends import replica_id
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, serve_process, serve_ready, wait_until
@@ -81,9 +82,11 @@ def fleet(instruct_model_path: Path) -> Iterator[Fleet]:
         for proc, port in replicas:
             wait_until(lambda p=proc, n=port: serve_ready(p, n), timeout=300)
         router = start_router([f"http://127.0.0.1:{port}" for _, port in replicas])
-        wait_until(lambda: router.metric("llamafleet_router_backends_ready") == 2, timeout=30)
-        yield Fleet(router, replicas)
-        router.stop()
+        try:
+            wait_until(lambda: router.metric("llamafleet_router_backends_ready") == 2, timeout=30)
+            yield Fleet(router, replicas)
+        finally:
+            print(router.stop()[-8000:])  # shown when a test failed
     finally:
         for proc, _ in replicas:
             proc.kill()
@@ -187,7 +190,9 @@ def test_killing_a_replica_mid_run_loses_no_request_that_had_not_started_streami
     for t in threads:
         t.start()
     # Two sequences decode on the victim and at least one more waits in its queue.
-    wait_until(lambda: fleet.router.metric("llamafleet_router_in_flight", backend=victim) >= 3,
+    # Metric labels name replicas by id, never by URL (an internal address).
+    wait_until(lambda: fleet.router.metric("llamafleet_router_in_flight",
+                                           backend=replica_id(victim)) >= 3,
                timeout=120)
     wait_until(lambda: any(r["bytes"] for r in list(results.values())), timeout=120)
     victim_proc.kill()
@@ -199,7 +204,7 @@ def test_killing_a_replica_mid_run_loses_no_request_that_had_not_started_streami
         if not (rec["done"] and rec["error"] is None):
             # Only a stream that had begun may fail, and it fails visibly.
             assert rec["bytes"] > 0 and rec["error"], (i, rec)
-    assert fleet.router.metric("llamafleet_router_requests_total", backend=victim,
+    assert fleet.router.metric("llamafleet_router_requests_total", backend=replica_id(victim),
                                outcome="retried") >= 1
     assert sum(r["done"] and r["error"] is None for r in results.values()) >= 6
 

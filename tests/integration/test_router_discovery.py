@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from llamafleet.common.contract import pod_service_name
+from llamafleet.router.backends import replica_id
 
 from tests.conftest import free_port, serve_process, wait_until
 
@@ -64,9 +65,10 @@ async def test_a_held_request_scales_from_zero_and_completes_once_a_replica_is_r
         answer = await asyncio.wait_for(ask, 300)
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["text"]
-        assert answer.headers["x-llamafleet-backend"] == url
+        # Callers see replicas by id, never by (internal) URL.
+        assert answer.headers["x-llamafleet-backend"] == replica_id(url)
         # Only the ready endpoint of the router's own Service is a replica.
-        assert (await router.health())["backends"] == [url]
+        assert (await router.health())["backends"] == [replica_id(url)]
         assert await router.metric("llamafleet_router_cold_start_seconds_count") == 1
 
         # The slice goes away (the pod is gone): so does the replica.
@@ -117,7 +119,7 @@ async def test_api_trouble_never_stops_the_router(
         await create(api, SLICES, endpoint_slice("idle-pods-a", pod_service_name("idle"), nowhere,
                                                  ("127.0.0.1", True)))
         await wait_until(lambda: _eq(_field(router.health(), "backends"),
-                                     [f"http://127.0.0.1:{nowhere}"]))
+                                     [replica_id(f"http://127.0.0.1:{nowhere}")]))
     finally:
         out = await router.stop()
     assert "could not scale LLMService team-a/idle from zero: API error 403" in out, out[-3000:]

@@ -114,3 +114,13 @@ def test_new_prefixes_spread_evenly_and_stay_put() -> None:
         # ...and each tenant keeps its replica.
         for t, home in homes.items():
             assert aff.pick(block_hashes(f"{salt} " + SYSTEM.format(t), 64), idle) == (home, True)
+
+
+def test_a_prompt_of_any_shape_gives_a_prefix_never_an_error() -> None:
+    # Unauthenticated input: a part whose text is not a string, roles that are not strings.
+    body = {"messages": [{"role": "system", "content": [{"type": "text", "text": {"x": 1}},
+                                                        {"type": "text", "text": "kept"}, 7]},
+                         {"role": 3, "content": None}, "not a message"]}
+    assert "kept" in prompt_prefix(body)
+    assert prompt_prefix({"prompt": ["a", 1, None, "b"]}) == "ab"
+    assert prompt_prefix({"messages": {"not": "a list"}, "prompt": 5}) == ""

@@ -1,0 +1,210 @@
+"""Bounded reads with deadlines, for both HTTP servers (the pod's and the router's).
+
+What bounds what, and who does it:
+- **the request head** (request line and headers), in bytes: h11's own limit
+  (``h11_max_incomplete_event_size``, passed through uvicorn). uvicorn's default parser,
+  httptools, has no such limit (the pod read eight 32 MiB headers), so both servers run on
+  h11. Beyond it uvicorn answers 400 and closes the connection: the head is never held.
+- **the number of headers**: ``ReadLimits`` below (431). h11 bounds their total bytes
+  already; the count bounds the per-header work behind it (a 32 KiB head still holds
+  thousands of empty headers).
+- **connections with a request in progress**: uvicorn's ``limit_concurrency`` (503 beyond).
+- **the time to send the head**: ``h11_protocol`` below. uvicorn arms a timer only between
+  requests on a kept-alive connection (``timeout_keep_alive``); a client that opens a
+  connection and sends its head one byte every 10 s is held for ever (slowloris). Our few
+  lines close such a connection after ``head_timeout``.
+- **the body**, in bytes and in time: ``read_body`` (413 as soon as the count passes the
+  limit, or at once from ``Content-Length``; 408 when the whole body has not arrived by its
+  deadline). Neither Starlette nor uvicorn bounds a body's size or its time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    LlamafleetError,
+    RequestTimeout,
+    RequestTooLarge,
+    error_response,
+)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One server's read limits (each server's settings say the values and why)."""
+
+    max_header_bytes: int
+    max_headers: int
+    head_timeout: float
+    max_body_bytes: int
+    body_timeout: float
+    max_connections: int
+    body_setting: str = "max_request_bytes"  # named in the 413's message
+
+
+def uvicorn_options(limits: Limits) -> dict[str, Any]:
+    """The uvicorn.Config arguments that apply ``limits`` (h11, its head limit, the head
+    deadline, and the cap on requests in progress)."""
+    return {"http": h11_protocol(limits.head_timeout),
+            "h11_max_incomplete_event_size": limits.max_header_bytes,
+            "limit_concurrency": limits.max_connections}
+
+
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                b"connection: close\r\n\r\n")
+
+
+def h11_protocol(head_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline on each request head: armed when a connection
+    opens and when the first bytes of a new request arrive on a kept-alive one, disarmed
+    once h11 has parsed the head. A connection that misses it gets 408 and is closed (a
+    connection that sent nothing is closed silently)."""
+
+    class H11WithHeadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_bytes = False
+
+        def connection_made(self, transport):  # type: ignore[no-untyped-def,override]
+            super().connection_made(transport)
+            self._arm_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:  # still waiting for a complete head
+                self._head_bytes = self._head_bytes or bool(data)
+                self._arm_head()
+            else:
+                self._disarm_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            self._head_bytes = False  # a kept-alive connection: uvicorn's keep-alive timer
+            super().on_response_complete()  # covers the idle time until the next head
+
+        def _arm_head(self) -> None:
+            if self._head_timer is None and not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(head_timeout, self._head_expired)
+
+        def _disarm_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            if self._head_bytes:
+                self.transport.write(_TIMEOUT_408)
+            self.transport.close()
+
+    return H11WithHeadDeadline
+
+
+class ClientLeft(Exception):
+    """The client closed its connection while we read its body."""
+
+
+async def read_body(receive: Receive, limit: int, deadline: float,
+                    setting: str = "max_request_bytes") -> bytes:
+    """The whole body, or RequestTooLarge as soon as it passes ``limit`` bytes, or
+    RequestTimeout when it has not all arrived by ``deadline`` (time.monotonic()), or
+    ClientLeft. Holds at most ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(left, 0)):
+                msg = await receive()
+        except TimeoutError:
+            raise RequestTimeout("The request body did not arrive in time.") from None
+        if msg["type"] == "http.disconnect":
+            raise ClientLeft
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"The request body is larger than {limit} bytes ({setting}).")
+        if chunk:
+            chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+def declared_length(scope: Scope) -> int | None:
+    """Content-Length as sent; BadRequest when it is not a number (h11 checks it too)."""
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            if not v.isdigit():
+                raise BadRequest("Content-Length is not a number.")
+            return int(v)
+    return None
+
+
+def check_head(scope: Scope, limits: Limits) -> None:
+    """Header count and declared body size: raises before any byte of the body is read."""
+    if len(scope["headers"]) > limits.max_headers:
+        raise HeadersTooLarge(f"The request has more than {limits.max_headers} header fields.")
+    length = declared_length(scope)
+    if length is not None and length > limits.max_body_bytes:
+        raise RequestTooLarge(f"The request body is larger than {limits.max_body_bytes} bytes "
+                              f"({limits.body_setting}).")
+
+
+async def refuse(err: LlamafleetError, scope: Scope, receive: Receive, send: Send) -> None:
+    """The OpenAI-shaped error, and the connection closed: the rest of the body (if any) is
+    never read."""
+    response = error_response(err)
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
+
+
+class ReadLimits:
+    """ASGI middleware: refuses a request with too many headers (431) or a declared body over
+    the limit (413) before reading it; then, with ``read=True``, reads the body within its
+    size and time (413, 408) and hands it on in one piece. The router reads bodies itself,
+    after it has decided to admit the request (``read=False``)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limits: Limits, read: bool = True):
+        self.app = app
+        self.limits = limits
+        self.read = read
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            check_head(scope, self.limits)
+            if not self.read:
+                return await self.app(scope, receive, send)
+            deadline = time.monotonic() + self.limits.body_timeout
+            body = await read_body(receive, self.limits.max_body_bytes, deadline,
+                                   self.limits.body_setting)
+        except LlamafleetError as e:
+            return await refuse(e, scope, receive, send)
+        except ClientLeft:
+            return None
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
