@@ -352,6 +352,11 @@ class Engine:
     def queued(self) -> int:
         return self._waiting.qsize()
 
+    @property
+    def kv_cells_used(self) -> int:
+        """KV cells holding running sequences' tokens (a snapshot, for metrics)."""
+        return sum(s.n_past for s in list(self._running))
+
     def stalled_for(self) -> float:
         """Seconds without a finished step while sequences are running; 0 when idle."""
         if not self._running:

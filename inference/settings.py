@@ -133,6 +133,13 @@ class Settings(BaseSettings):
         512, ge=16, le=65_536, description="Most tokens of all inputs embedded in one "
         "llama_decode, and so the longest input /v1/embeddings accepts.",
     )
+    embeddings_queue_size: int = Field(
+        8, ge=1, le=10_000, description="/v1/embeddings requests admitted at once (one "
+        "embedding, the rest waiting in line); beyond it the server answers 'overloaded' "
+        "(503, Retry-After) at once. Requests run one at a time, so this bounds the wait: "
+        "at 8, one request of 16 inputs of 500 tokens is about 2 s on 2 CPU cores (the "
+        "135M default model), so the last in line waits about 15 s.",
+    )
     engine_stall_timeout_s: float = Field(
         60, gt=0, description="/health fails when sequences are running and no decode step "
         "has finished for this many seconds (a hung llama_decode, e.g. a GPU fault), so the "
