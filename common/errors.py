@@ -137,11 +137,21 @@ def mapping_for(err: LlamafleetError) -> ErrorMapping:
     return ERROR_TABLE[InternalError]
 
 
+def _encodable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate a client sent (echoed in a message)
+    is written as its escape, so building the error answer cannot fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def openai_body(err: LlamafleetError) -> dict:
     m = mapping_for(err)
     return {
         "error": {
-            "message": err.message,
+            "message": _encodable(err.message),
             "type": m.openai_type,
             "param": err.param,
             "code": err.code or m.default_code,

@@ -36,6 +36,16 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def _console_value(v: object) -> str:
+    """A field's value on one console line: quoted and escaped (JSON string syntax) when it
+    holds anything but printable characters without spaces, so a client's value (``user``,
+    a request id) can never end the line and forge another, nor fake a ``key=value``."""
+    text = str(v)
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return json.dumps(text)
+
+
 class ConsoleFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
@@ -44,7 +54,8 @@ class ConsoleFormatter(logging.Formatter):
         line = super().format(record)
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items() if v is not None)
+            line += " " + " ".join(f"{k}={_console_value(v)}" for k, v in extras.items()
+                                   if v is not None)
         return line
 
 

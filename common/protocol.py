@@ -60,6 +60,46 @@ def _refuse(data: Any, unsupported: dict[str, str]) -> Any:
     return {k: v for k, v in data.items() if k not in unsupported}
 
 
+_LEAVES = (int, float, bool, type(None))
+
+
+def _lone_surrogate(v: Any, path: tuple[str, ...]) -> tuple[tuple[str, ...], int] | None:
+    """Where a string in parsed JSON holds a lone UTF-16 surrogate, and at which character.
+    JSON may escape one (``"\\ud800"``) and Python's parser keeps it, but it is not Unicode
+    text: encoding it as UTF-8 for the tokenizer, a log or an answer raised a 500."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, e.start
+        return None
+    if isinstance(v, dict):
+        for key, item in v.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, (*path, str(key)))
+            if found:
+                return found
+    elif isinstance(v, list):
+        for i, item in enumerate(v):
+            if not isinstance(item, _LEAVES):
+                found = _lone_surrogate(item, (*path, str(i)))
+                if found:
+                    return found
+    return None
+
+
+def _refuse_surrogates(data: Any) -> Any:
+    """A request with a lone surrogate anywhere: a 400 naming the field (the whole request
+    is checked once, at its top model, before any field is used)."""
+    found = _lone_surrogate(data, ())
+    if found:
+        path, at = found
+        raise PydanticCustomError(
+            "lone_surrogate", "Invalid value for '{param}': it holds a lone UTF-16 surrogate "
+            "at character {at}, which is not valid Unicode text (escape a character beyond "
+            "U+FFFF as a surrogate pair, or send it as UTF-8)", {"param": ".".join(path), "at": at})
+    return data
+
+
 class TextPart(_Wire):
     type: Literal["text"]
     text: str
@@ -143,6 +183,16 @@ class ResponseFormat(_Wire):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JSONSchemaFormat | None = None
 
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        # Without a schema there is nothing to enforce: an answer would be unconstrained
+        # while the client believes it is held to a schema.
+        if self.type == "json_schema" and (self.json_schema is None
+                                           or self.json_schema.schema_ is None):
+            raise ValueError("type 'json_schema' needs json_schema.schema (a JSON schema; "
+                             "use type 'json_object' for any JSON)")
+        return self
+
 
 # Counted and measured by serving.check_stop (limits.py), the same for gRPC.
 Stop = str | list[str] | None
@@ -167,6 +217,11 @@ class _SamplingFields(_Wire):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="extension: generate exactly max_tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        return _refuse_surrogates(data)
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -253,6 +308,11 @@ class EmbeddingRequest(_Wire):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="only the model's own size")
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        return _refuse_surrogates(data)
 
     @field_validator("input")
     @classmethod

@@ -163,7 +163,10 @@ class EngineObserver(Protocol):
         one."""
         ...
 
-    def on_finish(self, req: GenerationRequest) -> None: ...
+    def on_finish(self, req: GenerationRequest, prompt_tokens: int,
+                  completion_tokens: int) -> None:
+        """An admitted request left the batch (finished, cancelled or failed) after
+        processing these tokens."""
 
 
 class _NullObserver:
@@ -174,7 +177,8 @@ class _NullObserver:
                   later: Sequence[GenerationRequest]) -> None:
         pass
 
-    def on_finish(self, req: GenerationRequest) -> None:
+    def on_finish(self, req: GenerationRequest, prompt_tokens: int,
+                  completion_tokens: int) -> None:
         pass
 
 
@@ -420,6 +424,11 @@ class Engine:
         if self.prefill_step_s is None or self._token_s is None:
             return None
         return max(MIN_PREFILL_CHUNK, int(self.prefill_step_s / self._token_s))
+
+    @property
+    def kv_cells_used(self) -> int:
+        """KV cells holding running sequences' tokens (a snapshot, for metrics)."""
+        return sum(s.n_past for s in list(self._running))
 
     def stalled_for(self) -> float:
         """Seconds without a finished step while sequences are running; 0 when idle."""
@@ -702,7 +711,7 @@ class Engine:
     def _release(self, seq: _Sequence, keep_cache: bool = False) -> None:
         seq.state = DONE
         self._running.remove(seq)
-        self.observer.on_finish(seq.req)
+        self.observer.on_finish(seq.req, len(seq.req.prompt), seq.completion_tokens)
         try:
             self.cache.release(seq.slot, seq.kv_tokens() if keep_cache else None)
         finally:

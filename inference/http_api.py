@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +39,7 @@ from .engine import Finished, TextDelta, TokenLogprob
 from .serving import Generation, Serving
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STUDIO_DIR = Path(__file__).parent / "studio"
 
@@ -53,6 +56,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"Unrecognized request argument supplied: {'.'.join(loc)}.", ".".join(loc)
     if err.get("type") == "unsupported":  # common/protocol.py's lists, wherever it stands
         return f"{err['msg']}.", ".".join([*loc, err["ctx"]["param"]])
+    if err.get("type") == "lone_surrogate":  # common/protocol.py: the path is in the message
+        return f"{err['msg']}.", err["ctx"]["param"] or None
     where = ".".join(loc)
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"Invalid value for '{where}': {msg}." if where else f"{msg}."), (loc[0] if loc else None)
@@ -213,7 +218,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
                             system_fingerprint=s.fingerprint, choices=[],
                             usage=P.Usage.of(ev.prompt_tokens, ev.completion_tokens))
 
-        return _sse(frames(), gen, include_usage)
+        return await _sse(frames(), gen, include_usage, request)
     if (done := await _collect(gen, request)) is None:
         return Response(status_code=499)
     text, fin, lps = done
@@ -235,7 +240,9 @@ async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
     if body.dimensions is not None and body.dimensions != dims:
         raise BadRequest(f"dimensions: this model's embeddings have {dims} dimensions and "
                          "cannot be shortened", param="dimensions")
-    vectors, n_tokens = await s.embed(body.inputs)
+    if (done := await _unless_client_leaves(request, s.embed(body.inputs))) is None:
+        return Response(status_code=499)  # the work was cancelled with the request
+    vectors, n_tokens = done
     log.info("embeddings", extra={"request_id": request_id_from_headers(request.headers),
                                   "api": "http_embeddings", "user": body.user,
                                   "inputs": len(vectors), "prompt_tokens": n_tokens})
@@ -310,7 +317,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
                         c.choices = []
                         yield c
 
-        return _sse(frames(), gen, include_usage)
+        return await _sse(frames(), gen, include_usage, request)
     if (done := await _collect(gen, request)) is None:
         return Response(status_code=499)
     text, fin, lps = done
@@ -360,13 +367,32 @@ def _frame_bytes(frame: P.BaseModel, include_usage: bool) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _sse(frames: AsyncIterator[P.BaseModel | bytes], gen: Generation, include_usage: bool
-         ) -> StreamingResponse:
-    """SSE frames `data: {...}` then `data: [DONE]`; an error mid-stream is sent as an
-    OpenAI error object (the status line has already gone)."""
+async def _sse(frames: AsyncIterator[P.BaseModel | bytes], gen: Generation, include_usage: bool,
+               request: Request) -> Response:
+    """SSE frames `data: {...}` then `data: [DONE]`.
+
+    The status line waits for the first frame, which comes with the generation's first
+    output or its end: a request that fails before it (queued when the server shuts down, a
+    failed prefill) gets a plain OpenAI error with its own status, a 503 that a router may
+    retry elsewhere, instead of 200 and an error event. Normal requests lose nothing: until
+    that frame there was nothing to send. An error after it is sent as an OpenAI error event
+    (the status line has gone)."""
+    frames = aiter(frames)
+    try:
+        first = await _unless_client_leaves(request, anext(frames))
+    except LlamafleetError as e:
+        gen.cancel()
+        return error_response(e)
+    except StopAsyncIteration:
+        first = None
+    if first is None:  # the client left (or nothing came): the generation is cancelled
+        gen.cancel()
+        await frames.aclose()
+        return Response(status_code=499)
 
     async def body() -> AsyncIterator[bytes]:
         try:
+            yield first if isinstance(first, bytes) else _frame_bytes(first, include_usage)
             async for frame in frames:
                 yield frame if isinstance(frame, bytes) else _frame_bytes(frame, include_usage)
         except LlamafleetError as e:
@@ -379,40 +405,51 @@ def _sse(frames: AsyncIterator[P.BaseModel | bytes], gen: Generation, include_us
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (with ``work`` cancelled) when the client disconnects
+    first. For handlers that wait before answering: Starlette does not cancel them when
+    the client goes, so abandoned work would otherwise run on."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next message the
+    server has for us is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _collect(gen: Generation, request: Request
                    ) -> tuple[str, Finished, list[TokenLogprob]] | None:
     """Gather a whole answer; cancel the sequence if the client disconnects first."""
-    parts: list[str] = []
-    lps: list[TokenLogprob] = []
-    fin: Finished | None = None
 
-    async def run() -> None:
-        nonlocal fin
+    async def run() -> tuple[str, Finished, list[TokenLogprob]]:
+        parts: list[str] = []
+        lps: list[TokenLogprob] = []
+        fin: Finished | None = None
         async for ev in gen.events():
             if isinstance(ev, TextDelta):
                 parts.append(ev.text)
                 lps.extend(ev.logprobs)
             elif isinstance(ev, Finished):
                 fin = ev
+        return "".join(parts), fin, lps  # type: ignore[return-value]
 
-    async def disconnected() -> None:
-        while True:
-            msg = await request.receive()
-            if msg["type"] == "http.disconnect":
-                return
-
-    work = asyncio.ensure_future(run())
-    watch = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not work.done():  # the client left first
-        work.cancel()
+    done = await _unless_client_leaves(request, run())  # re-raises a failed generation's error
+    if done is None:  # the client left first
         gen.cancel()
-        return None
-    work.result()  # re-raises a failed generation's error
-    return "".join(parts), fin, lps  # type: ignore[return-value]
+    return done
 
 
 health = APIRouter()

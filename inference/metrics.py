@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -36,15 +37,22 @@ class Metrics:
             "llamafleet_batch_occupancy", "Sequences decoded together in one step.",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256), registry=r)
         self.steps = Counter("llamafleet_engine_steps_total", "llama_decode calls.", registry=r)
+        # The load gauges (running, queued, KV cells used, utilisation) are read from the
+        # engine when scraped (follow()), not set by steps: an idle engine takes no step, and
+        # routers and autoscalers must then read 0, not the last busy step's values.
         self.running = Gauge("llamafleet_running_sequences", "Sequences in the batch.", registry=r)
         self.queued = Gauge("llamafleet_queue_depth", "Requests waiting.", registry=r)
-        self.kv_used = Gauge("llamafleet_kv_cache_cells_used", "KV cells holding tokens.", registry=r)
+        self.kv_used = Gauge(
+            "llamafleet_kv_cache_cells_used", "KV cells holding the tokens of running sequences "
+            "(prefixes kept in free slots for reuse are not counted: any request takes them).",
+            registry=r)
         self.kv_total = Gauge("llamafleet_kv_cache_cells_total", "KV cells in the context.", registry=r)
         # The Gateway API Inference Extension's model-server protocol reads waiting
         # (llamafleet_queue_depth), running (llamafleet_running_sequences) and this.
         self.kv_utilization = Gauge(
             "llamafleet_kv_cache_utilization",
-            "KV cells holding tokens over the cells planned for the context (0..1).", registry=r)
+            "KV cells holding running sequences' tokens over the cells planned for the "
+            "context (0..1).", registry=r)
         self.max_batch = Gauge("llamafleet_max_batch_size", "Sequences that may run at once.",
                                registry=r)
         self.model = Info("llamafleet_model", "The served model.", registry=r)
@@ -54,24 +62,27 @@ class Metrics:
             "sample, text, deliver, admit, other.", ["part"], registry=r)
 
 
+    def follow(self, engine: Any, kv_total: int) -> None:
+        """Read the load gauges from ``engine`` at every scrape (its ``running``, ``queued``
+        and ``kv_cells_used``: snapshots that any thread may take)."""
+        self.kv_total.set(kv_total)
+        self.running.set_function(lambda: engine.running)
+        self.queued.set_function(lambda: engine.queued)
+        self.kv_used.set_function(lambda: engine.kv_cells_used)
+        self.kv_utilization.set_function(
+            lambda: min(1.0, engine.kv_cells_used / kv_total) if kv_total else 0.0)
+
+
 class EngineMetrics:
     """Adapts engine hooks (engine thread) to the Prometheus series."""
 
-    def __init__(self, metrics: Metrics, kv_total: int):
+    def __init__(self, metrics: Metrics):
         self.m = metrics
-        self.m.kv_total.set(kv_total)
-        self._kv_total = kv_total
-        self._running = 0
         self._last_token: dict[int, float] = {}
 
     def on_step(self, running: int, batch_tokens: int, queued: int, kv_tokens: int) -> None:
         self.m.steps.inc()
-        self.m.kv_used.set(kv_tokens)
-        self.m.kv_utilization.set(min(1.0, kv_tokens / self._kv_total) if self._kv_total else 0.0)
         self.m.batch_occupancy.observe(running)
-        self._running = running
-        self.m.running.set(running)
-        self.m.queued.set(queued)
 
     def on_tokens(self, first, later) -> None:
         now = time.monotonic()
@@ -85,9 +96,9 @@ class EngineMetrics:
                 self.m.itl.observe(now - last)
             last_token[id(req)] = now
 
-    def on_finish(self, req) -> None:
+    def on_finish(self, req, prompt_tokens: int, completion_tokens: int) -> None:
+        # Counted here, when the engine lets the request go, not when its answer is
+        # written: a client that left mid-stream still counts what was decoded for it.
         self._last_token.pop(id(req), None)
-        # Steps set the count; between them (and once idle, when no step comes) finishes
-        # lower it, so routers and endpoint pickers never read a stale load.
-        self._running = max(0, self._running - 1)
-        self.m.running.set(self._running)
+        self.m.prompt_tokens.inc(prompt_tokens)
+        self.m.completion_tokens.inc(completion_tokens)

@@ -132,18 +132,27 @@ class Server:
             self._drain = asyncio.ensure_future(self.drain())
 
     async def drain(self) -> None:
-        """Refuse new work, give running and queued generations ``drain_timeout_s`` to
-        finish (whatever is left then ends with a 'shutting down' error), then stop."""
+        """Refuse new work, give running and queued generations and embeddings requests
+        ``drain_timeout_s`` to finish (whatever is left then ends with a 'shutting down'
+        error: a 503 when nothing was sent yet), then stop."""
         serving = self.serving
         if serving is not None:
             serving.draining = True
             engine = serving.engine
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.settings.drain_timeout_s
-            log.info("draining: %d running, %d queued, up to %gs", engine.running,
-                     engine.queued, self.settings.drain_timeout_s)
-            while (engine.running or engine.queued) and loop.time() < deadline:
+            log.info("draining: %d running, %d queued, %d embeddings requests, up to %gs",
+                     engine.running, engine.queued, serving.embeddings_pending,
+                     self.settings.drain_timeout_s)
+            while (engine.running or engine.queued or serving.embeddings_pending) \
+                    and loop.time() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
+            if serving.embeddings_pending:
+                # Each stops before its next llama_decode (at most EMBED_BATCH tokens away)
+                # and answers 503, so closing the embeddings thread does not wait for them.
+                log.warning("drain timeout: ending %d embeddings requests",
+                            serving.embeddings_pending)
+                serving.cancel_embeddings()
             if engine.running or engine.queued:
                 log.warning("drain timeout: ending %d running and %d queued generations",
                             engine.running, engine.queued)

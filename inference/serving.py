@@ -26,6 +26,7 @@ from llamafleet.common.errors import (
     ModelNotFound,
     NotFound,
     NotReady,
+    Overloaded,
 )
 from llamafleet.common.sampling import DEFAULTS, SamplingParameters
 
@@ -171,6 +172,9 @@ class Serving:
         # llama_decode gets its own OpenMP team, and extra teams slowed every engine step
         # (Engine.start says how much).
         self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="llamafleet-embeddings")
+        # One cancel flag per admitted embeddings request (event loop only): the queue bound
+        # counts them, and shutdown sets them all.
+        self._embed_jobs: set[threading.Event] = set()
         self.draining = False  # set on SIGTERM: new generations are refused
         self.profile: StepProfile | None = None  # set by build() when STEP_PROFILE is on
         self.formatter = ChatFormatter.for_model(
@@ -205,13 +209,13 @@ class Serving:
         add_bos = self.model.add_bos and not text.startswith(self.model.bos_text)
         return self.model.tokenize(text, add_bos)
 
-    def text_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+    def text_prompt(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
             return self.model.tokenize(prompt, self.model.add_bos)
         bad = [t for t in prompt if not 0 <= t < self.model.n_vocab]
         if bad:
             raise BadRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1})",
-                             param="prompt")
+                             param=param)
         return list(prompt)
 
     def sampling(self, requested: SamplingParameters, *, stop: Sequence[str] = (),
@@ -244,17 +248,57 @@ class Serving:
                 param=param) from None
 
     async def embed(self, inputs: Sequence[str | Sequence[int]]) -> tuple[list[Any], int]:
-        """One vector per input (text or token ids), and the number of tokens embedded."""
+        """One vector per input (text or token ids), and the number of tokens embedded.
+
+        At most ``embeddings_queue_size`` requests are admitted (waiting or embedding); past
+        that, 503 'overloaded' at once. Cancelling the awaiting task (the client left) stops
+        the work before its next llama_decode, and so does :meth:`cancel_embeddings`."""
         if self.embedder is None:
             raise NotFound("Embeddings are turned off on this server "
                            "(LLM_LLAMA_SERVICE_EMBEDDINGS=false).")
         if self.draining:
             raise NotReady("The server is shutting down; retry on another replica.")
-        tokens = [self.text_prompt(i) if not isinstance(i, str)
-                  else self.model.tokenize(i, self.model.add_bos) for i in inputs]
-        vectors = await asyncio.get_running_loop().run_in_executor(
-            self._embed_thread, self.embedder.embed, tokens)
+        # Tokenising 2048 long inputs takes a while: off the event loop (and off the
+        # embeddings thread, so that a bad input gets its 400 without waiting in line).
+        tokens = await asyncio.to_thread(self._embedding_tokens, inputs)
+        limit = self.settings.embeddings_queue_size
+        if len(self._embed_jobs) >= limit:
+            raise Overloaded(f"The server is overloaded: {limit} embeddings requests are "
+                             "already waiting or running (LLM_LLAMA_SERVICE_EMBEDDINGS_QUEUE_SIZE). "
+                             "Retry shortly.")
+        from .embeddings import Cancelled
+
+        cancelled = threading.Event()
+        self._embed_jobs.add(cancelled)
+        try:
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                self._embed_thread, self.embedder.embed, tokens, cancelled)
+        except Cancelled:
+            raise NotReady("The server is shutting down; retry on another replica.") from None
+        finally:
+            # Client gone (the await was cancelled) or done: a job not started yet is
+            # dropped from the executor's queue; a running one stops before its next decode.
+            cancelled.set()
+            self._embed_jobs.discard(cancelled)
         return vectors, sum(map(len, tokens))
+
+    def _embedding_tokens(self, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        assert self.embedder is not None
+        tokens = [self.text_prompt(i, param="input") if not isinstance(i, str)
+                  else self.model.tokenize(i, self.model.add_bos) for i in inputs]
+        self.embedder.check(tokens)
+        return tokens
+
+    @property
+    def embeddings_pending(self) -> int:
+        """Embeddings requests admitted and not yet answered (waiting or running)."""
+        return len(self._embed_jobs)
+
+    def cancel_embeddings(self) -> None:
+        """Stop every admitted embeddings request (shutdown): each ends with 'shutting down'
+        after at most the llama_decode it is in."""
+        for cancelled in list(self._embed_jobs):
+            cancelled.set()
 
     # --- generation ---------------------------------------------------------------------
 
@@ -296,9 +340,7 @@ class Serving:
         fin = gen.finished
         duration = time.monotonic() - gen.submitted
         ttft = (gen.first_token_at - gen.submitted) if gen.first_token_at else None
-        if fin is not None:
-            m.prompt_tokens.inc(fin.prompt_tokens)
-            m.completion_tokens.inc(fin.completion_tokens)
+        if fin is not None:  # the token counters count in EngineMetrics.on_finish
             m.e2e.observe(duration)
         log.info(
             "request finished",
@@ -325,6 +367,7 @@ class Serving:
             "running": self.engine.running,
             "queued": self.engine.queued,
             "queue_size": self.engine.queue_size,
+            "embeddings_pending": self.embeddings_pending,
             "ready": self.engine.alive and not self.draining,
             "studio": {"knowledge_url": self.settings.studio_knowledge_url},
             **({"step_profile": self.profile.summary()} if self.profile is not None else {}),
@@ -445,8 +488,9 @@ def build(settings: Settings) -> Serving:
     prompt_cache = PromptCache(settings.prompt_cache_mib << 20) if settings.prompt_cache_mib else None
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
-                    observer=EngineMetrics(metrics, backend.n_ctx), prompt_cache=prompt_cache,
+                    observer=EngineMetrics(metrics), prompt_cache=prompt_cache,
                     deliver=deliver, prefill_step_s=settings.prefill_step_ms / 1e3 or None)
+    metrics.follow(engine, backend.n_ctx)
     profile = install_profile(engine, metrics) if settings.step_profile else None
     probe = model.tokenize("The sky is", add_bos=model.add_bos)
     try:

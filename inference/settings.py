@@ -150,6 +150,14 @@ class Settings(BaseSettings):
         512, ge=16, le=65_536, description="Most tokens of all inputs embedded in one "
         "llama_decode, and so the longest input /v1/embeddings accepts.",
     )
+    embeddings_queue_size: int = Field(
+        8, ge=1, le=10_000, description="/v1/embeddings requests admitted at once (one "
+        "embedding, the rest waiting in line); beyond it the server answers 'overloaded' "
+        "(503, Retry-After) at once, so a client may retry on another replica instead of "
+        "waiting behind work it cannot see. Requests run one at a time on one core (about "
+        "120 tokens/s with the 135M default model on this project's 2-core test machine), so "
+        "size it from the wait you accept: the last in line waits for all before it.",
+    )
     engine_stall_timeout_s: float = Field(
         60, gt=0, description="/health fails when sequences are running and no decode step "
         "has finished for this many seconds (a hung llama_decode, e.g. a GPU fault), so the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import socket
 import subprocess
 import sys
@@ -71,6 +72,38 @@ def serve_ready(proc: subprocess.Popen, port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def send_request(url: str, path: str, body: dict, headers: dict | None = None
+                 ) -> socket.socket:
+    """POST ``body`` as JSON on a socket of its own and return the socket unread: the
+    request is in flight until :func:`read_response`, and closing the socket is a client
+    that leaves. (A streaming answer now sends its status line only with its first token,
+    so an httpx client would block in ``stream()`` while the request waits in the queue.)"""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()  # ASCII: escapes what UTF-8 cannot carry (\ud800)
+    head = b"".join(k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) + b"\r\n"
+                    for k, v in (headers or {}).items())
+    sock = socket.create_connection((host, int(port)), timeout=300)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                 .encode() + head + b"\r\n" + data)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and the raw rest (headers and body) of a :func:`send_request` answer."""
+    out = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            out += chunk
+    status_line, _, rest = out.partition(b"\r\n")
+    return int(status_line.split()[1]), rest
+
+
+def json_body(rest: bytes) -> dict:
+    """The JSON body of a plain (not chunked) :func:`read_response` answer."""
+    return json.loads(rest.split(b"\r\n\r\n", 1)[1])
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
 import openai
 import pytest
 
-from ..conftest import start_server, wait_until
+from ..conftest import send_request, start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,11 @@ def msgs(text: str = "hi") -> list[dict]:
     ({"messages": msgs(), "tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, None,
      "not in tools"),
+    # Nothing to enforce: was unconstrained output (issue 23, item 15).
+    ({"messages": msgs(), "response_format": {"type": "json_schema"}}, 400, "response_format",
+     "needs json_schema.schema"),
+    ({"messages": msgs(), "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     400, "response_format", "needs json_schema.schema"),
 ])
 def test_bad_chat_requests(server, body, status, param, needle) -> None:
     r = httpx.post(server.url + CHAT, json=body, timeout=30)
@@ -69,6 +75,43 @@ def test_bad_completion_fields_are_named(server, body, param) -> None:
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (CHAT, {"messages": msgs("a\ud800b")}, "messages.0.content"),
+    (CHAT, {"messages": [{"role": "system", "content": "\ud800"}, *msgs()]}, "messages.0.content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "x\udfff"}]}]},
+     "messages.0.content.0.text"),
+    (CHAT, {"messages": msgs(), "rag_context": "facts \ud800"}, "rag_context"),
+    (CHAT, {"messages": msgs(), "model": "\ud800"}, "model"),
+    (CHAT, {"messages": msgs(), "user": "u\ud800"}, "user"),
+    (CHAT, {"messages": msgs(), "stop": ["\ud800"]}, "stop.0"),
+    (CHAT, {"messages": msgs(), "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"\ud800": {}}}}}],
+      "tool_choice": "required"}, "tools.0.function.parameters.properties"),
+    ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok \ud800"]}, "prompt.0"),
+    ("/v1/embeddings", {"input": "\ud800"}, "input"),
+    ("/v1/embeddings", {"input": ["fine", "bad \ud800"]}, "input.1"),
+    ("/v1/embeddings", {"input": "x", "model": "\udbff"}, "model"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, path, body, param) -> None:
+    """JSON may escape a lone UTF-16 surrogate (\\ud800); it is not Unicode text. It gave a
+    500 (and for `model`, building the 404 crashed): issue 23, item 10."""
+    content = json.dumps(body).encode()  # ASCII JSON: "\\ud800" as the escape
+    assert b"\\ud" in content
+    r = httpx.post(server.url + path, content=content, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert "lone UTF-16 surrogate" in err["message"] and f"'{param}'" in err["message"]
+
+
+def test_an_unknown_model_in_the_path_gets_a_404(server) -> None:
+    # Bytes that are not UTF-8 (a surrogate's UTF-8-like encoding) in the path: still a 404.
+    r = httpx.get(server.url + "/v1/models/%ED%A0%80x", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_malformed_json(server) -> None:
@@ -154,8 +197,8 @@ def test_full_queue_answers_overloaded_at_once(tight_server) -> None:
             lines = running.iter_lines()
             next(lines)
             wait_until(lambda: engine.running == 1)
-            with h.stream("POST", tight_server.url + CHAT, json=body) as queued:
-                assert queued.status_code == 200
+            # A queued stream has no status line yet (it comes with its first token).
+            with send_request(tight_server.url, CHAT, body, headers):
                 wait_until(lambda: engine.queued == 1)
                 r = h.post(tight_server.url + CHAT, json={**body, "stream": False})
                 assert r.status_code == 503

@@ -20,7 +20,7 @@ from llamafleet.inference.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from llamafleet.inference.proto import local_pb2 as pb
 from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 
-from ..conftest import free_port, start_server, wait_until
+from ..conftest import free_port, json_body, read_response, send_request, start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -365,16 +365,96 @@ def test_clients_that_gave_up_do_not_hold_queue_places(guarded) -> None:
             lines = running.iter_lines()  # kept referenced: see test_bad_input
             next(lines)
             wait_until(lambda: engine.running == 1)
-            with h.stream("POST", guarded.url + CHAT, json=body) as quitter:
-                assert quitter.status_code == 200
+            # Queued streams have no status line yet (it comes with the first token).
+            with send_request(guarded.url, CHAT, body, AUTH):  # the quitter
                 wait_until(lambda: engine.queued == 1)
             # The quitter's request is cancelled but still waits: the queue looks full.
             wait_until(lambda: all(r.cancelled.is_set() for r in list(engine._waiting.queue)))
-            with h.stream("POST", guarded.url + CHAT, json=body) as live:
-                assert live.status_code == 200  # admitted: the cancelled one was purged
-                wait_until(lambda: engine.queued == 1)
+            with send_request(guarded.url, CHAT, body, AUTH):  # admitted: the cancelled one was purged
+                wait_until(lambda: engine.queued == 1 and
+                           not any(r.cancelled.is_set() for r in list(engine._waiting.queue)))
                 r = h.post(guarded.url + CHAT, json={**body, "stream": False})
                 assert r.status_code == 503  # the live one does count
+
+
+def load_gauges(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name in {"llamafleet_queue_depth", "llamafleet_running_sequences",
+                          "llamafleet_kv_cache_cells_used", "llamafleet_kv_cache_utilization"}}
+
+
+def test_load_gauges_read_zero_once_idle(guarded) -> None:
+    """Issue 23, item 11: the gauges kept the last step's values (42 queued and 313 cells,
+    30 s after the load), so an idle fleet looked loaded and never scaled to zero."""
+    engine = guarded.serving.engine
+    body = {"messages": msgs(), "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120, headers=AUTH) as h:
+        with h.stream("POST", guarded.url + CHAT, json=body) as running:
+            lines = running.iter_lines()  # kept referenced: see test_bad_input
+            next(lines)
+            with send_request(guarded.url, CHAT, body, AUTH):
+                busy = wait_until(lambda: (g := load_gauges(guarded.url))[
+                    "llamafleet_queue_depth"] == 1 and g)
+                assert busy["llamafleet_running_sequences"] == 1
+                assert busy["llamafleet_kv_cache_cells_used"] > 0
+                assert 0 < busy["llamafleet_kv_cache_utilization"] <= 1
+            # The waiting client leaves first, then the running one: no step follows.
+            wait_until(lambda: all(r.cancelled.is_set() for r in list(engine._waiting.queue)))
+    wait_until(lambda: engine.running == 0 and engine.queued == 0)
+    assert load_gauges(guarded.url) == {
+        "llamafleet_queue_depth": 0, "llamafleet_running_sequences": 0,
+        "llamafleet_kv_cache_cells_used": 0, "llamafleet_kv_cache_utilization": 0}
+
+
+def test_token_counters_count_a_stream_whose_client_left(guarded) -> None:
+    """Issue 23, item 15: they stayed at 0 when a client left mid-stream."""
+    m = guarded.serving.metrics
+    prompt0, completion0 = m.prompt_tokens._value.get(), m.completion_tokens._value.get()
+    body = {"messages": msgs(), "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120, headers=AUTH) as h, \
+            h.stream("POST", guarded.url + CHAT, json=body) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += '"content":"' in line and '"content":""' not in line
+            if seen == 5:
+                break
+    wait_until(lambda: guarded.serving.engine.running == 0)
+    wait_until(lambda: m.completion_tokens._value.get() - completion0 >= 5)
+    assert m.prompt_tokens._value.get() > prompt0
+
+
+def test_queued_streams_get_503_when_the_server_shuts_down(model_path) -> None:
+    """Issue 23, item 12: a queued stream that has produced nothing got 200 and then an
+    error event; a 503 lets a router retry it on another replica. The running stream, which
+    has sent tokens, still ends with an error event."""
+    srv = start_server(model_path=model_path, max_batch_size=1, queue_size=4, grpc_port=0,
+                       metrics_port=0, drain_timeout_s=0.5)
+    try:
+        engine = srv.serving.engine
+        body = {"messages": msgs(), "max_tokens": 900, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=120) as h, \
+                h.stream("POST", srv.url + CHAT, json=body) as running:
+            lines = running.iter_lines()
+            next(lines)
+            queued = [send_request(srv.url, CHAT, body) for _ in range(2)]
+            wait_until(lambda: engine.queued == 2)
+            srv.loop.call_soon_threadsafe(srv.server._start_drain)  # what SIGTERM does
+            for sock in queued:
+                status, rest = read_response(sock)
+                assert status == 503, rest[:300]
+                err = json_body(rest)["error"]
+                assert err["type"] == "server_error" and "shutting down" in err["message"]
+                assert b"retry-after:" in rest.lower()
+            tail = [line for line in lines if line]
+            assert "shutting down" in tail[-2] and tail[-1] == "data: [DONE]"
+        srv.thread.join(60)
+        assert not srv.thread.is_alive()
+    finally:
+        if srv.thread.is_alive():
+            srv.stop()
 
 
 # --- 8. graceful shutdown --------------------------------------------------------------------------------
