@@ -29,7 +29,9 @@ from pathlib import Path
 from llamafleet.inference import bench
 from llamafleet.inference.engine import Engine, Finished, GenerationRequest, SamplingParams
 from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
+from llamafleet.inference.metrics import EngineMetrics, Metrics
 from llamafleet.inference.profiling import install
+from llamafleet.inference.server import keep_heap_warm
 
 
 def engine_step(model_path: Path, batch: int, pp: int, tg: int, threads: int,
@@ -37,7 +39,8 @@ def engine_step(model_path: Path, batch: int, pp: int, tg: int, threads: int,
     model = LlamaModel(model_path, gpu_layers=0)
     be = LlamaBackend(model, n_seq=batch, context_size=context, n_batch=max(512, batch),
                       threads=threads, kv_layout=layout)
-    engine = Engine(be, max_batch_size=batch, queue_size=batch, context_size=context)
+    engine = Engine(be, max_batch_size=batch, queue_size=batch, context_size=context,
+                    observer=EngineMetrics(Metrics()))  # the pod's metrics, as it runs
     prof = install(engine)
     engine.start()
     try:
@@ -95,6 +98,7 @@ def main() -> int:
     p.add_argument("--batched-bench", type=Path, help="llama-batched-bench from the same build")
     p.add_argument("--json", dest="json_out", type=Path)
     args = p.parse_args()
+    keep_heap_warm()  # as `llamafleet serve` does
     records = []
     for b in (int(x) for x in args.batch.split(",")):
         rec = {"engine": engine_step(args.model, b, args.pp, args.tg, args.threads, args.layout,

@@ -14,8 +14,9 @@ model does on a GPU, so that the server's own work around ``llama_decode`` shows
 * ``llama-batched-bench`` from the same build, model and threads at B = each level, its
   default (split) KV layout and ``-kvu``: its decode step is the floor that issue 30's
   acceptance compares our decode step against;
-* a ``serve --step-profile`` pass of llamafleet at the same levels (benchmarks/step_profile.py):
-  ms per pure decode step by part, and µs per sequence;
+* a ``serve --step-profile`` pass of llamafleet at the same levels (benchmarks/step_profile.py),
+  with non-streaming requests (the client then uses next to no CPU beside the server): ms per
+  pure decode step by part, and µs per sequence;
 * then a table of the ratios and issue 30's acceptance lines with PASS/FAIL.
 
     .venv/bin/python benchmarks/high_concurrency.py   # -> benchmarks/results/high-concurrency-*.json|md
@@ -605,10 +606,18 @@ def run(a: argparse.Namespace) -> int:
             url = f"http://127.0.0.1:{port}"
             with running(llamafleet_cmd(model, port, c, a, "--step-profile"), url,
                          logs / f"llamafleet-step-profile-c{c}.log") as proc:
-                warm_up(url, httpx.get(url + "/v1/models").json()["data"][0]["id"])
+                ours = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                warm_up(url, ours)
                 watch, cpu0 = CpuWatch(), process_cpu_s(proc.pid)
-                lv = step_profile.level(url, c, argparse.Namespace(
-                    max_tokens=a.max_tokens, requests=requests[c], processes=str(a.processes)))
+                # Non-streaming: the client and the server's event loop then cost next to
+                # nothing per token, so the steps are the engine's own (a streaming client's
+                # processes share these 2 cores with llama_decode's threads).
+                body = _body(ours, a.max_tokens, False)
+                def load(url=url, body=body, c=c) -> tuple[int, dict]:
+                    samples, _ = asyncio.run(_plain(url, body, c, requests[c], 600))
+                    return 0, {"requests": len(samples), "ok": sum(x.ok for x in samples)}
+
+                lv = step_profile.profiled(url, c, load)
                 lv["others_cpu_share"] = watch.others_share(process_cpu_s(proc.pid) - cpu0)
                 record["step_profile"].append(lv)
                 d = lv["decode_steps"]

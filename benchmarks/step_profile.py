@@ -54,18 +54,28 @@ def _delta(before: dict | None, after: dict | None) -> dict:
 
 
 def level(url: str, c: int, args: argparse.Namespace) -> dict:
+    """One level through ``llamafleet bench`` (streaming, its client processes)."""
+    def load() -> tuple[int, dict]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "bench.json"
+            bench_args = argparse.ArgumentParser()
+            bench.add_arguments(bench_args)
+            ns = bench_args.parse_args(["--url", url, "--concurrent", str(c), "--max-tokens",
+                                        str(args.max_tokens), "--requests", str(args.requests or 0),
+                                        "--processes", args.processes, "--json", str(out)])
+            rc = bench.main(ns)
+            return rc, json.loads(out.read_text())["results"][0] if out.exists() else {}
+
+    return profiled(url, c, load)
+
+
+def profiled(url: str, c: int, load) -> dict:
+    """The server's step parts and thread CPU while ``load()`` runs (it returns the client's
+    exit status and result record)."""
     before = _profile(url)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        bench_args = argparse.ArgumentParser()
-        bench.add_arguments(bench_args)
-        ns = bench_args.parse_args(["--url", url, "--concurrent", str(c), "--max-tokens",
-                                    str(args.max_tokens), "--requests", str(args.requests or 0),
-                                    "--processes", args.processes, "--json", str(out)])
-        t0 = time.monotonic()
-        rc = bench.main(ns)
-        wall = time.monotonic() - t0
-        result = json.loads(out.read_text())["results"][0] if out.exists() else {}
+    t0 = time.monotonic()
+    rc, result = load()
+    wall = time.monotonic() - t0
     after = _profile(url)
     key = str(c)
     step = _delta(before["decode_steps_by_batch"].get(key), after["decode_steps_by_batch"].get(key))

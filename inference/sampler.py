@@ -125,47 +125,51 @@ class SamplerPool:
 
     def penalise(self, logits: np.ndarray, rows: np.ndarray, samplers: Sequence[Sampler]) -> None:
         """Apply each sampler's penalties in place to its row of ``logits`` (``rows[i]`` is
-        ``samplers[i]``'s row there). Touches only the tokens in the histories."""
+        ``samplers[i]``'s row there). Touches only the tokens in the histories.
+
+        A token that occurs several times in a history is read, penalised and written once
+        per occurrence; every occurrence computes the same value from the same unpenalised
+        logit, so the repeated writes agree and no de-duplication (a sort) is needed. Only
+        the frequency penalty needs the counts."""
         which = [i for i, s in enumerate(samplers) if s.penalised]
         if not which:
             return
-        pool_rows = np.fromiter((samplers[i].row for i in which), np.int64, len(which))
+        pool_rows = np.fromiter((samplers[i].row for i in which), np.intp, len(which))
         hist = self.history[pool_rows]  # (n, PENALTY_LAST_N), -1 = empty
-        n, width = hist.shape
-        owner = np.repeat(np.arange(n), width)
-        flat = hist.ravel()
-        used = flat >= 0
+        used = hist >= 0
         if not used.any():
             return
-        keys = np.sort(owner[used] * self.n_vocab + flat[used])
-        first = np.empty(len(keys), dtype=bool)  # np.unique's work, without its overhead
-        first[0] = True
-        np.not_equal(keys[1:], keys[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        counts = np.diff(starts, append=len(keys))
-        who, tok = np.divmod(keys[starts], self.n_vocab)
-        out_rows = rows[np.asarray(which)[who]]
+        who = np.broadcast_to(np.arange(len(which))[:, None], hist.shape)[used]
+        tok = hist[used]
         pr = pool_rows[who]
+        out_rows = rows[np.asarray(which)][who]
         vals = logits[out_rows, tok]
-        vals = np.where(vals <= 0, vals * self.repeat[pr], vals / self.repeat[pr])
-        logits[out_rows, tok] = vals - (counts.astype(_F32) * self.frequency[pr]
-                                        + self.presence[pr])
+        repeat = self.repeat[pr]
+        vals = np.where(vals <= 0, vals * repeat, vals / repeat)
+        sub = self.presence[pr]
+        if self.frequency[pool_rows].any():
+            counts = (hist[:, :, None] == hist[:, None, :]).sum(axis=2)[used]
+            sub = counts.astype(_F32) * self.frequency[pr] + sub
+        logits[out_rows, tok] = vals - sub
 
     def sample(self, logits: np.ndarray, rows: np.ndarray, samplers: Sequence[Sampler]
                ) -> np.ndarray:
         """One token per sampler from its row of ``logits`` (already penalised)."""
         n = len(samplers)
-        out = np.empty(n, dtype=np.int64)
         if n == 0:
-            return out
+            return np.empty(0, dtype=np.int64)
         greedy = np.fromiter((s.greedy for s in samplers), bool, n)
+        if greedy.all():
+            return np.argmax(_take_rows(logits, rows), axis=1)
+        out = np.empty(n, dtype=np.int64)
         if greedy.any():
             out[greedy] = np.argmax(logits[rows[greedy]], axis=1)
-        if greedy.all():
-            return out
-        pick = np.flatnonzero(~greedy)
-        pool_rows = np.fromiter((samplers[i].row for i in pick), np.int64, len(pick))
-        out[pick] = self._draw(logits[rows[pick]], pool_rows, [samplers[i] for i in pick])
+            pick = np.flatnonzero(~greedy)
+            x, sampled = logits[rows[pick]], [samplers[i] for i in pick]
+        else:
+            pick, x, sampled = slice(None), _take_rows(logits, rows), samplers
+        pool_rows = np.fromiter((s.row for s in sampled), np.int64, len(sampled))
+        out[pick] = self._draw(x, pool_rows, sampled)
         return out
 
     def _draw(self, x: np.ndarray, pr: np.ndarray, samplers: Sequence[Sampler]) -> np.ndarray:
@@ -219,42 +223,54 @@ class SamplerPool:
         self.n_history[pr] += 1
 
 
+def _take_rows(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``logits[rows]``: a view when the rows are consecutive (every sequence decoding one
+    token), not a copy of the block (64 MiB at 64 rows of a 262k vocabulary)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (
+            len(rows) < 3 or (np.diff(rows) == 1).all()):
+        return logits[rows[0]:rows[-1] + 1]
+    return logits[rows]
+
+
 LARGE_VOCAB = 8192  # from here the top k come from a pre-filtered candidate set
 STRIDE = 32  # the pre-filter's sampling stride
 
 
-def top_candidates(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest entries of each row of ``x``, in descending order: (ids, values).
+_LOW = 0xFFFFFFFF
 
-    The k-th largest value of every row comes from one ``np.partition`` (linear time); the
-    entries at or above it are exactly the top k unless values tie at the threshold, and such
-    rows are sorted on their own. For a large vocabulary (Gemma's 262k) a row is first cut
-    to the entries at or above the k-th largest of every STRIDE-th entry: that value can only
-    be lower than the row's own k-th largest, so the cut keeps the whole top k (about
-    k x STRIDE entries remain) at the cost of one comparison pass instead of a partition of
-    the whole row (about 1 ms each)."""
-    n, v = x.shape
-    if k >= v:
-        ids = np.argsort(-x, axis=1, kind="stable")
-        return ids, x[np.arange(n)[:, None], ids]
+
+def _order_keys(x: np.ndarray) -> np.ndarray:
+    """One int64 per entry of ``x`` (float32 rows), unique within a row, that sorts as the
+    values do, and among equal values the later vocabulary entry first: the value's bits
+    mapped to an order-preserving integer in the high half, ``2**32 - 1 - id`` in the low.
+    numpy sorts and partitions int64 with SIMD kernels; ``argsort`` of the floats took
+    several times as long, and ties need no second pass."""
+    u = (x + _F32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0 (they tie)
+    u = np.where(u < 0, u ^ 0x7FFFFFFF, u)  # negative floats: larger magnitude sorts lower
+    return (u << 32) | (_LOW - np.arange(x.shape[1], dtype=np.int64))
+
+
+def top_candidates(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest entries of each row of ``x``, in descending order, equal values in
+    vocabulary order: (ids, values).
+
+    One partition of the rows' order keys (:func:`_order_keys`) finds the top k, and a sort of
+    those k orders them. For a large vocabulary (Gemma's 262k) a row is first cut to the
+    entries at or above the k-th largest of every STRIDE-th entry: that value can only be
+    lower than the row's own k-th largest, so the cut keeps the whole top k (about k x STRIDE
+    entries remain) at the cost of one comparison pass instead of a partition of the whole
+    row (about 1 ms each)."""
+    v = x.shape[1]
     if v >= LARGE_VOCAB and k * STRIDE * 4 <= v:
         return _top_candidates_large(x, k)
-    thr = np.partition(x, v - k, axis=1)[:, v - k]
-    mask = x >= thr[:, None]
-    counts = mask.sum(axis=1)
-    if (counts == k).all():
-        ids = np.nonzero(mask)[1].reshape(n, k)
+    keys = _order_keys(x)
+    if k >= v:
+        top = np.sort(keys, axis=1)
     else:
-        ids = np.empty((n, k), dtype=np.intp)
-        for r in range(n):
-            if counts[r] == k:
-                ids[r] = np.flatnonzero(mask[r])
-            else:  # ties at the threshold: the first ones in vocabulary order
-                ids[r] = np.argsort(-x[r], kind="stable")[:k]
-    rows = np.arange(n)[:, None]
-    vals = x[rows, ids]
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return ids[rows, order], vals[rows, order]
+        top = np.partition(keys, v - k, axis=1)[:, v - k:]
+        top.sort(axis=1)
+    ids = (_LOW - (top[:, ::-1] & _LOW)).astype(np.intp)
+    return ids, np.take_along_axis(x, ids, axis=1)
 
 
 def _top_candidates_large(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

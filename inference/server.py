@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from llamafleet.common import malloc
 from llamafleet.common.http_limits import ReadLimits, uvicorn_options
 from prometheus_client import start_http_server
 
@@ -187,7 +188,18 @@ def init_backends() -> None:
     log.info("llama.cpp %s", llama_cpp.llama_print_system_info().decode().strip())
 
 
+def keep_heap_warm() -> None:
+    """Every engine step makes numpy temporaries of 100 KiB to tens of MiB (a block of logits
+    rows, sort keys, weights) and frees them. With glibc's moving thresholds they went to
+    fresh mappings, or to heap that was trimmed after each step, and every step paid the page
+    faults again: sampling 64 sequences took 12 µs per sequence instead of 7.6. Blocks up to
+    32 MiB come from the heap, and up to 64 MiB of free heap stays mapped; bigger ones (an
+    embeddings batch's logits) still get their own mapping and go back to the OS."""
+    malloc.set_thresholds(32 << 20, 64 << 20)
+
+
 def serve(settings: Settings) -> int:
+    keep_heap_warm()
     init_backends()
     # The engine thread re-takes the GIL after every llama_decode; with the default 5 ms
     # switch interval it can wait that long behind the event loop. 0.5 ms keeps steps tight.

@@ -177,3 +177,31 @@ def test_top_candidates_with_ties_and_whole_vocabulary() -> None:
     assert ids.tolist() == [[1, 2], [0, 1]] and vals.tolist() == [[3, 3], [5, 4]]
     ids, _ = top_candidates(x, 5)
     assert ids[1].tolist() == [0, 1, 2, 3, 4]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.sampled_from([7, 64, 259]),
+       st.integers(1, 300))
+def test_top_candidates_is_a_stable_descending_sort(seed: int, n: int, v: int, k: int) -> None:
+    """Against the definition: values descending, equal values in vocabulary order, with
+    ties, infinities and both zeros (which tie) in the rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=(n, v)).astype(np.float32)  # many ties
+    x[rng.random((n, v)) < 0.1] = -np.inf
+    x[rng.random((n, v)) < 0.1] = -0.0
+    x[rng.random((n, v)) < 0.3] += np.float32(rng.standard_normal())
+    k = min(k, v)
+    ids, vals = top_candidates(x, k)
+    want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    assert ids.tolist() == want.tolist()
+    assert np.array_equal(vals, np.take_along_axis(x, want, axis=1))
+
+
+def test_rows_in_any_order_sample_as_their_own_rows() -> None:
+    """Greedy samplers read their own rows whether the rows are consecutive (a view of the
+    logits) or not (a gathered copy)."""
+    x = np.eye(5, dtype=np.float32)[::-1].copy()  # row r peaks at 4 - r
+    pool = SamplerPool(5)
+    samplers = [pool.open(P(temperature=0.0)) for _ in range(3)]
+    assert pool.sample(x, np.array([1, 2, 3]), samplers).tolist() == [3, 2, 1]
+    assert pool.sample(x, np.array([3, 0, 4]), samplers).tolist() == [1, 4, 0]
