@@ -291,9 +291,9 @@ PASSED_OVER_MAX = 4  # steps a prefill may get no budget before it goes first
 def build_batch(running: Sequence[_Sequence], n_batch: int,
                 prefill_budget: int | None = None) -> Batch:
     """Every decoding sequence's next token, and prompt chunks of prefilling sequences,
-    shortest remaining prompt first, within ``n_batch`` tokens and, while any sequence is
-    decoding, ``prefill_budget`` prompt tokens (chunked prefill: a long prompt never holds the
-    running streams for more than one bounded step). A prefill's last chunk asks for logits
+    shortest remaining prompt first, within ``n_batch`` tokens and ``prefill_budget`` prompt
+    tokens (chunked prefill: a long prompt never holds the running streams, or a request that
+    arrives, for more than one bounded step). A prefill's last chunk asks for logits
     (for its first sampled token); an earlier chunk does not.
 
     Tokens go into the batch in the order of ``running`` (the engine keeps it in slot order),
@@ -309,7 +309,7 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     goes first."""
     decoding = sum(1 for s in running if s.state is DECODE)
     budget = n_batch - decoding
-    if decoding and prefill_budget is not None:
+    if prefill_budget is not None:
         budget = min(budget, prefill_budget)
     # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
     # first: a stream of short prompts never starves a long one.
@@ -387,8 +387,8 @@ class Engine:
         # Events of a step go out together at its end (deliver), not one hand-over per token.
         self._outbox: list[tuple[GenerationRequest, Event]] = []
         self._deliver = deliver or deliver_each
-        # Chunked prefill: while sequences decode, a step's prompt tokens are held to what
-        # fits prefill_step_s at the measured cost per batch token (None: up to n_batch).
+        # Chunked prefill: a step's prompt tokens are held to what fits prefill_step_s at the
+        # measured cost per batch token (prefill_budget says when; None: up to n_batch).
         self.prefill_step_s = prefill_step_s
         self._token_s: float | None = None  # seconds per batch token, steps with prompt tokens
         self._thread: threading.Thread | None = None
@@ -420,8 +420,13 @@ class Engine:
         return self.cache.prompt_cache_restores
 
     def prefill_budget(self) -> int | None:
-        """Prompt tokens a step may carry beside decoding sequences (None: n_batch)."""
+        """Prompt tokens the next step may carry (None: up to n_batch). Bounded while anyone
+        may be waiting for the step to end: a decoding sequence, or a request that arrives
+        for a free slot (its own prefill starts only at the next step). With every slot taken
+        and none decoding, nobody is: whole n_batch chunks then."""
         if self.prefill_step_s is None or self._token_s is None:
+            return None
+        if not self.cache.free and all(s.state is PREFILL for s in self._running):
             return None
         return max(MIN_PREFILL_CHUNK, int(self.prefill_step_s / self._token_s))
 

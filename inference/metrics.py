@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+
+
+class StepHistogram:
+    """A histogram that takes a whole engine step's observations in one call.
+
+    prometheus_client's ``Histogram.observe`` takes one value (a lock, a walk over the
+    buckets); the engine observes one inter-token gap per sequence per step, and 64 such calls
+    cost a tenth of a millisecond per step on the engine thread, more than the rest of its
+    bookkeeping. Here a step's values are bucketed with numpy at once; the series it exposes
+    are a ``Histogram``'s (``_bucket`` with ``le``, ``_count``, ``_sum``)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = np.array([*buckets, np.inf])
+        self._counts = np.zeros(len(self.bounds), dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # observe (engine thread) against collect (scrapes)
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def observe_many(self, values: Sequence[float] | np.ndarray) -> None:
+        v = np.asarray(values, dtype=np.float64)
+        if not v.size:
+            return
+        at = np.searchsorted(self.bounds, v, side="left")  # the first bound >= value: le
+        counts = np.bincount(at, minlength=len(self.bounds))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(v.sum())
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative, total = np.cumsum(self._counts), self._sum
+        yield HistogramMetricFamily(
+            self.name, self.documentation, sum_value=total,
+            buckets=[(floatToGoString(b), int(c)) for b, c in zip(self.bounds, cumulative,
+                                                                    strict=True)])
 
 
 class Metrics:
@@ -21,12 +69,12 @@ class Metrics:
             "llamafleet_prompt_tokens_total", "Prompt tokens processed.", registry=r)
         self.completion_tokens = Counter(
             "llamafleet_completion_tokens_total", "Tokens generated.", registry=r)
-        self.ttft = Histogram(
+        self.ttft = StepHistogram(
             "llamafleet_time_to_first_token_seconds", "Submit to first token.",
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram(
+            LATENCY_BUCKETS, r)
+        self.itl = StepHistogram(
             "llamafleet_inter_token_latency_seconds", "Gap between tokens of one sequence.",
-            buckets=TOKEN_GAP_BUCKETS, registry=r)
+            TOKEN_GAP_BUCKETS, r)
         self.e2e = Histogram(
             "llamafleet_request_duration_seconds", "Submit to last token.",
             buckets=LATENCY_BUCKETS, registry=r)
@@ -87,14 +135,18 @@ class EngineMetrics:
     def on_tokens(self, first, later) -> None:
         now = time.monotonic()
         last_token = self._last_token
-        for req in first:
-            self.m.ttft.observe(now - req.enqueued_at)
-            last_token[id(req)] = now
-        for req in later:
-            last = last_token.get(id(req))
-            if last is not None:
-                self.m.itl.observe(now - last)
-            last_token[id(req)] = now
+        if first:
+            self.m.ttft.observe_many([now - req.enqueued_at for req in first])
+            for req in first:
+                last_token[id(req)] = now
+        if later:
+            gaps = []
+            for req in later:
+                last = last_token.get(id(req))
+                if last is not None:
+                    gaps.append(now - last)
+                last_token[id(req)] = now
+            self.m.itl.observe_many(gaps)
 
     def on_finish(self, req, prompt_tokens: int, completion_tokens: int) -> None:
         # Counted here, when the engine lets the request go, not when its answer is

@@ -1,16 +1,17 @@
 """Where an engine step's time goes (setting ``STEP_PROFILE``; off by default).
 
-When on, :func:`install` wraps the engine's backend, its observer and the loop bridge's
-``send`` with timers. Nothing is wrapped when off, so it costs nothing then. Each step
+When on, :func:`install` wraps the engine's backend, its observer and its ``deliver`` hook
+with timers. Nothing is wrapped when off, so it costs nothing then. Each step
 (from one ``on_step`` to the next, closed early when the last sequence finishes and the
 engine goes idle) is split into:
 
 * ``batch``: filling the ``llama_batch`` from Python lists;
 * ``decode``: ``llama_decode`` plus ``llama_synchronize``, so a GPU's asynchronous work is
   counted here rather than in the first logits read after it;
-* ``sample``: logits to token (penalties and the sampler chain through ctypes);
+* ``sample``: logits to tokens for the whole batch (``sample_batch``: penalties, filters,
+  the draw; a grammar's check);
 * ``text``: token to bytes and end-of-generation checks;
-* ``deliver``: handing events to the event loop (``LoopBridge.send``);
+* ``deliver``: handing a step's events to the event loops (once per step);
 * ``admit``: creating and freeing samplers, clearing KV cells;
 * ``other``: the rest of the engine's Python (scheduling, text assembly, bookkeeping).
 

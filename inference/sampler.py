@@ -83,8 +83,8 @@ class SamplerPool:
             setattr(self, name, new)
 
         grow("temp", 0.0, _F32)
-        grow("top_k", 0, np.int64)
-        grow("top_p", 1.0, _F32)
+        grow("top_k", self.n_vocab, np.int64)  # 1..n_vocab (off: all)
+        grow("top_p", np.inf, _F32)  # inf: off
         grow("log_min_p", -np.inf, _F32)
         grow("repeat", 1.0, _F32)
         grow("frequency", 0.0, _F32)
@@ -103,8 +103,8 @@ class SamplerPool:
         row = self._free.pop()
         greedy = params.temperature <= 0
         self.temp[row] = params.temperature
-        self.top_k[row] = params.top_k
-        self.top_p[row] = params.top_p
+        self.top_k[row] = params.top_k if 0 < params.top_k < self.n_vocab else self.n_vocab
+        self.top_p[row] = params.top_p if params.top_p < 1 else np.inf
         self.log_min_p[row] = np.log(_F32(params.min_p)) if params.min_p > 0 else -np.inf
         self.repeat[row] = params.repeat_penalty
         self.frequency[row] = params.frequency_penalty
@@ -182,28 +182,23 @@ class SamplerPool:
     def weights(self, x: np.ndarray, pr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For rows ``x`` of sampled (not greedy) samplers at pool rows ``pr``: candidate ids
         in descending logit order and their unnormalised final weights, 0 where the chain's
-        filters dropped a token (what the draw samples from, in proportion)."""
-        n, v = x.shape
-        top_k = self.top_k[pr]
-        k_row = np.where((top_k <= 0) | (top_k > v), v, top_k)
+        filters dropped a token (what the draw samples from, in proportion). As few numpy
+        calls as the arithmetic allows: each costs microseconds on a cold cache after a
+        decode, whatever the batch."""
+        k_row = self.top_k[pr]
         ids, vals = top_candidates(x, int(k_row.max()))
-        width = ids.shape[1]
-        keep = np.arange(width)[None, :] < k_row[:, None]  # top-k
-        # top-p over the top-k survivors at temperature 1: keep i while the mass before it < p.
         head = vals[:, :1]
-        e = np.exp(vals - head)
-        e[~keep] = 0
+        d = vals - head
+        keep = np.arange(ids.shape[1]) < k_row[:, None]  # top-k
+        # top-p over the top-k survivors at temperature 1: keep i while the mass before it < p.
+        e = np.exp(d) * keep
         probs = e / e.sum(axis=1, keepdims=True)
-        before = np.cumsum(probs, axis=1, dtype=_F32) - probs
-        top_p = self.top_p[pr][:, None]
-        keep &= (before < top_p) | (top_p >= 1)
+        keep &= np.cumsum(probs, axis=1, dtype=_F32) - probs < self.top_p[pr][:, None]
         # min-p against the largest logit.
         keep &= vals >= head + self.log_min_p[pr][:, None]
         keep[:, 0] = True  # at least one token, as min_keep = 1 does
         # temperature over what is left.
-        w = np.exp((vals - head) / self.temp[pr][:, None])
-        w[~keep] = 0
-        return ids, w
+        return ids, np.exp(d / self.temp[pr][:, None]) * keep
 
     def _uniforms(self, samplers: Sequence[Sampler]) -> np.ndarray:
         u = self._rng.random(len(samplers))
@@ -239,15 +234,24 @@ STRIDE = 32  # the pre-filter's sampling stride
 _LOW = 0xFFFFFFFF
 
 
+_LOW_OF: dict[int, np.ndarray] = {}  # vocabulary size -> 2**32 - 1 - id, for _order_keys
+
+
 def _order_keys(x: np.ndarray) -> np.ndarray:
     """One int64 per entry of ``x`` (float32 rows), unique within a row, that sorts as the
     values do, and among equal values the later vocabulary entry first: the value's bits
     mapped to an order-preserving integer in the high half, ``2**32 - 1 - id`` in the low.
     numpy sorts and partitions int64 with SIMD kernels; ``argsort`` of the floats took
     several times as long, and ties need no second pass."""
+    v = x.shape[1]
+    low = _LOW_OF.get(v)
+    if low is None:
+        low = _LOW_OF[v] = _LOW - np.arange(v, dtype=np.int64)
     u = (x + _F32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0 (they tie)
-    u = np.where(u < 0, u ^ 0x7FFFFFFF, u)  # negative floats: larger magnitude sorts lower
-    return (u << 32) | (_LOW - np.arange(x.shape[1], dtype=np.int64))
+    u ^= (u >> 31) & 0x7FFFFFFF  # negative floats: larger magnitude sorts lower
+    u <<= 32
+    u |= low
+    return u
 
 
 def top_candidates(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

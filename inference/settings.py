@@ -116,11 +116,11 @@ class Settings(BaseSettings):
     )
     prefill_step_ms: float = Field(
         50, ge=0, le=60_000,
-        description="Chunked prefill: while sequences are decoding, a step carries only as "
-        "many prompt tokens as fit this many milliseconds at the measured cost per token "
-        "(at least 16), so a long prompt never stalls the running streams for more than about "
-        "this long; with nothing decoding a prompt goes in chunks of n_batch. 0 turns it off "
-        "(chunks of n_batch always).",
+        description="Chunked prefill: a step carries only as many prompt tokens as fit this "
+        "many milliseconds at the measured cost per token (at least 16), so a long prompt never "
+        "stalls the running streams, or a request arriving for a free slot, for more than "
+        "about this long; with every slot taken and none decoding, chunks of n_batch. 0 turns "
+        "it off (chunks of n_batch always).",
     )
     kv_layout: Literal["auto", "split", "unified"] = Field(
         "auto",

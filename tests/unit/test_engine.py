@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llamafleet.common.errors import BadRequest, ContextTooLong, Overloaded
 from llamafleet.inference.engine import (
+    DECODE,
+    MIN_PREFILL_CHUNK,
     Engine,
     Failed,
     Finished,
@@ -471,7 +473,7 @@ def test_batch_gives_the_budget_to_the_shortest_prompt_first_and_keeps_slot_orde
     assert b.sample == [(dec, 5), (short, 7)]
 
 
-def test_prefill_budget_bounds_prompt_tokens_only_while_sequences_decode() -> None:
+def test_prefill_budget_bounds_prompt_tokens_of_a_step() -> None:
     from llamafleet.inference.engine import build_batch
 
     long = _seq(0, list(range(100, 140)))
@@ -479,7 +481,8 @@ def test_prefill_budget_bounds_prompt_tokens_only_while_sequences_decode() -> No
     b = build_batch([long, dec], n_batch=32, prefill_budget=6)
     assert b.advance == [(long, 6), (dec, 1)]
     alone = build_batch([_seq(0, list(range(100, 140)))], n_batch=32, prefill_budget=6)
-    assert len(alone.tokens) == 32  # nobody waits: the whole n_batch
+    assert len(alone.tokens) == 6
+    assert len(build_batch([_seq(0, list(range(100, 140)))], n_batch=32).tokens) == 32
 
 
 def test_batch_samples_where_a_prompt_ends_and_leaves_finished_sequences_out() -> None:
@@ -628,3 +631,22 @@ def test_followers_wait_for_the_leader_of_a_long_common_prefix() -> None:
         assert e.cache.prefix_tokens_shared >= 3 * 128
     finally:
         e.stop()
+
+
+def test_prefill_budget_applies_while_anyone_may_wait_for_the_step() -> None:
+    """Bounded while a sequence decodes or a slot is free (a request may arrive for it);
+    with every slot prefilling, nobody waits: whole n_batch chunks."""
+    eng = Engine(FakeBackend(), max_batch_size=2, queue_size=8, context_size=64,
+                 prefill_step_s=0.05)
+    assert eng.prefill_budget() is None  # no cost per token measured yet
+    eng._token_s = 0.001
+    a = _seq(eng.cache.take([1, 2, 3])[0], list(range(40)))
+    eng._running = [a]
+    assert eng.prefill_budget() == 50  # a slot is free
+    b = _seq(eng.cache.take([4, 5, 6])[0], list(range(40)))
+    eng._running = [a, b]
+    assert eng.prefill_budget() is None  # all slots prefilling
+    b.state, b.next_token = DECODE, 7
+    assert eng.prefill_budget() == 50  # b decodes
+    eng._token_s = 1.0
+    assert eng.prefill_budget() == MIN_PREFILL_CHUNK
