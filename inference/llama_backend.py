@@ -189,6 +189,8 @@ class LlamaBackend:
         # Row of llama.cpp's logits matrix for each batch index (-1: no logits asked).
         self._out_row = np.full(n_batch, -1, dtype=np.intp)
         self._n_out = 0
+        self._logits_key: tuple[int | None, int] | None = None  # logits(): the view's buffer
+        self._logits_view = np.empty((0, model.n_vocab), dtype=np.float32)
         # Sliding-window attention span (Gemma 3: 512); 0 for models without one.
         self.n_swa = C.llama_model_n_swa(model.ptr)
         self.pool = SamplerPool(model.n_vocab, capacity=n_seq + 1)
@@ -255,8 +257,13 @@ class LlamaBackend:
     def logits(self) -> np.ndarray:
         """The last decode's logits, one row per batch token that asked for them, in batch
         order (llama.cpp reorders its output buffer to batch order when it is read)."""
-        ptr = C.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(self._n_out, self.model.n_vocab))
+        key = (_logits_address(self.ctx), self._n_out)
+        if key != self._logits_key:  # the buffer moves only when llama.cpp regrows it
+            self._logits_key = key
+            n = self._n_out * self.model.n_vocab
+            buf = (ctypes.c_float * n).from_address(key[0]) if n else (ctypes.c_float * 0)()
+            self._logits_view = np.ctypeslib.as_array(buf).reshape(self._n_out, self.model.n_vocab)
+        return self._logits_view
 
     def sample(self, sampler: Sampler, batch_index: int) -> int:
         return self.sample_batch([sampler], [batch_index])[0]
@@ -362,6 +369,11 @@ class LlamaBackend:
     def close(self) -> None:
         self._batch = None
         self._ctx.close()
+
+
+# llama_get_logits as an address (an int): the binding's float pointer costs a ctypes cast per
+# step to compare, and logits() only needs to know whether the buffer moved.
+_logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("llama_get_logits", C._lib))
 
 
 class _Batch:

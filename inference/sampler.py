@@ -58,6 +58,7 @@ class Sampler:
     greedy: bool
     penalised: bool
     rng: np.random.Generator | None  # None: the pool's shared generator
+    seen: int = 0  # tokens recorded in the penalty history (penalised samplers)
     chain: Any = None  # llama.cpp sampler chain (grammars only), owned by the backend
     grammar: Any = None  # the grammar sampler inside ``chain``
 
@@ -82,15 +83,13 @@ class SamplerPool:
                 new[:old] = getattr(self, name)
             setattr(self, name, new)
 
-        grow("temp", 0.0, _F32)
-        grow("top_k", self.n_vocab, np.int64)  # 1..n_vocab (off: all)
-        grow("top_p", np.inf, _F32)  # inf: off
-        grow("log_min_p", -np.inf, _F32)
+        # The filters' parameters, one row per sampler, read with one gather per step:
+        # top_k (1..n_vocab; off: all), top_p (inf: off), log(min_p) (-inf: off), temperature.
+        grow("filters", 0.0, _F32, (4,))
         grow("repeat", 1.0, _F32)
         grow("frequency", 0.0, _F32)
         grow("presence", 0.0, _F32)
         grow("history", -1, np.int64, (PENALTY_LAST_N,))
-        grow("n_history", 0, np.int64)
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
 
@@ -102,15 +101,15 @@ class SamplerPool:
             self._alloc(self.capacity * 2)
         row = self._free.pop()
         greedy = params.temperature <= 0
-        self.temp[row] = params.temperature
-        self.top_k[row] = params.top_k if 0 < params.top_k < self.n_vocab else self.n_vocab
-        self.top_p[row] = params.top_p if params.top_p < 1 else np.inf
-        self.log_min_p[row] = np.log(_F32(params.min_p)) if params.min_p > 0 else -np.inf
+        self.filters[row] = (
+            params.top_k if 0 < params.top_k < self.n_vocab else self.n_vocab,
+            params.top_p if params.top_p < 1 else np.inf,
+            np.log(_F32(params.min_p)) if params.min_p > 0 else -np.inf,
+            params.temperature)
         self.repeat[row] = params.repeat_penalty
         self.frequency[row] = params.frequency_penalty
         self.presence[row] = params.presence_penalty
         self.history[row] = -1
-        self.n_history[row] = 0
         penalised = bool(params.repeat_penalty != 1.0 or params.frequency_penalty
                          or params.presence_penalty)
         rng = None
@@ -129,28 +128,28 @@ class SamplerPool:
 
         A token that occurs several times in a history is read, penalised and written once
         per occurrence; every occurrence computes the same value from the same unpenalised
-        logit, so the repeated writes agree and no de-duplication (a sort) is needed. Only
-        the frequency penalty needs the counts."""
-        which = [i for i, s in enumerate(samplers) if s.penalised]
+        logit, so the repeated writes agree and no de-duplication (a sort) is needed. A
+        history shorter than PENALTY_LAST_N repeats its first token in the empty places
+        (``accept``), so every row is PENALTY_LAST_N tokens wide and needs no mask. Only the
+        frequency penalty needs the counts. Few numpy calls: each costs microseconds on the
+        cold cache after a decode, whatever the batch."""
+        which = [i for i, s in enumerate(samplers) if s.penalised and s.seen]
         if not which:
             return
         pool_rows = np.fromiter((samplers[i].row for i in which), np.intp, len(which))
-        hist = self.history[pool_rows]  # (n, PENALTY_LAST_N), -1 = empty
-        used = hist >= 0
-        if not used.any():
-            return
-        who = np.broadcast_to(np.arange(len(which))[:, None], hist.shape)[used]
-        tok = hist[used]
-        pr = pool_rows[who]
-        out_rows = rows[np.asarray(which)][who]
-        vals = logits[out_rows, tok]
-        repeat = self.repeat[pr]
+        hist = self.history[pool_rows]  # (n, PENALTY_LAST_N)
+        out = rows[which][:, None]
+        vals = logits[out, hist]
+        repeat = self.repeat[pool_rows][:, None]
         vals = np.where(vals <= 0, vals * repeat, vals / repeat)
-        sub = self.presence[pr]
-        if self.frequency[pool_rows].any():
-            counts = (hist[:, :, None] == hist[:, None, :]).sum(axis=2)[used]
-            sub = counts.astype(_F32) * self.frequency[pr] + sub
-        logits[out_rows, tok] = vals - sub
+        sub = self.presence[pool_rows][:, None]
+        frequency = self.frequency[pool_rows]
+        if frequency.any():
+            seen = np.fromiter((samplers[i].seen for i in which), np.intp, len(which))
+            real = np.arange(PENALTY_LAST_N) < seen[:, None]
+            counts = ((hist[:, :, None] == hist[:, None, :]) & real[:, None, :]).sum(axis=2)
+            sub = counts.astype(_F32) * frequency[:, None] + sub
+        logits[out, hist] = vals - sub
 
     def sample(self, logits: np.ndarray, rows: np.ndarray, samplers: Sequence[Sampler]
                ) -> np.ndarray:
@@ -158,18 +157,19 @@ class SamplerPool:
         n = len(samplers)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        greedy = np.fromiter((s.greedy for s in samplers), bool, n)
-        if greedy.all():
+        greedy = [s.greedy for s in samplers]
+        if all(greedy):
             return np.argmax(_take_rows(logits, rows), axis=1)
+        if not any(greedy):
+            pool_rows = np.fromiter((s.row for s in samplers), np.intp, n)
+            return self._draw(_take_rows(logits, rows), pool_rows, samplers)
         out = np.empty(n, dtype=np.int64)
-        if greedy.any():
-            out[greedy] = np.argmax(logits[rows[greedy]], axis=1)
-            pick = np.flatnonzero(~greedy)
-            x, sampled = logits[rows[pick]], [samplers[i] for i in pick]
-        else:
-            pick, x, sampled = slice(None), _take_rows(logits, rows), samplers
-        pool_rows = np.fromiter((s.row for s in sampled), np.int64, len(sampled))
-        out[pick] = self._draw(x, pool_rows, sampled)
+        mask = np.array(greedy)
+        out[mask] = np.argmax(logits[rows[mask]], axis=1)
+        pick = np.flatnonzero(~mask)
+        sampled = [samplers[i] for i in pick]
+        pool_rows = np.fromiter((s.row for s in sampled), np.intp, len(sampled))
+        out[pick] = self._draw(logits[rows[pick]], pool_rows, sampled)
         return out
 
     def _draw(self, x: np.ndarray, pr: np.ndarray, samplers: Sequence[Sampler]) -> np.ndarray:
@@ -185,20 +185,21 @@ class SamplerPool:
         filters dropped a token (what the draw samples from, in proportion). As few numpy
         calls as the arithmetic allows: each costs microseconds on a cold cache after a
         decode, whatever the batch."""
-        k_row = self.top_k[pr]
-        ids, vals = top_candidates(x, int(k_row.max()))
+        f = self.filters[pr]
+        top_k, top_p, log_min_p, temp = f[:, 0:1], f[:, 1:2], f[:, 2:3], f[:, 3:4]
+        ids, vals = top_candidates(x, int(top_k.max()))
         head = vals[:, :1]
         d = vals - head
-        keep = np.arange(ids.shape[1]) < k_row[:, None]  # top-k
+        keep = np.arange(ids.shape[1]) < top_k  # top-k
         # top-p over the top-k survivors at temperature 1: keep i while the mass before it < p.
         e = np.exp(d) * keep
         probs = e / e.sum(axis=1, keepdims=True)
-        keep &= np.cumsum(probs, axis=1, dtype=_F32) - probs < self.top_p[pr][:, None]
+        keep &= np.cumsum(probs, axis=1, dtype=_F32) - probs < top_p
         # min-p against the largest logit.
-        keep &= vals >= head + self.log_min_p[pr][:, None]
+        keep &= vals >= head + log_min_p
         keep[:, 0] = True  # at least one token, as min_keep = 1 does
         # temperature over what is left.
-        return ids, np.exp(d / self.temp[pr][:, None]) * keep
+        return ids, np.exp(d / temp) * keep
 
     def _uniforms(self, samplers: Sequence[Sampler]) -> np.ndarray:
         u = self._rng.random(len(samplers))
@@ -208,14 +209,20 @@ class SamplerPool:
         return u
 
     def accept(self, samplers: Sequence[Sampler], tokens: Sequence[int] | np.ndarray) -> None:
-        """Record sampled tokens in the penalty histories."""
+        """Record sampled tokens in the penalty histories (a first token fills its row:
+        ``penalise`` reads every place)."""
         which = [i for i, s in enumerate(samplers) if s.penalised]
         if not which:
             return
-        pr = np.fromiter((samplers[i].row for i in which), np.int64, len(which))
+        pr = np.fromiter((samplers[i].row for i in which), np.intp, len(which))
+        at = np.fromiter((samplers[i].seen % PENALTY_LAST_N for i in which), np.intp, len(which))
         tok = np.asarray(tokens, dtype=np.int64)[which]
-        self.history[pr, self.n_history[pr] % PENALTY_LAST_N] = tok
-        self.n_history[pr] += 1
+        self.history[pr, at] = tok
+        first = [j for j, i in enumerate(which) if not samplers[i].seen]
+        if first:
+            self.history[pr[first]] = tok[first][:, None]
+        for i in which:
+            samplers[i].seen += 1
 
 
 def _take_rows(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -228,7 +235,7 @@ def _take_rows(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 LARGE_VOCAB = 8192  # from here the top k come from a pre-filtered candidate set
-STRIDE = 32  # the pre-filter's sampling stride
+STRIDE = 8  # the pre-filter's sampling stride
 
 
 _LOW = 0xFFFFFFFF
