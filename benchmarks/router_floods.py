@@ -96,15 +96,12 @@ async def header_flood(port: int, n: int) -> None:
     await asyncio.gather(*(one() for _ in range(n)))
 
 
-async def body_flood(port: int, n: int, hold_s: float) -> list:
-    size = 8 * MiB
-
+async def _open_and_hold(port: int, n: int, hold_s: float, data: bytes) -> list:
+    """``n`` connections that each send ``data`` (a request, whole or in part) and wait."""
     async def one():
         try:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
-                    b"application/json\r\ncontent-length: %d\r\n\r\n" % size)
-            w.write(b"{" + b" " * (size - 2))  # all but the last byte
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(data)
             await w.drain()
             return w
         except OSError:
@@ -113,25 +110,22 @@ async def body_flood(port: int, n: int, hold_s: float) -> list:
     writers = await asyncio.gather(*(one() for _ in range(n)))
     await asyncio.sleep(hold_s)
     return writers
+
+
+def _post_head(length: int) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+            b"application/json\r\ncontent-length: %d\r\n\r\n" % length)
+
+
+async def body_flood(port: int, n: int, hold_s: float) -> list:
+    size = 8 * MiB
+    return await _open_and_hold(port, n, hold_s, _post_head(size) + b"{" + b" " * (size - 2))
 
 
 async def hold_flood(port: int, n: int, hold_s: float) -> list:
     text = "x" * (MiB - 200)
     body = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
-
-    async def one():
-        try:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
-                    b"application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
-            await w.drain()
-            return w
-        except OSError:
-            return None
-
-    writers = await asyncio.gather(*(one() for _ in range(n)))
-    await asyncio.sleep(hold_s)
-    return writers
+    return await _open_and_hold(port, n, hold_s, _post_head(len(body)) + body)
 
 
 def run(python: str, flood: str, n: int) -> dict:
