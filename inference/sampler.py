@@ -239,8 +239,6 @@ STRIDE = 8  # the pre-filter's sampling stride
 
 
 _LOW = 0xFFFFFFFF
-
-
 _LOW_OF: dict[int, np.ndarray] = {}  # vocabulary size -> 2**32 - 1 - id, for _order_keys
 
 
