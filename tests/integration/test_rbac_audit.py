@@ -15,8 +15,47 @@ import pytest
 from .conftest import AUDITED_TESTS, audit_of
 from .rbac_audit import AUDITED
 
-# Granted on purpose but not requested by any emulated flow: (who, group, resource, verb) -> why.
-UNUSED_ON_PURPOSE: dict[tuple[str, str, str, str], str] = {}
+# Granted but not requested by any emulated flow: (who, group, resource, verb) -> why.
+# "follow-up" marks grants that no code path was found for: candidates for removal once a
+# reading of the code confirms it (found by this audit, issue 24).
+ESCALATION = ("held only so that the operator may grant it to the router's Role (Kubernetes "
+              "lets a Role be created only with permissions its creator holds)")
+NOT_EXERCISED = "drift repair (PUT) or removal of this kind is not exercised by the suites"
+FOLLOW_UP = "follow-up: no code path requested it in the suites"
+UNUSED_ON_PURPOSE: dict[tuple[str, str, str, str], str] = {
+    ("operator", "", "namespaces", "get"): FOLLOW_UP,
+    ("operator", "", "namespaces", "list"): "kopf lists Namespaces when run with --namespace "
+                                            "(operator.watchNamespaces); the suites run kopf -A",
+    ("operator", "", "namespaces", "watch"): "as list: kopf watches Namespaces only with --namespace",
+    ("operator", "apiextensions.k8s.io", "customresourcedefinitions", "get"): FOLLOW_UP,
+    ("operator", "", "nodes", "get"): FOLLOW_UP,
+    ("operator", "", "pods", "get"): FOLLOW_UP,
+    ("operator", "llamafleet.io", "llmservices", "get"): FOLLOW_UP,
+    ("operator", "llamafleet.io", "llmservices/status", "get"): FOLLOW_UP,
+    ("operator", "llamafleet.io", "llmservices/finalizers", "update"): (
+        "checked by the OwnerReferencesPermissionEnforcement admission plugin when an "
+        "ownerReference sets blockOwnerDeletion; never requested as such"),
+    ("operator", "", "events", "create"): (
+        "kopf posts handler logs as Events (posting.level INFO), but posted none in the emulated "
+        "flows; follow-up: find out why before relying on Events"),
+    ("operator", "events.k8s.io", "events", "create"): FOLLOW_UP,
+    ("operator", "", "serviceaccounts", "update"): NOT_EXERCISED,
+    ("operator", "", "services", "delete"): NOT_EXERCISED,
+    ("operator", "autoscaling", "horizontalpodautoscalers", "update"): NOT_EXERCISED,
+    ("operator", "keda.sh", "scaledobjects", "update"): NOT_EXERCISED,
+    ("operator", "networking.k8s.io", "networkpolicies", "delete"): NOT_EXERCISED,
+    ("operator", "policy", "poddisruptionbudgets", "delete"): NOT_EXERCISED,
+    ("operator", "policy", "poddisruptionbudgets", "update"): NOT_EXERCISED,
+    ("operator", "rbac.authorization.k8s.io", "rolebindings", "update"): NOT_EXERCISED,
+    ("operator", "rbac.authorization.k8s.io", "roles", "update"): NOT_EXERCISED,
+    ("operator", "discovery.k8s.io", "endpointslices", "get"): ESCALATION,
+    ("operator", "discovery.k8s.io", "endpointslices", "list"): ESCALATION,
+    ("operator", "discovery.k8s.io", "endpointslices", "watch"): ESCALATION,
+    ("operator", "llamafleet.io", "llmservices/scale", "get"): ESCALATION,
+    ("operator", "llamafleet.io", "llmservices/scale", "update"): ESCALATION,
+    ("router", "discovery.k8s.io", "endpointslices", "get"): FOLLOW_UP + " (it lists and watches)",
+    ("router", "llamafleet.io", "llmservices/scale", "patch"): FOLLOW_UP + " (it writes with update)",
+}
 
 
 def test_every_request_was_allowed_and_every_permission_was_used(
