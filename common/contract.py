@@ -53,6 +53,11 @@ API_GROUP, API_VERSION, LLMSERVICE_PLURAL = "llamafleet.io", "v1alpha1", "llmser
 # The label that the EndpointSlice controller puts on each slice of a Service.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
+# llm-d's endpoint picker (llm-d-router, core-metrics-extractor) picks the metric names it
+# reads on each pod by this label; `llamafleet` is the engine config that
+# examples/llm-d/endpoint-picker-config.yaml registers with it (our own metric names).
+ENGINE_TYPE_LABEL, ENGINE_TYPE = "llm-d.ai/engine-type", "llamafleet"
+
 
 def pod_service_name(llmservice: str) -> str:
     """The Service that always selects an LLMService's ``llamafleet serve`` pods (HTTP, gRPC,

@@ -14,6 +14,8 @@ from typing import Any
 
 from llamafleet.common.contract import (
     DRAIN_TIMEOUT_S,
+    ENGINE_TYPE,
+    ENGINE_TYPE_LABEL,
     ENV_PREFIX,
     GRPC_PORT,
     HTTP_PORT,
@@ -273,7 +275,8 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         pod_spec["tolerations"] = tolerations
     if (affinity := _affinity(spec, plan)):
         pod_spec["affinity"] = affinity
-    template_labels = labels(names.name)
+    # Pod labels beyond the selector: llm-d's endpoint picker reads the engine type.
+    template_labels = {**labels(names.name), ENGINE_TYPE_LABEL: ENGINE_TYPE}
     dep = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(names),
         "spec": {

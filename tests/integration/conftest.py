@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import yaml
 
 from .kube import RESOURCES, VERBS, Emulator
+from .rbac_audit import AUDITED, OPERATOR_TOKEN, Audit, Seen
+
+AUDIT = pytest.StashKey[Audit]()
+AUDITED_TESTS = pytest.StashKey[set[str]]()
+
+
+def audit_of(config: pytest.Config) -> Audit:
+    """The session's RBAC audit (tests/integration/rbac_audit.py), made on first use."""
+    if AUDIT not in config.stash:
+        config.stash[AUDIT] = Audit()
+    return config.stash[AUDIT]
+
+
+def audited(item: pytest.Item) -> bool:
+    return Path(str(item.fspath)).name in AUDITED and "api" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Before -k/-m deselect: which audited tests exist. The audit's summary test runs last.
+    config.stash[AUDITED_TESTS] = {i.nodeid for i in items if audited(i)}
+    items.sort(key=lambda i: Path(str(i.fspath)).name == "test_rbac_audit.py")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed and audited(item):
+        # A flow that failed may have stopped before using all of its permissions.
+        audit_of(item.config).failed.add(item.nodeid)
+    return report
 
 
 @pytest.fixture()
@@ -15,7 +48,7 @@ def kmock_options() -> dict:
 
 
 @pytest.fixture()
-async def api(kmock, tmp_path, monkeypatch):
+async def api(kmock, tmp_path, monkeypatch, request):
     for name, info in RESOURCES.items():
         kmock.resources[name] = {**info, "verbs": VERBS}
     url = str(kmock.url).rstrip("/")
@@ -23,10 +56,16 @@ async def api(kmock, tmp_path, monkeypatch):
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": url, "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "u", "user": {"token": "test"}}],
+        # The operator's identity (the router writes its own: kube.Router).
+        "users": [{"name": "u", "user": {"token": OPERATOR_TOKEN}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}]}))
     monkeypatch.setenv("KMOCK_URL", url)
     # The operator's settings are read by its startup handler, when KopfRunner starts it.
     monkeypatch.setenv("LLAMAFLEET_OPERATOR_KUBECONFIG", str(kubeconfig))
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         yield client
+    if audited(request.node):
+        denied = audit_of(request.config).check(request.node.nodeid, [Seen.of(r) for r in kmock])
+        assert not denied, ("requests that Kubernetes RBAC would refuse with 403 Forbidden "
+                            "(the chart's charts/llamafleet/files/rbac-rules.yaml or the router's "
+                            "ROUTER_RBAC_RULES lack them):\n  " + "\n  ".join(denied))

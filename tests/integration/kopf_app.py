@@ -12,8 +12,10 @@ from typing import Any
 import kopf
 from llamafleet.operator import handlers  # noqa: F401 - registers the real handlers
 
+from tests.integration.rbac_audit import OPERATOR_TOKEN
+
 
 @kopf.on.login()
 def login_to_kmock(**_: Any) -> kopf.ConnectionInfo:
     return kopf.ConnectionInfo(server=os.environ["KMOCK_URL"], insecure=True, scheme="Bearer",
-                               token="test")
+                               token=OPERATOR_TOKEN)  # the RBAC audit's name for the operator

@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp.web
 import httpx
 import kmock
+import yaml
 from llamafleet.common.contract import SERVICE_NAME_LABEL
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -204,6 +205,10 @@ RESOURCES = {
     "v1/nodes": dict(kind="Node", namespaced=False),
     # kopf waits for namespaces in discovery even cluster-wide (it never lists them then).
     "v1/namespaces": dict(kind="Namespace", namespaced=False),
+    # As in a cluster: kopf lists and watches CRDs to notice resources that come and go (the
+    # RBAC audit then sees it use the chart's rule for them).
+    "apiextensions.k8s.io/v1/customresourcedefinitions": dict(kind="CustomResourceDefinition",
+                                                               namespaced=False),
     "v1/secrets": dict(kind="Secret", namespaced=True),
     "v1/services": dict(kind="Service", namespaced=True),
     "v1/serviceaccounts": dict(kind="ServiceAccount", namespaced=True),
@@ -286,10 +291,17 @@ async def kopf_runner():
 
 class Router:
     """`llamafleet router --llmservice NAME` as a subprocess, with KUBECONFIG pointing at the
-    emulator (as in a pod with a kubeconfig)."""
-
+    emulator (as in a pod with a kubeconfig). It logs in with its own token, which the RBAC
+    audit (rbac_audit.py) takes for the router's ServiceAccount."""
 
     def __init__(self, name: str, kubeconfig: Path, *flags: str):
+        from .rbac_audit import ROUTER_TOKEN
+
+        config = yaml.safe_load(kubeconfig.read_text())
+        for user in config["users"]:
+            user["user"]["token"] = ROUTER_TOKEN + name
+        kubeconfig = kubeconfig.with_name(f"{kubeconfig.name}.router-{name}")
+        kubeconfig.write_text(yaml.safe_dump(config))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import yaml
 
 from ..conftest import wait_until
 
@@ -217,3 +219,89 @@ def test_inference_extension_gauges_follow_the_load(server, model: str) -> None:
         assert 0 < busy["llamafleet_kv_cache_utilization"] <= 1
         assert busy["llamafleet_queue_depth"] == 0
     wait_until(lambda: gauges()["llamafleet_running_sequences"] == 0)
+
+
+# llm-d-router's built-in `vllm` engine config (pkg/epp/framework/plugins/datalayer/extractor/
+# metrics/factories.go, defaultEngineConfigs): what the picker reads from a pod that has no
+# llm-d.ai/engine-type label. Our pods carry the label, and our engine config
+# (examples/llm-d/endpoint-picker-config.yaml) maps each of these to our own series or, for the
+# ones llamafleet has no counterpart of, to "" (the picker then skips them).
+LLM_D_VLLM_DEFAULTS = {"queuedRequestsSpec": "vllm:num_requests_waiting",
+                       "runningRequestsSpec": "vllm:num_requests_running",
+                       "kvUsageSpec": "vllm:kv_cache_usage_perc",
+                       "loraSpec": "vllm:lora_requests_info",
+                       "cacheInfoSpec": "vllm:cache_config_info"}
+
+
+def metric_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """llm-d's metric spec string, `name` or `name{label=value,...}` (its spec.go)."""
+    name, _, rest = spec.partition("{")
+    labels = dict(p.split("=", 1) for p in rest.rstrip("}").split(",") if p) if rest else {}
+    return name.strip(), {k.strip(): v.strip().strip('"') for k, v in labels.items()}
+
+
+async def test_llm_d_engine_config_reads_our_metrics_under_load(server, model: str) -> None:
+    """The `llamafleet` engine config that we ship for llm-d's endpoint picker, held to a
+    loaded pod's /metrics: each spec it sets names exactly one series, with the kind of value
+    the picker stores (WaitingQueueSize and RunningRequestsSize: whole numbers;
+    KVCacheUsagePercent: a fraction 0..1), and the series follow the load (4 running in the
+    batch of 4, a fifth request waiting)."""
+    from llamafleet.common.contract import ENGINE_TYPE, ENGINE_TYPE_LABEL
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = Path(__file__).resolve().parents[2]
+    epp = yaml.safe_load((root / "examples/llm-d/endpoint-picker-config.yaml").read_text())
+    (extractor,) = [p for p in epp["plugins"] if p["type"] == "core-metrics-extractor"]
+    params = extractor["parameters"]
+    assert params["engineLabelKey"] == ENGINE_TYPE_LABEL
+    (engine,) = [e for e in params["engineConfigs"] if e["name"] == ENGINE_TYPE]
+    assert set(LLM_D_VLLM_DEFAULTS) <= set(engine)  # every default is mapped or turned off
+    specs = {k: metric_spec(v) for k, v in engine.items() if k.endswith("Spec") and v}
+    assert set(specs) == {"queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec"}
+
+    async def read(h: httpx.AsyncClient) -> dict[str, float]:
+        text = (await h.get(server.url + "/metrics")).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        out = {}
+        for key, (name, labels) in specs.items():
+            # The picker looks the family up by name and reads only gauges and counters
+            # (spec.go: extractFamily, extractValue).
+            family = families.get(name)
+            assert family is not None and family.type in ("gauge", "counter"), (key, name, family)
+            found = [s for s in family.samples if s.name == name
+                     and all(s.labels.get(k) == v for k, v in labels.items())]
+            assert len(found) == 1, f"{key} {name}{labels}: {len(found)} series on /metrics"
+            out[key] = found[0].value
+        return out
+
+    body = {"model": model, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 900, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=120) as h:
+        idle = await read(h)
+        assert idle == {"queuedRequestsSpec": 0, "runningRequestsSpec": 0, "kvUsageSpec": 0}
+
+        async def stream() -> None:
+            async with h.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+                async for _ in r.aiter_lines():
+                    pass
+
+        tasks = [asyncio.create_task(stream()) for _ in range(5)]
+        try:
+            busy = await wait_until(lambda: _loaded(read(h)), timeout=120)
+            assert busy["runningRequestsSpec"] == 4 and busy["queuedRequestsSpec"] == 1
+            assert 0 < busy["kvUsageSpec"] <= 1
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await wait_until(lambda: _idle(read(h)), timeout=60)
+
+
+async def _loaded(reading) -> dict[str, float] | None:
+    values = await reading
+    return values if values["runningRequestsSpec"] == 4 and values["queuedRequestsSpec"] == 1 else None
+
+
+async def _idle(reading) -> bool:
+    values = await reading
+    return values["runningRequestsSpec"] == 0 and values["queuedRequestsSpec"] == 0

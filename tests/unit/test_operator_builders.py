@@ -157,6 +157,21 @@ def test_deployment_is_valid_and_complete() -> None:
     assert dep["spec"]["selector"]["matchLabels"] == B.selector_labels("chat")
 
 
+def test_serve_pods_name_their_engine_for_llm_d_and_routers_do_not() -> None:
+    # llm-d's endpoint picker picks the metric mapping by this label (README, examples/llm-d/).
+    s = spec()
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    assert dep["spec"]["template"]["metadata"]["labels"]["llm-d.ai/engine-type"] == "llamafleet"
+    assert "llm-d.ai/engine-type" not in dep["spec"]["selector"]["matchLabels"]  # immutable
+    router = B.build_router_deployment(NAMES, spec(replicas=2, routing={"router": {"enabled": True}}),
+                                       "img:1")
+    assert "llm-d.ai/engine-type" not in router["spec"]["template"]["metadata"]["labels"]
+    engine = yaml.safe_load((ROOT / "examples/llm-d/endpoint-picker-config.yaml").read_text())
+    names = {e["name"] for p in engine["plugins"] if p["type"] == "core-metrics-extractor"
+             for e in p["parameters"]["engineConfigs"]}
+    assert "llamafleet" in names
+
+
 def test_grace_period_outlasts_the_pods_drain() -> None:
     """Scale-down must never kill a pod that is still draining its streams (issue #16)."""
     s = spec()
