@@ -17,6 +17,22 @@ from pathlib import Path
 import pytest
 
 
+def exchange(port: int, *parts: bytes, read_timeout: float = 10) -> bytes:
+    """Sends ``parts`` on one new loopback connection, then reads until the server closes it
+    (a reset counts as closed: a server that stops reading early may reset) or says nothing
+    for ``read_timeout``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        out = b""
+        try:
+            for part in parts:
+                s.sendall(part)
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+            pass
+        return out
+
+
 def wait_until(cond, timeout: float = 30.0):
     """Poll a condition that another thread makes true, with a deadline (no fixed sleeps);
     return its first truthy value. When ``cond()`` returns an awaitable, await this."""

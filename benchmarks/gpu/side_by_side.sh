@@ -20,6 +20,7 @@
 #                MODEL_ARGS="--dim 2048 --layers 16 --ff 5632"  THREADS=8  RESULTS=<dir>
 #                CUDA=0 (a CPU dry run of the whole script)  PYTHON=python3  WHEELS=1 (install .whl)
 #                SELF_TEST_LEVELS=16,64,128  GRAPHS_LEVEL=64
+#                SKIP=self-test,step-profile,graphs (parts left out when device time is short)
 #
 # Writes to $RESULTS (default benchmarks/results/gpu-<card>/), at most 8 files:
 #   side-by-side.json  the bench record (llamafleet = target, llama-server = compare)
@@ -61,6 +62,7 @@ cleanup() {
 }
 trap cleanup EXIT
 say() { echo "[$(date +%T)] $*"; }
+skip() { [[ ",${SKIP:-}," == *",$1,"* ]]; }
 
 build() {
   if [ "$CUDA" = 1 ]; then
@@ -156,10 +158,12 @@ bench() {
       sed "s/^{/{\"kv_unified\": $([ $kvu = kv-unified ] && echo true || echo false), /" >> "$RESULTS/batched-bench.jsonl"
   done
 
+  if ! skip self-test; then
   say "client ceiling: bench --self-test"
   "$PY" -m llamafleet.inference.cli bench --self-test --concurrent "${SELF_TEST_LEVELS:-16,64,128}" \
     --max-tokens "$MAX_TOKENS" --json "$RESULTS/self-test.json" 2>"$LOGS/self-test.err" | tee "$LOGS/self-test.txt" ||
     say "self-test reported failures (see self-test.json)"
+  fi
 
   say "servers: llamafleet on 18000, llama-server -np $max_level on 18080"
   serve_llamafleet 18000
@@ -181,6 +185,7 @@ bench() {
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   PIDS=()
 
+  if ! skip step-profile; then
   say "llamafleet step profile"
   serve_llamafleet 18001 --step-profile
   "$PY" benchmarks/step_profile.py --url http://127.0.0.1:18001 --concurrent "$LEVELS" \
@@ -190,8 +195,10 @@ bench() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   PIDS=()
+  fi
 
   # What CUDA graphs buy llamafleet's steps (a batch that changes shape may rebuild them).
+  if ! skip graphs; then
   say "llamafleet at c$GRAPHS_LEVEL with GGML_CUDA_DISABLE_GRAPHS=1"
   GGML_CUDA_DISABLE_GRAPHS=1 serve_llamafleet 18002
   "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18002 --concurrent 1 --requests 1 \
@@ -199,6 +206,7 @@ bench() {
   "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18002 --concurrent "$GRAPHS_LEVEL" \
     --max-tokens "$MAX_TOKENS" --json "$RESULTS/cuda-graphs-off.json" 2>"$LOGS/cuda-graphs-off.err" |
     tee "$LOGS/cuda-graphs-off.txt" || say "graphs off: some requests failed"
+  fi
 
   "$PY" benchmarks/gpu/summarise.py "$RESULTS" | tee "$LOGS/summary.txt"
 }

@@ -3,7 +3,6 @@ item 3): a real `llamafleet serve` (embedded model) on loopback, with short dead
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..conftest import RunningServer, start_server
+from ..conftest import RunningServer, exchange, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -24,21 +23,6 @@ def pod(model_path: Path) -> Iterator[RunningServer]:
     srv = start_server(model_path=model_path, header_timeout_s=1.0, body_timeout_s=1.0)
     yield srv
     srv.stop()
-
-
-def exchange(port: int, parts: list[bytes], read_timeout: float = 10) -> bytes:
-    """Sends ``parts`` on one connection, then reads until the server closes it (a reset
-    counts as closed: a server that stops reading early may reset)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
-        out = b""
-        try:
-            for part in parts:
-                s.sendall(part)
-            while chunk := s.recv(65536):
-                out += chunk
-        except (TimeoutError, ConnectionResetError, BrokenPipeError):
-            pass
-        return out
 
 
 def rss_mib() -> float:
@@ -55,7 +39,7 @@ def test_huge_headers_are_cut_at_the_head_limit_and_never_held(pod: RunningServe
 
     def one() -> None:
         head = b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: "
-        results.append(exchange(port, [head] + [b"a" * MiB] * 32 + [b"\r\n\r\n"]))
+        results.append(exchange(port, head, *[b"a" * MiB] * 32, b"\r\n\r\n"))
 
     threads = [threading.Thread(target=one) for _ in range(8)]  # eight 32 MiB headers
     for t in threads:
@@ -73,12 +57,12 @@ def test_huge_headers_are_cut_at_the_head_limit_and_never_held(pod: RunningServe
 def test_slow_heads_and_bodies_get_408_at_their_deadlines(pod: RunningServer) -> None:
     port = pod.settings.http_port
     t = time.monotonic()
-    out = exchange(port, [b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"])
+    out = exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
     assert out.startswith(b"HTTP/1.1 408"), out
     assert time.monotonic() - t < 4
     t = time.monotonic()
-    out = exchange(port, [b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
-                          b"application/json\r\ncontent-length: 100\r\n\r\n{"])
+    out = exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                         b"application/json\r\ncontent-length: 100\r\n\r\n{")
     assert b" 408 " in out.split(b"\r\n")[0] and b"request_timeout" in out, out
     assert time.monotonic() - t < 4
     # A request on time is served as before.

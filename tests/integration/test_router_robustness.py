@@ -23,7 +23,7 @@ import httpx
 import pytest
 from llamafleet.router.backends import replica_id
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import exchange, free_port, wait_until
 
 from .test_router import Router, start_router
 
@@ -106,21 +106,6 @@ class HealthWatch:
 
 def post(router: Router, body: dict | None = None, timeout: float = 30, **kw) -> httpx.Response:
     return httpx.post(f"{router.url}{CHAT}", json=body or BODY, timeout=timeout, **kw)
-
-
-def raw_exchange(port: int, data: bytes, read_timeout: float = 10) -> bytes:
-    """Sends ``data`` on a new connection and reads until the server closes it (a reset
-    included: a server that stops reading early may reset) or says nothing for
-    ``read_timeout``."""
-    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
-        out = b""
-        try:
-            s.sendall(data)
-            while chunk := s.recv(65536):
-                out += chunk
-        except (TimeoutError, ConnectionResetError, BrokenPipeError):
-            pass
-        return out
 
 
 # --- 1: a replica that accepts connections but never answers -----------------------------
@@ -218,7 +203,7 @@ def test_retries_go_to_other_replicas_and_stop_after_max_attempts() -> None:
 def test_an_oversized_head_or_too_many_headers_never_reach_a_replica() -> None:
     stub = Stub()
     with fleet([stub], "--header-timeout", "2") as router:
-        big = raw_exchange(router.port, b"POST " + CHAT.encode() + b" HTTP/1.1\r\nhost: x\r\n"
+        big = exchange(router.port, b"POST " + CHAT.encode() + b" HTTP/1.1\r\nhost: x\r\n"
                            b"x-big: " + b"a" * (8 * 1024 * 1024) + b"\r\ncontent-length: 2\r\n\r\n{}")
         assert big == b"" or big.startswith(b"HTTP/1.1 400"), big[:200]  # b"": reset
         many = {f"x-h{i}": "v" for i in range(10_000)}
@@ -236,12 +221,12 @@ def test_slow_clients_get_408_at_their_deadlines() -> None:
             HealthWatch(router) as watch:
         t = time.monotonic()
         # A head that never ends: the connection is closed after --header-timeout.
-        out = raw_exchange(router.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        out = exchange(router.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
         assert out.startswith(b"HTTP/1.1 408"), out
         assert time.monotonic() - t < 4
         # A body that never ends: 408 after --body-timeout.
         t = time.monotonic()
-        out = raw_exchange(router.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        out = exchange(router.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
                            b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{")
         assert b" 408 " in out.split(b"\r\n")[0] and b"request_timeout" in out, out
         assert time.monotonic() - t < 4
@@ -260,10 +245,10 @@ def test_refusals_come_before_the_body_is_read() -> None:
         # Queue full: 429 to a head that announces 1 MiB, with no byte of the body sent.
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1048576\r\n"
                 b"content-type: application/json\r\n\r\n")
-        out = raw_exchange(router.port, head, read_timeout=5)
+        out = exchange(router.port, head, read_timeout=5)
         assert out.startswith(b"HTTP/1.1 429") and b"queue_full" in out, out[:300]
         # Too large by its Content-Length: 413 at once.
-        out = raw_exchange(router.port, head.replace(b"1048576", b"2000000"), read_timeout=5)
+        out = exchange(router.port, head.replace(b"1048576", b"2000000"), read_timeout=5)
         assert out.startswith(b"HTTP/1.1 413") and b"request_too_large" in out, out[:300]
     finally:
         if t.ident is not None:
