@@ -235,7 +235,7 @@ DURATION = r"^([0-9]+(\.[0-9]+)?[dhms])+$"  # as the CRD: 90s, 5m, 1h30m, 7d
 
 
 class Scaling(_M):
-    """Autoscaling on load (llamafleet.operator.autoscaling). With it, spec.replicas belongs
+    """Autoscaling on load (llamafleet.operator.scaling_policy). With it, spec.replicas belongs
     to the autoscaler, which writes it through the scale subresource: leave it out."""
 
     mode: Literal["builtin", "hpa", "keda"] = "builtin"

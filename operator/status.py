@@ -112,3 +112,14 @@ def merge(previous: Iterable[dict], new: Iterable[Condition],
             old["lastTransitionTime"] = stamp
         old.update(fields)
     return out
+
+
+def model_label(spec: LLMServiceSpec) -> str:
+    """status.model: where the model comes from, in a few words."""
+    src = spec.model.source
+    if src.pvc:
+        return f"pvc:{src.pvc.claimName}/{src.pvc.path}"
+    if src.url:
+        return src.url.url.rsplit("/", 1)[-1]
+    assert src.embedded is not None
+    return f"embedded:{src.embedded.name}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from llamafleet.operator.autoscaling import Decision, PodLoad, Policy, Readings, State, decide
+from llamafleet.operator.scaling_policy import Decision, PodLoad, Policy, Readings, State, decide
 from llamafleet.operator.spec import Scaling, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,7 +275,7 @@ def test_policy_target_defaults_to_the_planned_batch() -> None:
     assert Policy.from_spec(s, default_target=8).target == 2
 
 
-# --- reading the pods (llamafleet.operator.autoscaler) ----------------------------------------
+# --- reading the pods (llamafleet.operator.scaling_loop) ----------------------------------------
 
 
 def _pod(name: str, ready: str = "True", ip: str | None = "10.0.0.5", ports=(("http", 16070),),
@@ -290,7 +290,7 @@ def _pod(name: str, ready: str = "True", ip: str | None = "10.0.0.5", ports=(("h
 
 
 def test_only_ready_pods_with_an_ip_are_read_on_their_named_port() -> None:
-    from llamafleet.operator.autoscaler import ready_targets
+    from llamafleet.operator.scaling_loop import ready_targets
 
     targets = ready_targets([
         _pod("a"), _pod("b", ready="False"), _pod("c", ip=None), _pod("d", deleting=True),
@@ -303,7 +303,7 @@ def test_only_ready_pods_with_an_ip_are_read_on_their_named_port() -> None:
 
 def test_prometheus_samples_are_summed_over_labels() -> None:
     from llamafleet.inference.metrics import Metrics
-    from llamafleet.operator.autoscaler import FINISHED, QUEUED, RUNNING, sums
+    from llamafleet.operator.scaling_loop import FINISHED, QUEUED, RUNNING, sums
     from prometheus_client import generate_latest
 
     m = Metrics()  # the pod's own series, so a renamed one fails here
@@ -316,7 +316,7 @@ def test_prometheus_samples_are_summed_over_labels() -> None:
 
 
 def test_router_hold_gauge_name_is_the_routers() -> None:
-    from llamafleet.operator.autoscaler import HELD, sums
+    from llamafleet.operator.scaling_loop import HELD, sums
     from llamafleet.router.metrics import RouterMetrics
     from prometheus_client import generate_latest
 
@@ -327,7 +327,7 @@ def test_router_hold_gauge_name_is_the_routers() -> None:
 
 async def test_a_pod_that_does_not_answer_is_a_missing_reading() -> None:
     import httpx
-    from llamafleet.operator.autoscaler import Target, read_held, read_pod
+    from llamafleet.operator.scaling_loop import Target, read_held, read_pod
 
     from tests.conftest import free_port
 
@@ -342,8 +342,8 @@ async def test_a_pod_that_does_not_answer_is_a_missing_reading() -> None:
 def test_pods_and_routers_are_listed_by_their_own_selectors() -> None:
     from types import SimpleNamespace
 
-    from llamafleet.operator import autoscaler
     from llamafleet.operator import builders as B
+    from llamafleet.operator import scaling_loop
 
     asked: list[str] = []
 
@@ -353,7 +353,7 @@ def test_pods_and_routers_are_listed_by_their_own_selectors() -> None:
 
     dyn = SimpleNamespace(resources=SimpleNamespace(get=lambda **_: SimpleNamespace(get=get)))
     names = B.Names("chat", "team-a")
-    autoscaler._list_pods(dyn, names, "inference")
-    autoscaler._list_pods(dyn, names, "router")
+    scaling_loop._list_pods(dyn, names, "inference")
+    scaling_loop._list_pods(dyn, names, "router")
     parse = [dict(t.split("=") for t in s.split(",")) for s in asked]
     assert parse == [B.pod_selector_labels("chat"), B.router_selector_labels("chat")]

@@ -358,7 +358,7 @@ def test_crd_rejects_empty_peers_and_bad_names() -> None:
 
 
 def test_drift_is_a_changed_or_missing_desired_field_not_a_server_default() -> None:
-    from llamafleet.operator.handlers import drifted
+    from llamafleet.operator.children import drifted
 
     s = spec()
     want = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")

@@ -1,5 +1,5 @@
 """The builtin autoscaler's I/O: read the pods' and routers' metrics, call the pure
-:func:`llamafleet.operator.autoscaling.decide`, write the scale subresource.
+:func:`llamafleet.operator.scaling_policy.decide`, write the scale subresource.
 
 The kopf timer that drives it lives in handlers.py (thin, like the others). Reads are
 best effort: a pod or router that does not answer in time is a missing reading, which the
@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import kopf
 from kubernetes.client import CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ApiException as DynApiException
 from kubernetes.dynamic.exceptions import NotFoundError
 from llamafleet.common.contract import API_GROUP as GROUP
 from llamafleet.common.contract import API_VERSION as VERSION
@@ -26,8 +29,9 @@ from llamafleet.common.contract import LLMSERVICE_PLURAL as PLURAL
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import builders as B
-from .autoscaling import Decision, PodLoad, Policy, Readings, State, decide
-from .spec import LLMServiceSpec
+from .scaling_policy import Decision, PodLoad, Policy, Readings, State, decide
+from .settings import OperatorSettings
+from .spec import LLMServiceSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +177,32 @@ async def autoscale(body: dict, spec: LLMServiceSpec, dyn: DynamicClient, timeou
     if decision.replicas != spec.replicas:
         await asyncio.to_thread(write_replicas, dyn, names, decision.replicas)
     return decision
+
+
+async def timer_round(body: dict, patch: kopf.Patch, logger: logging.Logger,
+                      dyn: DynamicClient, settings: OperatorSettings) -> None:
+    """The `autoscale` kopf timer's round: :func:`autoscale`, then status.autoscaling."""
+    try:
+        parsed = parse_spec(dict(body["spec"]))
+    except SpecError:
+        return  # reconcile reports it
+    if parsed.scaling is None:
+        return
+    before = (body.get("status") or {}).get("autoscaling") or {}
+    try:
+        decision = await autoscale(body, parsed, dyn, settings.autoscale_read_timeout)
+    except (ApiException, DynApiException) as e:
+        raise kopf.TemporaryError(f"autoscaler: Kubernetes API error {e.status} {e.reason}",
+                                  delay=settings.autoscale_interval) from e
+    status = decision.to_status()
+    # A merge patch keeps map keys it does not mention: pods gone are removed explicitly.
+    for pod in (before.get("requestCounts") or {}):
+        status["requestCounts"].setdefault(pod, None)
+    patch.status["autoscaling"] = status
+    if decision.replicas != parsed.replicas:
+        logger.info("autoscaler: replicas %s -> %s: %s", parsed.replicas, decision.replicas,
+                    decision.reason)
+    cold = decision.state.cold_start_seconds
+    if cold is not None and cold != before.get("coldStartSeconds"):
+        logger.info("autoscaler: cold start from zero took %.1fs (until the first pod was "
+                    "Ready)", cold)

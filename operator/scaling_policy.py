@@ -1,6 +1,6 @@
 """The builtin autoscaler as a pure function: load readings + previous state -> replicas.
 
-The operator's timer (llamafleet.operator.autoscaler) reads the world, calls :func:`decide`
+The operator's timer (llamafleet.operator.scaling_loop) reads the world, calls :func:`decide`
 and writes the result; nothing here talks to the API server or reads the clock.
 
 The load is the in-flight requests (running + queued) of the ready pods plus the requests
