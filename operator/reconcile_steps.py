@@ -8,18 +8,20 @@ sets when the API server refuses it. The order is the point, and each rule is a 
 1. ``spec.replicas`` is written through the scale subresource before anything else when
    spec.scaling is set and the object has none (the scale subresource reads an absent
    spec.replicas as 0).
-2. The Secrets (certificates, then the API key) before the workloads that mount them. An
-   API key Secret that the spec names but that does not exist stops the reconcile there
-   (Ready False APIKeyMissing).
+2. The Secrets (certificates, then the API key) before the workloads that mount them. A
+   user's API key Secret first replaces the generated one (deleted); one that does not
+   exist, or lacks its key, stops the reconcile there (Ready False APIKeyMissing).
 3. The NetworkPolicy before every workload: pods never run without it when it is wanted.
    Its failure holds the Deployment back (Ready False NetworkPolicyFailed).
-4. The router's ServiceAccount, Role and RoleBinding before its Deployment, and the router
-   before the pods' Services and Deployment: its RBAC exists before the pods that use it.
+4. The router's ServiceAccount, Role and RoleBinding before its Deployment, so that its
+   RBAC exists before the pods that use it; the router ahead of the Services (Service
+   ``<name>`` may select its pods) and of the serve pods' Deployment.
 5. Service ``<name>`` is (re)pointed before the router's objects are deleted, which go in
    reverse order of creation (Deployment first): turning the router off never leaves the
    Service selecting pods that are going away.
 6. Service ``<name>`` moves to the router only once a router pod is Ready, and stays there
-   while the router Deployment exists (:func:`routing`).
+   while the router Deployment exists (:func:`routing`). The NetworkPolicy closes the
+   pods' HTTP port to clients one reconcile later, once the Service was read routed.
 7. The InferencePool after the pods' Service and Deployment, then the
    HorizontalPodAutoscaler and ScaledObject last, after the workloads they scale.
 8. A child the spec turns off is deleted at the place where it would be written, and only
@@ -161,14 +163,15 @@ class Delete:
     on_failure: OnFailure
 
 
-# The actions whose objects depend on what is read or on chance (keys, certificates).
 WRITE_REPLICAS, CERTIFICATES, API_KEY = "replicas", "certificates", "api key"
 Action = Literal["replicas", "certificates", "api key"]
+ACTIONS: tuple[Action, ...] = (WRITE_REPLICAS, CERTIFICATES, API_KEY)
 
 
 @dataclass(frozen=True)
 class Ensure:
-    """An action the reconcile carries out itself (llamafleet.operator.reconcile.ACTIONS)."""
+    """An action that llamafleet.operator.reconcile carries out itself: what it writes
+    depends on what was read, the clock or chance (new keys and certificates)."""
 
     action: Action
     on_failure: OnFailure
