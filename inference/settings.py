@@ -18,6 +18,7 @@ from llamafleet.common.contract import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
+    PodMetric,
     env_name,
 )
 from llamafleet.common.http_limits import Limits
@@ -183,7 +184,7 @@ class Settings(BaseSettings):
         description="Time each engine step by part (batch fill, llama_decode + device sync, "
         "sampling, token text, event delivery, admission, other Python) and the CPU time of "
         "the event loop and engine threads; shown in /info as step_profile and as "
-        "llamafleet_engine_step_seconds_total. Off: nothing is timed. The device sync makes "
+        f"{PodMetric.ENGINE_STEP_SECONDS}. Off: nothing is timed. The device sync makes "
         "a GPU step no longer overlap the next step's Python.",
     )
     # --- network ------------------------------------------------------------------------
