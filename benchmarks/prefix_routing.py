@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 from compare import VENV_BIN, free_port, running
+from llamafleet.common.contract import RouterMetric
 from llamafleet.inference import bench
 from llamafleet.inference.embedded import EMBEDDED, GEMMA, embedded_model_path
 
@@ -162,7 +163,7 @@ def main() -> int:
     ratios = {k: round(rt[k] / rr[k], 3) if rr[k] and rt[k] is not None else None
               for k in ("ttft_p50_s", "ttft_p90_s")}
     hits = [line for line in router_metrics.splitlines()
-            if line.startswith("llamafleet_router_affinity_total")]
+            if line.startswith(RouterMetric.AFFINITY)]
     record = {"benchmark": "prefix_routing", **bench.environment(), "model": a.model,
               "settings": {k: v for k, v in vars(a).items() if k != "out"},
               "prompt_tokens_per_request": usage["prompt_tokens"], "results": results,

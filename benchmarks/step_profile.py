@@ -26,13 +26,14 @@ import time
 from pathlib import Path
 
 import httpx
+from llamafleet.common.contract import HTTP_PORT, env_name
 from llamafleet.inference import bench
 
 
 def _profile(url: str) -> dict:
     info = httpx.get(f"{url}/info", timeout=30).json()
     if "step_profile" not in info:
-        raise SystemExit(f"{url} runs without --step-profile (LLM_LLAMA_SERVICE_STEP_PROFILE)")
+        raise SystemExit(f"{url} runs without --step-profile ({env_name('step_profile')})")
     return info["step_profile"]
 
 
@@ -90,7 +91,7 @@ def profiled(url: str, c: int, load) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:16070")
+    p.add_argument("--url", default=f"http://127.0.0.1:{HTTP_PORT}")
     p.add_argument("--concurrent", default="1,4")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=0, help="per level (default: bench's)")

@@ -77,3 +77,90 @@ ROUTER_RBAC_RULES: tuple[dict[str, tuple[str, ...]], ...] = (
     {"apiGroups": (API_GROUP,), "resources": (f"{LLMSERVICE_PLURAL}/scale",),
      "verbs": ("get", "patch", "update")},
 )
+
+
+# --- Metrics ----------------------------------------------------------------------------------
+# Every Prometheus series that crosses a boundary, by name. The pod defines its series
+# (llamafleet.inference.metrics) and the router its own (llamafleet.router.metrics); the
+# router reads the pod's load (router.backends), the operator's autoscaler reads the pod's and
+# the router's (operator.autoscaler), the HPA and KEDA manifests name them
+# (operator.builders), and so do docs/, the chart and users' dashboards: never rename one.
+
+
+class PodMetric:
+    """The series of ``llamafleet serve`` (its /metrics)."""
+
+    REQUESTS = "llamafleet_requests_total"  # labels: api, outcome, finish_reason
+    PROMPT_TOKENS = "llamafleet_prompt_tokens_total"
+    COMPLETION_TOKENS = "llamafleet_completion_tokens_total"
+    TIME_TO_FIRST_TOKEN = "llamafleet_time_to_first_token_seconds"
+    INTER_TOKEN_LATENCY = "llamafleet_inter_token_latency_seconds"
+    REQUEST_DURATION = "llamafleet_request_duration_seconds"
+    QUEUE_WAIT = "llamafleet_queue_wait_seconds"
+    BATCH_OCCUPANCY = "llamafleet_batch_occupancy"
+    ENGINE_STEPS = "llamafleet_engine_steps_total"
+    ENGINE_STEP_SECONDS = "llamafleet_engine_step_seconds_total"  # label: part
+    # The load gauges: the router and the autoscaler read them; the Gateway API Inference
+    # Extension's model-server protocol reads RUNNING, QUEUE_DEPTH and KV_CACHE_UTILIZATION.
+    RUNNING = "llamafleet_running_sequences"
+    QUEUE_DEPTH = "llamafleet_queue_depth"
+    KV_CACHE_CELLS_USED = "llamafleet_kv_cache_cells_used"
+    KV_CACHE_CELLS_TOTAL = "llamafleet_kv_cache_cells_total"
+    KV_CACHE_UTILIZATION = "llamafleet_kv_cache_utilization"
+    MAX_BATCH_SIZE = "llamafleet_max_batch_size"
+    MODEL = "llamafleet_model"  # an Info: exposed as llamafleet_model_info
+
+
+class RouterMetric:
+    """The series of ``llamafleet router`` (its /router/metrics)."""
+
+    REQUESTS = "llamafleet_router_requests_total"  # labels: backend, outcome
+    REFUSED = "llamafleet_router_refused_total"  # label: reason
+    AFFINITY = "llamafleet_router_affinity_total"  # label: result
+    HOLD_QUEUE_DEPTH = "llamafleet_router_hold_queue_depth"
+    IN_FLIGHT = "llamafleet_router_in_flight"  # label: backend
+    BACKENDS_READY = "llamafleet_router_backends_ready"
+    TIME_TO_FIRST_TOKEN = "llamafleet_router_time_to_first_token_seconds"
+    SCALE_UPS = "llamafleet_router_scale_ups_total"  # label: outcome
+    COLD_START = "llamafleet_router_cold_start_seconds"
+
+
+class MetricLabel:
+    """The label names of those series (dashboards and docs group by them)."""
+
+    API, OUTCOME, FINISH_REASON, PART = "api", "outcome", "finish_reason", "part"
+    BACKEND, REASON, RESULT = "backend", "reason", "result"
+
+
+# The pods metric an HPA reads (RUNNING + QUEUE_DEPTH per pod): a Prometheus adapter rule
+# makes it (docs/autoscaling.md); the operator's HPA names it.
+INFLIGHT_METRIC = "llamafleet_inflight"
+# The label that the chart's PodMonitor copies from app.kubernetes.io/instance onto every
+# series (the LLMService's name); the operator's KEDA query selects by it.
+INSTANCE_METRIC_LABEL = "app_kubernetes_io_instance"
+
+
+def metric_names() -> frozenset[str]:
+    """Every series name above (the test that no other module writes one reads it)."""
+    return frozenset(v for group in (PodMetric, RouterMetric) for k, v in vars(group).items()
+                     if k.isupper()) | {INFLIGHT_METRIC}
+
+
+# --- Fingerprint ------------------------------------------------------------------------------
+# system_fingerprint in every OpenAI answer: which build answered (fp_llamafleet_0_1_0).
+SYSTEM_FINGERPRINT = "fp_llamafleet_" + VERSION.replace(".", "_")
+
+
+# --- Environment ------------------------------------------------------------------------------
+# A setting's full variable name, for messages that tell the user which one to set (env_name
+# above for the pod's settings). Write these, never the full name as a literal.
+
+
+def router_env_name(setting: str) -> str:
+    """``max_attempts`` -> LLM_LLAMA_SERVICE_ROUTER_MAX_ATTEMPTS (llamafleet.router.settings)."""
+    return ROUTER_ENV_PREFIX + setting.upper()
+
+
+def operator_env_name(setting: str) -> str:
+    """``resync_seconds`` -> LLAMAFLEET_OPERATOR_RESYNC_SECONDS (llamafleet.operator.settings)."""
+    return OPERATOR_ENV_PREFIX + setting.upper()

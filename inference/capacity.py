@@ -1,5 +1,6 @@
-"""The pod's side of capacity planning: probe the GPUs (NVML) or the memory limit, then
-plan with :func:`llamafleet.common.capacity.plan`, the function the operator uses too."""
+"""The pod's side of capacity planning: measure its memory at start-up (the GPUs through
+NVML, or the RAM limit) as a :class:`~llamafleet.common.capacity.MemoryBudget`, and fit the
+model into it with :func:`llamafleet.common.capacity.fit`, the function the operator uses too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from llamafleet.common.capacity import CapacityError, KVShape, MiB, Plan, plan
+from llamafleet.common.capacity import CapacityError, KVShape, MemoryBudget, MiB, ModelFootprint, Plan, fit
+from llamafleet.common.contract import env_name
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,17 @@ class NVML(Protocol):
 
 @dataclass(frozen=True)
 class GPUInfo:
+    """The visible GPUs as NVML measures them. The memory figures are those of the card with
+    the least free memory (llama.cpp splits the layers evenly), in bytes."""
+
     count: int
-    memory_bytes: int  # smallest free memory among the visible devices (before the load)
+    total_bytes: int  # that card's memory
+    in_use_bytes: int  # of it, taken when measured (before the load: by others)
     name: str
+
+    @property
+    def free_bytes(self) -> int:
+        return self.total_bytes - self.in_use_bytes
 
 
 def probe_gpus(nvml: NVML | None = None, visible: str | None = None) -> GPUInfo | None:
@@ -59,10 +69,11 @@ def probe_gpus(nvml: NVML | None = None, visible: str | None = None) -> GPUInfo 
         if not indices:
             return None
         handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
-        free = min(int(nvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles)
+        fullest = min((nvml.nvmlDeviceGetMemoryInfo(h) for h in handles), key=lambda m: int(m.free))
+        total = int(fullest.total)
         name = nvml.nvmlDeviceGetName(handles[0])
         name = name.decode() if isinstance(name, bytes) else str(name)
-        return GPUInfo(len(handles), free, name)
+        return GPUInfo(len(handles), total, total - int(fullest.free), name)
     finally:
         try:
             nvml.nvmlShutdown()
@@ -98,7 +109,7 @@ def probe_for_pod(settings: Any, nvml: NVML | None = None, gpu_offload: bool | N
                   ) -> GPUInfo | None:
     """The GPUs the pod plans from, or None to plan from RAM.
 
-    Call it **before the model is loaded**: :func:`plan` subtracts the weights from the
+    Call it **before the model is loaded**: :func:`fit` subtracts the weights from the
     memory it is given, as the operator does from the card's memory. NVML's free memory
     measured after the load already lacks them, and a pod that planned from it subtracted
     them twice and refused a model the operator had planned for it (a 7B Q4 on a 6 GB card).
@@ -115,28 +126,39 @@ def probe_for_pod(settings: Any, nvml: NVML | None = None, gpu_offload: bool | N
     return probe_gpus(nvml) if gpu_offload else None
 
 
+def pod_budget(settings: Any, gpus: GPUInfo | None, system_memory: int | None = None
+               ) -> MemoryBudget:
+    """The memory the pod plans in, as measured: ``gpus`` (:func:`probe_for_pod`, before the
+    load) or, when None, the RAM (``system_memory``, else :func:`system_memory_bytes`); the
+    reserve and the usable share from the settings."""
+    kept = dict(reserve_bytes=settings.memory_reserve_mib * MiB,
+                usable_fraction=settings.memory_usable_fraction)
+    if gpus is not None:
+        return MemoryBudget("gpu", gpus.total_bytes, gpus.count, gpus.in_use_bytes, **kept)
+    mem = system_memory if system_memory is not None else system_memory_bytes()
+    return MemoryBudget("cpu", mem, **kept)
+
+
+def pod_model(settings: Any, shape: Any) -> ModelFootprint:
+    """The loaded model's footprint: ``shape`` (GGUF metadata and the file's size) at the
+    settings' context, KV cache type and GPU layers."""
+    kv = KVShape.of(shape)
+    if getattr(settings, "swa_full", False):  # sliding-window layers keep every position
+        kv = replace(kv, sliding_window=None, swa_pattern=None)
+    return ModelFootprint(shape.size_bytes, kv, settings.context_size, settings.kv_cache_type,
+                          settings.gpu_layers)
+
+
 def plan_for_pod(settings: Any, shape: Any, gpus: GPUInfo | None,
                  system_memory: int | None = None) -> Plan:
     """Plan from ``gpus`` (:func:`probe_for_pod`, before the load) or, when None, from RAM;
     raise CapacityError when not even one sequence fits."""
-    kv = KVShape.of(shape)
-    if getattr(settings, "swa_full", False):  # sliding-window layers keep every position
-        kv = replace(kv, sliding_window=None, swa_pattern=None)
-    common = dict(weights_bytes=shape.size_bytes, kv=kv, context=settings.context_size,
-                  cap=settings.max_batch_size, kv_type=settings.kv_cache_type,
-                  reserve_bytes=settings.memory_reserve_mib * MiB,
-                  usable_fraction=settings.memory_usable_fraction)
+    result = fit(pod_budget(settings, gpus, system_memory), pod_model(settings, shape),
+                 settings.max_batch_size)
     if gpus is not None:
-        layers = shape.n_layer if settings.gpu_layers < 0 else min(settings.gpu_layers, shape.n_layer)
-        result = plan(memory_bytes=gpus.memory_bytes, device_count=gpus.count,
-                      offload_fraction=layers / max(shape.n_layer, 1), mode="gpu", **common)
-        result = Plan(result.max_batch_size, f"{gpus.name}: {result.reason}", result.mode,
-                      result.memory_mib, result.per_sequence_mib)
-    else:
-        mem = system_memory if system_memory is not None else system_memory_bytes()
-        result = plan(memory_bytes=mem, device_count=1, mode="cpu", **common)
+        result = replace(result, reason=f"{gpus.name}: {result.reason}")
     if result.max_batch_size < 1:
         raise CapacityError(
-            f"the model does not fit: {result.reason}. Lower LLM_LLAMA_SERVICE_CONTEXT_SIZE, "
+            f"the model does not fit: {result.reason}. Lower {env_name('context_size')}, "
             "use a smaller model or quantisation, or give the pod more memory.")
     return result

@@ -8,6 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
+from llamafleet.common.contract import ENV_PREFIX, ROUTER_ENV_PREFIX
 from pydantic import ValidationError
 
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve a GGUF model (OpenAI HTTP, gRPC, metrics, studio)",
-                       description="Every flag also reads LLM_LLAMA_SERVICE_<NAME>; flags win.")
+                       description=f"Every flag also reads {ENV_PREFIX}<NAME>; flags win.")
     add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible server")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from llamafleet.router.settings import RouterSettings
 
     r = sub.add_parser("router", help="route OpenAI requests over replicas by prefix and load",
-                       description="Every flag also reads LLM_LLAMA_SERVICE_ROUTER_<NAME>; flags win.")
+                       description=f"Every flag also reads {ROUTER_ENV_PREFIX}<NAME>; flags win.")
     add_settings_flags(r, RouterSettings)
     r.set_defaults(func=cmd_router)
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 from llama_cpp import _internals
 from llama_cpp import llama_cpp as C
+from llamafleet.common.contract import env_name
 from llamafleet.common.errors import BadRequest, InternalError, ModelError
 
 MAX_SEQS = 16  # inputs held in the KV cache together (llama_context's n_seq_max)
@@ -61,7 +62,7 @@ class Embedder:
         kind = pooling_type(pooling, model.meta)
         if kind not in _SUPPORTED:
             raise ModelError(f"the model's pooling type {kind} is not supported for "
-                             "/v1/embeddings; set LLM_LLAMA_SERVICE_EMBEDDINGS_POOLING")
+                             f"/v1/embeddings; set {env_name('embeddings_pooling')}")
         self.pooling = _SUPPORTED[kind]
         batch = min(EMBED_BATCH, context_size)
         params = C.llama_context_default_params()
@@ -95,7 +96,7 @@ class Embedder:
                 raise BadRequest(f"input[{i}] is empty", param="input")
             if len(toks) > self.n_ctx:
                 raise BadRequest(f"input[{i}] has {len(toks)} tokens; the limit is {self.n_ctx} "
-                                 "(LLM_LLAMA_SERVICE_EMBEDDINGS_CONTEXT_SIZE)", param="input")
+                                 f"({env_name('embeddings_context_size')})", param="input")
 
     def embed(self, inputs: Sequence[Sequence[int]],
               cancelled: threading.Event | None = None) -> list[np.ndarray]:

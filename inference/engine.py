@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llamafleet.common.errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
+from llamafleet.common.sampling import DEFAULTS
 
 from .prompt_cache import PromptCache, shared_prefix
 from .slot_cache import SlotCache
@@ -41,15 +42,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int = 256
+    """One sequence's sampling, resolved. Callers fill every value (serving.Serving.sampling:
+    the request's, else the pod's DEFAULT_* settings, else DEFAULTS); a value left out here
+    takes the one model's default too (llamafleet.common.sampling.DEFAULTS)."""
+
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
+    min_p: float = DEFAULTS.min_p
+    repeat_penalty: float = DEFAULTS.repeat_penalty
+    presence_penalty: float = DEFAULTS.presence_penalty
+    frequency_penalty: float = DEFAULTS.frequency_penalty
+    seed: int | None = DEFAULTS.seed
+    max_tokens: int = DEFAULTS.max_tokens
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF, e.g. for response_format json_object
     ignore_eos: bool = False

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from llamafleet.common.contract import env_name
 from llamafleet.common.errors import BadRequest, LlamafleetError, mapping_for
 from llamafleet.common.logs import request_id_from_headers
 from llamafleet.common.sampling import SamplingParameters
@@ -162,8 +163,8 @@ async def start_grpc(settings: Settings, serving: Serving, port: int | None = No
         log.info("gRPC on %s:%d with mutual TLS", settings.host, bound)
     else:
         bound = server.add_insecure_port(f"127.0.0.1:{port}")
-        log.warning("gRPC on 127.0.0.1:%d WITHOUT TLS (loopback only): set "
-                    "LLM_LLAMA_SERVICE_GRPC_CA_PATH, _CERT_PATH and _KEY_PATH for mTLS", bound)
+        log.warning("gRPC on 127.0.0.1:%d WITHOUT TLS (loopback only): set %s, _CERT_PATH and "
+                    "_KEY_PATH for mTLS", bound, env_name("grpc_ca_path"))
     server.bound_port = bound  # type: ignore[attr-defined]
     await server.start()
     for name in ("", SERVICE):

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from llamafleet.common import protocol as P
-from llamafleet.common.contract import VERSION
+from llamafleet.common.contract import VERSION, env_name
 from llamafleet.common.errors import (
     BadRequest,
     InternalError,
@@ -531,7 +531,7 @@ class BodyLimit:
 
     async def _refuse(self, scope, receive, send) -> None:
         err = RequestTooLarge(f"The request body is larger than {self.limit} bytes "
-                              "(LLM_LLAMA_SERVICE_MAX_REQUEST_BYTES).")
+                              f"({env_name('max_request_bytes')}).")
         response = error_response(err)
         response.headers["Connection"] = "close"  # do not read (and discard) the rest
         await response(scope, receive, send)

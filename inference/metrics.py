@@ -1,4 +1,4 @@
-"""Every Prometheus series of the pod, defined once (prefix ``llamafleet_``)."""
+"""Every Prometheus series of the pod, defined once (their names: ``contract.PodMetric``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from llamafleet.common.contract import MetricLabel as L
+from llamafleet.common.contract import PodMetric as M
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
@@ -63,51 +65,51 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "llamafleet_requests_total", "Finished requests.", ["api", "outcome", "finish_reason"],
+            M.REQUESTS, "Finished requests.", [L.API, L.OUTCOME, L.FINISH_REASON],
             registry=r)
         self.prompt_tokens = Counter(
-            "llamafleet_prompt_tokens_total", "Prompt tokens processed.", registry=r)
+            M.PROMPT_TOKENS, "Prompt tokens processed.", registry=r)
         self.completion_tokens = Counter(
-            "llamafleet_completion_tokens_total", "Tokens generated.", registry=r)
+            M.COMPLETION_TOKENS, "Tokens generated.", registry=r)
         self.ttft = StepHistogram(
-            "llamafleet_time_to_first_token_seconds", "Submit to first token.",
+            M.TIME_TO_FIRST_TOKEN, "Submit to first token.",
             LATENCY_BUCKETS, r)
         self.itl = StepHistogram(
-            "llamafleet_inter_token_latency_seconds", "Gap between tokens of one sequence.",
+            M.INTER_TOKEN_LATENCY, "Gap between tokens of one sequence.",
             TOKEN_GAP_BUCKETS, r)
         self.e2e = Histogram(
-            "llamafleet_request_duration_seconds", "Submit to last token.",
+            M.REQUEST_DURATION, "Submit to last token.",
             buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram(
-            "llamafleet_queue_wait_seconds", "Time waiting for a free sequence.",
+            M.QUEUE_WAIT, "Time waiting for a free sequence.",
             buckets=LATENCY_BUCKETS, registry=r)
         self.batch_occupancy = Histogram(
-            "llamafleet_batch_occupancy", "Sequences decoded together in one step.",
+            M.BATCH_OCCUPANCY, "Sequences decoded together in one step.",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256), registry=r)
-        self.steps = Counter("llamafleet_engine_steps_total", "llama_decode calls.", registry=r)
+        self.steps = Counter(M.ENGINE_STEPS, "llama_decode calls.", registry=r)
         # The load gauges (running, queued, KV cells used, utilisation) are read from the
         # engine when scraped (follow()), not set by steps: an idle engine takes no step, and
         # routers and autoscalers must then read 0, not the last busy step's values.
-        self.running = Gauge("llamafleet_running_sequences", "Sequences in the batch.", registry=r)
-        self.queued = Gauge("llamafleet_queue_depth", "Requests waiting.", registry=r)
+        self.running = Gauge(M.RUNNING, "Sequences in the batch.", registry=r)
+        self.queued = Gauge(M.QUEUE_DEPTH, "Requests waiting.", registry=r)
         self.kv_used = Gauge(
-            "llamafleet_kv_cache_cells_used", "KV cells holding the tokens of running sequences "
+            M.KV_CACHE_CELLS_USED, "KV cells holding the tokens of running sequences "
             "(prefixes kept in free slots for reuse are not counted: any request takes them).",
             registry=r)
-        self.kv_total = Gauge("llamafleet_kv_cache_cells_total", "KV cells in the context.", registry=r)
+        self.kv_total = Gauge(M.KV_CACHE_CELLS_TOTAL, "KV cells in the context.", registry=r)
         # The Gateway API Inference Extension's model-server protocol reads waiting
         # (llamafleet_queue_depth), running (llamafleet_running_sequences) and this.
         self.kv_utilization = Gauge(
-            "llamafleet_kv_cache_utilization",
+            M.KV_CACHE_UTILIZATION,
             "KV cells holding running sequences' tokens over the cells planned for the "
             "context (0..1).", registry=r)
-        self.max_batch = Gauge("llamafleet_max_batch_size", "Sequences that may run at once.",
+        self.max_batch = Gauge(M.MAX_BATCH_SIZE, "Sequences that may run at once.",
                                registry=r)
-        self.model = Info("llamafleet_model", "The served model.", registry=r)
+        self.model = Info(M.MODEL, "The served model.", registry=r)
         self.step_part_seconds = Counter(
-            "llamafleet_engine_step_seconds_total",
+            M.ENGINE_STEP_SECONDS,
             "Engine thread time by part of a step (only with STEP_PROFILE on): batch, decode, "
-            "sample, text, deliver, admit, other.", ["part"], registry=r)
+            "sample, text, deliver, admit, other.", [L.PART], registry=r)
 
 
     def follow(self, engine: Any, kv_total: int) -> None:

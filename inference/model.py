@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llamafleet.common.contract import env_name
 from llamafleet.common.errors import BadRequest, ModelError
 
 from .embedded import DEFAULT_EMBEDDED, embedded_model_path
@@ -35,7 +36,7 @@ def resolve_model_path(path: Path | None, embedded: str = DEFAULT_EMBEDDED,
     if path is None:
         return embedded_model_path(embedded, embedded_dir)
     if not path.is_file():
-        raise ModelError(f"model file not found: {path} (set LLM_LLAMA_SERVICE_MODEL_PATH)")
+        raise ModelError(f"model file not found: {path} (set {env_name('model_path')})")
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ModelError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")

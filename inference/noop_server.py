@@ -24,6 +24,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from llamafleet.common.contract import SYSTEM_FINGERPRINT  # standard library only
+
 MODEL_ID = "noop"
 _HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
          b"cache-control: no-cache\r\n\r\n")
@@ -40,7 +42,7 @@ def _event(obj: dict) -> bytes:
 def _frame(delta: dict, finish: str | None) -> dict:
     """A chunk the size and shape of llamafleet's own (the client parses the same bytes)."""
     return {"id": "chatcmpl-0123456789abcdef01234567", "object": "chat.completion.chunk",
-            "created": 1764000000, "model": MODEL_ID, "system_fingerprint": "fp_llamafleet_0_1_0",
+            "created": 1764000000, "model": MODEL_ID, "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamafleet.common.capacity import Plan
+from llamafleet.common.contract import SYSTEM_FINGERPRINT, env_name
 from llamafleet.common.errors import (
     BadRequest,
     ContextTooLong,
@@ -163,7 +164,7 @@ class Serving:
         self.plan = plan
         self.model_id = settings.model_name or model.path.name.removesuffix(".gguf")
         self.created = int(time.time())
-        self.fingerprint = "fp_llamafleet_0_1_0"
+        self.fingerprint = SYSTEM_FINGERPRINT
         self._bridges: dict[asyncio.AbstractEventLoop, LoopBridge] = {}
         # Schema -> grammar conversion runs here, never on the event loop; two workers so
         # one slow schema cannot hold up every other json_schema request.
@@ -255,7 +256,7 @@ class Serving:
         the work before its next llama_decode, and so does :meth:`cancel_embeddings`."""
         if self.embedder is None:
             raise NotFound("Embeddings are turned off on this server "
-                           "(LLM_LLAMA_SERVICE_EMBEDDINGS=false).")
+                           f"({env_name('embeddings')}=false).")
         if self.draining:
             raise NotReady("The server is shutting down; retry on another replica.")
         # Tokenising 2048 long inputs takes a while: off the event loop (and off the
@@ -264,7 +265,7 @@ class Serving:
         limit = self.settings.embeddings_queue_size
         if len(self._embed_jobs) >= limit:
             raise Overloaded(f"The server is overloaded: {limit} embeddings requests are "
-                             "already waiting or running (LLM_LLAMA_SERVICE_EMBEDDINGS_QUEUE_SIZE). "
+                             f"already waiting or running ({env_name('embeddings_queue_size')}). "
                              "Retry shortly.")
         from .embeddings import Cancelled
 

@@ -11,7 +11,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from llamafleet.common.contract import DRAIN_TIMEOUT_S, ENV_PREFIX, GRPC_PORT, HTTP_PORT, METRICS_PORT
+from llamafleet.common.capacity import DEFAULT_RESERVE_BYTES, DEFAULT_USABLE_FRACTION, MiB
+from llamafleet.common.contract import (
+    DRAIN_TIMEOUT_S,
+    ENV_PREFIX,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    PodMetric,
+    env_name,
+)
 from llamafleet.common.http_limits import Limits
 from llamafleet.common.sampling import (
     DEFAULTS,
@@ -164,17 +173,18 @@ class Settings(BaseSettings):
         "pod is restarted. Keep it above the slowest prefill step of the model.",
     )
     memory_reserve_mib: int = Field(
-        768, ge=0, description="MiB kept free for compute buffers and the runtime when planning capacity."
+        DEFAULT_RESERVE_BYTES // MiB, ge=0,
+        description="MiB kept free for compute buffers and the runtime when planning capacity."
     )
     memory_usable_fraction: float = Field(
-        0.95, gt=0, le=1, description="Share of the device memory the planner may use."
+        DEFAULT_USABLE_FRACTION, gt=0, le=1, description="Share of the device memory the planner may use."
     )
     step_profile: bool = Field(
         False,
         description="Time each engine step by part (batch fill, llama_decode + device sync, "
         "sampling, token text, event delivery, admission, other Python) and the CPU time of "
         "the event loop and engine threads; shown in /info as step_profile and as "
-        "llamafleet_engine_step_seconds_total. Off: nothing is timed. The device sync makes "
+        f"{PodMetric.ENGINE_STEP_SECONDS}. Off: nothing is timed. The device sync makes "
         "a GPU step no longer overlap the next step's Python.",
     )
     # --- network ------------------------------------------------------------------------
@@ -281,7 +291,7 @@ class Settings(BaseSettings):
         return Limits(max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
                       head_timeout=self.header_timeout_s, max_body_bytes=self.request_bytes_limit,
                       body_timeout=self.body_timeout_s, max_connections=self.max_connections,
-                      body_setting="LLM_LLAMA_SERVICE_MAX_REQUEST_BYTES")
+                      body_setting=env_name("max_request_bytes"))
 
     @property
     def sampling_defaults(self) -> SamplingParameters:

@@ -19,11 +19,15 @@ from llamafleet.common.contract import (
     ENV_PREFIX,
     GRPC_PORT,
     HTTP_PORT,
+    INFLIGHT_METRIC,
+    INSTANCE_METRIC_LABEL,
     METRICS_PORT,
     ROUTER_ENV_PREFIX,
     ROUTER_PORT,
     ROUTER_RBAC_RULES,
     USER_ID,
+    PodMetric,
+    RouterMetric,
     pod_service_name,
     termination_grace_seconds,
 )
@@ -439,7 +443,6 @@ def endpoints(names: Names, cluster_domain: str, spec: LLMServiceSpec, routed: b
 
 # The pods metric an HPA reads (running + queued sequences per pod), served by a Prometheus
 # adapter rule (docs/autoscaling.md); the KEDA query reads the same series from Prometheus.
-INFLIGHT_METRIC = "llamafleet_inflight"
 KEDA_API = "keda.sh/v1alpha1"
 HPA_MAX_WINDOW = 3600  # autoscaling/v2 caps stabilizationWindowSeconds at one hour
 
@@ -488,10 +491,9 @@ def keda_query(names: Names) -> str:
     """PromQL for the LLMService's load: in-flight requests of its pods plus the requests its
     routers hold (labels from the chart's PodMonitor, which copies app.kubernetes.io/instance
     onto every series); each term is 0 when absent, so the query works at zero pods."""
-    match = f'namespace="{names.namespace}",app_kubernetes_io_instance="{names.name}"'
+    match = f'namespace="{names.namespace}",{INSTANCE_METRIC_LABEL}="{names.name}"'
     return " + ".join(f"(sum({series}{{{match}}}) or vector(0))" for series in (
-        "llamafleet_running_sequences", "llamafleet_queue_depth",
-        "llamafleet_router_hold_queue_depth"))
+        PodMetric.RUNNING, PodMetric.QUEUE_DEPTH, RouterMetric.HOLD_QUEUE_DEPTH))
 
 
 def build_scaled_object(names: Names, spec: LLMServiceSpec, plan: ServicePlan,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from llamafleet.common.contract import OPERATOR_ENV_PREFIX
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="llamafleet operator",
-        description="Reconcile LLMService resources. Settings: LLAMAFLEET_OPERATOR_* env vars "
+        description=f"Reconcile LLMService resources. Settings: {OPERATOR_ENV_PREFIX}* env vars "
         "(see llamafleet.operator.settings).")
     p.add_argument("-n", "--namespace", action="append", default=[],
                    help="watch this namespace (repeatable); default: the whole cluster")

@@ -1,10 +1,12 @@
-"""Plan an LLMService's batch width from the nodes it may run on (shared planner)."""
+"""Plan an LLMService's batch width from the nodes it may run on: the memory they declare
+(node labels, or spec.resources.memory for CPU pods) as a MemoryBudget, fitted with
+:func:`llamafleet.common.capacity.fit`, the function the pod uses too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamafleet.common.capacity import KVShape, MiB, plan
+from llamafleet.common.capacity import KVShape, MemoryBudget, MiB, ModelFootprint, fit
 from llamafleet.inference.embedded import lookup
 
 from .spec import LLMServiceSpec, quantity_bytes
@@ -75,12 +77,10 @@ def eligible(nodes: list[NodeGPU], spec: LLMServiceSpec) -> list[NodeGPU]:
 
 def plan_service(spec: LLMServiceSpec, nodes: list[NodeGPU]) -> ServicePlan:
     kv, size, origin = model_facts(spec)
+    model = ModelFootprint(size, kv, spec.model.contextSize, gpu_layers=spec.gpuLayers)
     cap = spec.batching.maxBatchSize
-    ctx = spec.model.contextSize
     if spec.resources.gpus == 0:
-        mem = quantity_bytes(spec.resources.memory)
-        p = plan(memory_bytes=mem, device_count=1, weights_bytes=size, kv=kv, context=ctx,
-                 cap=cap, mode="cpu")
+        p = fit(MemoryBudget("cpu", quantity_bytes(spec.resources.memory)), model, cap)
         return ServicePlan(p.max_batch_size, f"CPU pods ({origin}): {p.reason}", "cpu", None, None)
     candidates = eligible(nodes, spec)
     if not candidates:
@@ -89,10 +89,9 @@ def plan_service(spec: LLMServiceSpec, nodes: list[NodeGPU]) -> ServicePlan:
     best: tuple[int, int, str] | None = None  # (batch, memory, reason)
     for mem in sorted({n.memory_mib for n in candidates}):
         node = next(n for n in candidates if n.memory_mib == mem)
-        gpus = min(spec.resources.gpus, node.count)
-        offload = 1.0 if spec.gpuLayers < 0 else min(1.0, spec.gpuLayers / kv.n_layer)
-        p = plan(memory_bytes=mem * MiB, device_count=gpus, weights_bytes=size, kv=kv,
-                 context=ctx, cap=cap, offload_fraction=offload)
+        # Declared: the node's label (MiB per card); a card the scheduler gives has none in use.
+        budget = MemoryBudget("gpu", mem * MiB, devices=min(spec.resources.gpus, node.count))
+        p = fit(budget, model, cap)
         reason = f"{node.product} ({origin}): {p.reason}"
         if best is None or p.max_batch_size > best[0]:
             best = (p.max_batch_size, mem, reason)
@@ -101,4 +100,3 @@ def plan_service(spec: LLMServiceSpec, nodes: list[NodeGPU]) -> ServicePlan:
     if batch < 1:
         return ServicePlan(0, reason, "gpu", mem, None)
     return ServicePlan(batch, reason, "gpu", mem, mem - 1)
-

@@ -24,7 +24,7 @@ from kubernetes.dynamic.exceptions import ApiException as DynApiException
 from kubernetes.dynamic.exceptions import NotFoundError
 from llamafleet.common.contract import API_GROUP as GROUP
 from llamafleet.common.contract import API_VERSION as VERSION
-from llamafleet.common.contract import HTTP_PORT, ROUTER_PORT
+from llamafleet.common.contract import HTTP_PORT, ROUTER_PORT, PodMetric, RouterMetric
 from llamafleet.common.contract import LLMSERVICE_PLURAL as PLURAL
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,9 +36,8 @@ from .spec import LLMServiceSpec, SpecError, parse_spec
 log = logging.getLogger(__name__)
 
 # The pod's series (llamafleet.inference.metrics) and the router's (llamafleet.router.metrics).
-RUNNING, QUEUED, FINISHED = ("llamafleet_running_sequences", "llamafleet_queue_depth",
-                             "llamafleet_requests_total")
-HELD = "llamafleet_router_hold_queue_depth"
+RUNNING, QUEUED, FINISHED = PodMetric.RUNNING, PodMetric.QUEUE_DEPTH, PodMetric.REQUESTS
+HELD = RouterMetric.HOLD_QUEUE_DEPTH
 
 
 @dataclass(frozen=True)

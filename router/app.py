@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from kubernetes.client import ApiClient
+from llamafleet.common.contract import router_env_name
 from llamafleet.common.errors import (
     BadRequest,
     InternalError,
@@ -240,13 +241,13 @@ class Router:
         if self.buffered + size > s.max_buffered_bytes:
             self.metrics.refused.labels("buffer_full").inc()
             raise Overloaded("The router holds as many request bodies as it may "
-                             "(LLM_LLAMA_SERVICE_ROUTER_MAX_BUFFERED_BYTES); retry shortly.")
+                             f"({router_env_name('max_buffered_bytes')}); retry shortly.")
         reservation = _Reservation(self, size)
         try:
             try:
                 raw = await read_body(request.receive, s.max_request_bytes,
                                       started + s.body_timeout,
-                                      "LLM_LLAMA_SERVICE_ROUTER_MAX_REQUEST_BYTES")
+                                      router_env_name("max_request_bytes"))
             except ClientLeft:
                 raise _Left from None
             request.state.body_read = True
@@ -277,7 +278,7 @@ class Router:
         while True:
             if len(tried) >= self.settings.max_attempts:
                 raise ReplicaFailed(f"The request failed on {len(tried)} replicas before any "
-                                    "answer (LLM_LLAMA_SERVICE_ROUTER_MAX_ATTEMPTS).")
+                                    f"answer ({router_env_name('max_attempts')}).")
             backend = await self.choose(keys, tried, deadline, leaving)
             tried.add(backend.url)
             others = len(tried) < self.settings.max_attempts and \

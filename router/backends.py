@@ -11,16 +11,14 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from llamafleet.common.contract import PodMetric
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
 
 # The pod's series (llamafleet.inference.metrics) that the router reads.
-RUNNING = "llamafleet_running_sequences"
-WAITING = "llamafleet_queue_depth"
-KV_USED = "llamafleet_kv_cache_cells_used"
-KV_TOTAL = "llamafleet_kv_cache_cells_total"
-SLOTS = "llamafleet_max_batch_size"
+RUNNING, WAITING, SLOTS = PodMetric.RUNNING, PodMetric.QUEUE_DEPTH, PodMetric.MAX_BATCH_SIZE
+KV_USED, KV_TOTAL = PodMetric.KV_CACHE_CELLS_USED, PodMetric.KV_CACHE_CELLS_TOTAL
 
 
 def replica_id(url: str) -> str:

@@ -1,7 +1,9 @@
-"""Every Prometheus series of the router, defined once (prefix ``llamafleet_router_``)."""
+"""Every Prometheus series of the router, defined once (their names: ``contract.RouterMetric``)."""
 
 from __future__ import annotations
 
+from llamafleet.common.contract import MetricLabel as L
+from llamafleet.common.contract import RouterMetric as M
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -13,39 +15,39 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "llamafleet_router_requests_total",
+            M.REQUESTS,
             "Proxied attempts by backend (its replica id, as in x-llamafleet-backend) and "
             "outcome (ok, error = a 4xx/5xx answered, retried = connect error, dropped "
             "connection, replica given up by its poller, or 503, before any byte; broken = "
             "failed after streaming began, cancelled = the client left).",
-            ["backend", "outcome"], registry=r)
+            [L.BACKEND, L.OUTCOME], registry=r)
         self.refused = Counter(
-            "llamafleet_router_refused_total",
+            M.REFUSED,
             "Requests the router answered itself (queue_full = 429, hold_timeout = 503, "
             "replica_failed = 502 once the replicas it tried failed and no other was ready, "
             "buffer_full = 503 before the body was read, client_left = the client left while "
             "held).",
-            ["reason"], registry=r)
+            [L.REASON], registry=r)
         self.affinity = Counter(
-            "llamafleet_router_affinity_total",
+            M.AFFINITY,
             "Replica choices: hit = the replica that last served the longest matching prefix; "
-            "miss = placed by the hash ring or by load.", ["result"], registry=r)
-        self.held = Gauge("llamafleet_router_hold_queue_depth",
+            "miss = placed by the hash ring or by load.", [L.RESULT], registry=r)
+        self.held = Gauge(M.HOLD_QUEUE_DEPTH,
                           "Requests waiting for a ready replica.", registry=r)
-        self.in_flight = Gauge("llamafleet_router_in_flight",
+        self.in_flight = Gauge(M.IN_FLIGHT,
                                "Requests proxied now, by backend (replica id).",
-                               ["backend"], registry=r)
-        self.ready = Gauge("llamafleet_router_backends_ready", "Replicas ready.", registry=r)
+                               [L.BACKEND], registry=r)
+        self.ready = Gauge(M.BACKENDS_READY, "Replicas ready.", registry=r)
         self.ttft = Histogram(
-            "llamafleet_router_time_to_first_token_seconds",
+            M.TIME_TO_FIRST_TOKEN,
             "Arrival at the router to the first byte of the answer's body (the first token "
             "when streaming), holding and retries included.", buckets=TTFT_BUCKETS, registry=r)
         self.scale_ups = Counter(
-            "llamafleet_router_scale_ups_total",
+            M.SCALE_UPS,
             "Scale-from-zero attempts, one per hold episode (--llmservice): scaled = replicas "
             "set from 0 to 1, not_needed = already above 0, error = the API refused or failed.",
-            ["outcome"], registry=r)
+            [L.OUTCOME], registry=r)
         self.cold_start = Histogram(
-            "llamafleet_router_cold_start_seconds",
+            M.COLD_START,
             "From scaling the LLMService from 0 to 1 until the first replica was ready.",
             buckets=COLD_START_BUCKETS, registry=r)

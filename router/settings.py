@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from llamafleet.common.contract import ROUTER_ENV_PREFIX, ROUTER_PORT
+from llamafleet.common.contract import HTTP_PORT, ROUTER_ENV_PREFIX, ROUTER_PORT, env_name, router_env_name
 from llamafleet.common.http_limits import Limits
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,7 +31,8 @@ class RouterSettings(BaseSettings):
     backends: str = Field(
         "",
         description="Comma-separated base URLs of `llamafleet serve` replicas, e.g. "
-        "http://127.0.0.1:16070,http://127.0.0.1:16170 (a fixed set). Give this or --llmservice.",
+        f"http://127.0.0.1:{HTTP_PORT},http://127.0.0.1:{HTTP_PORT + 100} (a fixed set). Give this "
+        "or --llmservice.",
     )
     llmservice: str = Field(
         "",
@@ -184,7 +185,7 @@ class RouterSettings(BaseSettings):
     backend_api_key: SecretStr | None = Field(
         None,
         description="Bearer token for the router's own polls of replicas' /metrics when "
-        "they require an API key (their LLM_LLAMA_SERVICE_API_KEY). Never added to clients' "
+        f"they require an API key (their {env_name('api_key')}). Never added to clients' "
         "requests: their Authorization goes through and the replicas check it. A caller "
         "that presents it also sees the replicas' URLs on /health.",
     )
@@ -218,7 +219,7 @@ class RouterSettings(BaseSettings):
         return Limits(max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
                       head_timeout=self.header_timeout, max_body_bytes=self.max_request_bytes,
                       body_timeout=self.body_timeout, max_connections=self.max_connections,
-                      body_setting="LLM_LLAMA_SERVICE_ROUTER_MAX_REQUEST_BYTES")
+                      body_setting=router_env_name("max_request_bytes"))
 
     @property
     def backend_urls(self) -> list[str]:

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from llamafleet.common.contract import SYSTEM_FINGERPRINT, VERSION
 
 from ..conftest import wait_until
 
@@ -49,6 +50,7 @@ def test_chat_non_streaming(client: openai.OpenAI, model: str) -> None:
     assert r.id.startswith("chatcmpl-")
     assert r.object == "chat.completion"
     assert r.model == model
+    assert r.system_fingerprint == SYSTEM_FINGERPRINT == f"fp_llamafleet_{VERSION.replace('.', '_')}"
     choice = r.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content

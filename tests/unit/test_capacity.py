@@ -5,7 +5,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from llamafleet.common.capacity import CapacityError, GiB, KVShape, MiB, plan
+from llamafleet.common.capacity import (
+    CapacityError,
+    GiB,
+    KVShape,
+    MemoryBudget,
+    MiB,
+    ModelFootprint,
+    fit,
+)
 from llamafleet.inference import capacity
 
 from ..fake_nvml import FakeNVML
@@ -20,8 +28,8 @@ LLAMA31_70B = (KVShape(80, 8, 128, 128), 42.5e9)
 
 def gpu(card_gib: float, model, cap: int = 16, context: int = 4096, count: int = 1) -> int:
     kv, size = model
-    return plan(memory_bytes=card_gib * GiB, device_count=count, weights_bytes=size, kv=kv,
-                context=context, cap=cap).max_batch_size
+    return fit(MemoryBudget("gpu", card_gib * GiB, devices=count),
+               ModelFootprint(size, kv, context), cap).max_batch_size
 
 
 def test_kv_bytes_follow_the_formula() -> None:
@@ -36,8 +44,7 @@ def test_six_gb_card_with_a_7b_q4_model_at_4k_gives_one() -> None:
 
 
 def test_a_7b_without_gqa_does_not_fit_at_4k_on_6gb_and_says_why() -> None:
-    p = plan(memory_bytes=6 * GiB, device_count=1, weights_bytes=LLAMA2_7B[1], kv=LLAMA2_7B[0],
-             context=4096, cap=16)
+    p = fit(MemoryBudget("gpu", 6 * GiB), ModelFootprint(LLAMA2_7B[1], LLAMA2_7B[0], 4096), 16)
     assert p.max_batch_size == 0
     assert "not even one sequence fits" in p.reason
 
@@ -69,10 +76,8 @@ def test_two_gpus_pool_memory() -> None:
 
 def test_partial_offload_counts_only_offloaded_weights_and_kv() -> None:
     kv, size = LLAMA31_8B
-    full = plan(memory_bytes=8 * GiB, device_count=1, weights_bytes=size, kv=kv, context=4096,
-                cap=64)
-    half = plan(memory_bytes=8 * GiB, device_count=1, weights_bytes=size, kv=kv, context=4096,
-                cap=64, offload_fraction=0.5)
+    full = fit(MemoryBudget("gpu", 8 * GiB), ModelFootprint(size, kv, 4096), 64)
+    half = fit(MemoryBudget("gpu", 8 * GiB), ModelFootprint(size, kv, 4096, gpu_layers=16), 64)
     assert half.max_batch_size > full.max_batch_size
 
 
@@ -87,8 +92,7 @@ def test_sliding_window_layers_hold_only_the_window() -> None:
 
 def test_cpu_mode_uses_system_memory() -> None:
     kv, size = LLAMA32_3B
-    p = plan(memory_bytes=16 * GiB, device_count=1, weights_bytes=size, kv=kv, context=4096,
-             cap=8, mode="cpu")
+    p = fit(MemoryBudget("cpu", 16 * GiB), ModelFootprint(size, kv, 4096), 8)
     assert p.mode == "cpu" and p.max_batch_size == 8 and "RAM" in p.reason
 
 
@@ -121,7 +125,7 @@ def test_probe_reads_visible_gpus_and_plans() -> None:
 
 def test_probe_respects_cuda_visible_devices() -> None:
     info = capacity.probe_gpus(FakeNVML([6144, 81559]), visible="1")
-    assert info.count == 1 and info.memory_bytes == 81559 * MiB
+    assert info.count == 1 and info.free_bytes == 81559 * MiB
 
 
 def test_a_gpu_pod_plans_what_the_operator_planned_although_the_weights_are_loaded() -> None:
@@ -129,8 +133,7 @@ def test_a_gpu_pod_plans_what_the_operator_planned_although_the_weights_are_load
     # the weights are on the card, its free memory lacks them: planned from that, the pod
     # subtracted them twice and refused the model (CapacityError).
     kv = KVShape(32, 8, 128, 128)
-    operator = plan(memory_bytes=6144 * MiB, device_count=1, weights_bytes=4.37e9, kv=kv,
-                    context=4096, cap=16)
+    operator = fit(MemoryBudget("gpu", 6144 * MiB), ModelFootprint(4.37e9, kv, 4096), 16)
     assert operator.max_batch_size == 1
     nvml = FakeNVML([6144])
     p = gpu_pod_plan(pod_settings(), MISTRAL_SHAPE, nvml)
@@ -187,3 +190,24 @@ def test_swa_full_plans_the_sliding_layers_at_full_context() -> None:
                                  system_memory=64 * GiB)
     assert full.per_sequence_mib > 4 * windowed.per_sequence_mib
     assert full.max_batch_size < windowed.max_batch_size
+
+
+
+def test_memory_already_in_use_is_not_planned_on() -> None:
+    kv, size = LLAMA31_8B
+    model = ModelFootprint(size, kv, 4096)
+    busy = fit(MemoryBudget("gpu", 24 * GiB, in_use_bytes=12 * GiB), model, 64)
+    assert busy.max_batch_size == fit(MemoryBudget("gpu", 12 * GiB), model, 64).max_batch_size
+    assert busy.max_batch_size < fit(MemoryBudget("gpu", 24 * GiB), model, 64).max_batch_size
+    assert busy.memory_mib == 12 * 1024 and "(12288 MiB in use)" in busy.reason
+
+
+def test_the_pod_measures_what_others_use_on_its_card_before_the_load() -> None:
+    nvml = FakeNVML([81559, 81559])
+    nvml.used[1] = 40960 * MiB  # another process on the second card: the fullest one counts
+    gpus = capacity.probe_for_pod(pod_settings(), nvml=nvml, gpu_offload=True)
+    assert (gpus.count, gpus.total_bytes, gpus.in_use_bytes) == (2, 81559 * MiB, 40960 * MiB)
+    budget = capacity.pod_budget(pod_settings(memory_reserve_mib=1024), gpus)
+    assert budget.free_bytes == 2 * (81559 - 40960) * MiB and budget.reserve_bytes == 1024 * MiB
+    assert "2x81559 MiB GPU (40960 MiB in use)" in capacity.plan_for_pod(
+        pod_settings(), MISTRAL_SHAPE, gpus).reason

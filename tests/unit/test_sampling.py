@@ -85,3 +85,30 @@ def test_the_crd_sampling_schema_is_the_models() -> None:
     model = SamplingParameters.model_json_schema()["properties"]
     for name, schema in crd_sampling.items():
         assert _bounds(schema) == _bounds(model[snake(name)]), name
+
+
+def test_the_engine_http_and_grpc_default_alike() -> None:
+    """A request that sets nothing samples as the engine's own defaults say, over HTTP and
+    gRPC alike: all three are the one model's DEFAULTS (the engine once capped at 256)."""
+    from llamafleet.inference import grpc_server, http_api
+    from llamafleet.inference.engine import SamplingParams
+    from llamafleet.inference.proto import local_pb2 as pb
+    from llamafleet.inference.serving import Serving
+
+    class Pod:
+        """What the transports use of a Serving: its real sampling(), no model."""
+
+        settings = Settings()
+        sampling = Serving.sampling
+
+        def chat_prompt(self, messages, rag_context=None, tools=None) -> list[int]:
+            return [1]
+
+    pod = Pod()
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    http = http_api._params(pod, body, body.max_tokens)
+    _, grpc = grpc_server.request_to_generation(
+        pod, pb.LLMLocalServiceGenerateStreamRequest(user_prompt="hi"))
+    engine = SamplingParams()
+    assert http == grpc == engine == SamplingParams(**DEFAULTS.model_dump())
+    assert engine.max_tokens == 1024
