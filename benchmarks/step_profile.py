@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from llamafleet.inference import bench
+from llamafleet.bench import load as bench
 
 
 def _profile(url: str) -> dict:
