@@ -140,3 +140,22 @@ def test_each_command_loads_only_its_part_and_common(argv: list[str], parts: set
     code = ("from llamafleet.common.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n")
     assert footprint(code) - TRANSPORTS == parts
+
+
+def test_serve_loads_llama_cpp_before_grpc_and_numpy() -> None:
+    """llama.cpp's shared libraries go first (inference.main.init_backends says why): the
+    dispatcher and the settings import neither grpc nor numpy before `serve` imports llama_cpp."""
+    code = ("import sys\n"
+            "order = []\n"
+            "class Seen:\n"
+            "    @staticmethod\n"
+            "    def find_spec(name, path=None, target=None):\n"
+            "        if name in ('llama_cpp', 'numpy', 'grpc') and name not in order:\n"
+            "            order.append(name)\n"
+            "sys.meta_path.insert(0, Seen)\n"
+            "from llamafleet.common.cli import main\n"
+            "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(order))")
+    r = _run_from_root("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].split()[:1] == ["llama_cpp"], r.stdout[-200:]
