@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from compare import VENV_BIN, free_port, running
-from llamafleet.inference import bench
-from llamafleet.inference.embedded import EMBEDDED, GEMMA, embedded_model_path
+from llamafleet.bench import load as bench
+from llamafleet.common.contract import EMBEDDED_MODELS, GEMMA
+from llamafleet.inference.model_packages import embedded_model_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -53,7 +54,7 @@ def measure(label: str, env: dict[str, str], model: Path, level: int, args: argp
             ) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(VENV_BIN / "python"), "-m", "llamafleet.inference.cli", "serve",
+    cmd = [str(VENV_BIN / "python"), "-m", "llamafleet.common.cli", "serve",
            "--model-path", str(model), "--host", "127.0.0.1", "--http-port", str(port),
            "--grpc-port", "0", "--metrics-port", "0", "--max-batch-size", str(level),
            "--context-size", str(args.context), "--threads", str(args.threads),
@@ -77,7 +78,7 @@ def measure(label: str, env: dict[str, str], model: Path, level: int, args: argp
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ref", required=True, help="the baseline commit (any git ref)")
-    p.add_argument("--model", choices=list(EMBEDDED), default=GEMMA.name)
+    p.add_argument("--model", choices=list(EMBEDDED_MODELS), default=GEMMA.name)
     p.add_argument("--levels", default="1,4")
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs of each server")
     p.add_argument("--requests", type=int, default=0, help="per run (default: 4 x level, >= 8)")

@@ -28,8 +28,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import httpx
-from llamafleet.inference import bench
-from llamafleet.inference.embedded import EMBEDDED, GEMMA, embedded_model_path
+from llamafleet.bench import load as bench
+from llamafleet.common.contract import EMBEDDED_MODELS, GEMMA
+from llamafleet.inference.model_packages import embedded_model_path
 
 HERE = Path(__file__).parent
 VENV_BIN = Path(sys.executable).parent
@@ -130,7 +131,7 @@ print(json.dumps(rates))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=list(EMBEDDED), default=GEMMA.name,
+    ap.add_argument("--model", choices=list(EMBEDDED_MODELS), default=GEMMA.name,
                     help="embedded model that every server loads (default: %(default)s, the "
                     "benchmark model; results of others are named after them)")
     ap.add_argument("--max-tokens", type=int, default=64)

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from llamafleet.inference import bench
-from llamafleet.inference.embedded import embedded_model_path
+from llamafleet.bench import load as bench
+from llamafleet.inference.model_packages import embedded_model_path
 
 HERE = Path(__file__).parent
 

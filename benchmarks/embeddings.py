@@ -17,7 +17,8 @@ from pathlib import Path
 
 import httpx
 from compare import HERE, VENV_BIN, free_port, running
-from llamafleet.inference.embedded import SMOLLM2, embedded_model_path
+from llamafleet.common.contract import SMOLLM2
+from llamafleet.inference.model_packages import embedded_model_path
 
 TEXTS = [f"Document {i}: llamas and alpacas graze on the high plains of the Andes, "
          f"and their wool keeps them warm at night." for i in range(64)]

@@ -26,12 +26,12 @@ import threading
 import time
 from pathlib import Path
 
-from llamafleet.inference import bench
+from llamafleet.bench import load as bench
 from llamafleet.inference.engine import Engine, Finished, GenerationRequest, SamplingParams
 from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
+from llamafleet.inference.main import keep_heap_warm
 from llamafleet.inference.metrics import EngineMetrics, Metrics
 from llamafleet.inference.profiling import install
-from llamafleet.inference.server import keep_heap_warm
 
 
 def engine_step(model_path: Path, batch: int, pp: int, tg: int, threads: int,

@@ -264,7 +264,7 @@ def figures(server: str, mode: str, c: int, samples: list, wall: float, max_toke
 
 def _body(model: str, max_tokens: int, stream: bool) -> dict:
     """``llamafleet bench``'s request (its prompt, temperature, ignore_eos), streaming or not."""
-    from llamafleet.inference import bench
+    from llamafleet.bench import load as bench
 
     body = bench._body(model, bench.DEFAULT_PROMPT, argparse.Namespace(
         max_tokens=max_tokens, no_ignore_eos=False))
@@ -278,7 +278,7 @@ async def _plain(url: str, body: dict, concurrency: int, n: int, timeout: float)
     """Non-streaming requests over ``concurrency`` connections (one client process: a whole
     answer is one JSON body, so the client's cost per token is nil)."""
     import httpx
-    from llamafleet.inference.bench import Sample
+    from llamafleet.bench.load import Sample
 
     todo = list(range(n))
     samples: list[Sample] = []
@@ -359,7 +359,7 @@ def measure(server: str, url: str, model: str, c: int, n: int, a: argparse.Names
             pid: int) -> list[Figures]:
     """One level on one server (process ``pid``): plain, then streaming through
     ``llamafleet bench``'s client; each with the CPU share others used meanwhile."""
-    from llamafleet.inference import bench
+    from llamafleet.bench import load as bench
 
     watch, cpu0 = CpuWatch(), process_cpu_s(pid)
     samples, wall = asyncio.run(_plain(url, _body(model, a.max_tokens, False), c, n, 600))
@@ -525,7 +525,7 @@ def run(a: argparse.Namespace) -> int:
     import httpx
     import step_profile
     from compare import free_port, running
-    from llamafleet.inference import bench
+    from llamafleet.bench import load as bench
 
     levels = a.levels
     server_bin = BUILD / "bin" / "llama-server-patched"

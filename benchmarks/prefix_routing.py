@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 from compare import VENV_BIN, free_port, running
-from llamafleet.common.contract import RouterMetric
-from llamafleet.inference import bench
-from llamafleet.inference.embedded import EMBEDDED, GEMMA, embedded_model_path
+from llamafleet.bench import load as bench
+from llamafleet.common.contract import EMBEDDED_MODELS, GEMMA, RouterMetric
+from llamafleet.inference.model_packages import embedded_model_path
 
 HERE = Path(__file__).parent
 WORDS = ("invoice refund policy customer account billing shipping warranty order support "
@@ -91,7 +91,7 @@ def reuse_of(url: str) -> dict[str, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=list(EMBEDDED), default=GEMMA.name)
+    ap.add_argument("--model", choices=list(EMBEDDED_MODELS), default=GEMMA.name)
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--max-batch-size", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024, help="context per sequence")

@@ -130,7 +130,7 @@ async def hold_flood(port: int, n: int, hold_s: float) -> list:
 
 def run(python: str, flood: str, n: int) -> dict:
     port = free_port()
-    cmd = [python, "-m", "llamafleet.inference.cli", "router", "--backends",
+    cmd = [python, "-m", "llamafleet.common.cli", "router", "--backends",
            f"http://127.0.0.1:{free_port()}", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "WARNING", "--log-format", "console"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+from llamafleet.bench import load as bench
 from llamafleet.common.contract import HTTP_PORT, env_name
-from llamafleet.inference import bench
 
 
 def _profile(url: str) -> dict:

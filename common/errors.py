@@ -1,11 +1,13 @@
-"""Domain errors, and the ONE table that maps them to HTTP (OpenAI shape) and gRPC."""
+"""Domain errors, and the ONE table that maps them to HTTP (OpenAI shape) and gRPC.
+
+Plain data only: each transport turns an entry into its own answer (``http_error`` into a
+response in the pod's and the router's HTTP servers, ``grpc_status`` into a
+``grpc.StatusCode`` in llamafleet.inference.grpc_server)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import grpc
-from starlette.responses import JSONResponse
+from typing import NamedTuple
 
 
 class ModelError(Exception):
@@ -105,28 +107,23 @@ class ErrorMapping:
     http_status: int
     openai_type: str
     default_code: str | None
-    grpc_code: grpc.StatusCode
+    grpc_status: str  # the name of a grpc.StatusCode member
 
 
 ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
-    BadRequest: ErrorMapping(400, "invalid_request_error", None, grpc.StatusCode.INVALID_ARGUMENT),
-    Unauthorized: ErrorMapping(401, "invalid_request_error", "invalid_api_key",
-                               grpc.StatusCode.UNAUTHENTICATED),
-    RequestTooLarge: ErrorMapping(413, "invalid_request_error", "request_too_large",
-                                  grpc.StatusCode.RESOURCE_EXHAUSTED),
-    RequestTimeout: ErrorMapping(408, "invalid_request_error", "request_timeout",
-                                 grpc.StatusCode.DEADLINE_EXCEEDED),
-    HeadersTooLarge: ErrorMapping(431, "invalid_request_error", "headers_too_large",
-                                  grpc.StatusCode.INVALID_ARGUMENT),
-    ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", grpc.StatusCode.NOT_FOUND),
-    NotFound: ErrorMapping(404, "invalid_request_error", "not_found", grpc.StatusCode.NOT_FOUND),
-    MethodNotAllowed: ErrorMapping(405, "invalid_request_error", "method_not_allowed",
-                                   grpc.StatusCode.UNIMPLEMENTED),
-    Overloaded: ErrorMapping(503, "server_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED),
-    NotReady: ErrorMapping(503, "server_error", "not_ready", grpc.StatusCode.UNAVAILABLE),
-    QueueFull: ErrorMapping(429, "rate_limit_error", "queue_full", grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ReplicaFailed: ErrorMapping(502, "server_error", "replica_failed", grpc.StatusCode.UNAVAILABLE),
-    InternalError: ErrorMapping(500, "server_error", "internal_error", grpc.StatusCode.INTERNAL),
+    BadRequest: ErrorMapping(400, "invalid_request_error", None, "INVALID_ARGUMENT"),
+    Unauthorized: ErrorMapping(401, "invalid_request_error", "invalid_api_key", "UNAUTHENTICATED"),
+    RequestTooLarge: ErrorMapping(413, "invalid_request_error", "request_too_large", "RESOURCE_EXHAUSTED"),
+    RequestTimeout: ErrorMapping(408, "invalid_request_error", "request_timeout", "DEADLINE_EXCEEDED"),
+    HeadersTooLarge: ErrorMapping(431, "invalid_request_error", "headers_too_large", "INVALID_ARGUMENT"),
+    ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", "NOT_FOUND"),
+    NotFound: ErrorMapping(404, "invalid_request_error", "not_found", "NOT_FOUND"),
+    MethodNotAllowed: ErrorMapping(405, "invalid_request_error", "method_not_allowed", "UNIMPLEMENTED"),
+    Overloaded: ErrorMapping(503, "server_error", "overloaded", "RESOURCE_EXHAUSTED"),
+    NotReady: ErrorMapping(503, "server_error", "not_ready", "UNAVAILABLE"),
+    QueueFull: ErrorMapping(429, "rate_limit_error", "queue_full", "RESOURCE_EXHAUSTED"),
+    ReplicaFailed: ErrorMapping(502, "server_error", "replica_failed", "UNAVAILABLE"),
+    InternalError: ErrorMapping(500, "server_error", "internal_error", "INTERNAL"),
 }
 
 
@@ -163,9 +160,18 @@ def retry_after(err: LlamafleetError) -> int | None:
     return getattr(err, "retry_after_s", None)
 
 
-def error_response(err: LlamafleetError) -> JSONResponse:
+class HttpError(NamedTuple):
+    """The HTTP answer to a domain error, in the order of Starlette's ``JSONResponse``
+    arguments: ``JSONResponse(*http_error(err))``."""
+
+    content: dict  # the OpenAI error body
+    status_code: int
+    headers: dict[str, str]  # Retry-After, when the error says when to retry
+
+
+def http_error(err: LlamafleetError) -> HttpError:
     """The HTTP answer to a domain error (pod and router): OpenAI body, status, Retry-After."""
     headers = {}
     if (ra := retry_after(err)) is not None:
         headers["Retry-After"] = str(ra)
-    return JSONResponse(openai_body(err), status_code=mapping_for(err).http_status, headers=headers)
+    return HttpError(openai_body(err), mapping_for(err).http_status, headers)

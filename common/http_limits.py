@@ -21,6 +21,7 @@ What bounds what, and who does it:
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .errors import (
     LlamafleetError,
     RequestTimeout,
     RequestTooLarge,
-    error_response,
+    http_error,
 )
 
 Scope = dict[str, Any]
@@ -169,12 +170,15 @@ def check_head(scope: Scope, limits: Limits) -> None:
                               f"({limits.body_setting}).")
 
 
-async def refuse(err: LlamafleetError, scope: Scope, receive: Receive, send: Send) -> None:
+async def refuse(err: LlamafleetError, send: Send) -> None:
     """The OpenAI-shaped error, and the connection closed: the rest of the body (if any) is
-    never read."""
-    response = error_response(err)
-    response.headers["Connection"] = "close"
-    await response(scope, receive, send)
+    never read. Plain ASGI (no web framework here): the bytes a JSONResponse would send."""
+    content, status, headers = http_error(err)
+    body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    raw = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
+           *((k.lower().encode(), v.encode()) for k, v in headers.items()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ReadLimits:
@@ -199,7 +203,7 @@ class ReadLimits:
             body = await read_body(receive, self.limits.max_body_bytes, deadline,
                                    self.limits.body_setting)
         except LlamafleetError as e:
-            return await refuse(e, scope, receive, send)
+            return await refuse(e, send)
         except ClientLeft:
             return None
         pending = [{"type": "http.request", "body": body, "more_body": False}]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from .embedded import sha256_of
+from .model_packages import sha256_of
 
 
 class FetchError(Exception):

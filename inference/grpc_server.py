@@ -103,7 +103,7 @@ class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
             gen = self.serving.start(prompt, params, api="grpc", request_id=rid,
                                      prompt_param="user_prompt")
         except LlamafleetError as e:
-            await context.abort(mapping_for(e).grpc_code, e.message)
+            await context.abort(grpc_status(e), e.message)
             return
         try:
             async for ev in gen.events():
@@ -115,7 +115,13 @@ class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
                             finish_reason=ev.reason, prompt_tokens=ev.prompt_tokens,
                             completion_tokens=ev.completion_tokens))
         except LlamafleetError as e:
-            await context.abort(mapping_for(e).grpc_code, e.message)
+            await context.abort(grpc_status(e), e.message)
+
+
+
+def grpc_status(err: LlamafleetError) -> grpc.StatusCode:
+    """The gRPC status of a domain error (its row in common.errors.ERROR_TABLE)."""
+    return grpc.StatusCode[mapping_for(err).grpc_status]
 
 
 class ReloadingCredentials:

@@ -26,7 +26,7 @@ from llamafleet.common.errors import (
     RequestTooLarge,
     ToolCallIncomplete,
     Unauthorized,
-    error_response,
+    http_error,
     openai_body,
 )
 from llamafleet.common.logs import request_id_from_headers
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STUDIO_DIR = Path(__file__).parent / "studio"
+
+
+def error_response(err: LlamafleetError) -> JSONResponse:
+    """The pod's HTTP answer to a domain error (common.errors.http_error)."""
+    return JSONResponse(*http_error(err))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

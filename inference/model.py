@@ -9,28 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from llamafleet.common.contract import env_name
+from llamafleet.common.contract import DEFAULT_EMBEDDED_MODEL, env_name
 from llamafleet.common.errors import BadRequest, ModelError
 
-from .embedded import DEFAULT_EMBEDDED, embedded_model_path
+from .model_packages import embedded_model_path
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
 
-def llama_cpp_python_version() -> str | None:
-    """e.g. ``0.3.36+llamafleet.5aa057bc``: the local label names the llama.cpp patches built in
-    (scripts/build-llama-cpp-python.sh)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        return None
-
-
-def resolve_model_path(path: Path | None, embedded: str = DEFAULT_EMBEDDED,
+def resolve_model_path(path: Path | None, embedded: str = DEFAULT_EMBEDDED_MODEL,
                        embedded_dir: Path | None = None) -> Path:
     """``path`` checked, or without one the embedded model named ``embedded``."""
     if path is None:

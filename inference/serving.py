@@ -30,6 +30,7 @@ from llamafleet.common.errors import (
     Overloaded,
 )
 from llamafleet.common.sampling import DEFAULTS, SamplingParameters
+from llamafleet.common.versions import llama_cpp_python_version
 
 from . import capacity
 from .engine import (
@@ -44,7 +45,7 @@ from .engine import (
 )
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SCHEMA_CONVERT_TIMEOUT_S, check_json_schema
 from .metrics import EngineMetrics, Metrics
-from .model import ChatFormatter, apply_rag, llama_cpp_python_version, resolve_model_path
+from .model import ChatFormatter, apply_rag, resolve_model_path
 from .profiling import StepProfile, wrap_bridge
 from .profiling import install as install_profile
 from .prompt_cache import PromptCache

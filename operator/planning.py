@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamafleet.common.capacity import KVShape, MemoryBudget, MiB, ModelFootprint, fit
-from llamafleet.inference.embedded import lookup
+from llamafleet.common.contract import embedded_model
 
 from .spec import LLMServiceSpec, quantity_bytes
 
@@ -58,7 +58,7 @@ def model_facts(spec: LLMServiceSpec) -> tuple[KVShape, float, str]:
     given = spec.model.shape.model_dump(exclude_none=True)
     if spec.model.source.embedded:
         name = spec.model.source.embedded.name
-        base, origin = lookup(name).shape, f"embedded model {name}"
+        base, origin = embedded_model(name).shape, f"embedded model {name}"
     elif given.get("sizeBytes") and given.get("layers"):
         base, origin = CONSERVATIVE_SHAPE, "spec.model.shape"
     else:

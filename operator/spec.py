@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from llamafleet.common.contract import pod_service_name
+from llamafleet.common.contract import DEFAULT_EMBEDDED_MODEL, embedded_model, pod_service_name
 from llamafleet.common.sampling import MaxTokens, RepeatPenalty, Temperature, TopK, TopP
-from llamafleet.inference.embedded import DEFAULT_EMBEDDED, lookup
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .certs import parse_duration
@@ -36,14 +35,14 @@ class URLSource(_M):
 
 
 class EmbeddedSource(_M):
-    """A model built into the image, by its name in llamafleet.inference.embedded."""
+    """A model built into the image, by its name in llamafleet.common.contract.EMBEDDED_MODELS."""
 
-    name: str = DEFAULT_EMBEDDED
+    name: str = DEFAULT_EMBEDDED_MODEL
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        return lookup(name).name
+        return embedded_model(name).name
 
 
 class Source(_M):

@@ -24,7 +24,7 @@ from llamafleet.common.errors import (
     Overloaded,
     QueueFull,
     ReplicaFailed,
-    error_response,
+    http_error,
     openai_body,
 )
 from llamafleet.common.http_limits import ClientLeft, ReadLimits, declared_length, read_body
@@ -37,9 +37,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from .affinity import Affinity, _h64, block_hashes, prompt_prefix
-from .backends import Backend, PollPolicy, Pool
 from .discovery import SliceWatch
 from .metrics import RouterMetrics
+from .replicas import PollPolicy, Pool, Replica
 from .scaling import Scaler
 from .settings import RouterSettings
 
@@ -58,6 +58,11 @@ _DROP_ANSWER = _DROP | {b"date", b"server"}
 PROXIED_PREFIXES = ("/v1/",)
 PROXIED_PATHS = {"/info", "/metrics"}
 PROXIED_METHODS = {"GET", "POST", "DELETE", "PUT"}
+
+
+def error_response(err: LlamafleetError) -> JSONResponse:
+    """The router's HTTP answer to a domain error (common.errors.http_error)."""
+    return JSONResponse(*http_error(err))
 
 
 class _Retry(Exception):
@@ -152,7 +157,7 @@ class Router:
             if isinstance(body, dict) else []
 
     async def choose(self, keys: list[int], tried: set[str], deadline: float,
-                     leaving: asyncio.Future) -> Backend:
+                     leaving: asyncio.Future) -> Replica:
         """A usable replica this request has not tried; holds the request (bounded) while
         there is none, until ``deadline`` or until the client leaves (_Left)."""
         candidates = [b for b in self.pool.ready() if b.url not in tried]
@@ -177,7 +182,7 @@ class Router:
                 self.held -= 1
                 self.metrics.held.set(self.held)
                 await self.pool.notify()
-        # The candidates themselves, not pool.backends: a replica may leave the pool (its
+        # The candidates themselves, not pool.replicas: a replica may leave the pool (its
         # EndpointSlice changed) while this request waited.
         by_url = {b.url: b for b in candidates}
         loads = {u: b.load for u, b in by_url.items()}
@@ -186,7 +191,7 @@ class Router:
         self.metrics.affinity.labels("hit" if hit else "miss").inc()
         return by_url[url]
 
-    async def _wait_for_ready(self, tried: set[str], deadline: float) -> list[Backend]:
+    async def _wait_for_ready(self, tried: set[str], deadline: float) -> list[Replica]:
         async with self.pool.changed:
             while True:
                 # Never one this request has tried: a replica that failed it once passes
@@ -195,7 +200,7 @@ class Router:
                 if ready:
                     return ready
                 left = deadline - time.monotonic()
-                if tried and not set(self.pool.backends) - tried:
+                if tried and not set(self.pool.replicas) - tried:
                     left = 0  # every replica known has failed this request: none to wait for
                 if left <= 0:
                     self.metrics.refused.labels("replica_failed" if tried else "hold_timeout").inc()
@@ -279,17 +284,17 @@ class Router:
             if len(tried) >= self.settings.max_attempts:
                 raise ReplicaFailed(f"The request failed on {len(tried)} replicas before any "
                                     f"answer ({router_env_name('max_attempts')}).")
-            backend = await self.choose(keys, tried, deadline, leaving)
-            tried.add(backend.url)
+            replica = await self.choose(keys, tried, deadline, leaving)
+            tried.add(replica.url)
             others = len(tried) < self.settings.max_attempts and \
                 any(b.url not in tried for b in self.pool.ready())
             try:
-                return await self._attempt(request, backend, path, headers, raw, started,
+                return await self._attempt(request, replica, path, headers, raw, started,
                                            others, leaving, reservation)
             except _Retry:
                 continue
 
-    async def _attempt(self, request: Request, backend: Backend, path: str,
+    async def _attempt(self, request: Request, replica: Replica, path: str,
                        headers: list[tuple[bytes, bytes]], raw: bytes, started: float,
                        others: bool, leaving: asyncio.Future,
                        reservation: _Reservation) -> Response:
@@ -299,19 +304,19 @@ class Router:
         dies or is given up before answering (it backs off: --failure-backoff), and on a
         503 while ``others`` (another ready replica not yet tried) exist; after the first
         byte, never."""
-        upstream_req = self.client.build_request(request.method, backend.url + path,
+        upstream_req = self.client.build_request(request.method, replica.url + path,
                                                  headers=headers, content=raw)
-        backend.in_flight += 1
-        self.metrics.in_flight.labels(backend.id).inc()
+        replica.in_flight += 1
+        self.metrics.in_flight.labels(replica.id).inc()
         done = False
 
         def finish(outcome: str) -> None:
             nonlocal done
             if not done:
                 done = True
-                backend.in_flight -= 1
-                self.metrics.in_flight.labels(backend.id).dec()
-                self.metrics.requests.labels(backend.id, outcome).inc()
+                replica.in_flight -= 1
+                self.metrics.in_flight.labels(replica.id).dec()
+                self.metrics.requests.labels(replica.id, outcome).inc()
 
         upstream: httpx.Response | None = None
 
@@ -323,7 +328,7 @@ class Router:
                 return upstream, chunks, b""
             return upstream, chunks, await anext(chunks, b"")
 
-        lost = backend.lost
+        lost = replica.lost
         sending = asyncio.ensure_future(first())
         gone = asyncio.ensure_future(lost.wait())
         try:
@@ -339,20 +344,20 @@ class Router:
             if leaving.done():
                 finish("cancelled")
                 raise _Left
-            await self.pool.failed(backend, "given up by its poller")
+            await self.pool.failed(replica, "given up by its poller")
             finish("retried")
             raise _Retry
         try:
             resp, chunks, head = sending.result()
         except httpx.HTTPError as e:  # connect error, or the replica died before answering
-            await self.pool.failed(backend, repr(e))
+            await self.pool.failed(replica, repr(e))
             finish("retried")
             raise _Retry from e
         if resp.status_code == 503 and others:
             await resp.aclose()
             finish("retried")
             raise _Retry
-        self.pool.answered(backend)
+        self.pool.answered(replica)
         self.metrics.ttft.observe(time.monotonic() - started)
         sse = resp.headers.get("content-type", "").startswith("text/event-stream")
 
@@ -378,7 +383,7 @@ class Router:
                     yield chunk
             except httpx.HTTPError as e:
                 outcome = "broken"  # streaming began: never retried
-                log.warning("replica %s broke off an answer: %r", backend.url, e)
+                log.warning("replica %s broke off an answer: %r", replica.url, e)
                 if not sse:
                     raise  # the server aborts the connection: the client sees a cut answer
                 # As the pod reports errors mid-stream: an OpenAI error event.
@@ -401,7 +406,7 @@ class Router:
         answer = _Answer(rest(), resp.status_code, cleanup)
         answer.raw_headers = [(k, v) for k, v in resp.headers.raw
                               if k.lower() not in _DROP_ANSWER]
-        answer.raw_headers.append((BACKEND_HEADER.encode(), backend.id.encode()))
+        answer.raw_headers.append((BACKEND_HEADER.encode(), replica.id.encode()))
         return answer
 
 
@@ -434,7 +439,7 @@ def create_app(router: Router) -> ASGIApp:
         # of the EndpointSlices), by id; ``ready_backends``: those usable now. A caller with
         # --backend-api-key also gets ``urls`` (id -> URL); nobody else sees addresses.
         out = {"status": "ok", "ready_backends": len(router.pool.ready()),
-               "backends": sorted(b.id for b in router.pool.backends.values())}
+               "backends": sorted(b.id for b in router.pool.replicas.values())}
         if router.is_operator(request):
             out["urls"] = router.pool.by_id()
         return JSONResponse(out)

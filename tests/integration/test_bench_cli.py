@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "llamafleet.inference.cli", "bench", *args]
+    cmd = [sys.executable, "-m", "llamafleet.common.cli", "bench", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -74,7 +74,7 @@ def test_bench_self_test_measures_the_client_against_a_noop_server(tmp_path: Pat
 
 
 def test_processes_auto_follows_streams_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamafleet.inference import bench
+    from llamafleet.bench import load as bench
 
     monkeypatch.setattr(bench.os, "cpu_count", lambda: 16)
     assert [bench.processes_for(c, None) for c in (1, 4, 16, 64, 128)] == [1, 1, 2, 8, 8]

@@ -175,7 +175,7 @@ def gemma_pod(model_path, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("pod") / "serve.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llamafleet.inference.cli", "serve", "--host", "127.0.0.1",
+        [sys.executable, "-m", "llamafleet.common.cli", "serve", "--host", "127.0.0.1",
          "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0", "--threads", "2",
          "--log-format", "console", "--model-path", str(model_path), "--max-batch-size", "1",
          "--context-size", "512", "--drain-timeout-s", str(DRAIN_S)],
@@ -215,7 +215,7 @@ def test_a_507_token_input_leaves_rss_bounded(gemma_pod) -> None:
 def test_a_newline_in_user_cannot_forge_a_log_line(gemma_pod) -> None:
     """Issue 23, item 15, in the console log format."""
     _, url, log_path = gemma_pod
-    forged = "12:00:00 WARNING llamafleet.inference.server: forged"
+    forged = "12:00:00 WARNING llamafleet.inference.main: forged"
     r = httpx.post(url + EMBED, json={"input": "hi", "user": f"mallory\n{forged}"}, timeout=60)
     assert r.status_code == 200
     lines = log_path.read_text().splitlines()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from llamafleet.router.backends import replica_id
+from llamafleet.router.replicas import replica_id
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, serve_process, serve_ready, wait_until
@@ -46,7 +46,7 @@ class Router:
 
 def start_router(backends: list[str], *flags: str) -> Router:
     port = free_port()
-    cmd = [sys.executable, "-m", "llamafleet.inference.cli", "router",
+    cmd = [sys.executable, "-m", "llamafleet.common.cli", "router",
            "--backends", ",".join(backends), "--host", "127.0.0.1", "--port", str(port),
            "--poll-interval", "0.2", "--log-format", "console", *flags]
     router = Router(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

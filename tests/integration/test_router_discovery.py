@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from llamafleet.common.contract import pod_service_name
-from llamafleet.router.backends import replica_id
+from llamafleet.router.replicas import replica_id
 
 from tests.conftest import free_port, serve_process, wait_until
 

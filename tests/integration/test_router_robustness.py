@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from llamafleet.router.backends import replica_id
+from llamafleet.router.replicas import replica_id
 
 from tests.conftest import exchange, free_port, wait_until
 

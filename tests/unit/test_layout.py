@@ -1,10 +1,15 @@
-"""The repository's layout: the root folder operator/ never shadows the standard library."""
+"""The repository's layout: the root folder operator/ never shadows the standard library;
+the parts and what each may import (the dependency matrix); each command's import footprint."""
 
 from __future__ import annotations
 
+import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,20 +35,127 @@ def test_the_operator_folder_is_a_namespace_portion_mapped_to_llamafleet_operato
     assert Path(r.stdout.strip()) == ROOT / "operator" / "builders.py"
 
 
-def test_llamafleet_common_never_loads_llama_cpp() -> None:
-    modules = sorted(p.stem for p in (ROOT / "common").glob("*.py"))
-    assert {"capacity", "contract", "errors", "logs", "protocol", "sampling"} <= set(modules)
-    code = ("import sys\n" + "".join(f"import llamafleet.common.{m}\n" for m in modules)
-            + "print('llama_cpp' in sys.modules)")
-    r = _run_from_root("-c", code)
-    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+# The dependency matrix: the llamafleet parts (and llama.cpp, and the transports' libraries)
+# that each part may import. `common` imports no other part and no transport; every other
+# part imports only `common` (plus llama.cpp for the pod).
+# A part is named by its import name (the standard library has an `operator` too).
+PARTS = ("bench", "common", "inference", "operator", "router")
+TRANSPORTS = {"grpc", "starlette", "fastapi"}
+COMMON, INFERENCE, OPERATOR, ROUTER, BENCH = (f"llamafleet.{p}" for p in
+                                              ("common", "inference", "operator", "router", "bench"))
+ALLOWED: dict[str, set[str]] = {
+    "common": {COMMON},
+    "inference": {COMMON, INFERENCE, "llama_cpp", *TRANSPORTS},
+    "router": {COMMON, ROUTER, *TRANSPORTS},
+    "operator": {COMMON, OPERATOR, *TRANSPORTS},
+    "bench": {COMMON, BENCH, *TRANSPORTS},
+}
+WATCHED = {f"llamafleet.{p}" for p in PARTS} | {"llama_cpp", *TRANSPORTS}  # what the matrix speaks of
 
 
-def test_llamafleet_router_never_loads_llama_cpp_nor_the_pod() -> None:
-    modules = sorted(p.stem for p in (ROOT / "router").glob("*.py") if p.stem != "__init__")
-    assert {"affinity", "app", "backends", "main", "metrics", "settings"} <= set(modules)
-    code = ("import sys\n" + "".join(f"import llamafleet.router.{m}\n" for m in modules)
-            + "print(sorted(m for m in sys.modules if m == 'llama_cpp' "
-              "or m.startswith('llamafleet.inference')))")
+def _modules(part: str) -> list[str]:
+    """Every module of a part, by import name (generated protobuf stubs included)."""
+    names = []
+    for path in sorted((ROOT / part).rglob("*.py")):
+        rel = path.relative_to(ROOT / part).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        names.append(".".join(["llamafleet", part, *parts]))
+    return names
+
+
+def imported(source: str, part: str) -> set[str]:
+    """What a module of ``part`` imports, anywhere in it (functions too), named as the matrix
+    names things: a llamafleet part (``llamafleet.<part>``), or the top-level name of any
+    other package."""
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            out.add(f"llamafleet.{part}")  # relative: within its own part
+            continue
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        for name in names:
+            out.add(".".join(name.split(".")[:2]) if name.startswith("llamafleet.")
+                    else name.split(".")[0])
+    return out
+
+
+def violations(part: str, names: set[str]) -> set[str]:
+    return (names & WATCHED) - ALLOWED[part]
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_each_part_imports_only_what_the_matrix_allows_statically(part: str) -> None:
+    found = {}
+    for path in sorted((ROOT / part).rglob("*.py")):
+        if bad := violations(part, imported(path.read_text(), part)):
+            found[str(path.relative_to(ROOT))] = sorted(bad)
+    assert found == {}
+
+
+def footprint(code: str) -> set[str]:
+    """The parts, llama.cpp and transports that running ``code`` in a fresh interpreter
+    leaves in sys.modules."""
+    probe = (f"import json, sys\n{code}\n"
+             "print(json.dumps(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules})))")
+    r = _run_from_root("-c", probe)
+    assert r.returncode == 0, r.stderr
+    return set(json.loads(r.stdout.splitlines()[-1])) & WATCHED
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_each_part_loads_only_what_the_matrix_allows_dynamically(part: str) -> None:
+    modules = _modules(part)
+    assert len(modules) >= 3, modules
+    loaded = footprint("".join(f"import {m}\n" for m in modules))
+    assert f"llamafleet.{part}" in loaded
+    assert violations(part, loaded) == set()
+
+
+def test_the_matrix_checks_can_fail() -> None:
+    """Both checks catch an import across the matrix: the static one in source text, the
+    dynamic one in what a fresh interpreter loaded."""
+    assert violations("common", imported("import grpc\nfrom llamafleet.router import app", "common")) \
+        == {"grpc", ROUTER}
+    assert violations("operator", imported(
+        "def f():\n    from llamafleet.inference.model import x\n", "operator")) == {INFERENCE}
+    assert violations("inference", imported("from . import engine\nimport llama_cpp", "inference")) \
+        == set()
+    loaded = footprint("import llamafleet.operator.spec\nimport llamafleet.inference.settings")
+    assert violations("operator", loaded) == {INFERENCE}
+
+
+# Each command loads its own part and common, nothing else: its `--help` builds the same
+# parser as a real run. `serve` loads llama.cpp first (cli.setup_serve says why).
+@pytest.mark.parametrize(("argv", "parts"), [
+    (["--help"], {COMMON}),
+    (["serve", "--help"], {COMMON, INFERENCE, "llama_cpp"}),
+    (["fetch", "--help"], {COMMON, INFERENCE}),
+    (["bench", "--help"], {BENCH, COMMON}),
+    (["router", "--help"], {COMMON, ROUTER}),
+    (["operator", "--help"], {COMMON, OPERATOR}),
+    (["operator", "--bogus"], {COMMON, OPERATOR}),
+])
+def test_each_command_loads_only_its_part_and_common(argv: list[str], parts: set[str]) -> None:
+    code = ("from llamafleet.common.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n")
+    assert footprint(code) - TRANSPORTS == parts
+
+
+def test_serve_loads_llama_cpp_before_grpc_and_numpy() -> None:
+    """llama.cpp's shared libraries go first (inference.main.init_backends says why): the
+    dispatcher and the settings import neither grpc nor numpy before `serve` imports llama_cpp."""
+    code = ("import sys\n"
+            "order = []\n"
+            "class Seen:\n"
+            "    @staticmethod\n"
+            "    def find_spec(name, path=None, target=None):\n"
+            "        if name in ('llama_cpp', 'numpy', 'grpc') and name not in order:\n"
+            "            order.append(name)\n"
+            "sys.meta_path.insert(0, Seen)\n"
+            "from llamafleet.common.cli import main\n"
+            "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(order))")
     r = _run_from_root("-c", code)
-    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].split()[:1] == ["llama_cpp"], r.stdout[-200:]

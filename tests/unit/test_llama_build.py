@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import llama_cpp
-from llamafleet.inference.model import llama_cpp_python_version
+from llamafleet.common.versions import llama_cpp_python_version
 
 ROOT = Path(__file__).resolve().parents[2]
 

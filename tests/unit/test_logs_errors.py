@@ -8,7 +8,8 @@ import logging
 
 import pytest
 from llamafleet.common import protocol as P
-from llamafleet.common.errors import ModelNotFound, error_response
+from llamafleet.common.errors import ERROR_TABLE, ModelNotFound, Overloaded, QueueFull
+from llamafleet.common.http_limits import refuse
 from llamafleet.common.logs import ConsoleFormatter
 from pydantic import ValidationError
 
@@ -40,10 +41,45 @@ def test_console_values(value, shown) -> None:
 
 
 def test_an_error_that_echoes_a_lone_surrogate_still_renders() -> None:
+    from llamafleet.inference.http_api import error_response
+
     response = error_response(ModelNotFound("The model 'x\ud800' does not exist.", param="model"))
     body = json.loads(response.body)
     assert response.status_code == 404
     assert body["error"]["message"] == "The model 'x\\ud800' does not exist."
+
+
+@pytest.mark.parametrize("err", [ModelNotFound("No model 'x\ud800'.", param="model"),
+                                 QueueFull("Too many requests are waiting.")])
+async def test_the_plain_asgi_refusal_sends_what_the_http_servers_send(err) -> None:
+    """common.http_limits answers without a web framework; the pod's and the router's
+    Starlette answers carry the same status, headers and body."""
+    from llamafleet.inference.http_api import error_response as pod_response
+    from llamafleet.router.app import error_response as router_response
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await refuse(err, send)
+    start, body = sent
+    headers = dict(start["headers"])
+    assert headers.pop(b"connection") == b"close"
+    for response in (pod_response(err), router_response(err)):
+        assert start["status"] == response.status_code
+        assert body["body"] == response.body
+        assert sorted(headers.items()) == sorted(response.raw_headers)
+
+
+def test_every_error_has_a_grpc_status_of_the_grpc_library() -> None:
+    import grpc
+    from llamafleet.inference.grpc_server import grpc_status
+
+    for cls, mapping in ERROR_TABLE.items():
+        assert isinstance(grpc.StatusCode[mapping.grpc_status], grpc.StatusCode), cls
+    assert grpc_status(Overloaded("busy")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_status(ModelNotFound("no")) is grpc.StatusCode.NOT_FOUND
 
 
 def test_a_lone_surrogate_is_refused_with_its_path() -> None:

@@ -14,8 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from llamafleet.common import contract as C
-from llamafleet.common.contract import ENV_PREFIX
-from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2
+from llamafleet.common.contract import EMBEDDED_MODELS, ENV_PREFIX, GEMMA, SMOLLM2
 from llamafleet.inference.settings import Settings
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
@@ -240,7 +239,7 @@ def test_crd_is_valid_and_matches_the_chart_copy() -> None:
     assert embedded["x-kubernetes-preserve-unknown-fields"] is True
     assert "x-kubernetes-preserve-unknown-fields" not in yaml.safe_dump(
         {k: v for k, v in props.items() if k != "scheduling"})
-    for model in EMBEDDED.values():
+    for model in EMBEDDED_MODELS.values():
         assert model.name in embedded["description"]
 
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from kubernetes.client import ApiClient
 from llamafleet.common.contract import HTTP_PORT, ROUTER_RBAC_RULES, pod_service_name
-from llamafleet.router.backends import Pool
 from llamafleet.router.discovery import slice_urls
 from llamafleet.router.metrics import RouterMetrics
+from llamafleet.router.replicas import Pool
 from llamafleet.router.scaling import Scaler
 from llamafleet.router.settings import RouterSettings
 from pydantic import ValidationError
@@ -128,7 +128,7 @@ async def test_one_scale_up_per_hold_episode_and_the_cold_start_is_measured() ->
             await wait_until(lambda: _async(count("scaled") == 1))
             await hold(3)  # more requests in the same episode: no new scale-up
             await pool.set_urls(["http://10.0.0.1:16070"])
-            pool.backends["http://10.0.0.1:16070"].ready = True
+            pool.replicas["http://10.0.0.1:16070"].ready = True
             await pool.notify()
             await wait_until(lambda: _async(metrics.cold_start._sum.get() > 0))
             assert calls == ["up"]

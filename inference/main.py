@@ -177,7 +177,7 @@ def init_backends() -> None:
     With the CUDA build (seen on an H100), the first model load crashed when llama.cpp's shared
     libraries were loaded after grpc's and numpy's, and when that load ran in a worker thread
     and so initialised the back-ends there (inside print_info, after grpc was imported). So
-    ``cli.main`` imports llama_cpp first, this runs on the main thread, and ``Server._load``
+    ``cli.setup_serve`` imports llama_cpp first, this runs on the main thread, and ``Server._load``
     loads the model on the main thread too.
     """
     import llama_cpp

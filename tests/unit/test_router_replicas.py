@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llamafleet.router.backends import Backend, parse_metrics
+from llamafleet.router.replicas import Replica, parse_metrics
 
 POD_METRICS = """\
 # HELP llamafleet_running_sequences Sequences in the batch.
@@ -34,7 +34,7 @@ def test_the_pods_gauges_are_read_and_nothing_else() -> None:
 
 
 def test_load_is_ours_now_plus_the_others_of_the_last_poll() -> None:
-    b = Backend("http://x", in_flight=2, others=3.0)
+    b = Replica("http://x", in_flight=2, others=3.0)
     assert b.load == 5.0
     b.in_flight = 0
     assert b.load == 3.0

