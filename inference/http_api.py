@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,9 +26,9 @@ from llamafleet.common.logs import request_id_from_headers
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .front_doors import openai_chat
+from .front_doors import anthropic_messages, openai_chat, openai_responses
 from .front_doors.http_stream import sse_response, unless_client_leaves
-from .generation_core import Answer, Core, Turn
+from .generation_core import Answer, Conversation, Core, Turn
 from .serving import Serving
 
 log = logging.getLogger(__name__)
@@ -109,24 +108,41 @@ async def _answer_or_leave(request: Request, turn: Turn) -> Answer | None:
     return answer
 
 
-def _openai_sse(frames: AsyncIterator[bytes], turn: Turn, request: Request) -> Awaitable[Response]:
-    return sse_response(frames, turn.cancel, request, error_response=error_response,
-                        error_frame=openai_chat.error_frame, last=openai_chat.DONE)
+async def _reply(request: Request, turn: Turn, view, stream: bool, *, errors=error_response,
+                 error_frame=openai_chat.error_frame, last: bytes = openai_chat.DONE) -> Response:
+    """A front door's answer: ``view.frames(turn)`` as SSE, or ``view.whole(answer)``."""
+    if stream:
+        return await sse_response(view.frames(turn), turn.cancel, request, error_response=errors,
+                                  error_frame=error_frame, last=last)
+    if (answer := await _answer_or_leave(request, turn)) is None:
+        return Response(status_code=499)
+    return JSONResponse(view.whole(answer))
+
+
+async def _start(request: Request, conv: Conversation, model: str | None, api: str,
+                 user: str | None, stream: bool) -> tuple[Core, Turn]:
+    core = core_of(request)
+    core.serving.check_model(model)
+    prepared = await core.prepare(conv)
+    return core, core.start(prepared, api=api, request_id=request_id_from_headers(request.headers),
+                            user=user, stream=stream)
 
 
 @api.post("/chat/completions")
 async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
-    core = core_of(request)
-    core.serving.check_model(body.model)
-    prepared = await core.prepare(openai_chat.conversation(body))
-    turn = core.start(prepared, api="http_chat", request_id=request_id_from_headers(request.headers),
-                      user=body.user, stream=bool(body.stream))
+    core, turn = await _start(request, openai_chat.conversation(body), body.model, "http_chat",
+                              body.user, bool(body.stream))
     view = openai_chat.ChatView(body, core.serving.model_id, core.serving.fingerprint)
-    if body.stream:
-        return await _openai_sse(view.frames(turn), turn, request)
-    if (answer := await _answer_or_leave(request, turn)) is None:
-        return Response(status_code=499)
-    return JSONResponse(view.completion(answer))
+    return await _reply(request, turn, view, bool(body.stream))
+
+
+@api.post("/responses")
+async def responses(body: openai_responses.ResponsesRequest, request: Request) -> Response:
+    core, turn = await _start(request, openai_responses.conversation(body), body.model,
+                              "http_responses", body.user, body.stream)
+    view = openai_responses.ResponseView(body, core.serving.model_id)
+    return await _reply(request, turn, view, body.stream, error_frame=openai_responses.error_event,
+                        last=b"")
 
 
 @api.post("/embeddings")
@@ -164,11 +180,31 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
                       request_id=request_id_from_headers(request.headers), user=body.user,
                       stream=bool(body.stream))
     view = openai_chat.CompletionView(body, core.serving.model_id, core.serving.fingerprint)
-    if body.stream:
-        return await _openai_sse(view.frames(turn), turn, request)
-    if (answer := await _answer_or_leave(request, turn)) is None:
-        return Response(status_code=499)
-    return JSONResponse(view.completion(answer))
+    return await _reply(request, turn, view, bool(body.stream))
+
+
+def check_anthropic_key(request: Request) -> None:
+    """Anthropic's clients send the key as ``x-api-key``; ``Authorization: Bearer`` works too."""
+    key = request.headers.get("x-api-key")
+    if key is None:
+        return check_api_key(request)
+    expected = request.app.state.settings.api_key
+    if expected is not None and not hmac.compare_digest(key.strip().encode("latin-1"),
+                                                        expected.get_secret_value().encode()):
+        raise Unauthorized("Incorrect API key provided. Pass it as 'x-api-key: <key>'.")
+
+
+anthropic_api = APIRouter(prefix="/v1", dependencies=[Depends(check_anthropic_key)])
+
+
+@anthropic_api.post("/messages")
+async def messages(body: anthropic_messages.MessagesRequest, request: Request) -> Response:
+    user = body.metadata.user_id if body.metadata else None
+    core, turn = await _start(request, anthropic_messages.conversation(body), body.model,
+                              "http_messages", user, body.stream)
+    view = anthropic_messages.MessageView(body, core.serving.model_id, len(turn.prepared.prompt))
+    return await _reply(request, turn, view, body.stream, errors=anthropic_messages.error_response,
+                        error_frame=anthropic_messages.error_event, last=b"")
 
 
 health = APIRouter()
@@ -262,14 +298,20 @@ def create_app(settings, serving: Serving | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.serving = serving
 
-    @app.exception_handler(LlamafleetError)
-    async def _domain(_: Request, exc: LlamafleetError) -> JSONResponse:
+    def shaped(request: Request, exc: LlamafleetError) -> JSONResponse:
+        """Each front door's own error shape: Anthropic's on /v1/messages, else OpenAI's."""
+        if request.url.path.rstrip("/") == "/v1/messages":
+            return anthropic_messages.error_response(exc)
         return error_response(exc)
 
+    @app.exception_handler(LlamafleetError)
+    async def _domain(request: Request, exc: LlamafleetError) -> JSONResponse:
+        return shaped(request, exc)
+
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(BadRequest(message, param=param))
+        return shaped(request, BadRequest(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -278,6 +320,7 @@ def create_app(settings, serving: Serving | None = None) -> FastAPI:
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     app.include_router(api)
+    app.include_router(anthropic_api)
     app.include_router(health)
     if STUDIO_DIR.is_dir() and (STUDIO_DIR / "index.html").exists():
         app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")

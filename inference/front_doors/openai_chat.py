@@ -134,7 +134,7 @@ class ChatView:
     def _bytes(self, frame: P.BaseModel) -> bytes:
         return frame_bytes(frame, self.include_usage)
 
-    def completion(self, a: Answer) -> dict:
+    def whole(self, a: Answer) -> dict:
         message = P.AssistantMessage(content=a.content, reasoning_content=a.reasoning,
                                      tool_calls=[c.wire() for c in a.calls] or None)
         return P.ChatCompletion(
@@ -178,7 +178,7 @@ class CompletionView:
             else:
                 yield text_frame.render(step.content)
 
-    def completion(self, a: Answer) -> dict:
+    def whole(self, a: Answer) -> dict:
         return self.make(a.content or "", a.done.finish_reason,
                          P.Usage.of(a.done.prompt_tokens, a.done.completion_tokens),
                          completion_logprobs(a.logprobs) if self.body.logprobs is not None

@@ -20,7 +20,9 @@ from .test_engine import EOG, FakeBackend
 
 BASE = 100_000  # the last prompt token; generated piece i is token BASE + 1 + i
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+          "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}"
+          "{% if m.tool_call_id %} for {{ m.tool_call_id }}{% endif %}<|im_end|>\n"
           "{% endfor %}{% if tools %}TOOLS:{{ tools | tojson }}{% endif %}"
           "<|im_start|>assistant\n")
 # A template that knows tools (Hermes: "<tool_call>" and "tools" in its text).
@@ -93,6 +95,12 @@ class ScriptedPod:
     def client(self, **headers: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
                                  base_url="http://pod", headers=headers)
+
+    def client2(self):
+        """The same, with httpx2 (what the `anthropic` SDK is built on)."""
+        import httpx2
+
+        return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app), base_url="http://pod")
 
     def close(self) -> None:
         self.engine.stop()
