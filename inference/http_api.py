@@ -26,7 +26,7 @@ from llamafleet.common.logs import request_id_from_headers
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .front_doors import anthropic_messages, openai_chat, openai_responses
+from .front_doors import anthropic_messages, openai_chat, openai_responses, tokens
 from .front_doors.http_stream import sse_response, unless_client_leaves
 from .generation_core import Answer, Conversation, Core, Turn
 from .serving import Serving
@@ -194,6 +194,31 @@ def check_anthropic_key(request: Request) -> None:
         raise Unauthorized("Incorrect API key provided. Pass it as 'x-api-key: <key>'.")
 
 
+@api.post("/chat/completions/render")
+async def render_chat(body: P.ChatCompletionRequest, request: Request) -> dict:
+    core_of(request).serving.check_model(body.model)
+    return await tokens.render_chat(core_of(request), body)
+
+
+@api.post("/completions/render")
+async def render_completion(body: P.CompletionRequest, request: Request) -> dict:
+    core_of(request).serving.check_model(body.model)
+    return await tokens.render_completion(core_of(request), body)
+
+
+token_api = APIRouter(dependencies=[Depends(check_api_key)])
+
+
+@token_api.post("/tokenize")
+async def tokenize(body: tokens.TokenizeRequest, request: Request) -> dict:
+    return await tokens.tokenize(core_of(request), body)
+
+
+@token_api.post("/detokenize")
+async def detokenize(body: tokens.DetokenizeRequest, request: Request) -> dict:
+    return await tokens.detokenize(core_of(request), body)
+
+
 anthropic_api = APIRouter(prefix="/v1", dependencies=[Depends(check_anthropic_key)])
 
 
@@ -321,6 +346,7 @@ def create_app(settings, serving: Serving | None = None) -> FastAPI:
 
     app.include_router(api)
     app.include_router(anthropic_api)
+    app.include_router(token_api)
     app.include_router(health)
     if STUDIO_DIR.is_dir() and (STUDIO_DIR / "index.html").exists():
         app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")

@@ -72,11 +72,15 @@ class FakeModel:
     def grammar_ok(self, grammar: str) -> bool:
         return True
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.backend.token_bytes(token) if token >= BASE else bytes([token - 1])
+
 
 class ScriptedPod:
     def __init__(self, script: list[str], template: str = CHATML, **settings: Any):
         self.backend = ScriptedBackend(script)
         self.model = FakeModel(template)
+        self.model.backend = self.backend
         self.engine = Engine(self.backend, max_batch_size=4, queue_size=8, context_size=8192,
                              deliver=deliver)
         self.engine.start()
