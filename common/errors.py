@@ -134,7 +134,7 @@ def mapping_for(err: LlamafleetError) -> ErrorMapping:
     return ERROR_TABLE[InternalError]
 
 
-def _encodable(text: str) -> str:
+def encodable(text: str) -> str:
     """``text`` as UTF-8 can carry it: a lone surrogate a client sent (echoed in a message)
     is written as its escape, so building the error answer cannot fail."""
     try:
@@ -148,7 +148,7 @@ def openai_body(err: LlamafleetError) -> dict:
     m = mapping_for(err)
     return {
         "error": {
-            "message": _encodable(err.message),
+            "message": encodable(err.message),
             "type": m.openai_type,
             "param": err.param,
             "code": err.code or m.default_code,

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from .sampling import MaxTokens, MinP, Penalty, RepeatPenalty, Seed, Temperature, TopK, TopP
@@ -245,6 +245,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    reasoning_format: Literal["auto", "none", "deepseek"] | None = Field(
+        None, description="extension (llama-server's): where <think> text goes; default the pod's")
 
     @model_validator(mode="before")
     @classmethod
@@ -368,7 +370,20 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
-class AssistantMessage(BaseModel):
+class _Reasoning(BaseModel):
+    """``reasoning_content`` (llama-server's and DeepSeek's field) only when there is some."""
+
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_reasoning(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("reasoning_content") is None:
+            data.pop("reasoning_content", None)
+        return data
+
+
+class AssistantMessage(_Reasoning):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
@@ -404,7 +419,7 @@ class ToolCallDelta(BaseModel):
     function: FunctionCallDelta
 
 
-class Delta(BaseModel):
+class Delta(_Reasoning):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None

@@ -194,6 +194,11 @@ class Serving:
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         """``messages`` as chat templates read them (tools.template_messages); ``tools``
         are rendered by the template (only when it knows tools)."""
+        return self.chat_prompt_and_text(messages, rag_context, tools)[0]
+
+    def chat_prompt_and_text(self, messages: list[dict[str, Any]], rag_context: str | None = None,
+                             tools: list[dict[str, Any]] | None = None) -> tuple[list[int], str]:
+        """:meth:`chat_prompt`, and the rendered text."""
         messages = [dict(m) for m in messages]
         if self.settings.system_prompt and not any(
                 m["role"] in ("system", "developer") for m in messages):
@@ -209,7 +214,7 @@ class Serving:
         if self.settings.log_prompts:
             log.debug("prompt: %r", text)
         add_bos = self.model.add_bos and not text.startswith(self.model.bos_text)
-        return self.model.tokenize(text, add_bos)
+        return self.model.tokenize(text, add_bos), text
 
     def text_prompt(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):

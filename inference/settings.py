@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     system_prompt: str | None = Field(
         None, description="System prompt used when a request brings none of its own."
     )
+    reasoning_format: Literal["auto", "none", "deepseek"] = Field(
+        "auto",
+        description="Where a model's <think>...</think> text goes (llama-server's names): "
+        "'auto' and 'deepseek' move it to the reasoning field of each API (reasoning_content, "
+        "a reasoning item, a thinking block); 'none' leaves it in the answer's text. A request "
+        "may choose for itself with 'reasoning_format'.",
+    )
     rag_template: str = Field(
         DEFAULT_RAG_TEMPLATE,
         description="How rag_context joins the user's message; must contain {context} "

@@ -19,17 +19,23 @@ def _h64(data: bytes) -> int:
 
 def prompt_prefix(body: dict) -> str:
     """The part of a request that requests of the same conversation or tenant share: for
-    chat, every message but the last (system prompt and earlier turns), or the lone message;
-    for completions, the prompt."""
-    messages = body.get("messages")
+    chat and Anthropic messages, the system prompt (Messages' ``system``) and every message
+    but the last, or the lone message; for responses, the ``instructions`` and every
+    ``input`` item but the last, or the lone input; for completions, the prompt."""
+    system = f"system\x1f{_text(body.get('system') or body.get('instructions'))}\x1e" \
+        if body.get("system") or body.get("instructions") else ""
+    messages = body.get("messages", body.get("input"))
+    if isinstance(messages, str):
+        return system or messages
     if isinstance(messages, list) and messages:
-        shared = messages[:-1] or messages
-        return "".join(f"{m.get('role', '')}\x1f{_text(m.get('content'))}\x1e"
-                       for m in shared if isinstance(m, dict))
+        shared = messages[:-1] or ([] if system else messages)
+        return system + "".join(f"{m.get('role', m.get('type', ''))}\x1f"
+                                f"{_text(m.get('content', m.get('output', m.get('arguments'))))}\x1e"
+                                for m in shared if isinstance(m, dict))
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         prompt = "".join(p for p in prompt if isinstance(p, str))
-    return prompt if isinstance(prompt, str) else ""
+    return system + (prompt if isinstance(prompt, str) else "")
 
 
 def _text(content: object) -> str:

@@ -53,10 +53,11 @@ _DROP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"t
          b"content-encoding"}
 # On answers, also the replica's own date and server: uvicorn adds the router's.
 _DROP_ANSWER = _DROP | {b"date", b"server"}
-# The replicas' paths that clients reach through the router: the OpenAI API, and /info and
-# /metrics (behind the pods' API key). Not their /docs, /openapi.json, /studio/ or /.
+# The replicas' paths that clients reach through the router: the OpenAI API (and Anthropic's
+# /v1/messages), /tokenize and /detokenize, and /info and /metrics (behind the pods' API key).
+# Not their /docs, /openapi.json, /studio/ or /.
 PROXIED_PREFIXES = ("/v1/",)
-PROXIED_PATHS = {"/info", "/metrics"}
+PROXIED_PATHS = {"/info", "/metrics", "/tokenize", "/detokenize"}
 PROXIED_METHODS = {"GET", "POST", "DELETE", "PUT"}
 
 

@@ -124,3 +124,27 @@ def test_a_prompt_of_any_shape_gives_a_prefix_never_an_error() -> None:
     assert "kept" in prompt_prefix(body)
     assert prompt_prefix({"prompt": ["a", 1, None, "b"]}) == "ab"
     assert prompt_prefix({"messages": {"not": "a list"}, "prompt": 5}) == ""
+
+
+def test_responses_and_messages_share_their_instructions_and_system_prompt() -> None:
+    def responses(tenant: int, question: str, history: list | None = None) -> dict:
+        return {"instructions": SYSTEM.format(tenant),
+                "input": [*(history or []), {"role": "user", "content": question}]}
+
+    a = prompt_prefix(responses(1, "hello"))
+    assert a == prompt_prefix(responses(1, "other")) != prompt_prefix(responses(2, "hello"))
+    assert SYSTEM.format(1) in prompt_prefix({"instructions": SYSTEM.format(1), "input": "hi"})
+    assert prompt_prefix({"input": "just this"}) == "just this"
+    turn = [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"}]
+    assert prompt_prefix(responses(1, "q", turn)).startswith(a) and "42" in prompt_prefix(
+        responses(1, "q", turn))
+
+    def messages(tenant: int, question: str) -> dict:
+        return {"system": [{"type": "text", "text": SYSTEM.format(tenant)}], "max_tokens": 5,
+                "messages": [{"role": "user", "content": question}]}
+
+    m = prompt_prefix(messages(1, "hello"))
+    assert SYSTEM.format(1) in m and m == prompt_prefix(messages(1, "other"))
+    assert m != prompt_prefix(messages(2, "hello"))
+    assert prompt_prefix({"system": 5, "input": 7}) == "system\x1f\x1e"

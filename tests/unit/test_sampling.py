@@ -90,7 +90,8 @@ def test_the_crd_sampling_schema_is_the_models() -> None:
 def test_the_engine_http_and_grpc_default_alike() -> None:
     """A request that sets nothing samples as the engine's own defaults say, over HTTP and
     gRPC alike: all three are the one model's DEFAULTS (the engine once capped at 256)."""
-    from llamafleet.inference import grpc_server, http_api
+    from llamafleet.inference import grpc_server
+    from llamafleet.inference.front_doors import openai_chat
     from llamafleet.inference.engine import SamplingParams
     from llamafleet.inference.proto import local_pb2 as pb
     from llamafleet.inference.serving import Serving
@@ -106,7 +107,8 @@ def test_the_engine_http_and_grpc_default_alike() -> None:
 
     pod = Pod()
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
-    http = http_api._params(pod, body, body.max_tokens)
+    conv = openai_chat.conversation(body)  # the chat front door's request -> the core's input
+    http = pod.sampling(conv.sampling, stop=conv.stop)
     _, grpc = grpc_server.request_to_generation(
         pod, pb.LLMLocalServiceGenerateStreamRequest(user_prompt="hi"))
     engine = SamplingParams()

@@ -223,9 +223,9 @@ def test_an_incomplete_forced_call_is_an_error_naming_its_cause(reason, stop, st
     from types import SimpleNamespace
 
     from llamafleet.common.errors import mapping_for, openai_body
-    from llamafleet.inference.http_api import _forced_call_error
+    from llamafleet.inference.generation_core import forced_call_error
 
-    err = _forced_call_error("cut", SimpleNamespace(reason=reason), stop)
+    err = forced_call_error("cut", SimpleNamespace(reason=reason), stop)
     assert mapping_for(err).http_status == status and err.param == param
     assert openai_body(err)["error"]["code"] == ("tool_call_incomplete" if status == 400
                                                  else "tool_call_invalid")
