@@ -1,22 +1,33 @@
-"""Fixtures for integration tests against the Kubernetes API emulator (tests/integration/kube.py)."""
+"""The pytest fixtures and hooks that tests of every part share, built on tests/support (one
+module per real component: servers.py, kube.py with the RBAC audit, browser.py).
+
+- The embedded models and the session's real servers on loopback (tests/support/servers.py).
+- The Kubernetes API emulator (`api`, `kmock_options`: tests/support/kube.py) and the RBAC
+  audit's hooks (tests/support/rbac_audit.py): they apply to the audited suites wherever they
+  live, and test_rbac_audit.py runs last.
+- Debian's chromium through Playwright (`browser`: tests/support/browser.py).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from .kube import RESOURCES, VERBS, Emulator
-from .rbac_audit import AUDITED, OPERATOR_TOKEN, Audit, Seen
+from tests.support.browser import launch_chromium
+from tests.support.kube import RESOURCES, VERBS, Emulator
+from tests.support.rbac_audit import AUDITED, OPERATOR_TOKEN, Audit, Seen
+from tests.support.servers import RunningServer, start_server
 
 AUDIT = pytest.StashKey[Audit]()
 AUDITED_TESTS = pytest.StashKey[set[str]]()
 
 
 def audit_of(config: pytest.Config) -> Audit:
-    """The session's RBAC audit (tests/integration/rbac_audit.py), made on first use."""
+    """The session's RBAC audit (tests/support/rbac_audit.py), made on first use."""
     if AUDIT not in config.stash:
         config.stash[AUDIT] = Audit()
     return config.stash[AUDIT]
@@ -69,3 +80,50 @@ async def api(kmock, tmp_path, monkeypatch, request):
         assert not denied, ("requests that Kubernetes RBAC would refuse with 403 Forbidden "
                             "(the chart's charts/llamafleet/files/rbac-rules.yaml or the router's "
                             "ROUTER_RBAC_RULES lack them):\n  " + "\n  ".join(denied))
+
+
+# --- the embedded models and real servers (tests/support/servers.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """Gemma 3 270M (a base model): the benchmark model, for tests that are not about chat."""
+    from llamafleet.common.contract import GEMMA
+    from llamafleet.inference.model_packages import embedded_model_path
+
+    return embedded_model_path(GEMMA.name)
+
+
+@pytest.fixture(scope="session")
+def instruct_model_path() -> Path:
+    """SmolLM2-135M-Instruct (ChatML template in the GGUF): for tests about chatting."""
+    from llamafleet.common.contract import SMOLLM2
+    from llamafleet.inference.model_packages import embedded_model_path
+
+    return embedded_model_path(SMOLLM2.name)
+
+
+@pytest.fixture(scope="session")
+def server(model_path: Path) -> Iterator[RunningServer]:
+    srv = start_server(model_path=model_path)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def instruct_server(instruct_model_path: Path) -> Iterator[RunningServer]:
+    """The server as `llamafleet serve` starts by default: no model path, the default
+    embedded model (SmolLM2-135M-Instruct), from the cache that instruct_model_path filled."""
+    srv = start_server(embedded_model_dir=instruct_model_path.parent)
+    yield srv
+    srv.stop()
+
+
+# --- Debian's chromium (tests/support/browser.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium through Playwright, by executable path (no browser is downloaded)."""
+    with launch_chromium() as b:
+        yield b

@@ -16,7 +16,7 @@ from llamafleet.common.capacity import (
 )
 from llamafleet.inference import capacity
 
-from ..fake_nvml import FakeNVML
+from tests.support.fake_nvml import FakeNVML
 
 # (name, KV shape, GGUF size of the Q4_K_M file)
 MISTRAL_7B = (KVShape(32, 8, 128, 128), 4.37e9)

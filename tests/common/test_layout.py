@@ -159,3 +159,13 @@ def test_serve_loads_llama_cpp_before_grpc_and_numpy() -> None:
     r = _run_from_root("-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1].split()[:1] == ["llama_cpp"], r.stdout[-200:]
+
+
+def test_tests_live_in_their_part_under_unique_names() -> None:
+    # Tests are sorted by part, not by tier (the tier is the `integration` marker), and no two
+    # test files share a name: the RBAC audit names its suites by file name (support/rbac_audit.py).
+    parts = {"common", "inference", "operator", "router", "bench", "e2e"}
+    files = sorted((ROOT / "tests").rglob("test_*.py"))
+    assert {f.relative_to(ROOT / "tests").parts[0] for f in files} <= parts
+    names = [f.name for f in files]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

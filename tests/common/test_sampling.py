@@ -77,7 +77,7 @@ def _bounds(schema: dict) -> dict:
 
 
 def test_the_crd_sampling_schema_is_the_models() -> None:
-    # (the chart's copy is held to crds/ in test_operator_builders)
+    # (the chart's copy is held to crds/ in tests/operator/test_builders.py)
     crd = yaml.safe_load((ROOT / "crds/llmservice.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     crd_sampling = spec["properties"]["sampling"]["properties"]
@@ -91,8 +91,8 @@ def test_the_engine_http_and_grpc_default_alike() -> None:
     """A request that sets nothing samples as the engine's own defaults say, over HTTP and
     gRPC alike: all three are the one model's DEFAULTS (the engine once capped at 256)."""
     from llamafleet.inference import grpc_server
-    from llamafleet.inference.front_doors import openai_chat
     from llamafleet.inference.engine import SamplingParams
+    from llamafleet.inference.front_doors import openai_chat
     from llamafleet.inference.proto import local_pb2 as pb
     from llamafleet.inference.serving import Serving
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from ..conftest import send_request, start_server, wait_until
+from tests.support.servers import send_request, start_server, wait_until
 
 pytestmark = pytest.mark.integration
 

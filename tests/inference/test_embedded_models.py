@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from ..conftest import free_port, start_server, wait_until
+from tests.support.servers import free_port, start_server, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import numpy as np
 import openai
 import pytest
 
-from ..conftest import free_port, read_response, send_request, wait_until
+from tests.support.servers import free_port, read_response, send_request, wait_until
 
 pytestmark = pytest.mark.integration
 EMBED = "/v1/embeddings"

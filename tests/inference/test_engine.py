@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,123 +21,8 @@ from llamafleet.inference.engine import (
     TextDelta,
 )
 
-from ..conftest import wait_until
-
-EOG = 0
-
-
-class FakeBackend:
-    """Token t+1 follows t; each token's text is its number and a space. Token ``EOG``
-    ends a sequence. Records every decode call so tests can inspect batches.
-
-    Knobs: ``eog_from``, sample ``EOG`` instead of any token >= it; ``refused_grammar``,
-    ``new_sampler`` refuses a request with that grammar (as llama.cpp refuses a bad one)."""
-
-    n_batch = 8
-
-    def __init__(self, eog_from: int | None = None, refused_grammar: str | None = None):
-        self.batches: list[tuple[list[int], list[int], list[int], list[bool]]] = []
-        self.cleared: list[int] = []
-        self.trimmed: list[tuple[int, int]] = []
-        self.copied: list[tuple[int, int, int]] = []
-        self.samplers: dict[int, SamplingParams] = {}
-        self.eog_from = eog_from
-        self.refused_grammar = refused_grammar
-        self._last: dict[int, int] = {}
-        self._seq_of_index: dict[int, int] = {}
-        self.gate: threading.Event | None = None
-        self.nonfinite_logits = 0  # what logits_nonfinite() reports (start-up self-test)
-        self.decode_error: Exception | None = None  # raised by every decode when set
-        self.sample_batches: list[list[int]] = []  # the batch indices of each sample_batch
-
-    def new_sampler(self, params: SamplingParams):
-        if self.refused_grammar is not None and params.grammar == self.refused_grammar:
-            raise BadRequest("bad grammar")
-        s = object()
-        self.samplers[id(s)] = params
-        return s
-
-    def free_sampler(self, sampler) -> None:
-        del self.samplers[id(sampler)]
-
-    def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
-               logits: Sequence[bool]) -> None:
-        if self.gate is not None:
-            self.gate.wait(10)
-        if self.decode_error is not None:
-            raise self.decode_error
-        self.batches.append((list(tokens), list(pos), list(seq), list(logits)))
-        self._seq_of_index = {}
-        for i, (t, s) in enumerate(zip(tokens, seq, strict=True)):
-            self._last[s] = t
-            if logits[i]:
-                self._seq_of_index[i] = s
-
-    def sample_batch(self, samplers, indices) -> list[int]:
-        self.sample_batches.append(list(indices))
-        return [self.sample(s, i) for s, i in zip(samplers, indices, strict=True)]
-
-    def sample(self, sampler, batch_index: int) -> int:
-        s = self._seq_of_index[batch_index]
-        nxt = self._last[s] + 1
-        if self.eog_from is not None and nxt >= self.eog_from:
-            return EOG
-        return nxt
-
-    def logits_nonfinite(self, batch_index: int) -> int:
-        return self.nonfinite_logits
-
-    def token_bytes(self, token: int) -> bytes:
-        return f"{token} ".encode()
-
-    def is_eog(self, token: int) -> bool:
-        return token == EOG
-
-    def clear_sequence(self, seq_id: int) -> None:
-        self.cleared.append(seq_id)
-
-    def trim_sequence(self, seq_id: int, keep: int) -> bool:
-        self.trimmed.append((seq_id, keep))
-        return True
-
-    def copy_sequence(self, src: int, dst: int, keep: int) -> bool:
-        self.copied.append((src, dst, keep))
-        return True
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list = []
-        self.done = threading.Event()
-
-    def __call__(self, ev) -> None:
-        self.events.append(ev)
-        if isinstance(ev, (Finished, Failed)):
-            self.done.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
-
-    @property
-    def final(self):
-        finals = [e for e in self.events if isinstance(e, (Finished, Failed))]
-        assert len(finals) == 1, self.events
-        return finals[0]
-
-
-def make_engine(backend: FakeBackend, max_batch_size: int = 4, queue_size: int = 8,
-                context_size: int = 64) -> Engine:
-    e = Engine(backend, max_batch_size=max_batch_size, queue_size=queue_size,
-               context_size=context_size)
-    e.start()
-    return e
-
-
-def submit(engine: Engine, prompt: list[int], **params) -> Collector:
-    c = Collector()
-    engine.submit(GenerationRequest(prompt, SamplingParams(**params), c))
-    return c
+from tests.support.fake_backend import Collector, FakeBackend, make_engine, submit
+from tests.support.servers import wait_until
 
 
 def test_generates_until_max_tokens_then_length() -> None:

@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from .scripted import HERMES, THINKING, ScriptedPod
+from tests.support.scripted import HERMES, THINKING, ScriptedPod
 
 WEATHER = {"type": "function", "function": {
     "name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

@@ -9,7 +9,7 @@ import anthropic
 import openai
 import pytest
 
-from .scripted import HERMES, ScriptedPod
+from tests.support.scripted import HERMES, ScriptedPod
 
 WEATHER = {"type": "function", "name": "weather",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

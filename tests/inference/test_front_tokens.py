@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .scripted import BASE, ScriptedPod
+from tests.support.scripted import BASE, ScriptedPod
 
 
 @pytest.fixture

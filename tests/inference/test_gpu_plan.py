@@ -1,7 +1,7 @@
 """A GPU pod starts with the batch width the operator planned for it (issue 23, item 16).
 
 The pod is built as `llamafleet serve` builds it (serving.build, the real model and
-engine); only NVML is faked, at the pod's boundary (tests/fake_nvml.py): a card whose free
+engine); only NVML is faked, at the pod's boundary (tests/support/fake_nvml.py): a card whose free
 memory drops once the weights are on it, as a real card's does. Planned from the free
 memory after the load, the weights were subtracted twice and the pod refused a model that
 the operator had planned for it.
@@ -15,7 +15,7 @@ import sys
 import pytest
 from llamafleet.common.capacity import MiB
 
-from ..fake_nvml import FakeNVML
+from tests.support.fake_nvml import FakeNVML
 
 pytestmark = pytest.mark.integration
 

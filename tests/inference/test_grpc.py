@@ -15,7 +15,7 @@ from llamafleet.inference.proto import local_pb2 as pb
 from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 from llamafleet.operator import certs
 
-from ..conftest import start_server, wait_until
+from tests.support.servers import start_server, wait_until
 
 pytestmark = pytest.mark.integration
 

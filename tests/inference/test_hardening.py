@@ -20,7 +20,7 @@ from llamafleet.inference.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from llamafleet.inference.proto import local_pb2 as pb
 from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 
-from ..conftest import free_port, json_body, read_response, send_request, start_server, wait_until
+from tests.support.servers import free_port, json_body, read_response, send_request, start_server, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,8 @@ from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
 from llamafleet.inference.llama_backend import llama_cpp as _llama_cpp
 from llamafleet.inference.sampler import PENALTY_LAST_N
 
+pytestmark = pytest.mark.integration
+
 C = _llama_cpp.llama_cpp
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from llamafleet.common.contract import SYSTEM_FINGERPRINT, VERSION
 
-from ..conftest import wait_until
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.integration
 

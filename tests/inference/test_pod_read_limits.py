@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..conftest import RunningServer, exchange, start_server
+from tests.support.servers import RunningServer, exchange, start_server
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from llamafleet.inference import profiling
 from llamafleet.inference.engine import Engine, Finished
 
-from .test_engine import FakeBackend, make_engine, submit
+from tests.support.fake_backend import FakeBackend, make_engine, submit
 
 DECODE_S = 0.003
 

@@ -14,7 +14,7 @@ import pytest
 from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
 from llamafleet.inference.llama_backend import llama_cpp as _llama_cpp
 
-from tests.conftest import start_server
+from tests.support.servers import start_server
 
 pytestmark = pytest.mark.integration
 C = _llama_cpp.llama_cpp

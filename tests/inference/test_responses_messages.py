@@ -11,7 +11,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.integration.test_router import start_router
+from tests.support.servers import start_router
 
 pytestmark = pytest.mark.integration
 

@@ -1,12 +1,12 @@
 """The start-up self-test on the engine's backend boundary (the real-model path is covered by
-tests/integration/test_cpu_portability.py, which starts `llamafleet serve`)."""
+tests/inference/test_cpu_portability.py, which starts `llamafleet serve`)."""
 
 from __future__ import annotations
 
 import pytest
 from llamafleet.inference.selftest import SELF_TEST_TOKENS, SelfTestFailed, self_test
 
-from .test_engine import FakeBackend
+from tests.support.fake_backend import FakeBackend
 
 
 def test_self_test_decodes_one_row_at_a_time_and_leaves_the_sequence_empty() -> None:

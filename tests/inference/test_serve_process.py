@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import serve_process as _serve
-from tests.conftest import serve_ready as _ready
-from tests.conftest import wait_until
+from tests.support.servers import serve_process as _serve
+from tests.support.servers import serve_ready as _ready
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -1,13 +1,13 @@
 """The builtin autoscaler end to end: the real kopf runtime against KMock's emulator, with
 real `llamafleet serve` processes on loopback standing in for the pods.
 
-The emulator (tests/integration/kube.py) has no Deployment controller, so the test plays
+The emulator (tests/support/kube.py) has no Deployment controller, so the test plays
 it: whenever the Deployment's replicas change it creates or deletes Pod objects whose
 `status.podIP` is 127.0.0.1, whose Ready condition is True and whose container port named
 `http` is one serve process's port (pod i -> process i). It plays the EndpointSlice
 controller too (one slice per pod), so that a real `llamafleet router --llmservice` finds
 the pods and scales the LLMService from zero for a held request. The emulator was extended
-with the LLMService `scale` subresource and label selectors (tests/integration/kube.py).
+with the LLMService `scale` subresource and label selectors (tests/support/kube.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import pytest
 from llamafleet.common.contract import pod_service_name
 from llamafleet.router.replicas import replica_id
 
-from ..conftest import serve_process, serve_ready, wait_until
-from .kube import (
+from tests.support.kube import (
     LLMS,
     NS,
     SLICES,
@@ -41,6 +40,7 @@ from .kube import (
     node,
     patch,
 )
+from tests.support.servers import serve_process, serve_ready, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 

@@ -1,4 +1,4 @@
-"""The real kopf runtime against KMock's Kubernetes API emulator (tests/integration/kube.py
+"""The real kopf runtime against KMock's Kubernetes API emulator (tests/support/kube.py
 says what the emulator adds to KMock, and why)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import httpx
 import pytest
 from cryptography import x509
 
-from ..conftest import wait_until
-from .kube import LLMS, NS, condition, create, env_of, get, kopf_runner, llmservice, node, patch
+from tests.support.kube import LLMS, NS, condition, create, env_of, get, kopf_runner, llmservice, node, patch
+from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -171,7 +171,7 @@ async def test_cpu_service_with_optional_children(api) -> None:
         np_ = await wait_until(
             lambda: get(api, f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/cpu"))
         assert np_["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
-        # Two replicas bring the router (test_operator_router_kopf.py): its metrics port too.
+        # Two replicas bring the router (test_router_kopf.py): its metrics port too.
         assert np_["spec"]["ingress"][-1] == {"from": [{"namespaceSelector": {"matchLabels": {
             "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"port": 16072, "protocol": "TCP"},
                                                                       {"port": 16073, "protocol": "TCP"}]}
@@ -401,7 +401,7 @@ async def test_ca_rotation_keeps_grpc_clients_connected(api, tmp_path, model_pat
     from llamafleet.inference.proto import local_pb2 as pb
     from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
 
-    from ..conftest import start_server
+    from tests.support.servers import start_server
 
     await create(api, "/api/v1/nodes", node("big", 81559, "NVIDIA H100 80GB HBM3"))
     srv_dir = tmp_path / "server"
@@ -469,7 +469,7 @@ POOLS = f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools"
 
 
 async def test_an_inference_pool_follows_spec_routing(api) -> None:
-    from tests.unit.test_inference_pool import INFERENCE_POOL_V1, jsonschema
+    from tests.operator.test_inference_pool import INFERENCE_POOL_V1, jsonschema
 
     async with kopf_runner() as runner:
         await create(api, LLMS, llmservice("gie", routing={"inferencePool": {

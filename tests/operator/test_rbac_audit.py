@@ -1,4 +1,4 @@
-"""The RBAC audit's session summary (issue 24): run last (conftest.py moves it there).
+"""The RBAC audit's session summary (issue 24): run last (tests/conftest.py moves it there).
 
 After each test of the audited suites, the `api` fixture has already failed the test if any of
 its requests would have been refused (rbac_audit.Audit.check). This test looks at them all
@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import AUDITED_TESTS, audit_of
-from .rbac_audit import AUDITED
+from tests.conftest import AUDITED_TESTS, audit_of
+from tests.support.rbac_audit import AUDITED
+
+# A summary of the kopf + KMock suites (integration tests): it runs, and skips, with them.
+pytestmark = pytest.mark.integration
 
 # Granted but not requested by any emulated flow: (who, group, resource, verb) -> why.
 # "follow-up" marks grants that no code path was found for: candidates for removal once a

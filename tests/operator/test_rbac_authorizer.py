@@ -1,11 +1,11 @@
-"""tests/rbac.py against the behaviour of Kubernetes' RequestInfoFactory and RBAC authorizer
+"""tests/support/rbac.py against the behaviour of Kubernetes' RequestInfoFactory and RBAC authorizer
 (the integration suites' RBAC audit relies on both)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.rbac import (
+from tests.support.rbac import (
     DEFAULT_POLICY,
     Authorizer,
     RequestInfo,

@@ -12,7 +12,7 @@ import pytest
 from llamafleet.operator import handlers, reconcile, runtime
 from llamafleet.operator.settings import OperatorSettings
 
-from ..conftest import wait_until
+from tests.support.servers import wait_until
 
 
 @pytest.fixture()

@@ -1,8 +1,8 @@
 """The operator deploys the router (issue #15): the real kopf runtime and our handlers
-against KMock's API emulator (tests/integration/kube.py).
+against KMock's API emulator (tests/support/kube.py).
 
 The emulator has no RBAC (so Kubernetes' check that the operator holds what it grants is
-covered by tests/unit/test_operator_router.py against the chart's rules), no garbage
+covered by tests/operator/test_router_builders.py against the chart's rules), no garbage
 collector and no Deployment controller: tests assert ownerReferences and set a
 Deployment's status themselves to make a router pod ready."""
 
@@ -19,8 +19,8 @@ from llamafleet.common.contract import GRPC_PORT, HTTP_PORT, ROUTER_PORT
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
 
-from ..conftest import wait_until
-from .kube import LLMS, NS, condition, create, get, kopf_runner, llmservice, patch
+from tests.support.kube import LLMS, NS, condition, create, get, kopf_runner, llmservice, patch
+from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 

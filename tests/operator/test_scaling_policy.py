@@ -329,7 +329,7 @@ async def test_a_pod_that_does_not_answer_is_a_missing_reading() -> None:
     import httpx
     from llamafleet.operator.scaling_loop import Target, read_held, read_pod
 
-    from tests.conftest import free_port
+    from tests.support.servers import free_port
 
     dead = Target("gone", f"http://127.0.0.1:{free_port()}", None)  # nothing listens there
     async with httpx.AsyncClient(timeout=1) as client:

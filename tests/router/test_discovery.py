@@ -1,7 +1,7 @@
 """In-cluster discovery and scale from zero, at our own boundaries: EndpointSlices (API
 dicts) to replica URLs (pure), the settings that choose the mode, and the scaler's once
-per hold episode rule with its Kubernetes call replaced (tests/integration/
-test_router_discovery.py drives the real thing against the API emulator)."""
+per hold episode rule with its Kubernetes call replaced (tests/router/
+test_discovery_kmock.py drives the real thing against the API emulator)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from llamafleet.router.scaling import Scaler
 from llamafleet.router.settings import RouterSettings
 from pydantic import ValidationError
 
-from tests.conftest import wait_until
+from tests.support.servers import wait_until
 
 
 def eps(*endpoints: dict, ports: list | None = None, address_type: str = "IPv4") -> dict:

@@ -3,7 +3,7 @@ EndpointSlices of the LLMService's pod Service and scales the LLMService from ze
 
 Real parts: the router as a subprocess (KUBECONFIG pointing at KMock's emulator, as in a
 pod with a kubeconfig), a real `llamafleet serve` on loopback, real inference. The emulator
-(tests/integration/kube.py) is extended where KMock 0.8 falls short: it filters lists and
+(tests/support/kube.py) is extended where KMock 0.8 falls short: it filters lists and
 watches by labelSelector and serves the `scale` subresource as a real API server does.
 There are no controllers: the test itself plays the Deployment and EndpointSlice
 controllers, publishing a slice whose ready endpoint is the serve process.
@@ -22,9 +22,8 @@ import pytest
 from llamafleet.common.contract import pod_service_name
 from llamafleet.router.replicas import replica_id
 
-from tests.conftest import free_port, serve_process, wait_until
-
-from .kube import LLMS, SLICES, Emulator, Router, create, endpoint_slice, get, llmservice
+from tests.support.kube import LLMS, SLICES, Emulator, Router, create, endpoint_slice, get, llmservice
+from tests.support.servers import free_port, serve_process, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """The router against sick replicas and hostile clients (issue 23, items 1-6): a real
-`llamafleet router` process in front of stub replicas (tests/integration/stub_replica.py,
+`llamafleet router` process in front of stub replicas (tests/router/stub_replica.py,
 separate processes that a test can SIGSTOP), all on loopback.
 
 Each test bounds what it waits for: no request may hang past its deadline, none may be sent
@@ -23,9 +23,7 @@ import httpx
 import pytest
 from llamafleet.router.replicas import replica_id
 
-from tests.conftest import exchange, free_port, wait_until
-
-from .test_router import Router, start_router
+from tests.support.servers import Router, exchange, free_port, start_router, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ replica killed mid-run."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,50 +17,11 @@ import pytest
 from llamafleet.router.replicas import replica_id
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, serve_process, serve_ready, wait_until
+from tests.support.servers import Router, free_port, serve_process, serve_ready, start_router, wait_until
 
 pytestmark = pytest.mark.integration
 
 SERVE_FLAGS = ("--max-batch-size", "2", "--context-size", "1024", "--default-max-tokens", "16")
-
-
-@dataclass
-class Router:
-    proc: subprocess.Popen
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/router/metrics", timeout=5).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        return self.proc.communicate(timeout=30)[0]
-
-
-def start_router(backends: list[str], *flags: str) -> Router:
-    port = free_port()
-    cmd = [sys.executable, "-m", "llamafleet.common.cli", "router",
-           "--backends", ",".join(backends), "--host", "127.0.0.1", "--port", str(port),
-           "--poll-interval", "0.2", "--log-format", "console", *flags]
-    router = Router(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True), port)
-
-    def up() -> bool:
-        if router.proc.poll() is not None:
-            raise AssertionError(f"router exited: {router.proc.stdout.read()[-3000:]}")
-        try:
-            return httpx.get(f"{router.url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(up, timeout=60)
-    return router
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 import kopf
 from llamafleet.operator import handlers  # noqa: F401 - registers the real handlers
 
-from tests.integration.rbac_audit import OPERATOR_TOKEN
+from tests.support.rbac_audit import OPERATOR_TOKEN
 
 
 @kopf.on.login()

@@ -24,7 +24,7 @@ relies on (as docs/testing.md describes):
 - `expire_watches`: the next N watches get a 410 Gone ERROR event, as when a watch's
   resourceVersion is older than the API server's history; clients must list again.
 There is no garbage collector and no Deployment controller, so tests assert
-ownerReferences and set a Deployment's status themselves (or, like test_autoscaling.py,
+ownerReferences and set a Deployment's status themselves (or, like tests/operator/test_autoscaling_kopf.py,
 play the Deployment controller by creating Pod objects).
 """
 
@@ -48,7 +48,7 @@ import yaml
 from llamafleet.common.contract import SERVICE_NAME_LABEL
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.support.servers import free_port
 
 NS = "team-a"
 LLMS = "/apis/llamafleet.io/v1alpha1/namespaces/team-a/llmservices"
@@ -295,7 +295,7 @@ class Router:
     audit (rbac_audit.py) takes for the router's ServiceAccount."""
 
     def __init__(self, name: str, kubeconfig: Path, *flags: str):
-        from .rbac_audit import ROUTER_TOKEN
+        from tests.support.rbac_audit import ROUTER_TOKEN
 
         config = yaml.safe_load(kubeconfig.read_text())
         for user in config["users"]:

@@ -25,7 +25,8 @@ import yaml
 from llamafleet.common.contract import ROUTER_RBAC_RULES
 from llamafleet.operator.builders import Names, build_router_role, build_router_role_binding
 
-from tests.rbac import (
+from tests.support.kube import NS, RESOURCES
+from tests.support.rbac import (
     DEFAULT_POLICY,
     Authorizer,
     Decision,
@@ -35,8 +36,6 @@ from tests.rbac import (
     request_info,
 )
 
-from .kube import NS, RESOURCES
-
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools/bin/helm"
 CHART = ROOT / "charts/llamafleet"
@@ -44,8 +43,9 @@ RELEASE, RELEASE_NS = "rel", "llm"
 OPERATOR_TOKEN = "llamafleet-operator"
 ROUTER_TOKEN = "llamafleet-router."  # + the LLMService's name
 # The suites whose flows the audit covers (all of their tests that talk to the emulator).
-AUDITED = ("test_operator_kopf.py", "test_operator_router_kopf.py", "test_router_discovery.py",
-           "test_autoscaling.py")
+# File names are unique across tests/ (tests/common/test_layout.py holds it).
+AUDITED = ("test_kopf.py", "test_router_kopf.py", "test_discovery_kmock.py",
+           "test_autoscaling_kopf.py")
 CLUSTER_WIDE, PER_NAMESPACE = "cluster-wide", f"operator.watchNamespaces={{{NS}}}"
 
 

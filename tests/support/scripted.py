@@ -1,5 +1,5 @@
 """A pod without a model, for the front doors' unit tests: the real Serving, Engine, core and
-FastAPI app over a scripted backend (our own boundary, as test_engine's FakeBackend), reached
+FastAPI app over a scripted backend (our own boundary, as fake_backend.FakeBackend), reached
 through the official clients with an in-process ASGI transport.
 
 Every request's answer is ``ScriptedBackend.script``: one generated token per piece."""
@@ -16,7 +16,7 @@ from llamafleet.inference.metrics import Metrics
 from llamafleet.inference.serving import Serving, deliver
 from llamafleet.inference.settings import Settings
 
-from .test_engine import EOG, FakeBackend
+from tests.support.fake_backend import EOG, FakeBackend
 
 BASE = 100_000  # the last prompt token; generated piece i is token BASE + 1 + i
 

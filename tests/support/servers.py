@@ -1,4 +1,8 @@
-"""Shared fixtures: the real model, free ports, and real servers on loopback."""
+"""Real servers on loopback for tests of every part: free ports, `llamafleet serve` in a
+thread (:func:`start_server`) or as a process (:func:`serve_process`), `llamafleet router` as a
+process (:func:`start_router`), raw HTTP exchanges, and :func:`wait_until` (no sleeps used as
+synchronisation). The pytest fixtures built on these (the embedded models, the session's
+servers) are in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -10,11 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def exchange(port: int, *parts: bytes, read_timeout: float = 10) -> bytes:
@@ -80,8 +83,6 @@ def serve_process(*flags: str, port: int | None = None) -> tuple[subprocess.Pope
 
 def serve_ready(proc: subprocess.Popen, port: int) -> bool:
     """For wait_until: the process answers /ready (and fails loudly if it died)."""
-    import httpx
-
     if proc.poll() is not None:
         raise AssertionError(f"serve exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
     try:
@@ -120,24 +121,6 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
 def json_body(rest: bytes) -> dict:
     """The JSON body of a plain (not chunked) :func:`read_response` answer."""
     return json.loads(rest.split(b"\r\n\r\n", 1)[1])
-
-
-@pytest.fixture(scope="session")
-def model_path() -> Path:
-    """Gemma 3 270M (a base model): the benchmark model, for tests that are not about chat."""
-    from llamafleet.common.contract import GEMMA
-    from llamafleet.inference.model_packages import embedded_model_path
-
-    return embedded_model_path(GEMMA.name)
-
-
-@pytest.fixture(scope="session")
-def instruct_model_path() -> Path:
-    """SmolLM2-135M-Instruct (ChatML template in the GGUF): for tests about chatting."""
-    from llamafleet.common.contract import SMOLLM2
-    from llamafleet.inference.model_packages import embedded_model_path
-
-    return embedded_model_path(SMOLLM2.name)
 
 
 @dataclass
@@ -206,17 +189,43 @@ def start_server(**overrides) -> RunningServer:
     return RunningServer(box["server"], settings, thread, box["loop"])
 
 
-@pytest.fixture(scope="session")
-def server(model_path: Path) -> Iterator[RunningServer]:
-    srv = start_server(model_path=model_path)
-    yield srv
-    srv.stop()
+@dataclass
+class Router:
+    """A `llamafleet router` process on loopback (:func:`start_router`)."""
+
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/router/metrics", timeout=5).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        return self.proc.communicate(timeout=30)[0]
 
 
-@pytest.fixture(scope="session")
-def instruct_server(instruct_model_path: Path) -> Iterator[RunningServer]:
-    """The server as `llamafleet serve` starts by default: no model path, the default
-    embedded model (SmolLM2-135M-Instruct), from the cache that instruct_model_path filled."""
-    srv = start_server(embedded_model_dir=instruct_model_path.parent)
-    yield srv
-    srv.stop()
+def start_router(backends: list[str], *flags: str) -> Router:
+    """`llamafleet router` as users start it (static ``--backends``), once its /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "llamafleet.common.cli", "router",
+           "--backends", ",".join(backends), "--host", "127.0.0.1", "--port", str(port),
+           "--poll-interval", "0.2", "--log-format", "console", *flags]
+    router = Router(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True), port)
+
+    def up() -> bool:
+        if router.proc.poll() is not None:
+            raise AssertionError(f"router exited: {router.proc.stdout.read()[-3000:]}")
+        try:
+            return httpx.get(f"{router.url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(up, timeout=60)
+    return router
