@@ -60,7 +60,7 @@ ACCEPT_HOST_US = 30.0       # host work outside llama_decode, µs per sequence p
 NOISY = 0.05                # others' share of the CPU above which a figure is flagged
 
 
-# --- pure helpers (tests/unit/test_high_concurrency_bench.py) ------------------------------
+# --- pure helpers (tests/bench/test_high_concurrency.py) ------------------------------
 
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (as ``llamafleet bench`` computes its p50/p95)."""

@@ -20,7 +20,7 @@ class _Wire(BaseModel):
 
 
 # OpenAI fields we know but do not implement: a 400 naming the field and saying why. A test
-# (tests/unit/test_protocol_fields.py) holds every field of the official client's request
+# (tests/common/test_protocol_fields.py) holds every field of the official client's request
 # types to "a field of our model, or listed here", so a new OpenAI field cannot go unhandled.
 UNSUPPORTED_CHAT = {
     "audio": "audio output is not supported",

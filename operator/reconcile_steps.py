@@ -3,7 +3,7 @@
 Pure: nothing here talks to the API server. :mod:`llamafleet.operator.reconcile` reads the
 children, calls :func:`plan_steps` and walks the list; each step says which condition it
 sets when the API server refuses it. The order is the point, and each rule is a unit test
-(tests/unit/test_reconcile_steps.py):
+(tests/operator/test_reconcile_steps.py):
 
 1. ``spec.replicas`` is written through the scale subresource before anything else when
    spec.scaling is set and the object has none (the scale subresource reads an absent
