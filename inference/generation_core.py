@@ -45,6 +45,7 @@ class Conversation:
     logprobs: int | None = None
     rag_context: str | None = None
     reasoning_format: str | None = None  # llama-server's names; None: the pod's default
+    prompt_param: str = "messages"  # what a too-long prompt's error names
 
     @property
     def forced(self) -> bool:
@@ -131,7 +132,8 @@ class Core:
         # A grammar holds the whole answer to JSON: there are no thoughts to split.
         think = fmt != "none" and grammar is None
         return Prepared(prompt, params, conv, think=think,
-                        thinking_opened=think and text.rstrip().endswith(reasoning.OPEN))
+                        thinking_opened=think and text.rstrip().endswith(reasoning.OPEN),
+                        prompt_param=conv.prompt_param)
 
     async def prepare_text(self, prompt: str | Sequence[int], sampling: SamplingParameters, *,
                            stop: Sequence[str] = (), ignore_eos: bool = False,
