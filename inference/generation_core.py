@@ -82,12 +82,14 @@ class Step:
 @dataclass
 class Done:
     """The end: OpenAI's finish reason (stop | length | tool_calls), the engine's own
-    (stop | length | cancelled), and the token counts."""
+    (stop | length | cancelled), the token counts, and the request's stop string that ended
+    the text (if one did)."""
 
     finish_reason: str
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None
 
 
 @dataclass
@@ -212,7 +214,7 @@ class Turn:
                 if step:
                     yield step
                 yield Done("tool_calls" if calls or self._forced else _finish_reason(ev),
-                           ev.reason, ev.prompt_tokens, ev.completion_tokens)
+                           ev.reason, ev.prompt_tokens, ev.completion_tokens, ev.stop)
 
     async def answer(self) -> Answer:
         """The whole answer (the front door cancels the turn if its client leaves)."""
@@ -242,7 +244,7 @@ class Turn:
             content, calls = self.core.family.parse(text)
             calls = calls if self.conv.parallel_tool_calls else calls[:1]
         done = Done("tool_calls" if calls else _finish_reason(fin), fin.reason,
-                    fin.prompt_tokens, fin.completion_tokens)
+                    fin.prompt_tokens, fin.completion_tokens, fin.stop)
         return Answer(content, thought, calls, done, lps)
 
     def _forced_error(self, why: str, fin: Finished) -> LlamafleetError:
