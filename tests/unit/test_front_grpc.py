@@ -26,12 +26,13 @@ async def rpc():
         pod.close()
 
 
+HISTORY = [pb.ConversationTurn(role="user", content="hello"),
+           pb.ConversationTurn(role="Model", content="hi")]  # Model: the contract's assistant
+
+
 def request(user: str = "Tell me a story.", **params) -> pb.LLMLocalServiceGenerateStreamRequest:
-    return pb.LLMLocalServiceGenerateStreamRequest(
-        system_prompt="You are terse.", user_prompt=user,
-        history=[pb.ConversationTurn(role="user", content="hello"),
-                 pb.ConversationTurn(role="Model", content="hi")],
-        params=pb.GenerationParams(**params))
+    return pb.LLMLocalServiceGenerateStreamRequest(system_prompt="You are terse.", user_prompt=user,
+                                                   history=HISTORY, params=params)
 
 
 def engine(**fields) -> struct_pb2.Struct:
