@@ -61,6 +61,7 @@ class Prepared:
     params: SamplingParams
     conversation: Conversation | None = None
     think: bool = False  # split <think> text out
+    inline_when_streamed: bool = False  # deepseek-legacy: streamed thoughts stay in the text
     thinking_opened: bool = False  # the prompt itself opened the thoughts
     prompt_param: str = "messages"
 
@@ -135,6 +136,7 @@ class Core:
         think = fmt != "none" and grammar is None
         return Prepared(prompt, params, conv, think=think,
                         thinking_opened=think and text.rstrip().endswith(reasoning.OPEN),
+                        inline_when_streamed=fmt == "deepseek-legacy",
                         prompt_param=conv.prompt_param)
 
     async def prepare_text(self, prompt: str | Sequence[int], sampling: SamplingParameters, *,
@@ -189,8 +191,9 @@ class Turn:
     async def steps(self) -> AsyncIterator[Step | Done]:
         """Parsed steps as the text arrives, then :class:`Done` (errors raise)."""
         parser = self._parser()
-        split = reasoning.ThinkSplit(self.prepared.thinking_opened) if self.prepared.think \
-            else None
+        p = self.prepared
+        split = reasoning.ThinkSplit(p.thinking_opened, inline=p.inline_when_streamed) \
+            if p.think else None
         calls = False
         async for ev in self.gen.events():
             if isinstance(ev, TextDelta):

@@ -130,7 +130,7 @@ class MessagesRequest(_Wire):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
-    reasoning_format: Literal["auto", "none", "deepseek"] | None = Field(
+    reasoning_format: P.ReasoningFormat | None = Field(
         None, description="extension (llama-server's): where <think> text goes")
 
     @model_validator(mode="before")
