@@ -11,6 +11,11 @@ from pydantic_core import PydanticCustomError
 
 from .sampling import MaxTokens, MinP, Penalty, RepeatPenalty, Seed, Temperature, TopK, TopP
 
+# Where a model's <think> text goes (llama-server's names): none leaves it in the text;
+# deepseek (and auto) move it to the API's reasoning field; deepseek-legacy does so in whole
+# answers and leaves it inline, in its tags, when streamed.
+ReasoningFormat = Literal["auto", "none", "deepseek", "deepseek-legacy"]
+
 
 class _Wire(BaseModel):
     """A request part: a field we do not know is refused with a 400 that names it, never
@@ -245,7 +250,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    reasoning_format: Literal["auto", "none", "deepseek"] | None = Field(
+    reasoning_format: ReasoningFormat | None = Field(
         None, description="extension (llama-server's): where <think> text goes; default the pod's")
 
     @model_validator(mode="before")

@@ -90,6 +90,7 @@ class Finished:
     reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+    stop: str | None = None  # the request's stop string that ended the text, if one did
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,10 @@ class TextAssembler:
         # them holds nothing back (the common case, checked in O(1) per token).
         self._prefix_ends = {s[k - 1] for s in self._stop for k in range(1, len(s))}
         self._pending = ""
+        self.matched: str | None = None  # the stop string that was hit
 
     def feed(self, data: bytes) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was hit)."""
+        """Returns (text safe to emit, whether a stop string was hit: :attr:`matched`)."""
         text = self._decode(data)
         if not self._stop:
             return text, False
@@ -213,7 +215,7 @@ class TextAssembler:
         for s in self._stop:
             at = pending.find(s)
             if at >= 0 and (first < 0 or at < first):
-                first = at
+                first, self.matched = at, s  # only when a stop string is in the text
         if first >= 0:
             self._pending = ""
             return pending[:first], True
@@ -706,7 +708,7 @@ class Engine:
                 else:
                     seq.held.append(TextDelta(text, lp))
             if hit_stop:
-                self._finish(seq, "stop", flush=False)
+                self._finish(seq, "stop", flush=False, stop=seq.text.matched)
             elif seq.completion_tokens >= seq.req.params.max_tokens:
                 self._finish(seq, "length")
             elif seq.n_past + 1 >= self.context_size:
@@ -727,7 +729,8 @@ class Engine:
         finally:
             self.backend.free_sampler(seq.sampler)
 
-    def _finish(self, seq: _Sequence, reason: str, flush: bool = True) -> None:
+    def _finish(self, seq: _Sequence, reason: str, flush: bool = True,
+                stop: str | None = None) -> None:
         self._release(seq, keep_cache=reason != "cancelled")
         if flush and reason != "cancelled":
             tail = seq.text.flush()
@@ -741,7 +744,7 @@ class Engine:
                                     tuple(lp for d in seq.held for lp in d.logprobs))]
             for event in events:
                 self._emit(seq.req, event)
-        self._emit(seq.req, Finished(reason, len(seq.req.prompt), seq.completion_tokens))
+        self._emit(seq.req, Finished(reason, len(seq.req.prompt), seq.completion_tokens, stop))
 
     def _fail(self, seq: _Sequence, err: LlamafleetError) -> None:
         self._release(seq)

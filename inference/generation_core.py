@@ -45,6 +45,7 @@ class Conversation:
     logprobs: int | None = None
     rag_context: str | None = None
     reasoning_format: str | None = None  # llama-server's names; None: the pod's default
+    prompt_param: str = "messages"  # what a too-long prompt's error names
 
     @property
     def forced(self) -> bool:
@@ -60,6 +61,7 @@ class Prepared:
     params: SamplingParams
     conversation: Conversation | None = None
     think: bool = False  # split <think> text out
+    inline_when_streamed: bool = False  # deepseek-legacy: streamed thoughts stay in the text
     thinking_opened: bool = False  # the prompt itself opened the thoughts
     prompt_param: str = "messages"
 
@@ -81,12 +83,14 @@ class Step:
 @dataclass
 class Done:
     """The end: OpenAI's finish reason (stop | length | tool_calls), the engine's own
-    (stop | length | cancelled), and the token counts."""
+    (stop | length | cancelled), the token counts, and the request's stop string that ended
+    the text (if one did)."""
 
     finish_reason: str
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None
 
 
 @dataclass
@@ -131,7 +135,9 @@ class Core:
         # A grammar holds the whole answer to JSON: there are no thoughts to split.
         think = fmt != "none" and grammar is None
         return Prepared(prompt, params, conv, think=think,
-                        thinking_opened=think and text.rstrip().endswith(reasoning.OPEN))
+                        thinking_opened=think and text.rstrip().endswith(reasoning.OPEN),
+                        inline_when_streamed=fmt == "deepseek-legacy",
+                        prompt_param=conv.prompt_param)
 
     async def prepare_text(self, prompt: str | Sequence[int], sampling: SamplingParameters, *,
                            stop: Sequence[str] = (), ignore_eos: bool = False,
@@ -185,8 +191,9 @@ class Turn:
     async def steps(self) -> AsyncIterator[Step | Done]:
         """Parsed steps as the text arrives, then :class:`Done` (errors raise)."""
         parser = self._parser()
-        split = reasoning.ThinkSplit(self.prepared.thinking_opened) if self.prepared.think \
-            else None
+        p = self.prepared
+        split = reasoning.ThinkSplit(p.thinking_opened, inline=p.inline_when_streamed) \
+            if p.think else None
         calls = False
         async for ev in self.gen.events():
             if isinstance(ev, TextDelta):
@@ -210,7 +217,7 @@ class Turn:
                 if step:
                     yield step
                 yield Done("tool_calls" if calls or self._forced else _finish_reason(ev),
-                           ev.reason, ev.prompt_tokens, ev.completion_tokens)
+                           ev.reason, ev.prompt_tokens, ev.completion_tokens, ev.stop)
 
     async def answer(self) -> Answer:
         """The whole answer (the front door cancels the turn if its client leaves)."""
@@ -240,7 +247,7 @@ class Turn:
             content, calls = self.core.family.parse(text)
             calls = calls if self.conv.parallel_tool_calls else calls[:1]
         done = Done("tool_calls" if calls else _finish_reason(fin), fin.reason,
-                    fin.prompt_tokens, fin.completion_tokens)
+                    fin.prompt_tokens, fin.completion_tokens, fin.stop)
         return Answer(content, thought, calls, done, lps)
 
     def _forced_error(self, why: str, fin: Finished) -> LlamafleetError:

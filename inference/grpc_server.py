@@ -1,12 +1,12 @@
 """gRPC `sentiric.llm.v1.LLMLocalService` over mutual TLS, with hot certificate reload.
 
-The servicer is thin: it turns the contract's request into messages and sampling
-parameters and streams the shared engine's output, so gRPC and HTTP users share a batch.
+The servicer is a front door like the HTTP ones: it turns the contract's request into the
+generation core's :class:`Conversation` and streams the core's turn, so gRPC and HTTP users
+share one prompt path, one set of parameter checks and one batch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -14,13 +14,14 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from llamafleet.common import protocol as P
 from llamafleet.common.contract import env_name
 from llamafleet.common.errors import BadRequest, LlamafleetError, mapping_for
 from llamafleet.common.logs import request_id_from_headers
 from llamafleet.common.sampling import SamplingParameters
 from pydantic import ValidationError
 
-from .engine import Finished, TextDelta
+from .generation_core import Conversation, Core, Done
 from .proto import local_pb2 as pb
 from .proto import local_pb2_grpc as pb_grpc
 from .serving import Serving
@@ -40,29 +41,37 @@ CONTRACT_NAMES = {v: k for k, v in SAMPLING_NAMES.items()} | {
     k: k for k in ("temperature", "top_k", "top_p", "seed")}
 
 
-def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStreamRequest):
-    """Contract request -> (prompt tokens, SamplingParams). Raises BadRequest."""
+def conversation(req: pb.LLMLocalServiceGenerateStreamRequest) -> Conversation:
+    """Contract request -> the core's input: the system prompt, the history, the user prompt
+    (with its RAG context) and the sampling parameters. Raises BadRequest naming the
+    contract's field. The text streams as the model writes it (``reasoning_format`` none:
+    the contract has no place for thoughts)."""
     messages = []
     if req.system_prompt:
-        messages.append({"role": "system", "content": req.system_prompt})
+        messages.append(P.ChatMessage(role="system", content=req.system_prompt))
     for i, turn in enumerate(req.history):
         role = ROLES.get(turn.role.lower())
         if role is None:
             raise BadRequest(f"history[{i}].role must be user, assistant or system, "
                              f"got {turn.role!r}", param=f"history[{i}].role")
-        messages.append({"role": role, "content": turn.content})
+        messages.append(P.ChatMessage(role=role, content=turn.content))
     if not req.user_prompt.strip():
         raise BadRequest("user_prompt must not be empty", param="user_prompt")
-    messages.append({"role": "user", "content": req.user_prompt})
-    rag = req.rag_context if req.HasField("rag_context") else None
-    prompt = serving.chat_prompt(messages, rag)
+    messages.append(P.ChatMessage(role="user", content=req.user_prompt))
+    sampling, options = _sampling(req.params)
+    return Conversation(messages, sampling=sampling, stop=tuple(req.params.stop_sequences),
+                        stop_param="params.stop_sequences", max_tokens_param="params.max_new_tokens",
+                        rag_context=req.rag_context if req.HasField("rag_context") else None,
+                        reasoning_format="none", prompt_param="user_prompt", **options)
 
-    p = req.params
+
+def _sampling(p: pb.GenerationParams) -> tuple[SamplingParameters, dict[str, bool]]:
+    """GenerationParams -> SamplingParameters and the engine options (ignore_eos, json)."""
     # Contract name -> SamplingParameters name; the model checks the ranges (as for HTTP).
     given = {SAMPLING_NAMES.get(name, name): getattr(p, name)
              for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                           "seed") if p.HasField(name)}
-    options: dict = {}
+    options: dict[str, bool] = {}
     if p.HasField("engine_specific_params"):
         extra = json_format.MessageToDict(p.engine_specific_params)
         unknown = sorted(set(extra) - set(ENGINE_PARAMS))
@@ -80,43 +89,43 @@ def request_to_generation(serving: Serving, req: pb.LLMLocalServiceGenerateStrea
         options = {"ignore_eos": bool(extra.get("ignore_eos", False)),
                    "json_object": bool(extra.get("json", False))}
     try:
-        requested = SamplingParameters(**given)
+        return SamplingParameters(**given), options
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0])
         name = CONTRACT_NAMES.get(field, f"engine_specific_params.{field}")
         raise BadRequest(f"params.{name}: {err['msg']}, got {err['input']!r}",
                          param=f"params.{name}") from None
-    return prompt, serving.sampling(requested, stop=list(p.stop_sequences),
-                                    stop_param="params.stop_sequences", **options)
 
 
 class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
+    """A thin front door: the contract's request -> :func:`conversation` -> the core's turn,
+    whose steps go out as tokens and whose end goes out as FinishDetails."""
+
     def __init__(self, serving: Serving):
-        self.serving = serving
+        self.core = Core(serving)
 
     async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
         rid = request_id_from_headers(dict(context.invocation_metadata() or ()))
         try:
-            # Rendering and tokenising long text take milliseconds: off the event loop.
-            prompt, params = await asyncio.to_thread(request_to_generation, self.serving, request)
-            gen = self.serving.start(prompt, params, api="grpc", request_id=rid,
-                                     prompt_param="user_prompt")
+            prepared = await self.core.prepare(conversation(request))
+            turn = self.core.start(prepared, api="grpc", request_id=rid)
         except LlamafleetError as e:
             await context.abort(grpc_status(e), e.message)
             return
         try:
-            async for ev in gen.events():
-                if isinstance(ev, TextDelta):
-                    yield pb.LLMLocalServiceGenerateStreamResponse(token=ev.text)
-                elif isinstance(ev, Finished):
+            async for step in turn.steps():
+                if isinstance(step, Done):
                     yield pb.LLMLocalServiceGenerateStreamResponse(
                         finish_details=pb.FinishDetails(
-                            finish_reason=ev.reason, prompt_tokens=ev.prompt_tokens,
-                            completion_tokens=ev.completion_tokens))
+                            finish_reason=step.reason, prompt_tokens=step.prompt_tokens,
+                            completion_tokens=step.completion_tokens))
+                elif step.content:
+                    yield pb.LLMLocalServiceGenerateStreamResponse(token=step.content)
         except LlamafleetError as e:
             await context.abort(grpc_status(e), e.message)
-
+        finally:
+            turn.cancel()  # client gone or done: free the sequence at the next step
 
 
 def grpc_status(err: LlamafleetError) -> grpc.StatusCode:

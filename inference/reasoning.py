@@ -2,16 +2,20 @@
 
 The names of ``reasoning_format`` are llama-server's: ``none`` leaves the thoughts in the
 content as the model wrote them; ``deepseek`` (and ``auto``, the default) moves them to
-the front door's reasoning field (``reasoning_content``, a reasoning item, a thinking block).
+the front door's reasoning field (``reasoning_content``, a reasoning item, a thinking block);
+``deepseek-legacy`` moves them in whole answers and leaves them in the content, in their
+tags, when streamed (:class:`ThinkSplit` ``inline``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 from llamafleet.common.errors import BadRequest
+from llamafleet.common.protocol import ReasoningFormat
 
-REASONING_FORMATS = ("auto", "none", "deepseek")
+REASONING_FORMATS: tuple[str, ...] = get_args(ReasoningFormat)
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -36,13 +40,19 @@ def _partial_suffix(text: str, marker: str) -> int:
 class ThinkSplit:
     """Text in pieces -> ("reasoning" | "content", text) pieces. Thoughts open the answer:
     with ``<think>`` (after blanks), or at once when the prompt already opened them (the
-    template ended the generation prompt with ``<think>``)."""
+    template ended the generation prompt with ``<think>``). ``inline`` (deepseek-legacy,
+    streamed): everything is content, with the ``<think>`` that the prompt opened."""
 
-    def __init__(self, opened: bool = False):
+    def __init__(self, opened: bool = False, inline: bool = False):
         self._state = "think" if opened else "start"
         self._buf = ""
+        # deepseek-legacy, streamed: what to put before the first piece (None: split)
+        self._inline = (OPEN if opened else "") if inline else None
 
     def feed(self, text: str) -> list[tuple[str, str]]:
+        if self._inline is not None:
+            text, self._inline = self._inline + text, ""
+            return [("content", text)] if text else []
         self._buf += text
         out: list[tuple[str, str]] = []
         while self._buf:

@@ -26,6 +26,7 @@ from llamafleet.common.contract import (
     env_name,
 )
 from llamafleet.common.http_limits import Limits
+from llamafleet.common.protocol import ReasoningFormat
 from llamafleet.common.sampling import (
     DEFAULTS,
     MaxTokens,
@@ -79,12 +80,13 @@ class Settings(BaseSettings):
     system_prompt: str | None = Field(
         None, description="System prompt used when a request brings none of its own."
     )
-    reasoning_format: Literal["auto", "none", "deepseek"] = Field(
+    reasoning_format: ReasoningFormat = Field(
         "auto",
         description="Where a model's <think>...</think> text goes (llama-server's names): "
         "'auto' and 'deepseek' move it to the reasoning field of each API (reasoning_content, "
-        "a reasoning item, a thinking block); 'none' leaves it in the answer's text. A request "
-        "may choose for itself with 'reasoning_format'.",
+        "a reasoning item, a thinking block); 'none' leaves it in the answer's text; "
+        "'deepseek-legacy' moves it in whole answers and leaves it in the text, in its tags, "
+        "when streamed. A request may choose for itself with 'reasoning_format'.",
     )
     rag_template: str = Field(
         DEFAULT_RAG_TEMPLATE,

@@ -9,7 +9,9 @@ parser (:meth:`parse`) and a streaming parser (:meth:`stream`, an object with
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, ClassVar
 
 from llamafleet.common import protocol as P
@@ -60,6 +62,9 @@ class ToolFamily:
 
     name: ClassVar[str] = "generic"
     template_marker: ClassVar[str] = "\x00"  # what the template's source text holds
+    # A regex of the markers around and between calls (besides blanks and JSON's [ , ] }),
+    # which the streaming parser skips.
+    call_markers: ClassVar[str] = r"</?tool_call>"
     knows_tools: bool = True  # the template renders ``tools`` itself
 
     def call_schema(self, offered: list[P.Tool], named: str | None, parallel: bool) -> dict[str, Any]:
@@ -81,6 +86,13 @@ class ToolFamily:
     def stream(self, parallel: bool = True) -> AutoCalls:
         return AutoCalls(self, parallel)
 
+    @classmethod
+    def call_head(cls) -> re.Pattern[str]:
+        """What comes before a call's arguments object, in this family's syntax: markers and
+        separators, then ``{"name": "<name>", "arguments"|"parameters": `` and the ``{``
+        that opens them (arguments written as a JSON string do not stream)."""
+        return _call_head(cls.call_markers)
+
 
 class Hermes(ToolFamily):
     """Hermes 2/3, Qwen 2.5/3: ``<tool_call>{"name": …, "arguments": …}</tool_call>``."""
@@ -94,6 +106,7 @@ class Mistral(ToolFamily):
 
     name = "mistral"
     template_marker = "[TOOL_CALLS]"
+    call_markers = r"\[TOOL_CALLS\]"
 
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         at = text.find("[TOOL_CALLS]")
@@ -106,6 +119,7 @@ class Llama3(ToolFamily):
 
     name = "llama3"
     template_marker = "<|start_header_id|>"
+    call_markers = r"<\|python_tag\|>"
 
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         if not at_start:
@@ -127,6 +141,7 @@ class Gemma(ToolFamily):
 
     name = "gemma"
     template_marker = "<start_of_turn>"
+    call_markers = r"```(?:json|tool_code|tool_call)?"
 
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         at = text.find("```")
@@ -151,6 +166,12 @@ class Generic(ToolFamily):
 FAMILIES: tuple[type[ToolFamily], ...] = (Hermes, Mistral, Llama3, Gemma)
 
 
+@cache
+def _call_head(markers: str) -> re.Pattern[str]:
+    return re.compile(r'(?:\s|[\[\],;}]|' + markers + r')*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"'
+                      r'\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
 def family_for(template: str) -> ToolFamily:
     """The family whose marker the template's source holds (in this order: Hermes-style
     templates of Llama models carry both), else :class:`Generic`."""
@@ -162,36 +183,49 @@ def family_for(template: str) -> ToolFamily:
 
 class AutoCalls:
     """The streaming parser of ``tool_choice: auto``: text before a call goes out as it
-    comes (less what may begin a call marker); from a call's start the rest is held and read
-    by the family's full-answer parser at the end. What turns out to be no call is content."""
+    comes (less what may begin a call marker); from a call's start, each call's name goes
+    out once it is complete, then its arguments as they are written. A call the stream
+    cannot read (keys in another order, arguments as a string) comes whole at the end from
+    the family's full-answer parser; text from a call marker on that turns out to be no
+    call at all is content."""
 
     def __init__(self, family: ToolFamily, parallel: bool):
         self.family, self.parallel = family, parallel
         self._pending = ""  # not yet sent: may begin a call
         self._sent = ""  # content already sent
         self._call: str | None = None  # from the call's start on
+        self._reader = tools.CallStream(family.call_head())
 
     def feed(self, text: str) -> list[Piece]:
         if self._call is not None:
             self._call += text
-            return []
+            return self._read(text)
         self._pending += text
         at, hold = self.family.call_start(self._pending, at_start=not self._sent)
         if at is not None:
             out, self._call, self._pending = self._pending[:at], self._pending[at:], ""
-        else:
-            cut = len(self._pending) - hold
-            out, self._pending = self._pending[:cut], self._pending[cut:]
+            self._sent += out
+            return ([TextOut(out)] if out else []) + self._read(self._call)
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
         self._sent += out
         return [TextOut(out)] if out else []
+
+    def _read(self, text: str) -> list[Piece]:
+        return [CallDelta(d.index, d.id, d.function.name, d.function.arguments or "")
+                for d in self._reader.feed(text) if self.parallel or d.index == 0]
 
     def finish(self) -> list[Piece]:
         if self._call is None:
             return [TextOut(self._pending)] if self._pending else []
         _, calls = self.family.parse(self._sent + self._call)
-        if not calls:
-            return [TextOut(self._call)]
-        return call_pieces(calls if self.parallel else calls[:1])
+        streamed = self._reader.calls
+        if not streamed:
+            if not calls:
+                return [TextOut(self._call)]
+            return call_pieces(calls if self.parallel else calls[:1])
+        # Calls after the streamed ones that the stream could not read.
+        return call_pieces(calls[streamed:], streamed) if self.parallel else []
 
 
 class ForcedCalls:

@@ -153,10 +153,14 @@ _HEAD = re.compile(r'[\s\[,}]*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"argum
 
 
 class CallStream:
-    """Grammar-enforced output in pieces -> ``delta.tool_calls``: each call's name as soon as
-    it is complete, then its arguments as they arrive."""
+    """Calls written as JSON objects, in pieces -> ``delta.tool_calls``: each call's name as
+    soon as it is complete, then its arguments as they arrive. ``head`` matches what comes
+    before a call's arguments (the separators and markers before the call, ``{"name": …,
+    "arguments":``) and captures the name; by default the grammar-enforced format's. Text
+    that ``head`` does not match (yet) is held: :attr:`calls` says how many calls began."""
 
-    def __init__(self) -> None:
+    def __init__(self, head: re.Pattern[str] = _HEAD) -> None:
+        self._head = head
         self._buf = ""
         self._index = -1
         self._in_args = False
@@ -169,7 +173,7 @@ class CallStream:
         out: list[P.ToolCallDelta] = []
         while self._buf:
             if not self._in_args:
-                m = _HEAD.match(self._buf)
+                m = self._head.match(self._buf)
                 if m is None:
                     break  # the head is not complete yet (or only the closing "]" is left)
                 self._index += 1
@@ -189,6 +193,10 @@ class CallStream:
                 break
             self._in_args = False
         return out
+
+    @property
+    def calls(self) -> int:
+        return self._index + 1
 
     def _scan(self) -> int | None:
         """Where the arguments value ends in the buffer (exclusive), or None."""

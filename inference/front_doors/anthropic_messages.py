@@ -130,7 +130,7 @@ class MessagesRequest(_Wire):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
-    reasoning_format: Literal["auto", "none", "deepseek"] | None = Field(
+    reasoning_format: P.ReasoningFormat | None = Field(
         None, description="extension (llama-server's): where <think> text goes")
 
     @model_validator(mode="before")
@@ -200,7 +200,13 @@ def conversation(body: MessagesRequest) -> Conversation:
 
 
 def _stop_reason(done: Done) -> str:
-    return {"tool_calls": "tool_use", "length": "max_tokens"}.get(done.finish_reason, "end_turn")
+    reason = {"tool_calls": "tool_use", "length": "max_tokens"}.get(done.finish_reason)
+    return reason or ("stop_sequence" if done.stop_sequence is not None else "end_turn")
+
+
+def _stop_sequence(done: Done) -> str | None:
+    """The stop sequence that ended the text (only when it is the stop reason)."""
+    return done.stop_sequence if _stop_reason(done) == "stop_sequence" else None
 
 
 def _event(kind: str, data: dict) -> bytes:
@@ -228,7 +234,7 @@ class MessageView:
     def message(self, content: list[dict], done: Done | None) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": content, "stop_reason": _stop_reason(done) if done else None,
-                "stop_sequence": None,
+                "stop_sequence": _stop_sequence(done) if done else None,
                 "usage": {"input_tokens": done.prompt_tokens if done else self.prompt_tokens,
                           "output_tokens": done.completion_tokens if done else 0}}
 
@@ -255,7 +261,8 @@ class MessageView:
                     yield frame
                 yield _event("message_delta", {
                     "type": "message_delta",
-                    "delta": {"stop_reason": _stop_reason(step), "stop_sequence": None},
+                    "delta": {"stop_reason": _stop_reason(step),
+                              "stop_sequence": _stop_sequence(step)},
                     "usage": {"output_tokens": step.completion_tokens}})
                 yield _event("message_stop", {"type": "message_stop"})
                 continue

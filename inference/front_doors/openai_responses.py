@@ -134,7 +134,7 @@ class ResponsesRequest(_Wire):
     stream: bool = False
     truncation: Literal["disabled"] | None = None
     user: str | None = None
-    reasoning_format: Literal["auto", "none", "deepseek"] | None = Field(
+    reasoning_format: P.ReasoningFormat | None = Field(
         None, description="extension (llama-server's): where <think> text goes")
 
     @model_validator(mode="before")

@@ -109,8 +109,8 @@ def test_the_engine_http_and_grpc_default_alike() -> None:
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
     conv = openai_chat.conversation(body)  # the chat front door's request -> the core's input
     http = pod.sampling(conv.sampling, stop=conv.stop)
-    _, grpc = grpc_server.request_to_generation(
-        pod, pb.LLMLocalServiceGenerateStreamRequest(user_prompt="hi"))
+    rpc = grpc_server.conversation(pb.LLMLocalServiceGenerateStreamRequest(user_prompt="hi"))
+    grpc = pod.sampling(rpc.sampling, stop=rpc.stop)
     engine = SamplingParams()
     assert http == grpc == engine == SamplingParams(**DEFAULTS.model_dump())
     assert engine.max_tokens == 1024

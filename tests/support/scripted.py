@@ -6,6 +6,7 @@ Every request's answer is ``ScriptedBackend.script``: one generated token per pi
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,13 @@ class ScriptedBackend(FakeBackend):
         super().__init__()
         self.script = script
         self.params: list = []  # every request's SamplingParams (grammar and all)
+        self.gates: dict[int, threading.Event] = {}
+
+    def hold(self, piece: int) -> threading.Event:
+        """A gate that piece ``piece`` of every answer waits for (set it to go on): what a
+        client has received while it is shut was sent before that piece was generated."""
+        gate = self.gates[piece] = threading.Event()
+        return gate
 
     def new_sampler(self, params):
         self.params.append(params)
@@ -46,6 +54,9 @@ class ScriptedBackend(FakeBackend):
     def sample(self, sampler, batch_index: int) -> int:
         last = self._last[self._seq_of_index[batch_index]]
         if BASE <= last < BASE + len(self.script):
+            gate = self.gates.get(last - BASE)
+            if gate is not None:
+                gate.wait(30)  # a bound for a failing test, not a synchronisation
             return last + 1
         return EOG
 
@@ -107,4 +118,6 @@ class ScriptedPod:
         return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app), base_url="http://pod")
 
     def close(self) -> None:
+        for gate in self.backend.gates.values():
+            gate.set()
         self.engine.stop()
