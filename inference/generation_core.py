@@ -17,7 +17,7 @@ from llamafleet.common import protocol as P
 from llamafleet.common.errors import InternalError, LlamafleetError, ToolCallIncomplete
 from llamafleet.common.sampling import SamplingParameters
 
-from . import reasoning, tools
+from . import reasoning, tool_calls
 from .engine import Finished, SamplingParams, TextDelta, TokenLogprob
 from .serving import Generation, Serving
 from .tool_families import AutoCalls, CallDelta, ForcedCalls, PlainText, TextOut, family_for
@@ -99,7 +99,7 @@ class Answer:
 
     content: str | None
     reasoning: str | None
-    calls: list[tools.Call]
+    calls: list[tool_calls.Call]
     done: Done
     logprobs: list[TokenLogprob]
 
@@ -125,7 +125,7 @@ class Core:
                             grammar=grammar, logprobs=conv.logprobs)
         native = self.family.knows_tools
         offered = conv.tools if conv.tool_choice != "none" and conv.tools else None
-        messages = tools.template_messages(conv.messages, native, offered)
+        messages = tool_calls.template_messages(conv.messages, native, offered)
         rendered = [t.model_dump(exclude_none=True) for t in offered] if offered and native \
             else None
         # Rendering and tokenising long text take milliseconds: off the event loop.
@@ -206,7 +206,7 @@ class Turn:
                 step = _step(parser, split.finish() if split else [], ())
                 try:
                     tail = parser.finish()
-                except tools.MalformedCalls as e:
+                except tool_calls.MalformedCalls as e:
                     raise self._forced_error(str(e), ev) from None
                 for piece in tail:
                     if isinstance(piece, TextOut):
@@ -236,11 +236,11 @@ class Turn:
         if self.prepared.think:
             thought, text = reasoning.split(text, self.prepared.thinking_opened)
         content: str | None = text
-        calls: list[tools.Call] = []
+        calls: list[tool_calls.Call] = []
         if self._forced is not None:
             try:
                 calls, content = self._forced.parse(text), None
-            except tools.MalformedCalls as e:
+            except tool_calls.MalformedCalls as e:
                 raise self._forced_error(str(e), fin) from None
         elif self._auto:
             assert self.conv is not None

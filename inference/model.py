@@ -145,7 +145,7 @@ class ChatFormatter:
 def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Merge system/developer messages into one leading system message; other roles than
     assistant and tool become user (tool messages and calls come from
-    tools.template_messages)."""
+    tool_calls.template_messages)."""
     system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
     rest = [
         {**m, "role": m["role"] if m["role"] in ("assistant", "tool") else "user"}

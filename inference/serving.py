@@ -192,7 +192,7 @@ class Serving:
 
     def chat_prompt(self, messages: list[dict[str, Any]], rag_context: str | None = None,
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """``messages`` as chat templates read them (tools.template_messages); ``tools``
+        """``messages`` as chat templates read them (tool_calls.template_messages); ``tools``
         are rendered by the template (only when it knows tools)."""
         return self.chat_prompt_and_text(messages, rag_context, tools)[0]
 

@@ -3,8 +3,8 @@
 Each format holds its grammar (the JSON schema that forced calls are held to), a full-answer
 parser (:meth:`parse`) and a streaming parser (:meth:`stream`, an object with
 ``feed()``/``finish()`` that turns the model's text into :class:`TextOut` and
-:class:`CallDelta` pieces as it arrives). The parsing rules themselves live in
-:mod:`tools`; this module gives them one shape that every front door can use.
+:class:`CallDelta` pieces as it arrives), in one shape that every front door can use. Our own
+JSON call format, its grammar and strict parser are in :mod:`tool_calls`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 from llamafleet.common import protocol as P
 
-from . import tools
-from .tools import Call
+from . import tool_calls
+from .tool_calls import Call, json_calls
 
 
 @dataclass
@@ -39,12 +39,15 @@ class CallDelta:
 
 Piece = TextOut | CallDelta
 
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_FENCE = re.compile(r"```(?:json|tool_code|tool_call)?\s*(.*?)\s*```", re.S)
+
 
 def call_pieces(calls: list[Call], first: int = 0) -> list[CallDelta]:
     """Whole calls as stream pieces: each call's name first, then its arguments."""
     out: list[CallDelta] = []
     for i, c in enumerate(calls, first):
-        out.append(CallDelta(i, id=tools.new_call_id(), name=c.name))
+        out.append(CallDelta(i, id=tool_calls.new_call_id(), name=c.name))
         out.append(CallDelta(i, arguments=c.arguments))
     return out
 
@@ -65,16 +68,29 @@ class ToolFamily:
     # A regex of the markers around and between calls (besides blanks and JSON's [ , ] }),
     # which the streaming parser skips.
     call_markers: ClassVar[str] = r"</?tool_call>"
-    knows_tools: bool = True  # the template renders ``tools`` itself
+    renders_tools: ClassVar[bool] = True  # its templates can render ``tools`` themselves
+    knows_tools: bool = True  # this template renders ``tools`` itself
 
     def call_schema(self, offered: list[P.Tool], named: str | None, parallel: bool) -> dict[str, Any]:
         """The grammar (as a JSON schema) that required or named calls are held to: the
         same JSON call format for every family (small models write it reliably)."""
-        return tools.call_schema(offered, named, parallel)
+        return tool_calls.call_schema(offered, named, parallel)
 
     def parse(self, text: str) -> tuple[str | None, list[Call]]:
         """The content and the calls of a whole answer; text that is no valid call stays content."""
-        return tools.parse_calls(self.name, text)
+        try:
+            found = self._calls(text)
+        except (ValueError, AttributeError, TypeError):
+            found = None
+        return found if found is not None else (text, [])
+
+    def _calls(self, text: str) -> tuple[str | None, list[Call]] | None:
+        """This syntax's rule: (content, calls), or None when ``text`` holds no call."""
+        found = _HERMES.findall(text)
+        if not found:
+            return None
+        content = text[: text.index("<tool_call>")].strip()
+        return content or None, [c for body in found for c in json_calls(body)]
 
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         """Where a call begins in ``text`` (None: not yet), and how many characters at its
@@ -108,6 +124,10 @@ class Mistral(ToolFamily):
     template_marker = "[TOOL_CALLS]"
     call_markers = r"\[TOOL_CALLS\]"
 
+    def _calls(self, text: str) -> tuple[str | None, list[Call]] | None:
+        head, sep, rest = text.partition("[TOOL_CALLS]")
+        return (head.strip() or None, json_calls(rest.strip())) if sep else None
+
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         at = text.find("[TOOL_CALLS]")
         return (at, 0) if at >= 0 else (None, _partial_suffix(text, "[TOOL_CALLS]"))
@@ -120,6 +140,12 @@ class Llama3(ToolFamily):
     name = "llama3"
     template_marker = "<|start_header_id|>"
     call_markers = r"<\|python_tag\|>"
+
+    def _calls(self, text: str) -> tuple[str | None, list[Call]] | None:
+        body = text.strip().removeprefix("<|python_tag|>").strip()
+        if not body.startswith("{"):
+            return None
+        return None, [c for part in body.split(";") if part.strip() for c in json_calls(part)]
 
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         if not at_start:
@@ -142,6 +168,15 @@ class Gemma(ToolFamily):
     name = "gemma"
     template_marker = "<start_of_turn>"
     call_markers = r"```(?:json|tool_code|tool_call)?"
+    renders_tools = False
+
+    def _calls(self, text: str) -> tuple[str | None, list[Call]] | None:
+        m = _FENCE.search(text)
+        body = m.group(1) if m else text.strip()
+        if not body.startswith(("{", "[")):
+            return None
+        content = text[: m.start()].strip() if m else ""
+        return content or None, json_calls(body)
 
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         at = text.find("```")
@@ -163,7 +198,10 @@ class Generic(ToolFamily):
     name = "generic"
 
 
+# Checked in this order: Hermes-style templates of Llama models carry both <tool_call> and
+# Llama's header tokens.
 FAMILIES: tuple[type[ToolFamily], ...] = (Hermes, Mistral, Llama3, Gemma)
+BY_NAME: dict[str, type[ToolFamily]] = {cls.name: cls for cls in (*FAMILIES, Generic)}
 
 
 @cache
@@ -177,7 +215,7 @@ def family_for(template: str) -> ToolFamily:
     templates of Llama models carry both), else :class:`Generic`."""
     fam: ToolFamily = next((cls() for cls in FAMILIES if cls.template_marker in template),
                            Generic())
-    fam.knows_tools = tools.template_knows_tools(template)
+    fam.knows_tools = fam.renders_tools and "tools" in template
     return fam
 
 
@@ -194,7 +232,7 @@ class AutoCalls:
         self._pending = ""  # not yet sent: may begin a call
         self._sent = ""  # content already sent
         self._call: str | None = None  # from the call's start on
-        self._reader = tools.CallStream(family.call_head())
+        self._reader = tool_calls.CallStream(family.call_head())
 
     def feed(self, text: str) -> list[Piece]:
         if self._call is not None:
@@ -234,7 +272,7 @@ class ForcedCalls:
 
     def __init__(self, names: set[str], parallel: bool):
         self.names, self.parallel = names, parallel
-        self._stream = tools.CallStream()
+        self._stream = tool_calls.CallStream()
         self._text: list[str] = []
 
     def feed(self, text: str) -> list[Piece]:
@@ -243,12 +281,12 @@ class ForcedCalls:
                 for d in self._stream.feed(text)]
 
     def finish(self) -> list[Piece]:
-        """Checks the whole answer; raises :class:`tools.MalformedCalls` if it is not the calls."""
-        tools.forced_calls("".join(self._text), self.names, self.parallel)
+        """Checks the whole answer; raises :class:`tool_calls.MalformedCalls` if it is not the calls."""
+        tool_calls.forced_calls("".join(self._text), self.names, self.parallel)
         return []
 
     def parse(self, text: str) -> list[Call]:
-        return tools.forced_calls(text, self.names, self.parallel)
+        return tool_calls.forced_calls(text, self.names, self.parallel)
 
 
 class PlainText:

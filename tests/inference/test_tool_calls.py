@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from llamafleet.common import protocol as P
-from llamafleet.inference import tools
+from llamafleet.inference import tool_calls as tools
 from llamafleet.inference.model import CHATML_TEMPLATE, ChatFormatter
+from llamafleet.inference.tool_families import BY_NAME, family_for
 
 # Chat templates as published with the models (copied from llama.cpp's models/templates).
 TEMPLATES = Path(__file__).parent.parent / "data" / "templates"
@@ -39,7 +40,7 @@ FAMILIES = [
 
 
 def render(source: str, messages=CONVERSATION) -> str:
-    native = tools.template_knows_tools(source)
+    native = family_for(source).knows_tools
     f = ChatFormatter(source, "<s>", "</s>")
     return f.render(tools.template_messages(messages, native, [TOOL]),
                     [TOOL.model_dump(exclude_none=True)] if native else None)
@@ -48,7 +49,7 @@ def render(source: str, messages=CONVERSATION) -> str:
 @pytest.mark.parametrize("name, family", FAMILIES)
 def test_family_templates_render_tools_calls_and_results(name, family) -> None:
     source = (TEMPLATES / name).read_text()
-    assert tools.family_of(source) == family
+    assert family_for(source).name == family
     messages = CONVERSATION[1:] if family == "gemma" else CONVERSATION  # no system role
     text = render(source, messages)
     assert "get_weather" in text and "Weather in a city" in text  # the tool is offered
@@ -57,7 +58,7 @@ def test_family_templates_render_tools_calls_and_results(name, family) -> None:
 
 
 def test_a_template_without_tools_gets_them_in_the_first_user_turn() -> None:
-    assert tools.family_of(CHATML_TEMPLATE) == "generic"
+    assert family_for(CHATML_TEMPLATE).name == "generic"
     text = render(CHATML_TEMPLATE)
     user = text.split("<|im_start|>user\n", 1)[1]
     assert user.startswith("You may call one or more of these functions")
@@ -77,7 +78,7 @@ def test_a_template_without_tools_gets_them_in_the_first_user_turn() -> None:
      None),
 ])
 def test_family_call_syntax_parses(family, text, content) -> None:
-    got_content, calls = tools.parse_calls(family, text)
+    got_content, calls = BY_NAME[family]().parse(text)
     assert got_content == content
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather",
                                                                    {"city": "Paris"})]
@@ -87,7 +88,7 @@ def test_family_call_syntax_parses(family, text, content) -> None:
 def test_plain_text_and_broken_calls_stay_content(family) -> None:
     for text in ["Paris is sunny.", '<tool_call>{"name": "get_weather", "argu',
                  '[TOOL_CALLS][{"nam', '{"nope": 1}']:
-        assert tools.parse_calls(family, text) == (text, [])
+        assert BY_NAME[family]().parse(text) == (text, [])
 
 
 def test_grammar_output_streams_name_first_then_argument_pieces() -> None:

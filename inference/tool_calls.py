@@ -1,5 +1,5 @@
-"""Tool calling: the grammar-enforced call format, the chat template families' call
-syntaxes, and the messages a template sees.
+"""Tool calls: a call, our grammar-enforced call format, and the messages a chat template
+sees. Each chat-template family's own call syntax is a class in :mod:`tool_families`.
 
 Two ways a call comes out of the model:
 
@@ -11,8 +11,8 @@ Two ways a call comes out of the model:
   turns it into OpenAI's streamed ``delta.tool_calls``, and :func:`forced_calls` reads the
   whole answer strictly: what is not the calls the grammar allows is an error, never
   content.
-* ``auto``: the model writes what its chat template taught it; :func:`parse_calls` reads the
-  syntax of the template's family (:func:`family_of`). A template that knows no tools gets
+* ``auto``: the model writes what its chat template taught it; the template's family
+  (:func:`tool_families.family_for`) reads that syntax. A template that knows no tools gets
   them in a system message asking for the Hermes syntax (as llama.cpp's generic format).
 """
 
@@ -219,35 +219,10 @@ class CallStream:
         return None
 
 
-# --- auto: the chat template's own syntax ---------------------------------------------------
-
-# Family -> a marker of its template text. Checked in order: Hermes-style templates of Llama
-# models carry both <tool_call> and Llama's header tokens.
-_FAMILY_MARKERS = (
-    ("hermes", "<tool_call>"),  # Hermes 2/3, Qwen 2.5, Qwen 3 (ChatML with tools)
-    ("mistral", "[TOOL_CALLS]"),
-    ("llama3", "<|start_header_id|>"),
-    ("gemma", "<start_of_turn>"),
-)
+# --- the chat templates' side --------------------------------------------------------------
 
 
-def family_of(template: str) -> str:
-    """hermes | mistral | llama3 | gemma | generic (the template knows no tool syntax)."""
-    for family, marker in _FAMILY_MARKERS:
-        if marker in template:
-            return family
-    return "generic"
-
-
-def template_knows_tools(template: str) -> bool:
-    return "tools" in template and family_of(template) != "gemma"
-
-
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-_FENCE = re.compile(r"```(?:json|tool_code|tool_call)?\s*(.*?)\s*```", re.S)
-
-
-def _json_calls(text: str) -> list[Call]:
+def json_calls(text: str) -> list[Call]:
     """One JSON call object, or an array of them; "parameters" (Llama 3) or "arguments"."""
     value = json.loads(text)
     items = value if isinstance(value, list) else [value]
@@ -260,35 +235,6 @@ def _json_calls(text: str) -> list[Call]:
                           else json.dumps(args, ensure_ascii=False)))
     return calls
 
-
-def parse_calls(family: str, text: str) -> tuple[str | None, list[Call]]:
-    """The content and the calls in a whole answer written in ``family``'s syntax; text that
-    is no valid call stays content."""
-    try:
-        if family in ("hermes", "generic"):
-            found = _HERMES.findall(text)
-            if found:
-                calls = [c for body in found for c in _json_calls(body)]
-                content = text[: text.index("<tool_call>")].strip()
-                return content or None, calls
-        elif family == "mistral":
-            head, sep, rest = text.partition("[TOOL_CALLS]")
-            if sep:
-                return head.strip() or None, _json_calls(rest.strip())
-        elif family == "llama3":
-            body = text.strip().removeprefix("<|python_tag|>").strip()
-            if body.startswith("{"):
-                return None, [c for part in body.split(";") if part.strip()
-                              for c in _json_calls(part)]
-        elif family == "gemma":
-            m = _FENCE.search(text)
-            body = m.group(1) if m else text.strip()
-            if body.startswith(("{", "[")):
-                content = text[: m.start()].strip() if m else ""
-                return content or None, _json_calls(body)
-    except (ValueError, AttributeError, TypeError):
-        pass
-    return text, []
 
 
 def generic_tools_prompt(tools: list[P.Tool]) -> str:
