@@ -87,9 +87,14 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type) -> N
         flag = "--" + name.replace("_", "-")
         env = prefix + name.upper()
         help_ = f"{field.description} [env {env}]"
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_)
+        elif typing.get_origin(field.annotation) in (list, tuple):
+            # Repeatable, under its own short name when it has one (--lora for lora_adapters).
+            flags = [str(extra["flag"]), flag] if "flag" in extra else [flag]
+            parser.add_argument(*flags, dest=name, action="append", default=None, help=help_)
         else:
             parser.add_argument(flag, dest=name, type=_flag_type(field.annotation),
                                 default=None, help=help_)

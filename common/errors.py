@@ -73,6 +73,11 @@ class NotFound(LlamafleetError):
     """A route that this server has turned off."""
 
 
+class Conflict(LlamafleetError):
+    """The request conflicts with the server's state: a name already taken, or something
+    still in use (a LoRA adapter that running requests need)."""
+
+
 class MethodNotAllowed(LlamafleetError):
     """A route that exists, asked with another method."""
 
@@ -118,6 +123,7 @@ ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
     HeadersTooLarge: ErrorMapping(431, "invalid_request_error", "headers_too_large", "INVALID_ARGUMENT"),
     ModelNotFound: ErrorMapping(404, "invalid_request_error", "model_not_found", "NOT_FOUND"),
     NotFound: ErrorMapping(404, "invalid_request_error", "not_found", "NOT_FOUND"),
+    Conflict: ErrorMapping(409, "invalid_request_error", "conflict", "FAILED_PRECONDITION"),
     MethodNotAllowed: ErrorMapping(405, "invalid_request_error", "method_not_allowed", "UNIMPLEMENTED"),
     Overloaded: ErrorMapping(503, "server_error", "overloaded", "RESOURCE_EXHAUSTED"),
     NotReady: ErrorMapping(503, "server_error", "not_ready", "UNAVAILABLE"),

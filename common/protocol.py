@@ -494,6 +494,18 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llamafleet"
+    # A LoRA adapter's card names the base model it runs on (as vLLM and the GIE do); the
+    # base model's has none, and the field is left out of its card.
+    parent: str | None = None
+
+
+class LoadAdapterRequest(BaseModel):
+    """``POST /v1/adapters``: a LoRA adapter GGUF on the pod, loaded under a new name."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="The model id requests name it by.")
+    path: str = Field(description="Absolute path of the adapter GGUF on the pod.")
+    scale: float = Field(1.0, description="How much of the adapter applies (1: as trained).")
 
 
 class ModelList(BaseModel):

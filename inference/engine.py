@@ -16,6 +16,14 @@ Each sequence is in one :class:`State`: ``PREFILL`` (prompt tokens still to deco
 
 The model sits behind the small :class:`Backend` protocol so the scheduler can be
 tested with a fake; :mod:`llamafleet.inference.llama_backend` is the real one.
+
+LoRA adapters: a request carries an adapter set (``GenerationRequest.adapters``, opaque to
+the scheduler, ``()`` for the base model). llama.cpp sets adapters per context, so one step
+decodes the sequences of one adapter set only: with sequences of several sets running, the
+steps take the sets in turn, the one served longest ago first (:meth:`Engine._group`), so no
+set waits more than one step per other set. Cached cells (free slots, the host prompt cache,
+prefixes shared in flight) are reused only under the adapter set that computed them. With
+every running sequence on one set (always, when no adapter is loaded) nothing changes.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,6 +119,9 @@ class GenerationRequest:
     # False: the text is held and sent as one delta before Finished, not one per token
     # (a non-streaming answer needs nothing earlier, and every event costs the event loop).
     stream: bool = True
+    # The LoRA adapter set it runs with: hashable and opaque here (the backend applies it);
+    # () is the base model. See the module's docstring.
+    adapters: tuple = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -155,6 +167,11 @@ class Backend(Protocol):
         """Drop positions >= keep of a sequence; False if the cache cannot do that, or if
         the cells left cannot serve a continuation from ``keep`` (then the caller clears
         the sequence and prefills from scratch)."""
+        ...
+
+    def set_adapters(self, adapters: tuple) -> None:
+        """Apply an adapter set (a request's ``adapters``; () = none) to the following decodes.
+        Called only when the set changes, so a backend that serves no adapters never sees it."""
         ...
 
 
@@ -386,7 +403,7 @@ class Engine:
         self.queue_size = queue_size
         self.observer: EngineObserver = observer or _NullObserver()
         # Room for queue_size waiting requests beyond the free slots, and stop()'s None.
-        self._waiting: queue.Queue[GenerationRequest | None] = queue.Queue(
+        self._waiting: queue.Queue[GenerationRequest | object | None] = queue.Queue(
             maxsize=queue_size + max_batch_size + 1)
         self._admit_lock = threading.Lock()
         self.cache = SlotCache(backend, max_batch_size, prompt_cache)  # type: ignore[arg-type]
@@ -399,8 +416,17 @@ class Engine:
         self.prefill_step_s = prefill_step_s
         self._token_s: float | None = None  # seconds per batch token, steps with prompt tokens
         self._thread: threading.Thread | None = None
+        # Adapter sets of the running sequences (how many each) in order of arrival, the step
+        # each was last decoded at, and the set the backend has now (Engine._group).
+        self._sets: dict[tuple, int] = {}
+        self._served: dict[tuple, int] = {}
+        self._turns = 0
+        self._adapters: tuple | None = ()  # None: unknown (a change failed)
+        # Work for the engine thread between steps (Engine.call).
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._stopping = False
         self.steps = 0
+        self.adapter_switches = 0  # times the backend's adapter set changed
         self.alive = False
         self.last_progress = time.monotonic()  # when a step last finished (or work began)
 
@@ -472,15 +498,53 @@ class Engine:
             except queue.Full:
                 raise Overloaded("The server is overloaded. Retry shortly.") from None
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread between two steps (adapters are loaded, freed and
+        checked there: llama.cpp's context and model are the engine thread's); its result
+        or exception arrives in the returned future."""
+        done: Future = Future()
+        if self._stopping or not self.alive:
+            done.set_exception(Overloaded("The engine is not running."))
+            return done
+        self._calls.put((fn, done))
+        try:  # wake an engine thread that waits for requests
+            self._waiting.put_nowait(_WAKE)  # type: ignore[arg-type]
+        except queue.Full:
+            pass  # a full queue: the thread is not waiting
+        return done
+
+    def requests_with(self, uses: Callable[[tuple], bool]) -> int:
+        """Running and waiting requests whose adapter set ``uses`` says yes to. Exact on the
+        engine thread (in :meth:`call`); a snapshot elsewhere."""
+        n = sum(1 for s in list(self._running) if uses(s.req.adapters))
+        with self._waiting.mutex:
+            n += sum(1 for r in self._waiting.queue
+                     if isinstance(r, GenerationRequest) and uses(r.adapters))
+        return n
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                done.set_exception(e)
+
     def _purge_cancelled(self) -> None:
         """Drop waiting requests whose clients have gone, so that they stop counting
         against queue_size (a retry storm would otherwise turn live clients away)."""
         q = self._waiting
         with q.mutex:  # queue.Queue's own lock over its deque
-            gone = [r for r in q.queue if r is not None and r.cancelled.is_set()]
+            gone = [r for r in q.queue if isinstance(r, GenerationRequest) and r.cancelled.is_set()]
             if not gone:
                 return
-            q.queue = type(q.queue)(r for r in q.queue if r is None or not r.cancelled.is_set())
+            q.queue = type(q.queue)(r for r in q.queue
+                                    if not isinstance(r, GenerationRequest) or not r.cancelled.is_set())
             q.not_full.notify_all()
         # On the submitting thread, not the engine's: delivered now, not at a step's end.
         self._deliver([(req, Finished("cancelled", len(req.prompt), 0)) for req in gone])
@@ -530,6 +594,8 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                if not self._calls.empty():
+                    self._run_calls()
                 more = self._admit(block=not self._running)
                 if more and self._running:
                     self._step()
@@ -543,6 +609,10 @@ class Engine:
             self.alive = False
             self._drain()
             self._flush()
+            while not self._calls.empty():
+                _, done = self._calls.get_nowait()
+                if done.set_running_or_notify_cancel():
+                    done.set_exception(Overloaded("The engine stopped."))
 
     def _flush(self) -> None:
         if self._outbox:
@@ -559,6 +629,8 @@ class Engine:
             block = False
             if req is None:
                 return False
+            if req is _WAKE:
+                continue
             if req.cancelled.is_set():
                 self._emit(req, Finished("cancelled", len(req.prompt), 0))
                 continue
@@ -573,9 +645,11 @@ class Engine:
                 continue
             if not self._running:
                 self.last_progress = time.monotonic()  # the stall clock starts with work
-            slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None)
+            slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None,
+                                           adapters=req.adapters)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
             bisect.insort(self._running, seq, key=_slot_of)
+            self._sets[req.adapters] = self._sets.get(req.adapters, 0) + 1
             self._emit(req, Started(time.monotonic() - req.enqueued_at))
         return True
 
@@ -586,7 +660,15 @@ class Engine:
             return
         if any(s.state is PREFILL for s in self._running):
             self._share_prefixes()
-        batch = build_batch(self._running, self.backend.n_batch, self.prefill_budget())
+        group = self._group()
+        try:
+            self._use_adapters(group[0].req.adapters)
+        except Exception as e:
+            log.exception("could not set the adapters of %d sequences", len(group))
+            for seq in group:
+                self._fail(seq, InternalError(f"could not set the adapters: {e}"))
+            return
+        batch = build_batch(group, self.backend.n_batch, self.prefill_budget())
         # KV cells in use, from our own bookkeeping (asking llama.cpp per sequence each step
         # cost a measurable share of a 7 ms step).
         kv_tokens = sum(s.n_past for s in self._running) + self.cache.cached_tokens()
@@ -608,6 +690,26 @@ class Engine:
         self.steps += 1
         self._apply(batch)
 
+    def _group(self) -> list[_Sequence]:
+        """The running sequences this step decodes: all of them when they share one adapter
+        set (always without adapters: nothing but a dict's length is read), else those of the
+        set decoded longest ago (in order of arrival among sets never decoded). Each set gets a
+        step at least once per as many steps as there are sets: none waits forever."""
+        if len(self._sets) == 1:
+            return self._running
+        served = self._served
+        turn = min(self._sets, key=lambda k: served.get(k, -1))
+        self._turns += 1
+        served[turn] = self._turns
+        return [s for s in self._running if s.req.adapters == turn]
+
+    def _use_adapters(self, adapters: tuple) -> None:
+        if adapters != self._adapters:
+            self._adapters = None  # unknown while the backend changes it
+            self.backend.set_adapters(adapters)
+            self._adapters = adapters
+            self.adapter_switches += 1
+
     def _share_prefixes(self) -> None:
         """Running sequences whose prompts start the same way (a shared system prompt, the
         same question from many clients) compute that prefix once: a prefilling sequence
@@ -616,12 +718,13 @@ class Engine:
         instead of computing it too. Prompts are grouped by their first SHARE_MIN tokens, so
         the cost is linear in the running sequences. Seeded requests take no part (their
         cells must come from their own prefill to reproduce)."""
-        groups: dict[tuple[int, ...], list[_Sequence]] = {}
+        groups: dict[tuple, list[_Sequence]] = {}
         for s in self._running:
             s.follows = False
             p = s.req.prompt
             if len(p) > SHARE_MIN and s.req.params.seed is None:
-                groups.setdefault(tuple(p[:SHARE_MIN]), []).append(s)
+                # Cells computed under one adapter set serve that set only.
+                groups.setdefault((s.req.adapters, *p[:SHARE_MIN]), []).append(s)
         for members in groups.values():
             if len(members) < 2:
                 continue
@@ -662,7 +765,8 @@ class Engine:
             return
         for seq, _ in batch.sample:
             if seq.state is PREFILL:
-                self.cache.saved_prompt(seq.slot, seq.req.prompt, seq.req.params.seed is None)
+                self.cache.saved_prompt(seq.slot, seq.req.prompt, seq.req.params.seed is None,
+                                        seq.req.adapters)
         try:
             tokens = self.backend.sample_batch([s.sampler for s, _ in batch.sample],
                                                [i for _, i in batch.sample])
@@ -723,9 +827,15 @@ class Engine:
     def _release(self, seq: _Sequence, keep_cache: bool = False) -> None:
         seq.state = DONE
         self._running.remove(seq)
+        key = seq.req.adapters
+        if self._sets[key] > 1:
+            self._sets[key] -= 1
+        else:
+            del self._sets[key]
+            self._served.pop(key, None)
         self.observer.on_finish(seq.req, len(seq.req.prompt), seq.completion_tokens)
         try:
-            self.cache.release(seq.slot, seq.kv_tokens() if keep_cache else None)
+            self.cache.release(seq.slot, seq.kv_tokens() if keep_cache else None, key)
         finally:
             self.backend.free_sampler(seq.sampler)
 
@@ -762,10 +872,11 @@ class Engine:
                 req = self._waiting.get_nowait()
             except queue.Empty:
                 break
-            if req is not None:
+            if isinstance(req, GenerationRequest):
                 self._emit(req, Failed(Overloaded("The server is shutting down.")))
 
 
+_WAKE = object()  # put in the waiting queue by Engine.call: the engine thread has work
 MIN_PREFILL_CHUNK = 16  # prompt tokens a step always carries, however slow the hardware
 SHARE_MIN = 32  # prompt tokens in common from which running sequences share their cells
 SHARE_CANDIDATES = 4  # sequences a prefilling one compares itself with, the most advanced

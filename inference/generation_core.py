@@ -149,10 +149,12 @@ class Core:
         return Prepared(tokens, params, prompt_param="prompt")
 
     def start(self, prepared: Prepared, *, api: str, request_id: str, user: str | None = None,
-              stream: bool = True) -> Turn:
-        """Submit now: errors (too long, overloaded) raise here, before any output."""
+              stream: bool = True, model: str | None = None) -> Turn:
+        """Submit now: errors (too long, overloaded, an unknown model) raise here, before any
+        output. ``model``: the request's, the base model or a LoRA adapter's name."""
         gen = self.serving.start(prepared.prompt, prepared.params, api=api, request_id=request_id,
-                                 prompt_param=prepared.prompt_param, user=user, stream=stream)
+                                 prompt_param=prepared.prompt_param, user=user, stream=stream,
+                                 model=model)
         return Turn(self, prepared, gen)
 
     @staticmethod

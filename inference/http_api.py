@@ -17,6 +17,7 @@ from llamafleet.common.contract import VERSION, env_name
 from llamafleet.common.errors import (
     BadRequest,
     LlamafleetError,
+    NotFound,
     NotReady,
     RequestTooLarge,
     Unauthorized,
@@ -83,17 +84,40 @@ def check_api_key(request: Request) -> None:
 api = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
 
-@api.get("/models")
+@api.get("/models", response_model_exclude_none=True)
 async def list_models(request: Request) -> P.ModelList:
     s = serving_of(request)
-    return P.ModelList(data=[P.ModelCard(id=s.model_id, created=s.created)])
+    return P.ModelList(data=[P.ModelCard(id=i, created=c, parent=p) for i, c, p in s.models()])
 
 
-@api.get("/models/{model_id:path}")
+@api.get("/models/{model_id:path}", response_model_exclude_none=True)
 async def get_model(model_id: str, request: Request) -> P.ModelCard:
     s = serving_of(request)
-    s.check_model(model_id)
-    return P.ModelCard(id=s.model_id, created=s.created)
+    served = s.check_model(model_id)
+    return next(P.ModelCard(id=i, created=c, parent=p) for i, c, p in s.models() if i == served)
+
+
+def adapters_enabled(request: Request) -> None:
+    """Loading files onto the pod at run time needs a key: without API_KEY the routes are off."""
+    if request.app.state.settings.api_key is None:
+        raise NotFound("Loading adapters at run time needs an API key "
+                       f"({env_name('api_key')}); start-up adapters: {env_name('lora_adapters')}.")
+
+
+@api.post("/adapters", dependencies=[Depends(adapters_enabled)], status_code=201,
+          response_model_exclude_none=True)
+async def load_adapter(body: P.LoadAdapterRequest, request: Request) -> P.ModelCard:
+    s = serving_of(request)
+    a = await s.load_adapter(body.name, body.path, body.scale)
+    log.info("LoRA adapter %s loaded from %s (scale %g)", a.name, a.path, a.scale)
+    return P.ModelCard(id=a.name, created=a.created, parent=s.model_id)
+
+
+@api.delete("/adapters/{name:path}", dependencies=[Depends(adapters_enabled)])
+async def unload_adapter(name: str, request: Request) -> dict:
+    a = await serving_of(request).unload_adapter(name)
+    log.info("LoRA adapter %s unloaded", a.name)
+    return {"id": a.name, "object": "model", "deleted": True}
 
 
 def core_of(request: Request) -> Core:
@@ -125,27 +149,28 @@ async def _reply(request: Request, turn: Turn, view, stream: bool, *, errors=err
 
 
 async def _start(request: Request, conv: Conversation, model: str | None, api: str,
-                 user: str | None, stream: bool) -> tuple[Core, Turn]:
+                 user: str | None, stream: bool) -> tuple[Core, Turn, str]:
+    """The turn, and the id it is served as (the base model's or an adapter's)."""
     core = core_of(request)
-    core.serving.check_model(model)
+    served = core.serving.check_model(model)
     prepared = await core.prepare(conv)
     return core, core.start(prepared, api=api, request_id=request_id_from_headers(request.headers),
-                            user=user, stream=stream)
+                            user=user, stream=stream, model=served), served
 
 
 @api.post("/chat/completions")
 async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
-    core, turn = await _start(request, openai_chat.conversation(body), body.model, "http_chat",
-                              body.user, bool(body.stream))
-    view = openai_chat.ChatView(body, core.serving.model_id, core.serving.fingerprint)
+    core, turn, served = await _start(request, openai_chat.conversation(body), body.model,
+                                      "http_chat", body.user, bool(body.stream))
+    view = openai_chat.ChatView(body, served, core.serving.fingerprint)
     return await _reply(request, turn, view, bool(body.stream))
 
 
 @api.post("/responses")
 async def responses(body: openai_responses.ResponsesRequest, request: Request) -> Response:
-    core, turn = await _start(request, openai_responses.conversation(body), body.model,
-                              "http_responses", body.user, body.stream)
-    view = openai_responses.ResponseView(body, core.serving.model_id)
+    core, turn, served = await _start(request, openai_responses.conversation(body), body.model,
+                                      "http_responses", body.user, body.stream)
+    view = openai_responses.ResponseView(body, served)
     return await _reply(request, turn, view, body.stream, error_frame=openai_responses.error_event,
                         last=b"")
 
@@ -153,7 +178,7 @@ async def responses(body: openai_responses.ResponsesRequest, request: Request) -
 @api.post("/embeddings")
 async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
     s = serving_of(request)
-    s.check_model(body.model)
+    s.check_base_model(body.model, "Embeddings")
     dims = s.embedder.dimensions if s.embedder is not None else None
     if body.dimensions is not None and body.dimensions != dims:
         raise BadRequest(f"dimensions: this model's embeddings have {dims} dimensions and "
@@ -175,7 +200,7 @@ async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
 @api.post("/completions")
 async def completions(body: P.CompletionRequest, request: Request) -> Response:
     core = core_of(request)
-    core.serving.check_model(body.model)
+    served = core.serving.check_model(body.model)
     raw = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) \
         else body.prompt
     prepared = await core.prepare_text(
@@ -183,8 +208,8 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         stop=body.stop_list, ignore_eos=body.ignore_eos, logprobs=body.logprobs)
     turn = core.start(prepared, api="http_completions",
                       request_id=request_id_from_headers(request.headers), user=body.user,
-                      stream=bool(body.stream))
-    view = openai_chat.CompletionView(body, core.serving.model_id, core.serving.fingerprint)
+                      stream=bool(body.stream), model=served)
+    view = openai_chat.CompletionView(body, served, core.serving.fingerprint)
     return await _reply(request, turn, view, bool(body.stream))
 
 
@@ -230,9 +255,9 @@ anthropic_api = APIRouter(prefix="/v1", dependencies=[Depends(check_anthropic_ke
 @anthropic_api.post("/messages")
 async def messages(body: anthropic_messages.MessagesRequest, request: Request) -> Response:
     user = body.metadata.user_id if body.metadata else None
-    core, turn = await _start(request, anthropic_messages.conversation(body), body.model,
-                              "http_messages", user, body.stream)
-    view = anthropic_messages.MessageView(body, core.serving.model_id, len(turn.prepared.prompt))
+    core, turn, served = await _start(request, anthropic_messages.conversation(body), body.model,
+                                      "http_messages", user, body.stream)
+    view = anthropic_messages.MessageView(body, served, len(turn.prepared.prompt))
     return await _reply(request, turn, view, body.stream, errors=anthropic_messages.error_response,
                         error_frame=anthropic_messages.error_event, last=b"")
 

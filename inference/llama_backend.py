@@ -7,9 +7,11 @@ batching needs many of each on one context.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -30,14 +32,29 @@ KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type ids
 # production) instead of raw stderr. The ctypes callback must stay referenced, so it lives
 # at module level. Info chatter is debug here; warnings and errors keep their level.
 _llama_log = logging.getLogger("llama.cpp")
-_LEVELS = {2: logging.WARNING, 3: logging.ERROR}
+_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: WARN = 3, ERROR = 4
+_capture = threading.local()  # errors llama.cpp logs on this thread (captured_errors)
 
 
 @C.llama_log_callback
 def _forward_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     lvl = _LEVELS.get(level, logging.DEBUG)
+    lines = getattr(_capture, "lines", None)
+    if lines is not None and lvl == logging.ERROR:
+        lines.append(text.decode("utf-8", "replace").strip())
     if _llama_log.isEnabledFor(lvl):
         _llama_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip())
+
+
+@contextlib.contextmanager
+def captured_errors() -> Iterator[list[str]]:
+    """The error lines llama.cpp logs on this thread meanwhile (it reports why a call failed
+    only in its log)."""
+    _capture.lines = lines = []
+    try:
+        yield lines
+    finally:
+        _capture.lines = None
 
 
 C.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
@@ -195,6 +212,41 @@ class LlamaBackend:
         self.n_swa = C.llama_model_n_swa(model.ptr)
         self.pool = SamplerPool(model.n_vocab, capacity=n_seq + 1)
         self.grammar_resamples = 0  # grammar rows the free draw broke (sample_batch)
+        self._adapters: tuple = ()  # the set on the context (set_adapters)
+
+    # --- LoRA adapters (engine thread: llama.cpp's model keeps a list of its adapters) -----
+
+    def load_adapter(self, path: Path) -> ctypes.c_void_p:
+        """A LoRA adapter GGUF for this model, loaded (not yet applied); BadRequest with
+        llama.cpp's reason when it refuses the file."""
+        with captured_errors() as errors:
+            handle = C.llama_adapter_lora_init(self.model.ptr, str(path).encode())
+        if not handle:
+            why = "; ".join(e.split(": ", 1)[-1] for e in errors) or "see the pod's log"
+            raise BadRequest(f"llama.cpp could not load the LoRA adapter {path}: {why}",
+                             param="path", code="invalid_adapter")
+        return handle
+
+    def free_adapter(self, handle: ctypes.c_void_p) -> None:
+        """Frees an adapter that no sequence uses any more (the context forgets it first)."""
+        if any(a.handle is handle for a in self._adapters):
+            self.set_adapters(())
+        C.llama_adapter_lora_free(handle)
+
+    def set_adapters(self, adapters: tuple) -> None:
+        """Applies an adapter set to the following decodes: objects with ``handle`` (from
+        load_adapter) and ``scale``; () = none. llama.cpp rebuilds its compute graph's
+        reservation at each change."""
+        n = len(adapters)
+        if n:
+            handles = (C.llama_adapter_lora_p_ctypes * n)(*(a.handle for a in adapters))
+            scales = (ctypes.c_float * n)(*(a.scale for a in adapters))
+            rc = C.llama_set_adapters_lora(self.ctx, handles, n, scales)
+        else:
+            rc = C.llama_set_adapters_lora(self.ctx, None, 0, None)
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapters_lora returned {rc}")
+        self._adapters = tuple(adapters)
 
     def new_sampler(self, p: SamplingParams) -> Sampler:
         """A sampler for one sequence. Every request samples in the batched pool

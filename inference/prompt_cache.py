@@ -10,6 +10,9 @@ gets that state copied back into a slot (``llama_state_seq_set_data``) and prefi
 the rest. Entries hold the prompt alone (saved before generation), so a sliding-window
 model's cells still reach back to the prompt's start when its prompt fits the window; the
 engine's trim_sequence guard decides, as for slots, whether restored cells may be used.
+
+Each entry belongs to the LoRA adapter set its cells were computed under (``adapters``, ``()``
+for the base model); a lookup sees only the entries of its own set.
 """
 
 from __future__ import annotations
@@ -28,29 +31,31 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PromptCache:
-    """Token prefix -> serialized sequence state, least recently used out first."""
+    """(adapter set, token prefix) -> serialized sequence state, least recently used out
+    first."""
 
     def __init__(self, limit_bytes: int, min_tokens: int = 32):
         self.limit_bytes = limit_bytes
         self.min_tokens = min_tokens
         self.bytes = 0
-        self._entries: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+        self._entries: OrderedDict[tuple[tuple, tuple[int, ...]], bytes] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, tokens: Sequence[int]) -> bool:
-        return tuple(tokens) in self._entries
+        """Whether the base model's entry for exactly these tokens is held."""
+        return ((), tuple(tokens)) in self._entries
 
-    def wants(self, tokens: Sequence[int]) -> bool:
+    def wants(self, tokens: Sequence[int], adapters: tuple = ()) -> bool:
         """Whether saving these tokens' state is worth its copy (long enough, not held)."""
-        key = tuple(tokens)
+        key = (adapters, tuple(tokens))
         if key in self._entries:
             self._entries.move_to_end(key)
             return False
-        return len(key) >= self.min_tokens
+        return len(key[1]) >= self.min_tokens
 
-    def put(self, tokens: Sequence[int], state: bytes) -> None:
+    def put(self, tokens: Sequence[int], state: bytes, adapters: tuple = ()) -> None:
         """Holds ``state`` for ``tokens``. An entry that the new one serves nearly as well
         goes: one that is a prefix of it (an earlier turn of the same conversation), or one
         that differs from it only in a short tail (the same system prompt with another
@@ -58,8 +63,8 @@ class PromptCache:
         prompt, and a few busy tenants would push the others' prefixes out."""
         if len(state) > self.limit_bytes:
             return
-        key = tuple(tokens)
-        for old in [k for k in self._entries if self._served_by(k, key)]:
+        key = (adapters, tuple(tokens))
+        for old in [k for k in self._entries if k[0] == adapters and self._served_by(k[1], key[1])]:
             self.bytes -= len(self._entries.pop(old))
         self._entries[key] = state
         self.bytes += len(state)
@@ -71,13 +76,17 @@ class PromptCache:
         n = shared_prefix(old, new)
         return n == len(old) or (n >= self.min_tokens and len(old) - n <= len(old) // 16)
 
-    def longest(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], bytes, int] | None:
-        """The entry sharing the longest prefix with ``prompt``: (tokens, state, shared)."""
+    def longest(self, prompt: Sequence[int],
+                adapters: tuple = ()) -> tuple[tuple[int, ...], bytes, int] | None:
+        """The entry of ``adapters`` sharing the longest prefix with ``prompt``: (tokens,
+        state, shared)."""
         best: tuple[tuple[int, ...], bytes, int] | None = None
-        for key, state in self._entries.items():
+        for (under, key), state in self._entries.items():
+            if under != adapters:
+                continue
             n = shared_prefix(key, prompt)
             if n and (best is None or n > best[2]):
                 best = (key, state, n)
         if best is not None:
-            self._entries.move_to_end(best[0])
+            self._entries.move_to_end((adapters, best[0]))
         return best

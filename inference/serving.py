@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llamafleet.common.capacity import Plan
@@ -24,7 +25,6 @@ from llamafleet.common.errors import (
     ContextTooLong,
     LlamafleetError,
     ModelError,
-    ModelNotFound,
     NotFound,
     NotReady,
     Overloaded,
@@ -33,6 +33,7 @@ from llamafleet.common.sampling import DEFAULTS, SamplingParameters
 from llamafleet.common.versions import llama_cpp_python_version
 
 from . import capacity
+from .adapters import Adapter, Adapters
 from .engine import (
     Engine,
     Failed,
@@ -181,14 +182,34 @@ class Serving:
         self.profile: StepProfile | None = None  # set by build() when STEP_PROFILE is on
         self.formatter = ChatFormatter.for_model(
             settings.chat_template, model.meta, model.bos_text, model.eos_text)
+        # LoRA adapters by name (adapters.py); the backend loads them on the engine thread.
+        self.adapters = Adapters(self.model_id, engine, engine.backend)  # type: ignore[arg-type]
 
-    # --- prompts ------------------------------------------------------------------------
+    # --- models and adapters ------------------------------------------------------------
 
-    def check_model(self, requested: str | None) -> None:
-        if requested and requested != self.model_id:
-            raise ModelNotFound(
-                f"The model '{requested}' does not exist. This server serves '{self.model_id}'.",
-                param="model")
+    def check_model(self, requested: str | None) -> str:
+        """The id a request's ``model`` is served as: the base model's (also for an empty or
+        missing ``model``) or an adapter's name; ModelNotFound (404) for any other name."""
+        adapters = self.adapters.resolve(requested)
+        return adapters[0].name if adapters else self.model_id
+
+    def check_base_model(self, requested: str | None, what: str) -> None:
+        """For the parts that run on the base model only (embeddings): an adapter's name is a
+        400 that says so."""
+        if self.adapters.resolve(requested):
+            raise BadRequest(f"{what} run on the base model '{self.model_id}', not on an "
+                             "adapter", param="model")
+
+    def models(self) -> list[tuple[str, int, str | None]]:
+        """(id, created, parent) of the base model and each adapter, for /v1/models."""
+        return [(self.model_id, self.created, None),
+                *((a.name, a.created, self.model_id) for a in self.adapters.all())]
+
+    async def load_adapter(self, name: str, path: str, scale: float) -> Adapter:
+        return await asyncio.to_thread(self.adapters.load, name, Path(path), scale)
+
+    async def unload_adapter(self, name: str) -> Adapter:
+        return await asyncio.to_thread(self.adapters.unload, name)
 
     def chat_prompt(self, messages: list[dict[str, Any]], rag_context: str | None = None,
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -311,10 +332,11 @@ class Serving:
 
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
               request_id: str, prompt_param: str = "messages", user: str | None = None,
-              stream: bool = True) -> Generation:
-        """Submit now: errors (too long, overloaded) raise here, before any output.
-        ``stream=False``: the text comes in one delta right before the end (no event per
-        token crosses to the event loop)."""
+              stream: bool = True, model: str | None = None) -> Generation:
+        """Submit now: errors (too long, overloaded, an unknown ``model``) raise here, before
+        any output. ``stream=False``: the text comes in one delta right before the end (no
+        event per token crosses to the event loop). ``model`` names the base model or an
+        adapter to run with."""
         if not self.engine.alive:
             raise NotReady("The model is not loaded yet.")
         if self.draining:
@@ -325,8 +347,16 @@ class Serving:
         bridge = self._bridge()
         req = GenerationRequest(prompt, params, QueueSink(bridge, q), request_id, stream=stream)
         gen = Generation(self, req, api, q, user=user)
-        try:
+
+        def submit(adapters: tuple) -> None:
+            req.adapters = adapters
             self.engine.submit(req)
+
+        try:
+            if model and model != self.model_id:
+                self.adapters.submit(model, submit)
+            else:
+                self.engine.submit(req)
         except LlamafleetError as e:
             self.record(gen, "rejected", type(e).__name__)
             raise
@@ -516,4 +546,12 @@ def build(settings: Settings) -> Serving:
                             threads=1, pooling=settings.embeddings_pooling)
     serving = Serving(settings, model, engine, metrics, plan, embedder)
     serving.profile = profile
+    for name, adapter_path, scale in settings.lora:
+        try:
+            serving.adapters.load(name, adapter_path, scale)
+        except LlamafleetError as e:
+            serving.close()
+            backend.close()
+            raise ModelError(f"LoRA adapter {name} ({env_name('lora_adapters')}): {e}") from e
+        log.info("LoRA adapter %s loaded from %s (scale %g)", name, adapter_path, scale)
     return serving

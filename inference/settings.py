@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from llamafleet.common.capacity import DEFAULT_RESERVE_BYTES, DEFAULT_USABLE_FRACTION, MiB
 from llamafleet.common.contract import (
@@ -38,7 +38,9 @@ from llamafleet.common.sampling import (
     TopP,
 )
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .adapters import parse_spec
 
 DEFAULT_RAG_TEMPLATE = (
     "Use the following context to answer the question.\n\n"
@@ -71,6 +73,15 @@ class Settings(BaseSettings):
     )
     model_name: str | None = Field(
         None, description="Model id served on /v1/models. Default: the file name without .gguf."
+    )
+    lora_adapters: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="LoRA adapters loaded at start-up, each NAME=PATH[:SCALE] (scale 1 unless "
+        "given; flag --lora, repeatable; the variable takes them comma-separated). A request "
+        "whose model is NAME runs with that adapter; /v1/models lists each with parent = the "
+        "base model. More can be loaded and unloaded at run time (POST /v1/adapters, DELETE "
+        "/v1/adapters/NAME; only with API_KEY set).",
+        json_schema_extra={"flag": "--lora"},
     )
     chat_template: str | None = Field(
         None,
@@ -273,6 +284,26 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         False, description="Log prompt text at debug level (off: prompts never reach logs)."
     )
+
+    @field_validator("lora_adapters", mode="before")
+    @classmethod
+    def _split_adapters(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _adapter_specs(cls, specs: tuple[str, ...]) -> tuple[str, ...]:
+        names = [parse_spec(spec)[0] for spec in specs]  # ValueError: the setting is invalid
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must differ: {', '.join(names)}")
+        return specs
+
+    @property
+    def lora(self) -> list[tuple[str, Path, float]]:
+        """The start-up adapters as (name, path, scale)."""
+        return [parse_spec(spec) for spec in self.lora_adapters]
 
     @field_validator("embedded_model")
     @classmethod

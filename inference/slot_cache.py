@@ -17,6 +17,10 @@ slots, :class:`~llamafleet.inference.prompt_cache.PromptCache` keeps recent prom
 host RAM. Without a useful prefix a request takes the lowest free slot: with one KV stream per
 sequence, llama.cpp decodes the running sequences in one ubatch per run of consecutive slots,
 so running sequences packed at the low slots decode in the fewest ubatches.
+
+Cells hold what a model computed under one LoRA adapter set (a request's ``adapters``, ``()``
+for the base model): a slot's cells and a prompt cache entry are reused only by a request of
+the same set.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class SlotCache:
         self.prompt_cache = prompt_cache
         self._free: set[int] = set(range(n_slots))
         self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
+        self._cached_under: dict[int, tuple] = {}  # free slot -> the adapter set of its cells
         self.prefix_tokens_reused = 0
         self.prefix_tokens_shared = 0  # copied between running sequences (share)
         self.prompt_cache_restores = 0
@@ -73,22 +78,28 @@ class SlotCache:
         """Cells that free slots keep for reuse."""
         return sum(map(len, self._cached.values()))
 
-    def take(self, prompt: Sequence[int], reuse: bool = True) -> tuple[int, int]:
+    def take(self, prompt: Sequence[int], reuse: bool = True,
+             adapters: tuple = ()) -> tuple[int, int]:
         """A free slot for ``prompt``, preferring the one whose cached tokens share the longest
         prefix with it (the lowest slot among equals); returns (slot, tokens reused).
 
         ``reuse=False`` (a seeded request) starts from scratch: reused cells were computed in
         another batch shape, and llama.cpp's kernels are not batch-invariant, so only a full
-        prefill reproduces a seeded request exactly."""
+        prefill reproduces a seeded request exactly.
+
+        Only cells computed under the same ``adapters`` are reused."""
         best, best_len = min(self._free), 0
         from_slot = False
         if reuse:
+            under = self._cached_under
             for slot in sorted(self._free):
+                if under.get(slot, ()) != adapters:
+                    continue
                 n = shared_prefix(self._cached.get(slot, ()), prompt)
                 if n > best_len:
                     best, best_len = slot, n
             restores = self.prompt_cache_restores
-            best, best_len = self._restore_if_longer(prompt, best, best_len)
+            best, best_len = self._restore_if_longer(prompt, best, best_len, adapters=adapters)
             from_slot = self.prompt_cache_restores == restores
         self._free.remove(best)
         keep = self._keep(best, best_len, len(prompt))
@@ -96,7 +107,7 @@ class SlotCache:
             # The slot's tokens matched but its cells no longer serve them (a sliding
             # window moved past the prefix while it generated): the host prompt cache holds
             # the prefix as it was right after its prefill.
-            best, shared = self._restore_if_longer(prompt, best, 0, into=best)
+            best, shared = self._restore_if_longer(prompt, best, 0, into=best, adapters=adapters)
             keep = self._keep(best, shared, len(prompt))
         self.prefix_tokens_reused += keep
         return best, keep
@@ -105,6 +116,7 @@ class SlotCache:
         """Keeps the slot's first ``matched`` cells for a prompt when they still serve it,
         else clears the slot; returns the tokens kept."""
         cached = self._cached.pop(slot, ())
+        self._cached_under.pop(slot, None)
         keep = min(matched, prompt_len - 1)  # re-decode at least one token for logits
         # trim_sequence also says whether what is left still serves the prompt (a sliding
         # window may have been overwritten): if not, a full prefill.
@@ -115,10 +127,12 @@ class SlotCache:
         return keep
 
     def _restore_if_longer(self, prompt: Sequence[int], best: int, best_len: int,
-                           into: int | None = None) -> tuple[int, int]:
-        """When the host prompt cache shares more of the prompt than any free slot, copy
-        that state into a free slot (``into``, else the lowest empty one if any) and use it."""
-        entry = self.prompt_cache.longest(prompt) if self.prompt_cache is not None else None
+                           into: int | None = None, adapters: tuple = ()) -> tuple[int, int]:
+        """When the host prompt cache shares more of the prompt than any free slot (under the
+        same adapters), copy that state into a free slot (``into``, else the lowest empty one
+        if any) and use it."""
+        entry = self.prompt_cache.longest(prompt, adapters) if self.prompt_cache is not None \
+            else None
         if entry is None or entry[2] <= best_len:
             return best, best_len
         tokens, state, shared = entry
@@ -126,9 +140,12 @@ class SlotCache:
             empty = [s for s in self._free if not self._cached.get(s)]
             into = min(empty) if empty else best
         self._cached.pop(into, None)
+        self._cached_under.pop(into, None)
         if not self.backend.restore_sequence(into, state):
             return into, 0
         self._cached[into] = list(tokens)
+        if adapters:
+            self._cached_under[into] = adapters
         self.prompt_cache_restores += 1
         return into, shared
 
@@ -140,22 +157,28 @@ class SlotCache:
         self.prefix_tokens_shared += keep
         return True
 
-    def saved_prompt(self, slot: int, prompt: Sequence[int], reuse: bool = True) -> None:
+    def saved_prompt(self, slot: int, prompt: Sequence[int], reuse: bool = True,
+                     adapters: tuple = ()) -> None:
         """Right after its prefill the sequence's cells hold exactly its prompt: keep a copy
         in the host prompt cache (seeded requests never reuse cells, so never saved)."""
         cache = self.prompt_cache
-        if cache is None or not reuse or not cache.wants(prompt):
+        if cache is None or not reuse or not cache.wants(prompt, adapters):
             return
-        cache.put(prompt, self.backend.save_sequence(slot))
+        cache.put(prompt, self.backend.save_sequence(slot), adapters)
 
-    def release(self, slot: int, tokens: list[int] | None) -> None:
+    def release(self, slot: int, tokens: list[int] | None, adapters: tuple = ()) -> None:
         """A slot is free again; ``tokens``: what its cells hold, kept for reuse (None:
-        cleared)."""
+        cleared), computed under ``adapters``."""
         try:
             if tokens is not None:
                 self._cached[slot] = tokens
+                if adapters:
+                    self._cached_under[slot] = adapters
+                else:
+                    self._cached_under.pop(slot, None)
             else:
                 self._cached.pop(slot, None)
+                self._cached_under.pop(slot, None)
                 self.backend.clear_sequence(slot)
         finally:
             self._free.add(slot)

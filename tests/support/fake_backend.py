@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from llamafleet.common.errors import BadRequest
 from llamafleet.inference.engine import (
@@ -43,6 +44,11 @@ class FakeBackend:
         self.nonfinite_logits = 0  # what logits_nonfinite() reports (start-up self-test)
         self.decode_error: Exception | None = None  # raised by every decode when set
         self.sample_batches: list[list[int]] = []  # the batch indices of each sample_batch
+        self.adapters: tuple = ()  # the adapter set now applied (set_adapters)
+        self.decode_adapters: list[tuple] = []  # the adapter set of each recorded decode
+        self.adapter_changes: list[tuple] = []
+        self.loaded: dict[int, Path] = {}  # load_adapter's handles
+        self.freed: list[int] = []
 
     def new_sampler(self, params: SamplingParams):
         if self.refused_grammar is not None and params.grammar == self.refused_grammar:
@@ -61,6 +67,7 @@ class FakeBackend:
         if self.decode_error is not None:
             raise self.decode_error
         self.batches.append((list(tokens), list(pos), list(seq), list(logits)))
+        self.decode_adapters.append(self.adapters)
         self._seq_of_index = {}
         for i, (t, s) in enumerate(zip(tokens, seq, strict=True)):
             self._last[s] = t
@@ -97,6 +104,22 @@ class FakeBackend:
     def copy_sequence(self, src: int, dst: int, keep: int) -> bool:
         self.copied.append((src, dst, keep))
         return True
+
+    def set_adapters(self, adapters: tuple) -> None:
+        self.adapters = adapters
+        self.adapter_changes.append(adapters)
+
+    def load_adapter(self, path: Path) -> int:
+        """A handle; a file whose name starts with "bad" is refused (as llama.cpp refuses a
+        LoRA for another model)."""
+        if path.name.startswith("bad"):
+            raise BadRequest(f"llama.cpp could not load the LoRA adapter {path}", param="path")
+        handle = len(self.loaded) + 1
+        self.loaded[handle] = path
+        return handle
+
+    def free_adapter(self, handle: int) -> None:
+        self.freed.append(handle)
 
 
 class Collector:
