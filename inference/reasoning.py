@@ -30,7 +30,10 @@ class ReasoningOut:
     text: str
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of ``text`` that begins ``marker``: what a streaming
+    parser holds back, since the next piece may complete the marker (think tags here, call
+    markers in tool_families)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):
             return n
@@ -71,7 +74,7 @@ class ThinkSplit:
                         out.append(("reasoning", self._buf[:at]))
                     self._buf, self._state = self._buf[at + len(CLOSE):], "gap"
                     continue
-                cut = len(self._buf) - _partial_suffix(self._buf, CLOSE)
+                cut = len(self._buf) - partial_suffix(self._buf, CLOSE)
                 if cut:
                     out.append(("reasoning", self._buf[:cut]))
                 self._buf = self._buf[cut:]

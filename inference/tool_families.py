@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from llamafleet.common import protocol as P
 
 from . import tool_calls
+from .reasoning import partial_suffix
 from .tool_calls import Call, json_calls
 
 
@@ -50,14 +51,6 @@ def call_pieces(calls: list[Call], first: int = 0) -> list[CallDelta]:
         out.append(CallDelta(i, id=tool_calls.new_call_id(), name=c.name))
         out.append(CallDelta(i, arguments=c.arguments))
     return out
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of ``text`` that begins ``marker`` (to hold back)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ToolFamily:
@@ -97,7 +90,7 @@ class ToolFamily:
         end to hold back (they may begin one). ``at_start``: ``text`` opens the answer."""
         marker = "<tool_call>"
         at = text.find(marker)
-        return (at, 0) if at >= 0 else (None, _partial_suffix(text, marker))
+        return (at, 0) if at >= 0 else (None, partial_suffix(text, marker))
 
     def stream(self, parallel: bool = True) -> AutoCalls:
         return AutoCalls(self, parallel)
@@ -130,7 +123,7 @@ class Mistral(ToolFamily):
 
     def call_start(self, text: str, at_start: bool) -> tuple[int | None, int]:
         at = text.find("[TOOL_CALLS]")
-        return (at, 0) if at >= 0 else (None, _partial_suffix(text, "[TOOL_CALLS]"))
+        return (at, 0) if at >= 0 else (None, partial_suffix(text, "[TOOL_CALLS]"))
 
 
 class Llama3(ToolFamily):
@@ -188,7 +181,7 @@ class Gemma(ToolFamily):
                 return None, len(text)
             if body.startswith(("{", "[")):
                 return 0, 0
-        return None, _partial_suffix(text, "```")
+        return None, partial_suffix(text, "```")
 
 
 class Generic(ToolFamily):
