@@ -111,6 +111,10 @@ class PodMetric:
     KV_CACHE_UTILIZATION = "llamafleet_kv_cache_utilization"
     MAX_BATCH_SIZE = "llamafleet_max_batch_size"
     MODEL = "llamafleet_model"  # an Info: exposed as llamafleet_model_info
+    # The GIE model-server protocol's LoRA gauge (vLLM's vllm:lora_requests_info): one series,
+    # labels RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS (comma-separated adapter names) and
+    # MAX_LORA; the value is when those labels last changed (Unix seconds). The router reads it.
+    LORA_REQUESTS_INFO = "llamafleet_lora_requests_info"
 
 
 class RouterMetric:
@@ -132,6 +136,9 @@ class MetricLabel:
 
     API, OUTCOME, FINISH_REASON, PART = "api", "outcome", "finish_reason", "part"
     BACKEND, REASON, RESULT = "backend", "reason", "result"
+    # PodMetric.LORA_REQUESTS_INFO's, spelled as the GIE protocol and llm-d's picker read them.
+    RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS = "running_lora_adapters", "waiting_lora_adapters"
+    MAX_LORA = "max_lora"
 
 
 # The pods metric an HPA reads (RUNNING + QUEUE_DEPTH per pod): a Prometheus adapter rule

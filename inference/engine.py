@@ -516,11 +516,21 @@ class Engine:
     def requests_with(self, uses: Callable[[tuple], bool]) -> int:
         """Running and waiting requests whose adapter set ``uses`` says yes to. Exact on the
         engine thread (in :meth:`call`); a snapshot elsewhere."""
-        n = sum(1 for s in list(self._running) if uses(s.req.adapters))
+        running, waiting = self._requests()
+        return sum(1 for r in (*running, *waiting) if uses(r.adapters))
+
+    def adapter_sets(self) -> tuple[set[tuple], set[tuple]]:
+        """The adapter sets of the running sequences and of the waiting requests (a snapshot
+        that any thread may take: the pod's LoRA gauge)."""
+        running, waiting = self._requests()
+        return {r.adapters for r in running}, {r.adapters for r in waiting}
+
+    def _requests(self) -> tuple[list[GenerationRequest], list[GenerationRequest]]:
+        """The running and the waiting requests (a snapshot)."""
+        running = [s.req for s in list(self._running)]
         with self._waiting.mutex:
-            n += sum(1 for r in self._waiting.queue
-                     if isinstance(r, GenerationRequest) and uses(r.adapters))
-        return n
+            waiting = [r for r in self._waiting.queue if isinstance(r, GenerationRequest)]
+        return running, waiting
 
     def _run_calls(self) -> None:
         while True:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from llamafleet.common.contract import MetricLabel as L
 from llamafleet.common.contract import PodMetric as M
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -59,6 +59,50 @@ class StepHistogram:
             self.name, self.documentation, sum_value=total,
             buckets=[(floatToGoString(b), int(c)) for b, c in zip(self.bounds, cumulative,
                                                                     strict=True)])
+
+
+class LoraRequestsInfo:
+    """The Gateway API Inference Extension model-server protocol's LoRA gauge (vLLM's
+    ``vllm:lora_requests_info``), read from the engine at every scrape.
+
+    One series: ``running_lora_adapters`` names the adapters of running sequences and
+    ``waiting_lora_adapters`` those of queued requests (comma-separated, sorted, no spaces);
+    ``max_lora`` is the number of adapters loaded. Every loaded adapter is in memory and ready,
+    and the engine runs any number of adapter sets in turn, so the adapters that may run at once
+    are the loaded ones; llama.cpp has no adapter slots to configure (vLLM's ``--max-loras``).
+    The value is the time the labels last changed (Unix seconds), as the protocol asks: a
+    picker takes the series with the latest value, and there is only ever this one. The pod
+    loads adapters only when told (start-up, ``POST /v1/adapters``), never on a request."""
+
+    _labelnames = (L.RUNNING_LORA_ADAPTERS, L.WAITING_LORA_ADAPTERS, L.MAX_LORA)
+    DOC = ("LoRA adapters of running and of waiting requests, and how many are loaded "
+           "(labels); the value is when they last changed (Unix seconds).")
+
+    def __init__(self, registry: CollectorRegistry):
+        self._read: Callable[[], tuple[Iterable[str], Iterable[str], int]] = \
+            lambda: ((), (), 0)
+        self._labels: tuple[str, str, str] | None = None
+        self._since = 0.0
+        self._lock = threading.Lock()  # concurrent scrapes
+        registry.register(self)
+
+    def follow(self, read: Callable[[], tuple[Iterable[str], Iterable[str], int]]) -> None:
+        """``read()`` -> (running adapters' names, waiting adapters' names, adapters loaded)."""
+        self._read = read
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(M.LORA_REQUESTS_INFO, self.DOC, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running, waiting, loaded = self._read()
+        labels = (",".join(sorted(set(running))), ",".join(sorted(set(waiting))), str(loaded))
+        with self._lock:
+            if labels != self._labels:
+                self._labels, self._since = labels, time.time()
+            since = self._since
+        family = GaugeMetricFamily(M.LORA_REQUESTS_INFO, self.DOC, labels=self._labelnames)
+        family.add_metric(labels, since)
+        yield family
 
 
 class Metrics:
@@ -110,7 +154,7 @@ class Metrics:
             M.ENGINE_STEP_SECONDS,
             "Engine thread time by part of a step (only with STEP_PROFILE on): batch, decode, "
             "sample, text, deliver, admit, other.", [L.PART], registry=r)
-
+        self.lora = LoraRequestsInfo(r)
 
     def follow(self, engine: Any, kv_total: int) -> None:
         """Read the load gauges from ``engine`` at every scrape (its ``running``, ``queued``
@@ -121,6 +165,17 @@ class Metrics:
         self.kv_used.set_function(lambda: engine.kv_cells_used)
         self.kv_utilization.set_function(
             lambda: min(1.0, engine.kv_cells_used / kv_total) if kv_total else 0.0)
+
+    def follow_adapters(self, engine: Any, adapters: Any) -> None:
+        """Read the LoRA gauge from ``engine`` (its ``adapter_sets()``: sets of adapters with
+        a ``name``) and ``adapters`` (the registry: ``all()``) at every scrape."""
+
+        def read() -> tuple[list[str], list[str], int]:
+            running, waiting = engine.adapter_sets()
+            return ([a.name for s in running for a in s], [a.name for s in waiting for a in s],
+                    len(adapters.all()))
+
+        self.lora.follow(read)
 
 
 class EngineMetrics:

@@ -184,6 +184,7 @@ class Serving:
             settings.chat_template, model.meta, model.bos_text, model.eos_text)
         # LoRA adapters by name (adapters.py); the backend loads them on the engine thread.
         self.adapters = Adapters(self.model_id, engine, engine.backend)  # type: ignore[arg-type]
+        metrics.follow_adapters(engine, self.adapters)  # the GIE LoRA gauge
 
     # --- models and adapters ------------------------------------------------------------
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
+from llamafleet.common.contract import MetricLabel, PodMetric
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.servers import start_server
+from tests.support.servers import start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -113,6 +116,19 @@ def test_an_adapter_loaded_at_run_time_serves_without_a_restart(server, models) 
     assert r.status_code == 404
     card = _load(server, "two", models["two"])
     assert card["id"] == "two" and card["parent"] == "base"
+    # The GIE LoRA gauge counts it at once, and names it while a request for it waits: the
+    # engine thread is held between two steps (Engine.call), so the request stays queued.
+    assert _lora_gauge(server) == ("", "", "2")
+    hold = threading.Event()
+    server.serving.engine.call(lambda: hold.wait(30))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            waiting = pool.submit(_complete, server.url, PROMPTS[1], "two")
+            wait_until(lambda: _lora_gauge(server) == ("", "two", "2"))
+        finally:
+            hold.set()
+        assert waiting.result()["model"] == "two"
+    wait_until(lambda: _lora_gauge(server) == ("", "", "2"))
     first = _complete(server.url, PROMPTS[0], "two")
     second = _complete(server.url, PROMPTS[0], "two")
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
@@ -136,6 +152,17 @@ def test_an_adapter_loaded_at_run_time_serves_without_a_restart(server, models) 
 def test_adapter_routes_need_the_key(server, models) -> None:
     r = httpx.post(f"{server.url}/v1/adapters", json={"name": "two", "path": str(models["two"])})
     assert r.status_code == 401
+
+
+def _lora_gauge(server) -> tuple[str, str, str]:
+    """The labels of the pod's one LoRA gauge series: (running, waiting, max_lora)."""
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    (family,) = [f for f in text_string_to_metric_families(text)
+                 if f.name == PodMetric.LORA_REQUESTS_INFO]
+    (series,) = family.samples
+    return tuple(series.labels[k] for k in (MetricLabel.RUNNING_LORA_ADAPTERS,
+                                             MetricLabel.WAITING_LORA_ADAPTERS,
+                                             MetricLabel.MAX_LORA))
 
 
 def _load(server, name: str, path: Path) -> dict:

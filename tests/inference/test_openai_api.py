@@ -259,6 +259,7 @@ async def test_llm_d_engine_config_reads_our_metrics_under_load(server, model: s
     (engine,) = [e for e in params["engineConfigs"] if e["name"] == ENGINE_TYPE]
     assert set(LLM_D_VLLM_DEFAULTS) <= set(engine)  # every default is mapped or turned off
     specs = {k: metric_spec(v) for k, v in engine.items() if k.endswith("Spec") and v}
+    lora_name, _ = specs.pop("loraSpec")
     assert set(specs) == {"queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec"}
 
     async def read(h: httpx.AsyncClient) -> dict[str, float]:
@@ -279,6 +280,14 @@ async def test_llm_d_engine_config_reads_our_metrics_under_load(server, model: s
     body = {"model": model, "messages": [{"role": "user", "content": "Count to a thousand."}],
             "max_tokens": 900, "stream": True, "ignore_eos": True}
     async with httpx.AsyncClient(timeout=120) as h:
+        # loraSpec: a gauge whose latest series (by value: a timestamp) carries the protocol's
+        # labels (loraspec.go, getLatestMetric; extractor.go, populateLoRAMetrics).
+        text = (await h.get(server.url + "/metrics")).text
+        (lora,) = [f for f in text_string_to_metric_families(text) if f.name == lora_name]
+        (series,) = lora.samples
+        assert lora.type == "gauge" and series.value > 0
+        assert series.labels == {"running_lora_adapters": "", "waiting_lora_adapters": "",
+                                 "max_lora": "0"}
         idle = await read(h)
         assert idle == {"queuedRequestsSpec": 0, "runningRequestsSpec": 0, "kvUsageSpec": 0}
 
