@@ -47,6 +47,15 @@ def _text(content: object) -> str:
     return content if isinstance(content, str) else ""
 
 
+def adapter_keys(adapter: str, keys: Sequence[int]) -> list[int]:
+    """``keys`` for a request that runs with the LoRA adapter ``adapter``. A pod caches
+    prefixes per adapter set, so a prompt under another adapter, or the base model, is another
+    prefix; each key salted with the adapter's name, chained keys stay chained (equal keys:
+    equal prefix and adapter)."""
+    salt = b"adapter\x1f" + adapter.encode() + b"\x1e"
+    return [_h64(salt + k.to_bytes(8, "big")) for k in keys]
+
+
 def block_hashes(text: str, block_chars: int) -> list[int]:
     """Chained hashes: block i's hash covers blocks 0..i, so equal hashes mean equal prefixes.
     A partial last block counts too (a short system prompt still gives one block)."""
@@ -98,12 +107,17 @@ class Affinity:
        hold 3 tenants while another idles);
     3. else the least loaded.
     Then the blocks are remembered with the chosen backend (LRU, ``entries`` at most);
-    blocks already remembered with another live backend keep it (an overflow is not a move)."""
+    blocks already remembered with another live backend keep it (an overflow is not a move).
+
+    The candidates are not always the whole fleet (a retry leaves out the replicas it tried,
+    a LoRA request takes the replicas that hold its adapter): the rings of the last few
+    candidate sets are kept, so requests that alternate between sets never rebuild one."""
+
+    RINGS = 8
 
     def __init__(self, vnodes: int, factor: float, entries: int):
         self.vnodes, self.factor, self.entries = vnodes, factor, entries
-        self._ring = Ring([], vnodes)
-        self._members: tuple[str, ...] = ()
+        self._rings: OrderedDict[tuple[str, ...], Ring] = OrderedDict()
         self._seen: OrderedDict[int, str] = OrderedDict()
         # Each remembered prefix (its last block) and its replica, and how many per replica.
         self._homes: OrderedDict[int, str] = OrderedDict()
@@ -117,8 +131,7 @@ class Affinity:
         if not loads:
             raise ValueError("no backend to pick from")
         members = tuple(sorted(loads))
-        if members != self._members:
-            self._ring, self._members = Ring(members, self.vnodes), members
+        ring = self._ring_of(members)
         bound = load_bound(loads, self.factor)
         chosen, hit = None, False
         for h in reversed(blocks):
@@ -128,7 +141,7 @@ class Affinity:
                     chosen, hit = b, True
                 break
         if chosen is None and blocks:
-            under = [b for b in self._ring.walk(blocks[0]) if loads[b] < bound]
+            under = [b for b in ring.walk(blocks[0]) if loads[b] < bound]
             if under:
                 fewest = min(self._home_count[b] for b in under)
                 chosen = next(b for b in under if self._home_count[b] == fewest)
@@ -145,6 +158,15 @@ class Affinity:
         if blocks and self._seen.get(blocks[-1]) == chosen:
             self._home(blocks[-1], chosen)
         return chosen, hit
+
+    def _ring_of(self, members: tuple[str, ...]) -> Ring:
+        ring = self._rings.get(members)
+        if ring is None:
+            ring = self._rings[members] = Ring(members, self.vnodes)
+            while len(self._rings) > self.RINGS:
+                self._rings.popitem(last=False)
+        self._rings.move_to_end(members)
+        return ring
 
     def _home(self, prefix: int, backend: str) -> None:
         old = self._homes.get(prefix)

@@ -36,10 +36,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from .affinity import Affinity, _h64, block_hashes, prompt_prefix
+from .affinity import Affinity, _h64, adapter_keys, block_hashes, prompt_prefix
 from .discovery import SliceWatch
 from .metrics import RouterMetrics
-from .replicas import PollPolicy, Pool, Replica
+from .replicas import PollPolicy, Pool, Replica, holding
 from .scaling import Scaler
 from .settings import RouterSettings
 
@@ -144,23 +144,28 @@ class Router:
         return hmac.compare_digest(given, f"Bearer {key.get_secret_value()}".encode())
 
     # --- choosing a replica ------------------------------------------------------------
-    def keys_of(self, request: Request, raw: bytes) -> list[int]:
+    def route_of(self, request: Request, raw: bytes) -> tuple[list[int], str | None]:
+        """The request's affinity keys (its routing key, else its prefix blocks) and the
+        ``model`` its body names (a LoRA adapter's name, or the base model's)."""
+        body = None
+        if request.method == "POST" and raw:
+            with contextlib.suppress(ValueError, RecursionError):  # the replica answers the 400
+                body = json.loads(raw)
+        if not isinstance(body, dict):
+            body = {}
+        model = body.get("model")
+        model = model if isinstance(model, str) and model else None
         key = request.headers.get(ROUTING_KEY_HEADER)
         if key:
-            return [_h64(key.encode("latin-1"))]
-        if request.method != "POST" or not raw:
-            return []
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):  # the replica answers the 400
-            return []
-        return block_hashes(prompt_prefix(body), self.settings.block_chars) \
-            if isinstance(body, dict) else []
+            return [_h64(key.encode("latin-1"))], model
+        return (block_hashes(prompt_prefix(body), self.settings.block_chars) if body else []), model
 
     async def choose(self, keys: list[int], tried: set[str], deadline: float,
-                     leaving: asyncio.Future) -> Replica:
+                     leaving: asyncio.Future, model: str | None = None) -> Replica:
         """A usable replica this request has not tried; holds the request (bounded) while
-        there is none, until ``deadline`` or until the client leaves (_Left)."""
+        there is none, until ``deadline`` or until the client leaves (_Left). When ``model``
+        names a LoRA adapter that some of them hold, one of those (any other would answer
+        404), by prefix under that adapter and load; when none holds it, any."""
         candidates = [b for b in self.pool.ready() if b.url not in tried]
         if not candidates:
             if self.held >= self.settings.hold_queue_size:
@@ -183,6 +188,8 @@ class Router:
                 self.held -= 1
                 self.metrics.held.set(self.held)
                 await self.pool.notify()
+        if model and (holders := holding(candidates, model)):
+            candidates, keys = holders, adapter_keys(model, keys)
         # The candidates themselves, not pool.replicas: a replica may leave the pool (its
         # EndpointSlice changed) while this request waited.
         by_url = {b.url: b for b in candidates}
@@ -258,14 +265,14 @@ class Router:
                 raise _Left from None
             request.state.body_read = True
             reservation.resize(len(raw))
-            keys = self.keys_of(request, raw)
+            keys, model = self.route_of(request, raw)
             # The client's own Authorization goes through: replicas check the API key. Raw
             # bytes: a header's value is not text (httpx would refuse a non-ASCII one).
             headers = [(k, v) for k, v in request.scope["headers"] if k not in _DROP]
             leaving = asyncio.ensure_future(_disconnected(request.receive))
             try:
-                response = await self._send(request, keys, path, headers, raw, started,
-                                            deadline, leaving, reservation)
+                response = await self._send(request, keys, model, path, headers, raw,
+                                            started, deadline, leaving, reservation)
             finally:
                 leaving.cancel()
         except _Left:
@@ -276,7 +283,7 @@ class Router:
             raise
         return response
 
-    async def _send(self, request: Request, keys: list[int], path: str,
+    async def _send(self, request: Request, keys: list[int], model: str | None, path: str,
                     headers: list[tuple[bytes, bytes]], raw: bytes, started: float,
                     deadline: float, leaving: asyncio.Future,
                     reservation: _Reservation) -> Response:
@@ -285,7 +292,7 @@ class Router:
             if len(tried) >= self.settings.max_attempts:
                 raise ReplicaFailed(f"The request failed on {len(tried)} replicas before any "
                                     f"answer ({router_env_name('max_attempts')}).")
-            replica = await self.choose(keys, tried, deadline, leaving)
+            replica = await self.choose(keys, tried, deadline, leaving, model)
             tried.add(replica.url)
             others = len(tried) < self.settings.max_attempts and \
                 any(b.url not in tried for b in self.pool.ready())

@@ -1,5 +1,6 @@
-"""The replicas the router may use: where they are, whether they are ready, and their load
-(in-flight requests through this router, and queue depth and KV use polled from /metrics)."""
+"""The replicas the router may use: where they are, whether they are ready, their load
+(in-flight requests through this router, and queue depth and KV use polled from /metrics) and
+the LoRA adapters they hold."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-from llamafleet.common.contract import PodMetric
+from llamafleet.common.contract import MetricLabel, PodMetric
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 # The pod's series (llamafleet.inference.metrics) that the router reads.
 RUNNING, WAITING, SLOTS = PodMetric.RUNNING, PodMetric.QUEUE_DEPTH, PodMetric.MAX_BATCH_SIZE
 KV_USED, KV_TOTAL = PodMetric.KV_CACHE_CELLS_USED, PodMetric.KV_CACHE_CELLS_TOTAL
+LORA = PodMetric.LORA_REQUESTS_INFO
 
 
 def replica_id(url: str) -> str:
@@ -38,6 +40,7 @@ class Replica:
     kv_use: float = 0.0  # 0..1
     slots: float = 0.0  # sequences it runs at once (its max batch size); 0 until polled
     others: float = 0.0  # at the last poll: requests on it that were not ours
+    adapters: frozenset[str] = frozenset()  # LoRA adapters loaded on it, at the last poll
     missed_polls: int = 0  # polls in a row that got no answer in time
     failures: int = 0  # requests in a row that failed on it before any answer
     out_until: float = 0.0  # time.monotonic(): out of rotation until then (failure backoff)
@@ -63,14 +66,41 @@ class Replica:
         return self.ready and time.monotonic() >= self.out_until
 
 
-def parse_metrics(text: str) -> dict[str, float]:
+def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The load gauges' values, and the labels of the LoRA gauge ({} without one)."""
     wanted = {RUNNING, WAITING, KV_USED, KV_TOTAL, SLOTS}
     out: dict[str, float] = {}
+    lora: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in wanted:
                 out[sample.name] = sample.value
-    return out
+            elif sample.name == LORA:
+                lora = sample.labels
+    return out, lora
+
+
+def lora_state(labels: dict[str, str]) -> tuple[frozenset[str], int]:
+    """From the LoRA gauge's labels: the adapters that running or waiting requests use, and
+    how many adapters are loaded (its ``max_lora``)."""
+    active = frozenset(name.strip() for key in (MetricLabel.RUNNING_LORA_ADAPTERS,
+                                                MetricLabel.WAITING_LORA_ADAPTERS)
+                       for name in labels.get(key, "").split(",") if name.strip())
+    loaded = labels.get(MetricLabel.MAX_LORA, "")
+    return active, int(loaded) if loaded.isdigit() else 0
+
+
+def listed_adapters(models: object) -> frozenset[str]:
+    """The adapters in a /v1/models answer: the models with a ``parent`` (the base)."""
+    data = models.get("data") if isinstance(models, dict) else None
+    return frozenset(m["id"] for m in data or () if isinstance(m, dict)
+                     and m.get("parent") and isinstance(m.get("id"), str))
+
+
+def holding(replicas: list[Replica], model: str) -> list[Replica]:
+    """Those of ``replicas`` that hold the adapter that ``model`` names; none when no replica
+    does (``model`` is then the base model, or an adapter not loaded anywhere yet)."""
+    return [b for b in replicas if model in b.adapters]
 
 
 @dataclass(frozen=True)
@@ -185,7 +215,7 @@ class Pool:
             return
         if m.status_code == 200:
             replica.auth_warned = False
-            values = parse_metrics(m.text)
+            values, lora = parse_metrics(m.text)
             replica.running = values.get(RUNNING, 0.0)
             replica.waiting = values.get(WAITING, 0.0)
             replica.slots = values.get(SLOTS, 0.0)
@@ -193,6 +223,21 @@ class Pool:
                                  - min(ours, replica.in_flight))
             total = values.get(KV_TOTAL, 0.0)
             replica.kv_use = values.get(KV_USED, 0.0) / total if total else 0.0
+            replica.adapters = await self._adapters(replica, lora)
+
+    async def _adapters(self, replica: Replica, lora: dict[str, str]) -> frozenset[str]:
+        """The adapters loaded on it. The LoRA gauge names only those that requests use now
+        and counts the loaded ones; when it counts any, /v1/models names them all (a small
+        GET that a pod without adapters never gets)."""
+        active, loaded = lora_state(lora)
+        if not loaded:
+            return active
+        r = await self.client.get(f"{replica.url}/v1/models", headers=self.headers)
+        try:
+            listed = listed_adapters(r.json()) if r.status_code == 200 else frozenset()
+        except ValueError:
+            listed = frozenset()
+        return active | listed
 
     async def _poll_forever(self, replica: Replica) -> None:
         while True:

@@ -10,20 +10,31 @@ MODE:
 - ``fail``: like ``ok``, but every POST is read and then its connection dropped without a
   byte of answer (a replica that fails before its first byte but passes its polls).
 API_KEY: /metrics then needs ``Authorization: Bearer API_KEY`` (401 otherwise).
+STUB_ADAPTERS (environment, comma-separated): LoRA adapters it holds; /metrics then has the
+pod's LoRA gauge (max_lora: how many) and GET /v1/models lists them with their parent.
 
 ``GET /stub/log`` answers what it received: each request's method, path and headers (polls
-aside); ``GET /stub/polls`` how many polls of /metrics it has had.
+aside); ``GET /stub/polls`` how many polls of /metrics (and, with adapters, of /v1/models) it
+has had.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 METRICS = (b"llamafleet_running_sequences 0.0\nllamafleet_queue_depth 0.0\n"
            b"llamafleet_kv_cache_cells_used 0.0\nllamafleet_kv_cache_cells_total 1024.0\n"
            b"llamafleet_max_batch_size 4.0\n")
+ADAPTERS = [a for a in os.environ.get("STUB_ADAPTERS", "").split(",") if a]
+if ADAPTERS:
+    METRICS += (b'llamafleet_lora_requests_info{running_lora_adapters="",'
+                b'waiting_lora_adapters="",max_lora="%d"} 1.0\n' % len(ADAPTERS))
+MODELS = json.dumps({"object": "list", "data": [
+    {"id": "stub", "object": "model"},
+    *({"id": a, "object": "model", "parent": "stub"} for a in ADAPTERS)]}).encode()
 
 
 def answer(status: int, body: bytes, ctype: bytes = b"application/json",
@@ -35,7 +46,7 @@ def answer(status: int, body: bytes, ctype: bytes = b"application/json",
 
 async def main(port: int, mode: str, key: str | None) -> None:
     log: list[dict] = []
-    polls = {"metrics": 0}
+    polls = {"metrics": 0, "models": 0}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -47,7 +58,8 @@ async def main(port: int, mode: str, key: str | None) -> None:
                 hmap = {k.strip().lower(): v.strip() for k, v in headers}
                 body = await reader.readexactly(int(hmap.get("content-length", "0")))
                 path = target.split("?")[0]
-                if path not in ("/ready", "/metrics", "/stub/log", "/stub/polls"):
+                models = bool(ADAPTERS) and method == "GET" and path == "/v1/models"
+                if path not in ("/ready", "/metrics", "/stub/log", "/stub/polls") and not models:
                     log.append({"method": method, "path": target,
                                 "headers": [[k.strip(), v.strip()] for k, v in headers]})
                 if path == "/ready":
@@ -60,6 +72,9 @@ async def main(port: int, mode: str, key: str | None) -> None:
                         writer.write(answer(401, b'{"error":{"message":"key"}}'))
                     else:
                         writer.write(answer(200, METRICS, b"text/plain"))
+                elif models:
+                    polls["models"] += 1
+                    writer.write(answer(200, MODELS))
                 elif path == "/stub/log":
                     writer.write(answer(200, json.dumps(log).encode()))
                 elif method == "POST" and mode == "fail":

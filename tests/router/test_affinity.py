@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from llamafleet.router.affinity import Affinity, Ring, block_hashes, load_bound, prompt_prefix
+from llamafleet.router.affinity import (
+    Affinity,
+    Ring,
+    adapter_keys,
+    block_hashes,
+    load_bound,
+    prompt_prefix,
+)
 
 SYSTEM = "You are the support bot of tenant {0}. " * 20
 
@@ -148,3 +155,26 @@ def test_responses_and_messages_share_their_instructions_and_system_prompt() -> 
     assert SYSTEM.format(1) in m and m == prompt_prefix(messages(1, "other"))
     assert m != prompt_prefix(messages(2, "hello"))
     assert prompt_prefix({"system": 5, "input": 7}) == "system\x1f\x1e"
+
+
+def test_adapter_keys_are_a_prefix_under_one_adapter_still_chained() -> None:
+    a = block_hashes("a" * 100 + "b" * 100, 50)
+    b = block_hashes("a" * 100 + "c" * 100, 50)
+    one_a, one_b = adapter_keys("one", a), adapter_keys("one", b)
+    assert one_a[:2] == one_b[:2] and one_a[2] != one_b[2]  # equal prefix, equal keys
+    assert not set(one_a) & set(a) and not set(one_a) & set(adapter_keys("two", a))
+    assert adapter_keys("one", []) == []
+
+
+def test_candidate_sets_that_alternate_keep_their_rings() -> None:
+    aff = Affinity(vnodes=50, factor=1.25, entries=100)
+    fleet, holders = {"a": 0.0, "b": 0.0, "c": 0.0}, {"a": 0.0, "c": 0.0}
+    aff.pick([1], fleet)
+    ring = aff._rings[("a", "b", "c")]
+    for i in range(5):
+        assert aff.pick([2 + i], holders)[0] in holders
+        aff.pick([9 + i], fleet)
+    assert aff._rings[("a", "b", "c")] is ring and len(aff._rings) == 2
+    for i in range(Affinity.RINGS + 2):  # a bounded number of them
+        aff.pick([1], {f"r{i}": 0.0})
+    assert len(aff._rings) == Affinity.RINGS

@@ -35,10 +35,13 @@ FAST = ("--poll-timeout", "0.5", "--poll-failure-budget", "2", "--failure-backof
 
 
 class Stub:
-    def __init__(self, mode: str = "ok", key: str | None = None, port: int | None = None):
+    def __init__(self, mode: str = "ok", key: str | None = None, port: int | None = None,
+                 adapters: str = ""):
+        """``adapters``: LoRA adapters it holds, comma-separated (STUB_ADAPTERS)."""
         self.port = port or free_port()
         self.proc = subprocess.Popen([sys.executable, str(STUB), str(self.port), mode,
-                                      *([key] if key else [])])
+                                      *([key] if key else [])],
+                                     env={**os.environ, "STUB_ADAPTERS": adapters})
         wait_until(self._up, timeout=30)
 
     @property
