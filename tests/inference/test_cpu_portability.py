@@ -25,8 +25,11 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = r"""
+import logging
 import sys
 from pathlib import Path
+# llama.cpp's info lines (which CPU module it loaded) are forwarded at DEBUG: show them.
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
 from llamafleet.inference import llama_backend as lb
 from llamafleet.inference.selftest import self_test
 import llama_cpp
