@@ -197,6 +197,28 @@ def test_top_candidates_is_a_stable_descending_sort(seed: int, n: int, v: int, k
     assert np.array_equal(vals, np.take_along_axis(x, want, axis=1))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.sampled_from([8192, 8197, 50257]),
+       st.integers(1, 32), st.booleans())
+def test_large_vocabulary_top_candidates_match_a_full_sort(seed: int, n: int, v: int, k: int,
+                                                            ties: bool) -> None:
+    """The large-vocabulary path (groups' maxima, then the best groups and the leftovers past
+    the last whole group) against a stable sort of the whole row, on rows with few ties (the
+    groups decide) and rows whose group maxima tie (the whole-row fallback)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, v)).astype(np.float32)
+    x[rng.random((n, v)) < 0.05] = -np.inf
+    x[:, -3:] += 4  # the leftovers (v not a multiple of the group) hold top entries
+    if ties:
+        x = np.round(x)
+    ids, vals = top_candidates(x, k)
+    want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    assert ids.tolist() == want.tolist()
+    assert np.array_equal(vals, np.take_along_axis(x, want, axis=1))
+    gathered = np.ascontiguousarray(x[::-1])[::-1]  # rows not in memory order: same answer
+    assert top_candidates(gathered, k)[0].tolist() == want.tolist()
+
+
 def test_rows_in_any_order_sample_as_their_own_rows() -> None:
     """Greedy samplers read their own rows whether the rows are consecutive (a view of the
     logits) or not (a gathered copy)."""
