@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from llamafleet.bench import load as bench
 from llamafleet.inference import sampler as current
 from llamafleet.inference.engine import SamplingParams
+from llamafleet.inference.main import keep_heap_warm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +68,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--json", dest="json_out", type=Path)
     args = p.parse_args()
+    keep_heap_warm()  # as `llamafleet serve` does: numpy's temporaries reuse the heap
     old = baseline_module(args.baseline)
     params = SamplingParams()  # the pod's defaults: temperature 0.7, top-k 40, penalties
     rng = np.random.default_rng(0)
