@@ -211,6 +211,7 @@ class LlamaBackend:
         # Sliding-window attention span (Gemma 3: 512); 0 for models without one.
         self.n_swa = C.llama_model_n_swa(model.ptr)
         self.pool = SamplerPool(model.n_vocab, capacity=n_seq + 1)
+        self._grammars = 0  # open samplers with a grammar (sample_batch checks them)
         self.grammar_resamples = 0  # grammar rows the free draw broke (sample_batch)
         self._adapters: tuple = ()  # the set on the context (set_adapters)
 
@@ -274,12 +275,14 @@ class LlamaBackend:
                 seed = seed32(p.seed) if p.seed is not None else C.LLAMA_DEFAULT_SEED
                 C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
             sampler.chain, sampler.grammar = chain, grammar
+            self._grammars += 1
         return sampler
 
     def free_sampler(self, sampler: Sampler) -> None:
         if sampler.chain is not None:
             C.llama_sampler_free(sampler.chain)  # frees the grammar with it
             sampler.chain = sampler.grammar = None
+            self._grammars -= 1
         self.pool.close(sampler)
 
     def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
@@ -330,9 +333,10 @@ class LlamaBackend:
         pool = self.pool
         logits = self.logits()
         rows = self._out_row[np.asarray(indices, dtype=np.intp)]
-        pool.penalise(logits, rows, samplers)
-        tokens = pool.sample(logits, rows, samplers)
-        for i, s in enumerate(samplers):
+        pr = pool.rows_of(samplers)
+        pool.penalise(logits, rows, samplers, pr)
+        tokens = pool.sample(logits, rows, samplers, pr)
+        for i, s in enumerate(samplers if self._grammars else ()):
             if s.grammar is None:
                 continue
             if self._grammar_allows(s.grammar, int(tokens[i]), logits[rows[i]]):
@@ -340,7 +344,7 @@ class LlamaBackend:
             else:  # the chain reads the same (penalised) row and accepts what it draws
                 self.grammar_resamples += 1
                 tokens[i] = C.llama_sampler_sample(s.chain, self.ctx, indices[i])
-        pool.accept(samplers, tokens)
+        pool.accept(samplers, tokens, pr)
         return tokens.tolist()
 
     @staticmethod

@@ -51,26 +51,26 @@ def seed32(seed: int) -> int:
 
 @dataclass(eq=False)
 class Sampler:
-    """One sequence's sampling state: a row in the pool's arrays, its generator and, for a
-    grammar, the llama.cpp chain that the backend keeps beside it."""
+    """One sequence's sampler: its row in the pool's arrays (parameters, penalty history,
+    generator) and, for a grammar, the llama.cpp chain that the backend keeps beside it."""
 
     row: int
     greedy: bool
-    penalised: bool
-    rng: np.random.Generator | None  # None: the pool's shared generator
-    seen: int = 0  # tokens recorded in the penalty history (penalised samplers)
     chain: Any = None  # llama.cpp sampler chain (grammars only), owned by the backend
     grammar: Any = None  # the grammar sampler inside ``chain``
 
 
 class SamplerPool:
-    """Per-sequence parameters in arrays (one row per open sampler) and the batched sampler.
+    """Per-sequence parameters and state in arrays (one row per open sampler) and the batched
+    sampler. A step's methods take the samplers' pool rows (``rows_of``) once; what they
+    read per sequence comes from those arrays, not from a Python loop over the samplers.
 
     Not thread-safe: the engine thread alone uses it."""
 
     def __init__(self, n_vocab: int, capacity: int = 8, seed: int | None = None):
         self.n_vocab = n_vocab
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(seed)  # unseeded samplers share it
+        self._seeded: dict[int, np.random.Generator] = {}  # pool row -> its own generator
         self._free: list[int] = []
         self._alloc(max(1, capacity))
 
@@ -90,6 +90,10 @@ class SamplerPool:
         grow("frequency", 0.0, _F32)
         grow("presence", 0.0, _F32)
         grow("history", -1, np.int64, (PENALTY_LAST_N,))
+        grow("greedy", False, bool)
+        grow("seeded", False, bool)
+        # Tokens recorded in the penalty history; -1: the sampler has no penalties.
+        grow("seen", -1, np.int64)
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
 
@@ -112,19 +116,30 @@ class SamplerPool:
         self.history[row] = -1
         penalised = bool(params.repeat_penalty != 1.0 or params.frequency_penalty
                          or params.presence_penalty)
-        rng = None
-        if params.seed is not None and not greedy:
-            rng = np.random.Generator(np.random.PCG64(params.seed & 0xFFFFFFFFFFFFFFFF))
-        return Sampler(row, greedy, penalised, rng)
+        self.seen[row] = 0 if penalised else -1
+        self.greedy[row] = greedy
+        self.seeded[row] = params.seed is not None and not greedy
+        if self.seeded[row]:
+            self._seeded[row] = np.random.Generator(
+                np.random.PCG64(params.seed & 0xFFFFFFFFFFFFFFFF))
+        return Sampler(row, greedy)
 
     def close(self, sampler: Sampler) -> None:
+        self._seeded.pop(sampler.row, None)
         self._free.append(sampler.row)
 
     # --- the batch -----------------------------------------------------------------------------
 
-    def penalise(self, logits: np.ndarray, rows: np.ndarray, samplers: Sequence[Sampler]) -> None:
+    @staticmethod
+    def rows_of(samplers: Sequence[Sampler]) -> np.ndarray:
+        """The samplers' rows in the pool's arrays."""
+        return np.fromiter((s.row for s in samplers), np.intp, len(samplers))
+
+    def penalise(self, logits: np.ndarray, rows: np.ndarray, samplers: Sequence[Sampler],
+                 pr: np.ndarray | None = None) -> None:
         """Apply each sampler's penalties in place to its row of ``logits`` (``rows[i]`` is
-        ``samplers[i]``'s row there). Touches only the tokens in the histories.
+        ``samplers[i]``'s row there; ``pr`` their pool rows, if the caller has them).
+        Touches only the tokens in the histories.
 
         A token that occurs several times in a history is read, penalised and written once
         per occurrence; every occurrence computes the same value from the same unpenalised
@@ -133,49 +148,48 @@ class SamplerPool:
         (``accept``), so every row is PENALTY_LAST_N tokens wide and needs no mask. Only the
         frequency penalty needs the counts. Few numpy calls: each costs microseconds on the
         cold cache after a decode, whatever the batch."""
-        which = [i for i, s in enumerate(samplers) if s.penalised and s.seen]
-        if not which:
-            return
-        pool_rows = np.fromiter((samplers[i].row for i in which), np.intp, len(which))
-        hist = self.history[pool_rows]  # (n, PENALTY_LAST_N)
-        out = rows[which][:, None]
+        pr = self.rows_of(samplers) if pr is None else pr
+        active = self.seen[pr] > 0  # penalised, with a history
+        if not active.all():
+            if not active.any():
+                return
+            pr, rows = pr[active], rows[active]
+        hist = self.history[pr]  # (n, PENALTY_LAST_N)
+        out = rows[:, None]
         vals = logits[out, hist]
-        repeat = self.repeat[pool_rows][:, None]
+        repeat = self.repeat[pr][:, None]
         vals = np.where(vals <= 0, vals * repeat, vals / repeat)
-        sub = self.presence[pool_rows][:, None]
-        frequency = self.frequency[pool_rows]
+        sub = self.presence[pr][:, None]
+        frequency = self.frequency[pr]
         if frequency.any():
-            seen = np.fromiter((samplers[i].seen for i in which), np.intp, len(which))
-            real = np.arange(PENALTY_LAST_N) < seen[:, None]
+            real = np.arange(PENALTY_LAST_N) < self.seen[pr][:, None]
             counts = ((hist[:, :, None] == hist[:, None, :]) & real[:, None, :]).sum(axis=2)
             sub = counts.astype(_F32) * frequency[:, None] + sub
         logits[out, hist] = vals - sub
 
-    def sample(self, logits: np.ndarray, rows: np.ndarray, samplers: Sequence[Sampler]
-               ) -> np.ndarray:
+    def sample(self, logits: np.ndarray, rows: np.ndarray, samplers: Sequence[Sampler],
+               pr: np.ndarray | None = None) -> np.ndarray:
         """One token per sampler from its row of ``logits`` (already penalised)."""
         n = len(samplers)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        greedy = [s.greedy for s in samplers]
-        if all(greedy):
+        pr = self.rows_of(samplers) if pr is None else pr
+        greedy = self.greedy[pr]
+        if greedy.all():
             return np.argmax(_take_rows(logits, rows), axis=1)
-        if not any(greedy):
-            pool_rows = np.fromiter((s.row for s in samplers), np.intp, n)
-            return self._draw(_take_rows(logits, rows), pool_rows, samplers)
+        if not greedy.any():
+            return self._draw(_take_rows(logits, rows), pr)
         out = np.empty(n, dtype=np.int64)
-        mask = np.array(greedy)
-        out[mask] = np.argmax(logits[rows[mask]], axis=1)
-        pick = np.flatnonzero(~mask)
-        sampled = [samplers[i] for i in pick]
-        pool_rows = np.fromiter((s.row for s in sampled), np.intp, len(sampled))
-        out[pick] = self._draw(logits[rows[pick]], pool_rows, sampled)
+        out[greedy] = np.argmax(logits[rows[greedy]], axis=1)
+        pick = ~greedy
+        out[pick] = self._draw(logits[rows[pick]], pr[pick])
         return out
 
-    def _draw(self, x: np.ndarray, pr: np.ndarray, samplers: Sequence[Sampler]) -> np.ndarray:
+    def _draw(self, x: np.ndarray, pr: np.ndarray) -> np.ndarray:
+        """One token for each of the sampled (not greedy) rows ``x``, at pool rows ``pr``."""
         ids, w = self.weights(x, pr)
         cum = np.cumsum(w, axis=1, dtype=np.float64)
-        target = self._uniforms(samplers) * cum[:, -1]
+        target = self._uniforms(pr) * cum[:, -1]
         at = (cum >= target[:, None]).argmax(axis=1)
         return ids[np.arange(len(ids)), at]
 
@@ -201,28 +215,32 @@ class SamplerPool:
         # temperature over what is left.
         return ids, np.exp(d / temp) * keep
 
-    def _uniforms(self, samplers: Sequence[Sampler]) -> np.ndarray:
-        u = self._rng.random(len(samplers))
-        for i, s in enumerate(samplers):
-            if s.rng is not None:
-                u[i] = s.rng.random()
+    def _uniforms(self, pr: np.ndarray) -> np.ndarray:
+        u = self._rng.random(len(pr))
+        if self._seeded:  # a seeded sampler draws from its own generator
+            for i in np.flatnonzero(self.seeded[pr]):
+                u[i] = self._seeded[int(pr[i])].random()
         return u
 
-    def accept(self, samplers: Sequence[Sampler], tokens: Sequence[int] | np.ndarray) -> None:
+    def accept(self, samplers: Sequence[Sampler], tokens: Sequence[int] | np.ndarray,
+               pr: np.ndarray | None = None) -> None:
         """Record sampled tokens in the penalty histories (a first token fills its row:
         ``penalise`` reads every place)."""
-        which = [i for i, s in enumerate(samplers) if s.penalised]
-        if not which:
-            return
-        pr = np.fromiter((samplers[i].row for i in which), np.intp, len(which))
-        at = np.fromiter((samplers[i].seen % PENALTY_LAST_N for i in which), np.intp, len(which))
-        tok = np.asarray(tokens, dtype=np.int64)[which]
-        self.history[pr, at] = tok
-        first = [j for j, i in enumerate(which) if not samplers[i].seen]
-        if first:
+        pr = self.rows_of(samplers) if pr is None else pr
+        seen = self.seen[pr]
+        penalised = seen >= 0
+        if not penalised.all():
+            if not penalised.any():
+                return
+            pr, seen = pr[penalised], seen[penalised]
+            tok = np.asarray(tokens, dtype=np.int64)[penalised]
+        else:
+            tok = np.asarray(tokens, dtype=np.int64)
+        self.history[pr, seen % PENALTY_LAST_N] = tok
+        first = seen == 0
+        if first.any():
             self.history[pr[first]] = tok[first][:, None]
-        for i in which:
-            samplers[i].seen += 1
+        self.seen[pr] = seen + 1
 
 
 def _take_rows(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
