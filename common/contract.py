@@ -188,6 +188,10 @@ IMAGE_MODEL_DIR = "/opt/llamafleet/models"  # where the image holds every embedd
 # the operator reads the last one from the Job's pod log; each file in the cache volume is
 # named cache_file_name(sha256), so LLMServices that name the same sha256 share it.
 FETCH_PROGRESS_EVENT = "llamafleet-fetch-progress"
+# `llamafleet fetch` exits with this when trying again cannot help (a wrong sha256, HTTP 4xx):
+# the cache Job's podFailurePolicy then fails the Job at once instead of retrying. It exits
+# with 1 when a retry may succeed (the download was cut short too often: the part is kept).
+FETCH_EXIT_PERMANENT = 2
 # The label the Job controller puts on a Job's pods (Kubernetes >= 1.27).
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 

@@ -57,6 +57,8 @@ def fetch(args: argparse.Namespace) -> int:
     try:
         fetch_model(args.url, args.sha256, args.out, retries=args.retries, progress=progress)
     except FetchError as e:
+        from llamafleet.common.contract import FETCH_EXIT_PERMANENT
+
         print(f"llamafleet fetch: {e}", file=sys.stderr)
-        return 1
+        return FETCH_EXIT_PERMANENT if e.permanent else 1
     return 0

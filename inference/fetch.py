@@ -32,7 +32,12 @@ Progress = Callable[[int, "int | None"], None]
 
 
 class FetchError(Exception):
-    """The download cannot succeed as asked (wrong sha256, HTTP 4xx, or out of retries)."""
+    """The download did not succeed. ``permanent``: trying again cannot help (a wrong
+    sha256, HTTP 4xx); otherwise it ran out of retries and a later attempt resumes."""
+
+    def __init__(self, message: str, permanent: bool = True):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class _Interrupted(Exception):
@@ -69,7 +74,7 @@ def fetch(url: str, sha256: str, out: Path, timeout: float = 60.0, retries: int 
             if failures > retries:
                 raise FetchError(f"download of {url} failed {failures} times, the last: {e}; "
                                  f"{_size(part)} bytes kept in {part.name} for the next "
-                                 "attempt") from None
+                                 "attempt", permanent=False) from None
             time.sleep(min(30.0, backoff * 2 ** (failures - 1)))
     got = h.hexdigest()
     if got != want:

@@ -11,7 +11,7 @@ import threading
 from functools import partial
 
 import pytest
-from llamafleet.common.contract import FETCH_PROGRESS_EVENT
+from llamafleet.common.contract import FETCH_EXIT_PERMANENT, FETCH_PROGRESS_EVENT
 from llamafleet.inference.fetch import FetchError, fetch
 
 BODY = b"GGUF" + bytes(range(256)) * 400  # 102,404 bytes
@@ -158,8 +158,9 @@ def test_a_wrong_sha256_after_a_resume_deletes_the_part(serve, tmp_path) -> None
 def test_out_of_retries_keeps_the_part_for_the_next_attempt(serve, tmp_path) -> None:
     srv = serve(drop_after=10_000, drops=10)
     out = tmp_path / f"{SHA}.gguf"
-    with pytest.raises(FetchError, match="failed 2 times"):
+    with pytest.raises(FetchError, match="failed 2 times") as failed:
         fetch(srv.url, SHA, out, retries=1, backoff=0)
+    assert not failed.value.permanent  # the cache Job retries it in a new pod
     assert out.with_name(out.name + ".part").stat().st_size == 20_000
     srv.drops = 0
     fetch(srv.url, SHA, out)  # the next attempt (the Job's next pod) finishes it
@@ -185,4 +186,5 @@ def test_the_cli_prints_progress_lines_and_says_why_it_failed(serve, tmp_path) -
     assert lines[-1] == {"event": FETCH_PROGRESS_EVENT, "bytes": len(BODY), "total": len(BODY)}
     bad = subprocess.run([*cmd[:-3], "0" * 64, "--out", str(tmp_path / "n.gguf")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "sha256 mismatch" in bad.stderr
+    # Exit 2: the cache Job's podFailurePolicy fails the Job at once (no retry can help).
+    assert bad.returncode == FETCH_EXIT_PERMANENT and "sha256 mismatch" in bad.stderr
