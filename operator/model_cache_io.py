@@ -21,6 +21,7 @@ from kubernetes.dynamic.exceptions import ApiException as DynApiException
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 from llamafleet.common.contract import JOB_NAME_LABEL
 
+from . import builders as B
 from . import model_cache as M
 from .settings import OperatorSettings
 from .spec import LLMServiceSpec
@@ -82,9 +83,9 @@ def read_cache(dyn: DynamicClient, namespace: str, entry: M.Entry, settings: Ope
 def fetch_image(spec: LLMServiceSpec, settings: OperatorSettings) -> str:
     """The spec's image if it names one, else the operator's CPU image (never the CUDA one:
     a download needs no GPU, and the CPU image is the smaller pull)."""
-    if spec.image.repository:
-        return f"{spec.image.repository}:{spec.image.tag or settings.image_tag}"
-    return f"{settings.image_repository}:{spec.image.tag or settings.image_tag}"
+    if spec.image.repository or spec.image.tag:
+        return B.image_for(spec, settings)  # the pods' own image, which their nodes can pull
+    return f"{settings.image_repository}:{settings.image_tag}"
 
 
 def ensure_cache(dyn: DynamicClient, owner: kopf.Body, spec: LLMServiceSpec,

@@ -204,3 +204,13 @@ def test_the_model_cached_condition_of_each_source() -> None:
 
 def test_the_job_pods_label_is_the_one_the_job_controller_sets() -> None:
     assert JOB_NAME_LABEL == "batch.kubernetes.io/job-name"
+
+
+def test_the_fetch_job_uses_the_cpu_image_unless_the_spec_names_one() -> None:
+    from llamafleet.operator.model_cache_io import fetch_image
+
+    settings = OperatorSettings(image_repository="reg/lf", image_tag="1.0",
+                                gpu_image_repository="reg/lf", gpu_image_tag="1.0-cuda")
+    assert fetch_image(spec(resources={"gpus": 1, "memory": "16Gi"}), settings) == "reg/lf:1.0"
+    own = spec(image={"repository": "mine/lf", "tag": "2"})
+    assert fetch_image(own, settings) == "mine/lf:2"
