@@ -9,7 +9,9 @@ package) as a model URL would be; local processes stand in for the pods:
 - warm cache: the file is already in the cache (the Job completed before): only `llamafleet
   serve`, timed from its start to /ready. Scaling out, or from zero, is this case.
 
-Each case runs --runs times, alternating, with a fresh cache directory for each cold run.
+Each case runs --runs times, alternating, with a fresh cache directory for each cold run;
+cold_fetch_s and cold_serve_s are the cold start's two parts. The machine's load average
+goes in the record: `llamafleet serve`'s start-up (model load, self-test) varies with it.
 --rate-mib-s caps the server's sending rate (a model server farther away than loopback);
 0 is loopback as fast as it goes. Kubernetes' own share (scheduling the Job and the pods,
 pulling images, attaching the volume) is not in these figures.
@@ -131,10 +133,11 @@ def main() -> int:
     warm_cache.mkdir()
     shutil.copyfile(model, warm_cache / cache_file_name(sha))
     results = []
+    load_before = os.getloadavg()
     try:
         for rate in (float(r) for r in a.rate_mib_s.split(",")):
             httpd, url = serve_file(served, rate)
-            cold_fetch, cold_total, warm = [], [], []
+            cold_fetch, cold_serve, cold_total, warm = [], [], [], []
             try:
                 for i in range(a.runs):
                     cache = work / f"cold-{rate:g}-{i}"
@@ -143,6 +146,7 @@ def main() -> int:
                     s = start_to_ready(cache / cache_file_name(sha), a.threads,
                                        work / f"serve-cold-{rate:g}-{i}.log")
                     cold_fetch.append(f)
+                    cold_serve.append(s)
                     cold_total.append(f + s)
                     shutil.rmtree(cache)
                     warm.append(start_to_ready(warm_cache / cache_file_name(sha), a.threads,
@@ -154,6 +158,7 @@ def main() -> int:
                 "rate_mib_s": rate or "loopback", "runs": a.runs,
                 "cold_cache_s": {"median": median(cold_total), "all": [round(x, 3) for x in cold_total]},
                 "cold_fetch_s": {"median": median(cold_fetch), "all": [round(x, 3) for x in cold_fetch]},
+                "cold_serve_s": {"median": median(cold_serve), "all": [round(x, 3) for x in cold_serve]},
                 "warm_cache_s": {"median": median(warm), "all": [round(x, 3) for x in warm]},
                 "cold_over_warm": round(median(cold_total) / median(warm), 2)})
             print(json.dumps(results[-1]), file=sys.stderr)
@@ -163,6 +168,8 @@ def main() -> int:
                             capture_output=True, text=True).stdout.strip()
     out = {"commit": commit, "machine": platform.node(), "cpu": platform.processor() or
            platform.machine(), "cpus": len(os.sched_getaffinity(0)),
+           "loadavg_before": [round(x, 2) for x in load_before],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()],
            "model": a.model, "model_bytes": size, "sha256": sha,
            "settings": {"threads": a.threads, "runs": a.runs,
                         "measured": "llamafleet fetch (cold only) + llamafleet serve start "
