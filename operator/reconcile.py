@@ -156,10 +156,6 @@ def run_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
                                                   observed.cache)]
     patch.status.update(phase=st.phase, conditions=merge(previous, conditions),
                         replicas=st.replicas, readyReplicas=st.ready_replicas)
-    if observed.cache is not None and observed.cache.state in ("Pending", "Downloading"):
-        # Come back soon: the progress in status, and the Deployment once the file is there.
-        raise kopf.TemporaryError(f"waiting for the model cache: {observed.cache.message}",
-                                  delay=settings.model_cache_poll_seconds)
 
 
 def _read(children: Children, body: kopf.Body, spec: LLMServiceSpec,

@@ -19,7 +19,9 @@ from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
+# Both timers' intervals are fixed when the handlers module is imported.
 os.environ.setdefault("LLAMAFLEET_OPERATOR_RESYNC_SECONDS", "0.5")
+os.environ.setdefault("LLAMAFLEET_OPERATOR_MODEL_CACHE_POLL_SECONDS", "0.2")
 
 SHA = hashlib.sha256(b"a model").hexdigest()
 JOB = f"llamafleet-fetch-{SHA[:16]}"
@@ -34,7 +36,6 @@ MiB = 2**20
 def cache_on(monkeypatch):
     monkeypatch.setenv("LLAMAFLEET_OPERATOR_MODEL_CACHE_ENABLED", "true")
     monkeypatch.setenv("LLAMAFLEET_OPERATOR_MODEL_CACHE_STORAGE_CLASS", "nfs")
-    monkeypatch.setenv("LLAMAFLEET_OPERATOR_MODEL_CACHE_POLL_SECONDS", "0.2")
 
 
 def url_service(name: str, url: str = "https://models.example/m.gguf", **over) -> dict:
