@@ -183,6 +183,22 @@ def operator_env_name(setting: str) -> str:
 
 IMAGE_MODEL_DIR = "/opt/llamafleet/models"  # where the image holds every embedded model
 
+# The model cache (docs/architecture.md, "Model cache"): `llamafleet fetch` in the cache's
+# Job prints JSON lines {"event": FETCH_PROGRESS_EVENT, "bytes": n, "total": m} on stdout and
+# the operator reads the last one from the Job's pod log; each file in the cache volume is
+# named cache_file_name(sha256), so LLMServices that name the same sha256 share it.
+FETCH_PROGRESS_EVENT = "llamafleet-fetch-progress"
+# `llamafleet fetch` exits with this when trying again cannot help (a wrong sha256, HTTP 4xx):
+# the cache Job's podFailurePolicy then fails the Job at once instead of retrying. It exits
+# with 1 when a retry may succeed (the download was cut short too often: the part is kept).
+FETCH_EXIT_PERMANENT = 2
+# The label the Job controller puts on a Job's pods (Kubernetes >= 1.27).
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+
+def cache_file_name(sha256: str) -> str:
+    return f"{sha256.lower()}.gguf"
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:

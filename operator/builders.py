@@ -28,6 +28,7 @@ from llamafleet.common.contract import (
     USER_ID,
     PodMetric,
     RouterMetric,
+    cache_file_name,
     pod_service_name,
     termination_grace_seconds,
 )
@@ -123,12 +124,16 @@ def with_hash(obj: dict) -> dict:
     return obj
 
 
-def model_env(spec: LLMServiceSpec) -> dict[str, str]:
+def model_env(spec: LLMServiceSpec, model_cache: str | None = None) -> dict[str, str]:
     """Where the pod finds its GGUF: a file path, or an embedded model's name (the image
-    holds every embedded model; LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR is set there)."""
+    holds every embedded model; LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR is set there). A URL
+    model is the cache's ``<sha256>.gguf`` when ``model_cache`` (the cache claim) is given,
+    else the file its pod's init container downloaded."""
     src = spec.model.source
     if src.pvc:
         return {"MODEL_PATH": f"{MODEL_DIR}/{src.pvc.path.lstrip('/')}"}
+    if src.url and model_cache:
+        return {"MODEL_PATH": f"{MODEL_DIR}/{cache_file_name(src.url.sha256)}"}
     if src.url:
         return {"MODEL_PATH": f"{MODEL_DIR}/model.gguf"}
     assert src.embedded is not None
@@ -151,9 +156,10 @@ def image_for(spec: LLMServiceSpec, settings: Any) -> str:
     return f"{repository}:{tag}"
 
 
-def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]:
+def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
+            model_cache: str | None = None) -> list[dict]:
     values: dict[str, Any] = {
-        **model_env(spec),
+        **model_env(spec, model_cache),
         "CONTEXT_SIZE": spec.model.contextSize,
         "GPU_LAYERS": spec.gpuLayers if spec.resources.gpus else 0,
         "MAX_BATCH_SIZE": plan.max_batch_size,
@@ -203,7 +209,10 @@ def _affinity(spec: LLMServiceSpec, plan: ServicePlan) -> dict | None:
     return affinity
 
 
-def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, image: str) -> dict:
+def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, image: str,
+                     model_cache: str | None = None) -> dict:
+    """The serve pods. ``model_cache``: the model cache's claim, which holds a URL model
+    (llamafleet.operator.model_cache); None: a URL model is downloaded by each pod."""
     gpus = spec.resources.gpus
     resources: dict[str, dict[str, Any]] = {
         "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory},
@@ -224,7 +233,11 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
         volumes.append({"name": "model", "persistentVolumeClaim": {
             "claimName": src.pvc.claimName, "readOnly": True}})
-    elif src.url:
+    elif src.url and model_cache:  # the cache's Job downloaded it: nothing to fetch here
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+        volumes.append({"name": "model", "persistentVolumeClaim": {
+            "claimName": model_cache, "readOnly": True}})
+    elif src.url:  # no model cache: each pod downloads its copy
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
         volumes.append({"name": "model", "emptyDir": {}})
         init.append({
@@ -241,7 +254,7 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
     container = {
         "name": "server", "image": image, "imagePullPolicy": spec.image.pullPolicy,
         "command": ["llamafleet"], "args": ["serve"],
-        "env": pod_env(names, spec, plan),
+        "env": pod_env(names, spec, plan, model_cache),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                   {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],

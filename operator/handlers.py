@@ -4,6 +4,7 @@
   :mod:`llamafleet.operator.reconcile`, which walks the ordered steps of
   :mod:`llamafleet.operator.reconcile_steps`;
 - the builtin autoscaler's timer: :mod:`llamafleet.operator.scaling_loop`;
+- while a model downloads into the model cache, a faster resync of that LLMService;
 - start-up (kopf's settings, the Kubernetes client, the locks): :mod:`llamafleet.operator.runtime`.
 """
 
@@ -54,6 +55,20 @@ def resync(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kop
     R.run(body, patch, logger, memo, _nodes(gpu_nodes), event=False)
 
 
+def _downloading(status: kopf.Status, **_: Any) -> bool:
+    return ((status or {}).get("modelCache") or {}).get("state") in ("Pending", "Downloading")
+
+
+# While the model cache downloads an LLMService's model: its progress to status, and the
+# Deployment as soon as the file is there (llamafleet.operator.model_cache). A timer, not a
+# retry: a temporary error would post an Event at every poll of a long download.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=OperatorSettings().model_cache_poll_seconds,
+            idle=0, when=_downloading)
+def model_cache_poll(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
+                     memo: kopf.Memo, gpu_nodes: kopf.Index, **_: Any) -> None:
+    R.run(body, patch, logger, memo, _nodes(gpu_nodes), event=False)
+
+
 def _builtin_scaling(spec: kopf.Spec, **_: Any) -> bool:
     scaling = spec.get("scaling") or {}
     return bool(scaling) and scaling.get("mode", "builtin") == "builtin"
@@ -69,4 +84,4 @@ async def autoscale(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
     await scaling_loop.timer_round(dict(body), patch, logger, memo.dyn, memo.settings)
 
 
-__all__ = ["reconcile", "resync", "autoscale", "gpu_nodes", "startup"]
+__all__ = ["reconcile", "resync", "model_cache_poll", "autoscale", "gpu_nodes", "startup"]

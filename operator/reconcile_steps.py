@@ -26,6 +26,11 @@ sets when the API server refuses it. The order is the point, and each rule is a 
    HorizontalPodAutoscaler and ScaledObject last, after the workloads they scale.
 8. A child the spec turns off is deleted at the place where it would be written, and only
    if this LLMService controls it (:class:`Delete`).
+9. A URL model with the model cache on (:mod:`llamafleet.operator.model_cache`): the cache's
+   claim and Job are ensured before the Deployment, and the Deployment is written only once
+   the Job has put the file in the cache. Meanwhile a live Deployment is left as it is (the
+   model it serves keeps serving while a new one downloads); pods never start on a file
+   that is not there.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import builders as B
+from .model_cache import CacheState
 from .planning import ServicePlan
 from .settings import OperatorSettings
 from .spec import LLMServiceSpec
@@ -98,6 +104,7 @@ class Observed:
     replicas_set: bool  # the object's spec has replicas (absent: the scale subresource reads 0)
     service: dict | None = None  # Service <name>
     router: dict | None = None  # the router Deployment, when this LLMService controls it
+    cache: CacheState | None = None  # the model's cache entry, when the model cache holds it
 
 
 def routing(names: B.Names, spec: LLMServiceSpec, observed: Observed) -> tuple[bool, bool]:
@@ -163,9 +170,10 @@ class Delete:
     on_failure: OnFailure
 
 
-WRITE_REPLICAS, CERTIFICATES, API_KEY = "replicas", "certificates", "api key"
-Action = Literal["replicas", "certificates", "api key"]
-ACTIONS: tuple[Action, ...] = (WRITE_REPLICAS, CERTIFICATES, API_KEY)
+WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE = \
+    "replicas", "certificates", "api key", "model cache"
+Action = Literal["replicas", "certificates", "api key", "model cache"]
+ACTIONS: tuple[Action, ...] = (WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE)
 
 
 @dataclass(frozen=True)
@@ -214,8 +222,13 @@ def plan_steps(spec: LLMServiceSpec, plan: ServicePlan, names: B.Names, observed
             B.build_router_service_account(names), B.build_router_role(names),
             B.build_router_role_binding(names), B.build_router_deployment(names, spec, image))]
     steps += [Apply(B.build_pod_service(names), children),
-              Apply(B.build_service(names, routed), children),
-              Apply(B.build_deployment(names, spec, plan, image), children)]
+              Apply(B.build_service(names, routed), children)]
+    cache = observed.cache
+    if cache is not None:
+        steps.append(Ensure(MODEL_CACHE, api_error(MODEL_CACHE)))
+    if cache is None or cache.ready:
+        steps.append(Apply(B.build_deployment(names, spec, plan, image,
+                                              cache.claim if cache else None), children))
     if not spec.router_enabled:
         steps += [Delete(key, children) for key in reversed(router_keys(names))]
     steps.append(_apply_or_delete(spec.routing.inferencePool.enabled,

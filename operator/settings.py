@@ -42,6 +42,28 @@ class OperatorSettings(BaseSettings):
     cluster_domain: str = Field("cluster.local", description="DNS suffix for Service names.")
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch; empty: the whole cluster.")
+    model_cache_enabled: bool = Field(
+        False, description="Download URL-sourced models once per namespace into the model cache "
+        "volume (a PersistentVolumeClaim the operator creates, by a Job), which the pods mount "
+        "read-only; LLMServices naming the same sha256 share one copy. Off: each pod downloads "
+        "its model in an init container (the fallback where no ReadWriteMany storage exists).")
+    model_cache_claim: str = Field(
+        "llamafleet-model-cache", description="Name of the model cache's PersistentVolumeClaim "
+        "in each namespace with URL-sourced LLMServices; created when missing (an existing one, "
+        "e.g. made by an admin, is used as it is).")
+    model_cache_storage_class: str | None = Field(
+        None, description="storageClassName of the cache claims the operator creates; unset or "
+        "empty: the cluster's default class. It must provide model_cache_access_mode.")
+    model_cache_size: str = Field(
+        "100Gi", description="Requested size of each cache claim the operator creates.")
+    model_cache_access_mode: str = Field(
+        "ReadWriteMany", pattern=r"^(ReadWriteMany|ReadWriteOnce|ReadWriteOncePod)$",
+        description="Access mode of the cache claims. ReadWriteMany lets pods on every node "
+        "mount it; ReadWriteOnce works only while the fetch Jobs and all pods using it share "
+        "one node.")
+    model_cache_poll_seconds: float = Field(
+        10.0, gt=0, description="While a model downloads, how often its LLMServices re-read "
+        "the Job and write its progress to status.modelCache, in seconds.")
     kubeconfig: str | None = Field(
         None, description="kubeconfig file for the API client (default: in-cluster, then "
         "$KUBECONFIG / ~/.kube/config).")
