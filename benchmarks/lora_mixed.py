@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 from compare import VENV_BIN, free_port, running
 from llamafleet.bench import load as bench
+from llamafleet.common.contract import PodMetric
 
 HERE = Path(__file__).parent
 KEY = "lora-mixed-bench"
@@ -80,10 +81,10 @@ async def run_mode(url: str, models: list[str], requests: int, concurrency: int,
 
 
 def steps_of(url: str) -> float | None:
-    """The pod's decode steps so far (llamafleet_engine_steps_total), if it exports them."""
+    """The pod's decode steps so far (PodMetric.ENGINE_STEPS), if it exports them."""
     text = httpx.get(url + "/metrics", headers=AUTH).text
     for line in text.splitlines():
-        if line.startswith("llamafleet_engine_steps_total"):
+        if line.startswith(PodMetric.ENGINE_STEPS):
             return float(line.split()[-1])
     return None
 
