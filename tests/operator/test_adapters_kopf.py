@@ -181,7 +181,7 @@ async def test_adapters_are_fetched_loaded_at_run_time_and_reported(
     try:
         async with kopf_runner() as runner:
             await create(api, LLMS, llmservice(
-                NAME, resources={"gpus": 0, "cpu": "2", "memory": "2Gi"},
+                NAME, resources={"gpus": 0, "cpu": "2", "memory": "16Gi"},
                 auth={"apiKeySecret": "key"}, adapters=[_pvc("one", "one.gguf", 0.5)]))
             # The pods read their start-up list from the ConfigMap; the claim is mounted.
             cm = await wait_until(lambda: get(api, CONFIG_MAP))
