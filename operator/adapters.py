@@ -10,7 +10,10 @@ has: those of the sources its template listed (the ``llamafleet.io/adapter-sourc
 annotation). A new URL adapter or a new PVC changes the template, so the Deployment rolls out
 and the new pods start with it; the old ones meanwhile unload what was removed and keep the
 rest. Unloading an adapter that requests are using answers 409 (the pod never drops them): it
-is retried at the next resync.
+is retried at the next resync. An adapter a pod refuses to load (400: no such file, or one
+llama.cpp refuses) is reported in status.adapters[].refused and left out of the ConfigMap, since
+a pod stops when a start-up adapter fails; the running pods retry it at each resync, and once
+one loads it, it is back in the ConfigMap.
 
 :func:`plan_pod` is pure; :func:`sync` does the I/O, best effort: a pod that does not answer is
 reported, never an error of the reconcile.
@@ -75,6 +78,7 @@ class PodAdapters:
     held: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # no such file, or llama.cpp refused it
     answered: bool = True
 
     def to_status(self) -> dict[str, Any]:
@@ -83,6 +87,8 @@ class PodAdapters:
             out["awaitingRollout"] = sorted(self.missing)
         if self.problems:
             out["problems"] = self.problems
+        if self.refused:
+            out["refused"] = sorted(self.refused)
         return out
 
 
@@ -125,6 +131,8 @@ async def sync_pod(client: httpx.AsyncClient, url: str, name: str, headers: dict
                      scale)
         else:
             out.problems.append(f"load {adapter}: {_error(r)}")
+            if r.status_code == 400:  # the file: a pod would not start with it either
+                out.refused.append(adapter)
     out.held = sorted(held)
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -339,23 +340,29 @@ def adapter_path(spec: LLMServiceSpec, adapter: AdapterSpec) -> str:
     return f"{ADAPTER_CLAIMS_DIR}/{src.pvc.claimName}/{inside}"
 
 
-def adapters_value(spec: LLMServiceSpec) -> str:
-    """The pod's start-up adapters (its LORA_ADAPTERS setting): NAME=PATH:SCALE, comma-joined."""
-    return ",".join(f"{a.name}={adapter_path(spec, a)}:{a.scale!r}" for a in spec.adapters)
+def adapters_value(spec: LLMServiceSpec, skip: Collection[str] = ()) -> str:
+    """The pod's start-up adapters (its LORA_ADAPTERS setting): NAME=PATH:SCALE, comma-joined,
+    without the names in ``skip``."""
+    return ",".join(f"{a.name}={adapter_path(spec, a)}:{a.scale!r}" for a in spec.adapters
+                    if a.name not in skip)
 
 
 def adapters_config_map_name(names: Names) -> str:
     return f"{names.name}-adapters"
 
 
-def build_adapters_config_map(names: Names, spec: LLMServiceSpec) -> dict:
+def build_adapters_config_map(names: Names, spec: LLMServiceSpec,
+                              refused: Collection[str] = ()) -> dict:
     """The adapter list that pods read when they start (env ``LORA_ADAPTERS`` from this
     ConfigMap): a changed list reaches new and restarted pods without a rollout, and the
-    operator loads and unloads it on the running ones (llamafleet.operator.adapters)."""
+    operator loads and unloads it on the running ones (llamafleet.operator.adapters).
+
+    A pod stops when a start-up adapter fails to load, so the adapters that a running pod
+    ``refused`` (no such file, or a file llama.cpp refuses) are left out until one loads it."""
     return with_hash({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": _meta(names, adapters_config_map_name(names)),
-        "data": {ADAPTERS_KEY: adapters_value(spec)},
+        "data": {ADAPTERS_KEY: adapters_value(spec, refused)},
     })
 
 

@@ -176,10 +176,12 @@ def _read(children: Children, body: kopf.Body, spec: LLMServiceSpec,
             Condition("Progressing", "False", "Conflict", "Blocked by foreign objects.")],
             settings.resync_seconds)
     router = router_keys(children.names)[-1]
+    reported = (body.get("status") or {}).get("adapters") or []
     return Observed(replicas_set="replicas" in (body.get("spec") or {}),
                     service=children.get(SERVICE),
                     router=children.get(router) if children.owned(router) else None,
-                    adapters_reported=bool((body.get("status") or {}).get("adapters")))
+                    adapters_reported=bool(reported),
+                    adapters_refused=frozenset(n for p in reported for n in p.get("refused") or []))
 
 
 def _actions(children: Children, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,

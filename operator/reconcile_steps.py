@@ -107,6 +107,7 @@ class Observed:
     service: dict | None = None  # Service <name>
     router: dict | None = None  # the router Deployment, when this LLMService controls it
     adapters_reported: bool = False  # status.adapters is set (pods may still hold adapters)
+    adapters_refused: frozenset[str] = frozenset()  # adapters a pod could not load, last time
 
 
 def routing(names: B.Names, spec: LLMServiceSpec, observed: Observed) -> tuple[bool, bool]:
@@ -223,7 +224,8 @@ def plan_steps(spec: LLMServiceSpec, plan: ServicePlan, names: B.Names, observed
             B.build_router_service_account(names), B.build_router_role(names),
             B.build_router_role_binding(names), B.build_router_deployment(names, spec, image))]
     steps.append(_apply_or_delete(bool(spec.adapters),
-                                  lambda: B.build_adapters_config_map(names, spec),
+                                  lambda: B.build_adapters_config_map(
+                                      names, spec, observed.adapters_refused),
                                   adapters_key(names), names, children))
     steps += [Apply(B.build_pod_service(names), children),
               Apply(B.build_service(names, routed), children),

@@ -134,6 +134,9 @@ def test_the_config_map_is_what_the_pod_reads_at_start_up() -> None:
     assert [(n, str(p), sc) for n, p, sc in lora] == [
         (a.name, B.adapter_path(s, a), a.scale) for a in s.adapters]
     assert str(lora[0][1]) == "/adapter-claims/loras/a/b/sql.gguf"  # as the pod writes it back
+    # An adapter a running pod refused would stop a starting pod: it is left out.
+    value = B.build_adapters_config_map(NAMES, s, refused={"sql"})["data"]["adapters"]
+    assert [n for n, _, _ in Settings(lora_adapters=value).lora] == ["org/web"]
 
 
 def test_only_files_shape_the_template_so_a_renamed_or_rescaled_list_rolls_no_pod() -> None:
@@ -182,6 +185,9 @@ def test_the_config_map_comes_before_the_pods_and_the_pods_are_synced_last() -> 
     assert any(isinstance(st, Delete) and st.key == adapters_key(NAMES) for st in plain)
     assert ADAPTERS not in [st.action for st in plain if isinstance(st, Ensure)]
     assert steps(spec(), Observed(True, adapters_reported=True))[-1].action == ADAPTERS
+    refused = steps(spec(pvc("a", "x"), pvc("b", "y")), Observed(
+        True, adapters_reported=True, adapters_refused=frozenset({"a"})))
+    assert refused[cm].obj["data"]["adapters"] == "b=/adapter-claims/loras/y:1.0"
 
 
 # --- what a pod is asked to do -------------------------------------------------------------------
@@ -211,6 +217,8 @@ def test_the_condition_says_whether_every_ready_pod_holds_the_list() -> None:
     rolling = A.PodAdapters("p1", held=["a"], missing=["b"])
     assert A.condition(s, [ok, rolling]).reason == "RollingOut"
     assert rolling.to_status() == {"pod": "p1", "adapters": ["a"], "awaitingRollout": ["b"]}
-    broken = A.PodAdapters("p2", held=["a"], problems=["load b: 400 invalid_adapter: bad"])
+    broken = A.PodAdapters("p2", held=["a"], problems=["load b: 400 invalid_adapter: bad"],
+                           refused=["b"])
+    assert broken.to_status()["refused"] == ["b"]
     c = A.condition(s, [ok, broken])
     assert (c.status, c.reason) == ("False", "AdapterError") and "p2: load b: 400" in c.message

@@ -160,6 +160,11 @@ async def _status_where(api: httpx.AsyncClient, check, timeout: float = 60) -> d
     return await wait_until(probe, timeout=timeout)
 
 
+async def _config_map_without(api: httpx.AsyncClient, text: str) -> dict | None:
+    cm = await get(api, CONFIG_MAP)
+    return cm if cm and text not in cm["data"]["adapters"] else None
+
+
 def _held(obj: dict) -> dict[str, list[str]]:
     return {p["pod"]: p["adapters"] for p in (obj.get("status") or {}).get("adapters") or []}
 
@@ -251,6 +256,9 @@ async def test_adapters_are_fetched_loaded_at_run_time_and_reported(
             assert pod["adapters"] == ["one", "web"]
             assert "load gone: 400 adapter_file_not_found" in pod["problems"][0]
             assert "chat-1: load gone" in condition(obj, "AdaptersReady")["message"]
+            # A pod would not start with it: it leaves the start-up list.
+            assert pod["refused"] == ["gone"]
+            await wait_until(lambda: _config_map_without(api, "gone="))
 
             # No adapters at all: the ConfigMap goes, the pods unload theirs, the status clears.
             await patch(api, f"{LLMS}/{NAME}", {"spec": {"adapters": []}})
