@@ -10,7 +10,9 @@ costs against a single set.
 The model is the random llama of benchmarks/make_random_gguf.py (float32, byte vocabulary) and
 two random rank-8 adapters for it, written into a temporary folder. The modes run in rounds,
 interleaved (alone, mixed, base, alone, mixed, base, ...), so the drift of a shared machine
-weighs on each alike; every request is a non-streaming /v1/completions with ignore_eos.
+weighs on each alike; every request is a non-streaming /v1/completions with ignore_eos. Each
+mode reports tokens per wall-clock second (the figure asked for), tokens per second of the
+server's own CPU time (much steadier on a shared machine) and tokens per decode step.
 
     .venv/bin/python benchmarks/lora_mixed.py      # writes benchmarks/results/lora-mixed-*.json
 """
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -80,6 +83,13 @@ async def run_mode(url: str, models: list[str], requests: int, concurrency: int,
             "requests_by_model": {m: sum(1 for d in done if d[0] == m) for m in models}}
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far (/proc/PID/stat): the server's own work,
+    which other processes on a shared machine disturb far less than the wall clock."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def steps_of(url: str) -> float | None:
     """The pod's decode steps so far (PodMetric.ENGINE_STEPS), if it exports them."""
     text = httpx.get(url + "/metrics", headers=AUTH).text
@@ -100,7 +110,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--requests", type=int, default=36, help="requests per mode and round")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=256, help="context per sequence")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -109,6 +119,7 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     gen = _generator()
+    load_start = list(os.getloadavg())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -116,7 +127,7 @@ def main() -> int:
                      context=a.context * a.concurrency, rank=a.rank)
         one = gen.write_lora_set(Path(tmp) / "one", **shape, lora_seed=1)
         two = gen.write_lora_set(Path(tmp) / "two", **shape, lora_seed=2)
-        stack.enter_context(running([
+        server = stack.enter_context(running([
             str(VENV_BIN / "llamafleet"), "serve", "--model-path", str(one["base"]),
             "--model-name", "base", "--host", "127.0.0.1", "--http-port", str(port),
             "--grpc-port", "0", "--metrics-port", "0", "--api-key", KEY,
@@ -130,25 +141,37 @@ def main() -> int:
         rounds: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(a.rounds):
             for name, models in modes.items():
-                before = steps_of(url)
+                before, cpu = steps_of(url), cpu_seconds(server.pid)
                 result = asyncio.run(run_mode(url, models, a.requests, a.concurrency,
                                               a.max_tokens))
+                cpu = cpu_seconds(server.pid) - cpu
                 after = steps_of(url)
+                result["server_cpu_s"] = round(cpu, 3)
+                result["tokens_per_cpu_s"] = round(result["tokens"] / cpu, 1) if cpu else None
                 if before is not None and after is not None:
                     result["engine_steps"] = after - before
+                    result["tokens_per_step"] = round(result["tokens"] / (after - before), 2)
                 rounds[name].append(result)
                 print(name, json.dumps(result), file=sys.stderr)
     summary = {}
     for name, results in rounds.items():
         rates = [r["tokens_per_s"] for r in results]
+        per_cpu = [r["tokens_per_cpu_s"] for r in results if r["tokens_per_cpu_s"]]
         summary[name] = {"tokens_per_s_median": statistics.median(rates),
                          "tokens_per_s_rounds": rates,
+                         "tokens_per_cpu_s_median": statistics.median(per_cpu) if per_cpu else None,
+                         "tokens_per_step_median": statistics.median(
+                             r.get("tokens_per_step") or 0 for r in results),
                          "failed": sum(r["failed"] for r in results)}
-    alone = summary["adapter-alone"]["tokens_per_s_median"]
-    summary["mixed_vs_adapter_alone"] = round(summary["mixed"]["tokens_per_s_median"] / alone, 3)
-    summary["base_vs_adapter_alone"] = round(
-        summary["base-alone"]["tokens_per_s_median"] / alone, 3)
+    for key in ("tokens_per_s_median", "tokens_per_cpu_s_median"):
+        alone = summary["adapter-alone"][key]
+        summary[f"mixed_vs_adapter_alone_{key.removesuffix('_median')}"] = round(
+            summary["mixed"][key] / alone, 3) if alone else None
+        summary[f"base_vs_adapter_alone_{key.removesuffix('_median')}"] = round(
+            summary["base-alone"][key] / alone, 3) if alone else None
     record = {"benchmark": "lora_mixed", **bench.environment(),
+              # Other work on the machine shows here (2 cores: above 2 means contention).
+              "load_average_at_start_and_end": [load_start, list(os.getloadavg())],
               "model": f"random llama (make_random_gguf.py) dim {a.dim}, {a.layers} layers, "
                        f"ff {a.ff}, float32; two random rank-{a.rank} LoRA adapters",
               "settings": {k: v for k, v in vars(a).items() if k != "out"},
