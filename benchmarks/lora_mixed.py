@@ -111,7 +111,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=36, help="requests per mode and round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared 2-core machine a second llama.cpp thread spins at each step's
+    # barrier while other processes hold the cores, which swamps what this measures.
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--context", type=int, default=256, help="context per sequence")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
