@@ -48,6 +48,12 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
 
+# A LoRA adapter's name, as a request's `model` gives it (llamafleet.inference.adapters) and as
+# an LLMService's spec.adapters[].name sets it (the CRD repeats it in a CEL rule): letters,
+# digits and . _ - / : (vLLM's names and Hugging Face's org/name both fit), 1 to 128 characters.
+ADAPTER_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"
+
+
 # The LLMService custom resource (crds/llmservice.yaml): the operator watches it, the router
 # scales it from zero through its `scale` subresource.
 API_GROUP, API_VERSION, LLMSERVICE_PLURAL = "llamafleet.io", "v1alpha1", "llmservices"

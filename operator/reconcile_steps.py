@@ -23,7 +23,7 @@ sets when the API server refuses it. The order is the point, and each rule is a 
    while the router Deployment exists (:func:`routing`). The NetworkPolicy closes the
    pods' HTTP port to clients one reconcile later, once the Service was read routed.
 7. The InferencePool after the pods' Service and Deployment, then the
-   HorizontalPodAutoscaler and ScaledObject last, after the workloads they scale.
+   HorizontalPodAutoscaler and ScaledObject, after the workloads they scale.
 8. A child the spec turns off is deleted at the place where it would be written, and only
    if this LLMService controls it (:class:`Delete`).
 9. A URL model with the model cache on (:mod:`llamafleet.operator.model_cache`): the cache's
@@ -31,6 +31,9 @@ sets when the API server refuses it. The order is the point, and each rule is a 
    the Job has put the file in the cache. Meanwhile a live Deployment is left as it is (the
    model it serves keeps serving while a new one downloads); pods never start on a file
    that is not there.
+10. spec.adapters: the ConfigMap the pods read their start-up adapters from before the
+   Deployment (new pods start with the new list); the running pods are brought to it last
+   (:mod:`llamafleet.operator.adapters`), after every write to the API server.
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ def secret_key(name: str) -> Key:
     return ("v1", "Secret", name)
 
 
+def adapters_key(names: B.Names) -> Key:
+    return ("v1", "ConfigMap", B.adapters_config_map_name(names))
+
+
 def router_keys(names: B.Names) -> list[Key]:
     """The router's children, in the order they are created (the Deployment last)."""
     return [("v1", "ServiceAccount", names.router), (RBAC, "Role", names.router),
@@ -94,6 +101,7 @@ def child_keys(spec: LLMServiceSpec, names: B.Names) -> tuple[list[Key], list[Ke
     (writes if mode == "hpa" else deletes).append(HPA)
     (writes if mode == "keda" else deletes).append(SCALED_OBJECT)
     (writes if spec.router_enabled else deletes).extend(router_keys(names))
+    (writes if spec.adapters else deletes).append(adapters_key(names))
     return [named(k, names) for k in writes], [named(k, names) for k in deletes]
 
 
@@ -105,6 +113,8 @@ class Observed:
     service: dict | None = None  # Service <name>
     router: dict | None = None  # the router Deployment, when this LLMService controls it
     cache: CacheState | None = None  # the model's cache entry, when the model cache holds it
+    adapters_reported: bool = False  # status.adapters is set (pods may still hold adapters)
+    adapters_refused: frozenset[str] = frozenset()  # adapters a pod could not load, last time
 
 
 def routing(names: B.Names, spec: LLMServiceSpec, observed: Observed) -> tuple[bool, bool]:
@@ -170,10 +180,10 @@ class Delete:
     on_failure: OnFailure
 
 
-WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE = \
-    "replicas", "certificates", "api key", "model cache"
-Action = Literal["replicas", "certificates", "api key", "model cache"]
-ACTIONS: tuple[Action, ...] = (WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE)
+WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE, ADAPTERS = \
+    "replicas", "certificates", "api key", "model cache", "adapters"
+Action = Literal["replicas", "certificates", "api key", "model cache", "adapters"]
+ACTIONS: tuple[Action, ...] = (WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE, ADAPTERS)
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,10 @@ def plan_steps(spec: LLMServiceSpec, plan: ServicePlan, names: B.Names, observed
         steps += [Apply(obj, router) for obj in (
             B.build_router_service_account(names), B.build_router_role(names),
             B.build_router_role_binding(names), B.build_router_deployment(names, spec, image))]
+    steps.append(_apply_or_delete(bool(spec.adapters),
+                                  lambda: B.build_adapters_config_map(
+                                      names, spec, observed.adapters_refused),
+                                  adapters_key(names), names, children))
     steps += [Apply(B.build_pod_service(names), children),
               Apply(B.build_service(names, routed), children)]
     cache = observed.cache
@@ -240,6 +254,8 @@ def plan_steps(spec: LLMServiceSpec, plan: ServicePlan, names: B.Names, observed
     steps.append(_apply_or_delete(
         mode == "keda", lambda: B.build_scaled_object(names, spec, plan, settings.prometheus_url),
         SCALED_OBJECT, names, scaling))
+    if spec.adapters or observed.adapters_reported:
+        steps.append(Ensure(ADAPTERS, api_error(ADAPTERS)))
     return steps
 
 

@@ -28,6 +28,9 @@ class OperatorSettings(BaseSettings):
     autoscale_read_timeout: float = Field(
         2.0, gt=0, description="Timeout of one metrics read of a pod or router by the builtin "
         "autoscaler, in seconds; a read that fails is a missing reading.")
+    adapter_timeout: float = Field(
+        60.0, gt=0, description="Timeout of one call to a pod that lists, loads or unloads LoRA "
+        "adapters (spec.adapters), in seconds; a load reads the adapter's file.")
     prometheus_url: str = Field(
         "http://prometheus-operated.monitoring.svc:9090", description="Prometheus that KEDA "
         "queries for spec.scaling.mode keda (the ScaledObject's prometheus trigger serverAddress).")

@@ -226,6 +226,7 @@ RESOURCES = {
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(kind="CustomResourceDefinition",
                                                                namespaced=False),
     "v1/secrets": dict(kind="Secret", namespaced=True),
+    "v1/configmaps": dict(kind="ConfigMap", namespaced=True),
     "v1/services": dict(kind="Service", namespaced=True),
     "v1/serviceaccounts": dict(kind="ServiceAccount", namespaced=True),
     "rbac.authorization.k8s.io/v1/roles": dict(kind="Role", namespaced=True),
