@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.operator.test_dashboards import ROOT, queried_labels, queried_series, render, unknown
+from tests.support.monitoring import ROOT, queried_labels, queried_series, render, unknown
 
 ALERTS = ROOT / "charts/llamafleet/files/alerts.yaml"
 UNIT_TESTS = ROOT / "tests/data/alerts_test.yaml"

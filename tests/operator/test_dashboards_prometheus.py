@@ -22,7 +22,7 @@ import yaml
 from llamafleet.common.contract import INSTANCE_METRIC_LABEL, OperatorMetric, PodMetric, RouterMetric
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.operator.test_dashboards import ROOT, dashboards, targets, variable_queries
+from tests.support.monitoring import ROOT, dashboards, targets, variable_queries
 from tests.support.prometheus import Prometheus, scrape_job, start_prometheus
 from tests.support.servers import free_port, serve_process, serve_ready, start_router, wait_until
 
