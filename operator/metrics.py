@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -55,9 +55,33 @@ def _status(patch: Mapping[str, Any]) -> Mapping[str, Any]:
     return patch.get("status") or {}
 
 
+class _Sweep:
+    """Registered first: drops stale series before each scrape reads the others."""
+
+    def __init__(self, metrics: OperatorMetrics):
+        self.metrics = metrics
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        self.metrics.sweep()
+        return []
+
+
 class OperatorMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    """``conditions_ttl``/``autoscaler_ttl``: seconds after which an LLMService's conditions
+    and autoscaler gauges go when no round has refreshed them (it was deleted, or left
+    builtin scaling), so no dashboard or alert reads a fleet that is gone. None keeps them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 conditions_ttl: float | None = None, autoscaler_ttl: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         r = self.registry = registry or CollectorRegistry()
+        r.register(_Sweep(self))
+        self.conditions_ttl, self.autoscaler_ttl, self._clock = conditions_ttl, autoscaler_ttl, clock
+        self._conditions_seen: dict[tuple[str, str], float] = {}
+        self._autoscaler_seen: dict[tuple[str, str], float] = {}
         self.reconciles = Counter(
             M.RECONCILES, "Reconciles of an LLMService by outcome: ok, retry (waits for the "
             "world: a node, an API, a conflict), invalid (the spec is wrong), error (unexpected; "
@@ -116,6 +140,7 @@ class OperatorMetrics:
             for labels in now:
                 self.condition.labels(*key, *labels).set(1)
             self._conditions[key] = now
+            self._conditions_seen[key] = self._clock()
 
     @contextlib.contextmanager
     def autoscale(self, body: Mapping[str, Any], patch: Mapping[str, Any]) -> Iterator[None]:
@@ -141,6 +166,29 @@ class OperatorMetrics:
         cold = found.get("coldStartSeconds")
         if isinstance(cold, (int, float)) and cold != before.get("coldStartSeconds"):
             self.cold_start.labels(*key).observe(cold)
+        with self._lock:
+            self._autoscaler_seen[key] = self._clock()
+
+    def sweep(self) -> None:
+        """Drop the series of LLMServices that no round refreshed within their TTL."""
+        now = self._clock()
+        gauges = (self.load, self.average_load, self.held, self.ready_pods, self.desired,
+                  self.max_replicas)
+        with self._lock:
+            for seen, ttl in ((self._conditions_seen, self.conditions_ttl),
+                              (self._autoscaler_seen, self.autoscaler_ttl)):
+                if ttl is None:
+                    continue
+                for key in [k for k, t in seen.items() if now - t > ttl]:
+                    del seen[key]
+                    if seen is self._conditions_seen:
+                        for labels in self._conditions.pop(key, set()):
+                            with contextlib.suppress(KeyError):
+                                self.condition.remove(*key, *labels)
+                    else:
+                        for gauge in gauges:
+                            with contextlib.suppress(KeyError):
+                                gauge.remove(*key)
 
 
 def _key(body: Mapping[str, Any]) -> tuple[str, str]:

@@ -29,7 +29,11 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         memo.settings = OperatorSettings()
     memo.dyn = DynamicClient(api_client(memo.settings))
     memo.locks = KeyedLocks()
-    memo.metrics = metrics.OperatorMetrics()
+    # Series of an LLMService that no round refreshed for three rounds are gone (deleted, or
+    # no longer scaled by the builtin autoscaler).
+    memo.metrics = metrics.OperatorMetrics(
+        conditions_ttl=3 * memo.settings.resync_seconds + 60,
+        autoscaler_ttl=3 * memo.settings.autoscale_interval + 60)
     metrics.serve(memo.metrics, memo.settings.metrics_port, memo.settings.metrics_host)
 
 

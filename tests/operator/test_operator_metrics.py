@@ -101,3 +101,42 @@ def test_metrics_are_served_and_a_taken_port_does_not_stop_the_operator(caplog) 
         taken.listen()
         assert serve(m, taken.getsockname()[1], "127.0.0.1") is None
     assert "operator metrics not served" in caplog.text
+
+
+def test_series_of_a_fleet_no_round_refreshes_go_at_the_next_scrape() -> None:
+    """A deleted LLMService (or one no longer scaled by the builtin autoscaler) must not keep
+    a dashboard's line or an alert such as LlamafleetAutoscalerAtMax alive."""
+    now = [0.0]
+    m = OperatorMetrics(conditions_ttl=100, autoscaler_ttl=50, clock=lambda: now[0])
+    conditions = {"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}}
+    with m.reconcile(body(), conditions):
+        pass
+    with m.autoscale(body(replicas=2, scaling={"maxReplicas": 2}),
+                     {"status": {"autoscaling": {"desiredReplicas": 2}}}):
+        pass
+    ready = {**KEY, "type": "Ready", "status": "True", "reason": "Ready"}
+
+    def scrape() -> dict[str, float]:
+        return {s.name: s.value for f in m.registry.collect() for s in f.samples
+                if s.labels.get("llmservice") == "chat"}
+
+    now[0] = 50
+    assert {M.CONDITION, M.AUTOSCALER_MAX_REPLICAS} <= set(scrape())
+    now[0] = 51
+    found = scrape()
+    assert M.CONDITION in found and M.AUTOSCALER_MAX_REPLICAS not in found
+    assert M.AUTOSCALER_DESIRED_REPLICAS not in found
+    with m.reconcile(body(), conditions):  # refreshed: kept
+        pass
+    now[0] = 150
+    assert m.registry.get_sample_value(M.CONDITION, ready) == 1
+    now[0] = 152
+    assert M.CONDITION not in scrape()
+    # Counters stay: they are totals, which rate() handles.
+    assert m.registry.get_sample_value(M.RECONCILES, {**KEY, "outcome": "ok"}) == 2
+    # The default keeps everything.
+    keep = OperatorMetrics()
+    with keep.reconcile(body(), conditions):
+        pass
+    keep.sweep()
+    assert keep.registry.get_sample_value(M.CONDITION, ready) == 1
