@@ -47,8 +47,10 @@ def quantile(q: float, histogram: str, sel: str, by: str = "") -> str:
             f"(rate({histogram}_bucket{{{sel}}}{RATE})))")
 
 
-def target(expr: str, legend: str) -> dict[str, Any]:
-    return {"expr": expr, "legendFormat": legend}
+def target(expr: str, legend: str, table: bool = False) -> dict[str, Any]:
+    """A query; ``table``: one instant value per series, for a table panel."""
+    return {"expr": expr, "legendFormat": legend,
+            **({"instant": True, "range": False, "format": "table"} if table else {})}
 
 
 def panel(title: str, description: str, *targets: dict[str, Any], unit: str = "short",
@@ -199,7 +201,7 @@ FLEET = dashboard(
          panel("Conditions", "Each LLMService's conditions by reason.",
                target(f"sum by ({L.LLMSERVICE}, {L.TYPE}, {L.STATUS}, {L.REASON}) "
                       f"({O.CONDITION}{{{OP_SEL}}})",
-                      "{{llmservice}} {{type}}={{status}} {{reason}}"), kind="table"),
+                      "{{llmservice}} {{type}}={{status}} {{reason}}", table=True), kind="table"),
          latency("Reconcile duration", O.RECONCILE_DURATION, "",
                  "Time of one reconcile, every LLMService."),
      ])])
