@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 ROUTER_PORT = 16073  # llamafleet router (llamafleet.router.settings)
+OPERATOR_METRICS_PORT = 16074  # llamafleet operator's /metrics (llamafleet.operator.settings)
 
 # On SIGTERM a pod drains: running generations get DRAIN_TIMEOUT_S to finish (the pod's
 # default, llamafleet.inference.settings). The operator's pods get that plus a margin as
@@ -121,6 +122,13 @@ class PodMetric:
     # labels RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS (comma-separated adapter names) and
     # MAX_LORA; the value is when those labels last changed (Unix seconds). The router reads it.
     LORA_REQUESTS_INFO = "llamafleet_lora_requests_info"
+    # 1 while the pod answers /ready (engine alive, not draining), else 0: the alert that a
+    # pod is not ready reads it (and `up` for a pod whose model never loaded).
+    READY = "llamafleet_ready"
+    # Prompt tokens taken from the prefix cache instead of being decoded again. It tells one
+    # user how much of another's prompt was cached: the HTTP port's /metrics shows it only
+    # behind an API key (as /info does); the metrics port always does.
+    PREFIX_TOKENS_REUSED = "llamafleet_prefix_tokens_reused_total"
 
 
 class RouterMetric:
@@ -137,6 +145,27 @@ class RouterMetric:
     COLD_START = "llamafleet_router_cold_start_seconds"
 
 
+class OperatorMetric:
+    """The series of ``llamafleet operator`` (its /metrics on OPERATOR_METRICS_PORT), labelled
+    by the LLMService (MetricLabel.NAMESPACE, LLMSERVICE)."""
+
+    RECONCILES = "llamafleet_operator_reconciles_total"  # labels: namespace, llmservice, outcome
+    RECONCILE_DURATION = "llamafleet_operator_reconcile_duration_seconds"
+    # 1 for each LLMService's current condition (type, status, reason), as kube-state-metrics
+    # writes conditions; a condition that changes drops its old series.
+    CONDITION = "llamafleet_operator_condition"
+    # The builtin autoscaler's inputs and decision of its last round (status.autoscaling).
+    AUTOSCALER_LOAD = "llamafleet_operator_autoscaler_load"
+    AUTOSCALER_AVERAGE_LOAD = "llamafleet_operator_autoscaler_average_load"
+    AUTOSCALER_HELD_REQUESTS = "llamafleet_operator_autoscaler_held_requests"
+    AUTOSCALER_READY_PODS = "llamafleet_operator_autoscaler_ready_pods"
+    AUTOSCALER_DESIRED_REPLICAS = "llamafleet_operator_autoscaler_desired_replicas"
+    AUTOSCALER_MAX_REPLICAS = "llamafleet_operator_autoscaler_max_replicas"
+    AUTOSCALER_DECISIONS = "llamafleet_operator_autoscaler_decisions_total"  # label: direction
+    # From a scale-up from zero until the first pod was Ready (status.autoscaling.coldStartSeconds).
+    COLD_START = "llamafleet_operator_cold_start_seconds"
+
+
 class MetricLabel:
     """The label names of those series (dashboards and docs group by them)."""
 
@@ -145,6 +174,10 @@ class MetricLabel:
     # PodMetric.LORA_REQUESTS_INFO's, spelled as the GIE protocol and llm-d's picker read them.
     RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS = "running_lora_adapters", "waiting_lora_adapters"
     MAX_LORA = "max_lora"
+    # OperatorMetric's: the LLMService, its condition, the autoscaler's direction (up, down,
+    # steady). `namespace` is the LLMService's (the operator's PodMonitor honours the label).
+    NAMESPACE, LLMSERVICE, TYPE, STATUS, DIRECTION = (
+        "namespace", "llmservice", "type", "status", "direction")
 
 
 # The pods metric an HPA reads (RUNNING + QUEUE_DEPTH per pod): a Prometheus adapter rule
@@ -157,7 +190,8 @@ INSTANCE_METRIC_LABEL = "app_kubernetes_io_instance"
 
 def metric_names() -> frozenset[str]:
     """Every series name above (the test that no other module writes one reads it)."""
-    return frozenset(v for group in (PodMetric, RouterMetric) for k, v in vars(group).items()
+    return frozenset(v for group in (PodMetric, RouterMetric, OperatorMetric)
+                     for k, v in vars(group).items()
                      if k.isupper()) | {INFLIGHT_METRIC}
 
 

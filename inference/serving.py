@@ -185,6 +185,7 @@ class Serving:
         # LoRA adapters by name (adapters.py); the backend loads them on the engine thread.
         self.adapters = Adapters(self.model_id, engine, engine.backend)  # type: ignore[arg-type]
         metrics.follow_adapters(engine, self.adapters)  # the GIE LoRA gauge
+        metrics.ready.set_function(lambda: float(self.engine.alive and not self.draining))
 
     # --- models and adapters ------------------------------------------------------------
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from llamafleet.common.contract import GPU_IMAGE_TAG, IMAGE_REPOSITORY, IMAGE_TAG, OPERATOR_ENV_PREFIX
+from llamafleet.common.contract import (
+    GPU_IMAGE_TAG,
+    IMAGE_REPOSITORY,
+    IMAGE_TAG,
+    OPERATOR_ENV_PREFIX,
+    OPERATOR_METRICS_PORT,
+)
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -67,6 +73,10 @@ class OperatorSettings(BaseSettings):
     model_cache_poll_seconds: float = Field(
         10.0, gt=0, description="While a model downloads, how often its LLMServices re-read "
         "the Job and write its progress to status.modelCache, in seconds.")
+    metrics_port: int = Field(
+        OPERATOR_METRICS_PORT, ge=0, le=65535, description="Port of the operator's own "
+        "Prometheus /metrics (reconciles, conditions, the builtin autoscaler); 0 turns it off.")
+    metrics_host: str = Field("0.0.0.0", description="Address the operator's /metrics listens on.")
     kubeconfig: str | None = Field(
         None, description="kubeconfig file for the API client (default: in-cluster, then "
         "$KUBECONFIG / ~/.kube/config).")
