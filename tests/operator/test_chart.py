@@ -200,6 +200,20 @@ def test_operator_may_autoscale(helm: Path) -> None:
     assert env["LLAMAFLEET_OPERATOR_AUTOSCALE_INTERVAL"] == "5"
 
 
+def test_operator_may_keep_adapters(helm: Path) -> None:
+    """spec.adapters: the ConfigMap kept, the pods listed and their API key read; the timeout
+    of a call to a pod is a value."""
+    role = next(d for d in render(helm) if d["kind"] == "ClusterRole")
+    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert {("", "configmaps", v) for v in ("get", "create", "update", "delete")} | {
+        ("", "pods", "list"), ("", "secrets", "get")} <= allowed
+    dep = next(d for d in render(helm, "operator.adapterTimeoutSeconds=20")
+               if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLAMAFLEET_OPERATOR_ADAPTER_TIMEOUT"] == "20"
+
+
 def test_the_pod_monitor_scrapes_the_pods_and_the_routers(helm: Path) -> None:
     from llamafleet.operator import builders as B
     from llamafleet.operator.planning import plan_service
