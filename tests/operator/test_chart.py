@@ -142,6 +142,26 @@ def test_operator_gets_both_images(helm: Path) -> None:
     assert env["LLAMAFLEET_OPERATOR_GPU_IMAGE_TAG"] == "0.1.0-cuda"
 
 
+def test_the_model_cache_values_become_operator_settings(helm: Path, monkeypatch) -> None:
+    def settings(*sets: str) -> OperatorSettings:
+        dep = next(d for d in render(helm, *sets) if d["kind"] == "Deployment")
+        for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]:
+            if "value" in e:
+                monkeypatch.setenv(e["name"], e["value"])
+        return OperatorSettings()
+
+    off = settings()  # off by default: each pod downloads its model (no ReadWriteMany needed)
+    assert not off.model_cache_enabled and not off.model_cache_storage_class
+    on = settings("modelCache.enabled=true", "modelCache.storageClass=nfs",
+                  "modelCache.size=200Gi", "modelCache.claimName=models-cache")
+    assert on.model_cache_enabled and on.model_cache_storage_class == "nfs"
+    assert (on.model_cache_size, on.model_cache_claim) == ("200Gi", "models-cache")
+    assert on.model_cache_access_mode == "ReadWriteMany"
+    r = subprocess.run([str(helm), "template", "x", str(CHART), "--set",
+                        "modelCache.accessMode=ReadMany"], capture_output=True, text=True)
+    assert r.returncode != 0 and "accessMode" in r.stderr
+
+
 def test_helm_test_pod_uses_the_api_key_and_passes_the_network_policy(helm: Path) -> None:
     pod = next(d for d in render(helm, "sample.enabled=true") if d["kind"] == "Pod")
     assert pod["metadata"]["labels"]["llamafleet.io/client"] == "true"

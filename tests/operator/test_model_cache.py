@@ -1,6 +1,6 @@
 """The model cache's pure parts (llamafleet.operator.model_cache): the claim, the Job, the
-Deployment that mounts the cache, the plan's ordering rule 9, and what the Job's log and
-status say; the kopf flows are in test_model_cache_kopf.py."""
+Deployment that mounts the cache, and what the Job's log and status say (the plan's ordering
+rule 9 is in test_reconcile_steps.py; the kopf flows in test_model_cache_kopf.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,6 @@ from llamafleet.inference.fetch import progress_line
 from llamafleet.operator import builders as B
 from llamafleet.operator import model_cache as M
 from llamafleet.operator.planning import plan_service
-from llamafleet.operator.reconcile_steps import (
-    MODEL_CACHE,
-    Apply,
-    Ensure,
-    Observed,
-    plan_steps,
-)
 from llamafleet.operator.settings import OperatorSettings
 from llamafleet.operator.spec import parse_spec
 from llamafleet.operator.status import model_condition, status_from
@@ -114,29 +107,6 @@ def test_a_cached_model_is_mounted_read_only_without_an_init_container() -> None
 
 def _state(state: str) -> M.CacheState:
     return M.CacheState(ENTRY, "cache", state, claim_exists=True, job_exists=True)
-
-
-def test_rule_9_the_cache_before_the_deployment_which_waits_for_the_file() -> None:
-    s = spec()
-    plan = plan_service(s, [])
-
-    def steps(cache):
-        return plan_steps(s, plan, NAMES, Observed(replicas_set=True, cache=cache), ON)
-
-    waiting = steps(_state("Downloading"))
-    assert any(isinstance(st, Ensure) and st.action == MODEL_CACHE for st in waiting)
-    assert DEPLOYMENT not in [st.key for st in waiting if isinstance(st, Apply)]
-    ready = steps(_state("Cached"))
-    actions = [st.action if isinstance(st, Ensure) else st.key for st in ready
-               if isinstance(st, (Ensure, Apply))]
-    assert actions.index(MODEL_CACHE) < actions.index(DEPLOYMENT)
-    dep = next(st.obj for st in ready if isinstance(st, Apply) and st.key == DEPLOYMENT)
-    assert dep["spec"]["template"]["spec"]["volumes"][-1]["persistentVolumeClaim"][
-        "claimName"] == "cache"
-    # No cache: no action, and the Deployment as before.
-    plain = plan_steps(s, plan, NAMES, Observed(replicas_set=True), OperatorSettings())
-    assert not any(isinstance(st, Ensure) and st.action == MODEL_CACHE for st in plain)
-    assert DEPLOYMENT in [st.key for st in plain if isinstance(st, Apply)]
 
 
 def test_the_log_gives_the_last_progress_and_error() -> None:

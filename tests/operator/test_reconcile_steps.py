@@ -10,12 +10,14 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from llamafleet.common.contract import HTTP_PORT
 from llamafleet.operator import builders as B
+from llamafleet.operator.model_cache import CacheState, Entry
 from llamafleet.operator.planning import plan_service
 from llamafleet.operator.reconcile import Halt, apply_steps
 from llamafleet.operator.reconcile_steps import (
     ACTIONS,
     API_KEY,
     CERTIFICATES,
+    MODEL_CACHE,
     WRITE_REPLICAS,
     Apply,
     Delete,
@@ -26,6 +28,7 @@ from llamafleet.operator.reconcile_steps import (
     router_keys,
     routing,
     secret_key,
+    step_keys,
 )
 from llamafleet.operator.settings import OperatorSettings
 from llamafleet.operator.spec import parse_spec
@@ -156,6 +159,29 @@ def test_autoscalers_come_last_after_the_workloads_they_scale(mode) -> None:
     assert where(plan, scaler) >= len(plan) - 2
     assert max(where(plan, k) for k in WORKLOADS) < where(plan, (
         B.INFERENCE_POOL_API, "InferencePool", "chat")) < where(plan, scaler)
+
+
+def test_the_model_cache_comes_before_the_deployment_which_waits_for_the_file() -> None:
+    s = spec(model={"source": {"url": {"url": "https://m.example/m.gguf", "sha256": "a" * 64}}})
+    on = OperatorSettings(model_cache_enabled=True)
+
+    def plan(state: str) -> list:
+        cache = CacheState(Entry("https://m.example/m.gguf", "a" * 64), "cache", state)
+        return plan_steps(s, plan_service(s, []), NAMES, Observed(True, cache=cache), on)
+
+    for state in ("Pending", "Downloading", "Failed"):  # no Deployment written (a live one stays)
+        waiting = plan(state)
+        assert MODEL_CACHE in [st.action for st in waiting if isinstance(st, Ensure)]
+        assert DEPLOYMENT not in step_keys(waiting)
+    ready = plan("Cached")
+    assert where(ready, MODEL_CACHE) < where(ready, DEPLOYMENT)
+    dep = next(st.obj for st in ready if isinstance(st, Apply) and st.key == DEPLOYMENT)
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "cache", "readOnly": True}} \
+        in dep["spec"]["template"]["spec"]["volumes"]
+    # The cache off: no action, and the Deployment as before (each pod downloads).
+    plain = steps(s)
+    assert MODEL_CACHE not in [st.action for st in plain if isinstance(st, Ensure)]
+    assert DEPLOYMENT in step_keys(plain)
 
 
 @pytest.mark.parametrize("over", [
