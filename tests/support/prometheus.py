@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.support.servers import free_port, wait_until
+from tests.support.servers import LoopbackProcess, free_port, wait_until
 
 
 def scrape_job(name: str, target: str, labels: dict[str, str], path: str = "/metrics",
@@ -31,13 +31,8 @@ def scrape_job(name: str, target: str, labels: dict[str, str], path: str = "/met
 
 
 @dataclass
-class Prometheus:
-    proc: subprocess.Popen
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class Prometheus(LoopbackProcess):
+    """Debian's prometheus on loopback (:func:`start_prometheus`)."""
 
     def api(self, path: str, **params: Any) -> Any:
         r = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)

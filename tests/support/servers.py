@@ -190,8 +190,8 @@ def start_server(**overrides) -> RunningServer:
 
 
 @dataclass
-class Router:
-    """A `llamafleet router` process on loopback (:func:`start_router`)."""
+class LoopbackProcess:
+    """A server process of ours listening on a loopback port."""
 
     proc: subprocess.Popen
     port: int
@@ -199,6 +199,11 @@ class Router:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Router(LoopbackProcess):
+    """A `llamafleet router` process on loopback (:func:`start_router`)."""
 
     def metric(self, name: str, **labels: str) -> float:
         text = httpx.get(f"{self.url}/router/metrics", timeout=5).text
