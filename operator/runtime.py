@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import kopf
 from kubernetes import config as k8s_config
@@ -27,7 +29,12 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     settings.networking.error_backoffs = [1, 2, 5, 10, 30, 60]
     if "settings" not in memo:
         memo.settings = OperatorSettings()
-    memo.dyn = DynamicClient(api_client(memo.settings))
+    # A discovery cache of this process's own: the client's default file is keyed by the API
+    # server's URL alone, so a process could start from what another API server at the same
+    # address offered (another cluster, or a test's emulator on a reused port) and miss a CRD
+    # installed since, or see one that is gone.
+    cache = Path(tempfile.mkdtemp(prefix="llamafleet-operator-")) / "discovery.json"
+    memo.dyn = DynamicClient(api_client(memo.settings), cache_file=str(cache))
     memo.locks = KeyedLocks()
     # Series of an LLMService that no round refreshed for three rounds are gone (deleted, or
     # no longer scaled by the builtin autoscaler).
