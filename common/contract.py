@@ -61,6 +61,12 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ENGINE_TYPE_LABEL, ENGINE_TYPE = "llm-d.ai/engine-type", "llamafleet"
 
 
+# Tenants (llamafleet.common.tenants): the Secret that spec.tenants.secretName names holds the
+# file under this key; the operator mounts it into the pods and the router at this folder.
+TENANTS_SECRET_KEY = "tenants.yaml"
+TENANTS_MOUNT_DIR = "/etc/llamafleet/tenants"
+
+
 def pod_service_name(llmservice: str) -> str:
     """The Service that always selects an LLMService's ``llamafleet serve`` pods (HTTP, gRPC,
     metrics). The router watches its EndpointSlices; gRPC clients use it when the router is
@@ -115,6 +121,12 @@ class PodMetric:
     # labels RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS (comma-separated adapter names) and
     # MAX_LORA; the value is when those labels last changed (Unix seconds). The router reads it.
     LORA_REQUESTS_INFO = "llamafleet_lora_requests_info"
+    # Per tenant (label TENANT: a configured tenant's name, "-" for none, "_unknown"):
+    # common.tenants.
+    TENANT_REQUESTS = "llamafleet_tenant_requests_total"  # label: tenant
+    TENANT_TOKENS = "llamafleet_tenant_tokens_total"  # labels: tenant, kind (prompt, completion)
+    TENANT_REJECTED = "llamafleet_tenant_rejected_total"  # labels: tenant, reason
+    TENANT_QUEUE_WAIT = "llamafleet_tenant_queue_wait_seconds"  # label: tenant
 
 
 class RouterMetric:
@@ -129,6 +141,11 @@ class RouterMetric:
     TIME_TO_FIRST_TOKEN = "llamafleet_router_time_to_first_token_seconds"
     SCALE_UPS = "llamafleet_router_scale_ups_total"  # label: outcome
     COLD_START = "llamafleet_router_cold_start_seconds"
+    # Per tenant, as the pod's TENANT_* (the router's queue wait: held in its hold queue).
+    TENANT_REQUESTS = "llamafleet_router_tenant_requests_total"  # label: tenant
+    TENANT_TOKENS = "llamafleet_router_tenant_tokens_total"  # labels: tenant, kind
+    TENANT_REJECTED = "llamafleet_router_tenant_rejected_total"  # labels: tenant, reason
+    TENANT_QUEUE_WAIT = "llamafleet_router_tenant_queue_wait_seconds"  # label: tenant
 
 
 class MetricLabel:
@@ -139,6 +156,7 @@ class MetricLabel:
     # PodMetric.LORA_REQUESTS_INFO's, spelled as the GIE protocol and llm-d's picker read them.
     RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS = "running_lora_adapters", "waiting_lora_adapters"
     MAX_LORA = "max_lora"
+    TENANT, KIND = "tenant", "kind"
 
 
 # The pods metric an HPA reads (RUNNING + QUEUE_DEPTH per pod): a Prometheus adapter rule

@@ -96,6 +96,16 @@ class QueueFull(LlamafleetError):
     retry_after_s = 5
 
 
+class RateLimited(LlamafleetError):
+    """A tenant's limit is exceeded (common.tenants), or a held request of the lowest
+    priority was shed: 429 rate_limit_exceeded, with an honest Retry-After."""
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: int):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 class ReplicaFailed(LlamafleetError):
     """The router sent the request to replicas and each failed before answering (a connect
     error, a dropped connection, or a replica that stopped answering)."""
@@ -128,6 +138,7 @@ ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
     Overloaded: ErrorMapping(503, "server_error", "overloaded", "RESOURCE_EXHAUSTED"),
     NotReady: ErrorMapping(503, "server_error", "not_ready", "UNAVAILABLE"),
     QueueFull: ErrorMapping(429, "rate_limit_error", "queue_full", "RESOURCE_EXHAUSTED"),
+    RateLimited: ErrorMapping(429, "rate_limit_error", "rate_limit_exceeded", "RESOURCE_EXHAUSTED"),
     ReplicaFailed: ErrorMapping(502, "server_error", "replica_failed", "UNAVAILABLE"),
     InternalError: ErrorMapping(500, "server_error", "internal_error", "INTERNAL"),
 }

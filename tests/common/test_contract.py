@@ -128,7 +128,11 @@ def test_the_metric_names_are_the_ones_dashboards_read() -> None:
         "llamafleet_router_affinity_total", "llamafleet_router_hold_queue_depth",
         "llamafleet_router_in_flight", "llamafleet_router_backends_ready",
         "llamafleet_router_time_to_first_token_seconds", "llamafleet_router_scale_ups_total",
-        "llamafleet_router_cold_start_seconds", "llamafleet_inflight"}
+        "llamafleet_router_cold_start_seconds", "llamafleet_inflight",
+        "llamafleet_tenant_requests_total", "llamafleet_tenant_tokens_total",
+        "llamafleet_tenant_rejected_total", "llamafleet_tenant_queue_wait_seconds",
+        "llamafleet_router_tenant_requests_total", "llamafleet_router_tenant_tokens_total",
+        "llamafleet_router_tenant_rejected_total", "llamafleet_router_tenant_queue_wait_seconds"}
     assert C.SYSTEM_FINGERPRINT == "fp_llamafleet_0_1_0"
     assert C.router_env_name("max_attempts") == "LLM_LLAMA_SERVICE_ROUTER_MAX_ATTEMPTS"
     assert C.operator_env_name("resync_seconds") == "LLAMAFLEET_OPERATOR_RESYNC_SECONDS"
