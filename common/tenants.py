@@ -420,11 +420,12 @@ def bearer_token(authorization: str) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def parse_usage(value: str | bytes) -> int | None:
-    """The total of a USAGE_HEADER value or USAGE_COMMENT payload ("<prompt> <completion>")."""
+def parse_usage(value: str | bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a USAGE_HEADER value or USAGE_COMMENT payload
+    ("<prompt> <completion>"); None when it is not one."""
     with contextlib.suppress(ValueError, UnicodeDecodeError):
         text = value.decode("ascii") if isinstance(value, bytes) else value
         parts = [int(p) for p in text.split()]
         if len(parts) == 2 and min(parts) >= 0:
-            return parts[0] + parts[1]
+            return parts[0], parts[1]
     return None

@@ -122,6 +122,8 @@ class GenerationRequest:
     # The LoRA adapter set it runs with: hashable and opaque here (the backend applies it);
     # () is the base model. See the module's docstring.
     adapters: tuple = ()
+    tenant: str = ""  # who asked (the API key's tenant; "" without tenants)
+    priority: int = 0  # higher first at admission (the key's, or the GIE objective header's)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
 

@@ -155,6 +155,19 @@ class Metrics:
             "Engine thread time by part of a step (only with STEP_PROFILE on): batch, decode, "
             "sample, text, deliver, admit, other.", [L.PART], registry=r)
         self.lora = LoraRequestsInfo(r)
+        # Per tenant (common.tenants): configured names, "-" (none) or "_unknown".
+        self.tenant_requests = Counter(
+            M.TENANT_REQUESTS, "Requests admitted, by tenant.", [L.TENANT], registry=r)
+        self.tenant_tokens = Counter(
+            M.TENANT_TOKENS, "Tokens charged to each tenant (kind: prompt, completion).",
+            [L.TENANT, L.KIND], registry=r)
+        self.tenant_rejected = Counter(
+            M.TENANT_REJECTED, "Requests refused with 429 by a tenant's limit (reason: "
+            "requests_per_second, tokens_per_minute, concurrent_requests).",
+            [L.TENANT, L.REASON], registry=r)
+        self.tenant_queue_wait = Histogram(
+            M.TENANT_QUEUE_WAIT, "Time waiting for a free sequence, by tenant.", [L.TENANT],
+            buckets=LATENCY_BUCKETS, registry=r)
 
     def follow(self, engine: Any, kv_total: int) -> None:
         """Read the load gauges from ``engine`` at every scrape (its ``running``, ``queued``
