@@ -24,7 +24,7 @@ not start; on a reload the last good configuration stays in force and the error 
 Limits are counted per tenant: requests per second and tokens per minute as token buckets,
 concurrent requests as a count. A tokens-per-minute budget is charged with the prompt's
 tokens at admission and the completion's as the answer ends; a request is admitted while the
-budget is above zero, so it is exceeded by at most one request's tokens."""
+budget is not in debt, so it is exceeded by at most one request's tokens."""
 
 from __future__ import annotations
 
@@ -367,8 +367,8 @@ class Limiter:
                         retry_after_s=max(1, math.ceil(wait)))
             if tpm is not None:
                 self._refill_tpm(b, tpm, now)
-                if b.tpm_level <= 0:
-                    wait = (1.0 - b.tpm_level) / (tpm / 60.0)
+                if b.tpm_level < 0:  # in debt: refused until it is paid back
+                    wait = -b.tpm_level / (tpm / 60.0)
                     raise RateLimited(
                         f"Rate limit reached for tenant {tenant}: {tpm} tokens per minute "
                         f"(prompt and completion). Retry after {math.ceil(wait)} s.",

@@ -73,8 +73,8 @@ class HoldQueue:
 
     def lowest(self) -> Waiter | None:
         """The waiter to shed for a more urgent request: of the lowest priority, the tenant
-        holding the most places there, its newest."""
+        holding the most places there (on a tie the one that came last), its newest."""
         if not self._levels:
             return None
         level = self._levels[min(self._levels)]
-        return max(level.values(), key=len)[-1]
+        return max(level.values(), key=lambda q: (len(q), q[-1].seq))[-1]

@@ -39,11 +39,15 @@ class UsageTrailer:
     when the router asks) from an SSE body as it passes, and reads it. Only the bytes that
     may begin that comment are held back, until the next chunk shows whether they do."""
 
-    MARK = b"\n" + T.USAGE_COMMENT
+    MARK = T.USAGE_COMMENT  # at the start of a line
 
     def __init__(self) -> None:
         self.pending = b""
+        self.before = b"\n"  # the byte before ``pending``: the last one passed on
         self.trailer: bytes | None = None  # the comment's payload, once complete
+
+    def _line_start(self, data: bytes, at: int) -> bool:
+        return (data[at - 1:at] if at else self.before) == b"\n"
 
     def feed(self, chunk: bytes) -> bytes:
         if self.trailer is not None:
@@ -52,13 +56,18 @@ class UsageTrailer:
         data = self.pending + chunk
         self.pending = b""
         at = data.find(self.MARK)
+        while at >= 0 and not self._line_start(data, at):
+            at = data.find(self.MARK, at + 1)
         if at >= 0:
             self.trailer = data[at + len(self.MARK):]
-            return data[:at + 1]
+            return data[:at]
         for k in range(min(len(self.MARK) - 1, len(data)), 0, -1):
-            if data.endswith(self.MARK[:k]):
+            if data.endswith(self.MARK[:k]) and self._line_start(data, len(data) - k):
                 self.pending = data[-k:]
-                return data[:-k]
+                data = data[:-k]
+                break
+        if data:
+            self.before = data[-1:]
         return data
 
     def flush(self) -> bytes:
