@@ -18,9 +18,9 @@ keys:
     priority: 2
     limits: {requestsPerSecond: 2, tokensPerMinute: 600, concurrentRequests: 1}
     allowObjectiveHeader: {critical: 9, sheddable: -1}
-  - sha256: %s
+  - sha256: SHA
     tenant: team-b
-""" % hashlib.sha256(b"sk-b-1").hexdigest()
+""".replace("SHA", hashlib.sha256(b"sk-b-1").hexdigest())
 
 
 def test_keys_name_tenants_with_priority_limits_and_objectives() -> None:
@@ -40,15 +40,18 @@ def test_keys_name_tenants_with_priority_limits_and_objectives() -> None:
 
 
 @pytest.mark.parametrize("text, says", [
-    ("keys: [{key: k, tenant: a, limits: {tokensPerMinute: -5}}]", "keys[0] (tenant a).limits.tokensPerMinute: must be >= 1"),
+    ("keys: [{key: k, tenant: a, limits: {tokensPerMinute: -5}}]",
+     "keys[0] (tenant a).limits.tokensPerMinute: must be >= 1"),
     ("keys: [{key: k, tenant: a, limits: {requestsPerSecond: 0}}]", "requestsPerSecond: must be > 0"),
-    ("keys: [{key: k, tenant: a, limits: {concurrentRequests: 1.5}}]", "concurrentRequests: must be an integer"),
+    ("keys: [{key: k, tenant: a, limits: {concurrentRequests: 1.5}}]",
+     "concurrentRequests: must be an integer"),
     ("keys: [{key: k, tenant: a, limits: {burst: 3}}]", "unknown field(s) ['burst']"),
     ("keys: [{key: k}]", "keys[0].tenant"),
     ("keys: [{tenant: a}]", "exactly one of 'key' and 'sha256'"),
     ("keys: [{tenant: a, sha256: abc}]", "sha256: 64 hexadecimal digits"),
     ("keys: [{key: k, tenant: a}, {key: k, tenant: b}]", "keys[1] (tenant b): the same key is given twice"),
-    ("keys: [{key: k, tenant: a, limits: {tokensPerMinute: 5}}, {key: j, tenant: a}]", "a tenant's keys share its limits"),
+    ("keys: [{key: k, tenant: a, limits: {tokensPerMinute: 5}}, {key: j, tenant: a}]",
+     "a tenant's keys share its limits"),
     ("keys: [{key: k, tenant: a, priority: high}]", "priority: must be an integer"),
     ("keys: [{key: k, tenant: a, allowObjectiveHeader: [x]}]", "allowObjectiveHeader: a mapping"),
     ("keys: {a: b}", "keys: must be a list"),

@@ -195,7 +195,7 @@ async def test_the_routers_key_names_the_tenant_counts_no_limit_and_gets_the_usa
         prompt, completion = T.parse_usage(r.headers[T.USAGE_HEADER])
         assert completion == 3 and prompt == r.json()["usage"]["prompt_tokens"]
         r = await h.post("/v1/chat/completions", json={"messages": ASK, "stream": True})
-        assert r.text.endswith(": llamafleet-usage %d 3\n\n" % prompt)
+        assert r.text.endswith(f": llamafleet-usage {prompt} 3\n\n")
         assert "data: [DONE]" in r.text
     assert pod.seen[-2:] == [("team-b", 7), ("team-b", 7)]
     # A tenant's key cannot pose as another tenant, nor ask for the trailer.
