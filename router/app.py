@@ -66,9 +66,9 @@ PROXIED_PATHS = {"/info", "/metrics", "/tokenize", "/detokenize"}
 PROXIED_METHODS = {"GET", "POST", "DELETE", "PUT"}
 
 
-def error_response(err: LlamafleetError) -> JSONResponse:
+def error_response(err: LlamafleetError, anthropic: bool = False) -> JSONResponse:
     """The router's HTTP answer to a domain error (common.errors.http_error)."""
-    return JSONResponse(*http_error(err))
+    return JSONResponse(*http_error(err, anthropic=anthropic))
 
 
 class _Retry(Exception):
@@ -610,7 +610,7 @@ async def _disconnected(receive) -> None:
 def create_app(router: Router) -> ASGIApp:
     def refused(request: Request, e: LlamafleetError) -> Response:
         # Anthropic's error shape on /v1/messages, as the pods answer there; else OpenAI's.
-        answer = JSONResponse(*http_error(e, anthropic=request.url.path.rstrip("/") == "/v1/messages"))
+        answer = error_response(e, anthropic=request.url.path.rstrip("/") == "/v1/messages")
         if not getattr(request.state, "body_read", False):
             answer.headers["Connection"] = "close"  # the body is never read
         return answer
