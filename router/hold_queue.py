@@ -68,8 +68,11 @@ class HoldQueue:
         one priority the tenants in round-robin order, each tenant's oldest first. (A waiter
         that cannot use any replica now, having tried them, lets the next one go.)"""
         for p in sorted(self._levels, reverse=True):
-            for q in list(self._levels[p].values()):
-                yield from list(q)
+            queues = [list(q) for q in self._levels[p].values()]
+            # Round by round: each tenant's oldest, then each one's next, ... so that places
+            # handed out together (several slots free at once) go to the tenants in turn too.
+            for i in range(max(map(len, queues), default=0)):
+                yield from (q[i] for q in queues if i < len(q))
 
     def lowest(self) -> Waiter | None:
         """The waiter to shed for a more urgent request: of the lowest priority, the tenant

@@ -28,6 +28,10 @@ def test_higher_priority_first_then_tenants_in_turn() -> None:
             q.served(w)
             served.append(w)
         assert served == [urgent, a[0], b[0], a[1], b[1], a[2], a[3]]
+        # Places handed out together (several slots free at once) go round the tenants too.
+        for w in [*a, *b]:
+            q.push(w)
+        assert list(q.order()) == [a[0], b[0], a[1], b[1], a[2], a[3]]
     finally:
         loop.close()
 

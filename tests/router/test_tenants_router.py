@@ -178,3 +178,25 @@ def test_the_hold_queue_serves_the_higher_priority_first(fleet) -> None:
     assert [p for _, p in seen] == [5, 5, -1]  # the high priority went first
     assert router.metric("llamafleet_router_tenant_queue_wait_seconds_count",
                          tenant="team-low") == 1
+
+
+def test_the_hold_queue_takes_tenants_of_one_priority_in_turn(fleet) -> None:
+    router, pod, _, seen = fleet
+    gate = pod.pod.backend.hold(1)
+    threads: list[threading.Thread] = []
+
+    def send(key: str) -> None:
+        threads.append(threading.Thread(target=chat, args=(router.url, key)))
+        threads[-1].start()
+
+    send("sk-gie")  # runs in the pod's one slot, held there by the gate
+    wait_until(lambda: pod.pod.engine.running == 1, timeout=15)
+    for depth, key in enumerate(["sk-gie", "sk-gie", "sk-gie", "sk-tpm"], start=1):
+        send(key)  # held by the router in this order: three of team-gie, then team-tpm
+        wait_until(lambda d=depth: router.metric("llamafleet_router_hold_queue_depth") == d,
+                   timeout=10)
+    gate.set()
+    for t in threads:
+        t.join(60)
+    # Both of priority 0: team-tpm's one request goes second, not behind all of team-gie's.
+    assert [t for t, _ in seen] == ["team-gie", "team-gie", "team-tpm", "team-gie", "team-gie"]
