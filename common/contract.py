@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 ROUTER_PORT = 16073  # llamafleet router (llamafleet.router.settings)
+OPERATOR_METRICS_PORT = 16074  # llamafleet operator's /metrics (llamafleet.operator.settings)
 
 # On SIGTERM a pod drains: running generations get DRAIN_TIMEOUT_S to finish (the pod's
 # default, llamafleet.inference.settings). The operator's pods get that plus a margin as
@@ -46,6 +47,12 @@ GPU_IMAGE_TAG = f"{VERSION}-cuda"  # the CUDA image (docker/Dockerfile.cuda)
 def env_name(setting: str) -> str:
     """The environment variable of a pod setting: ``context_size`` -> LLM_LLAMA_SERVICE_CONTEXT_SIZE."""
     return ENV_PREFIX + setting.upper()
+
+
+# A LoRA adapter's name, as a request's `model` gives it (llamafleet.inference.adapters) and as
+# an LLMService's spec.adapters[].name sets it (the CRD repeats it in a CEL rule): letters,
+# digits and . _ - / : (vLLM's names and Hugging Face's org/name both fit), 1 to 128 characters.
+ADAPTER_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"
 
 
 # The LLMService custom resource (crds/llmservice.yaml): the operator watches it, the router
@@ -121,6 +128,13 @@ class PodMetric:
     # labels RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS (comma-separated adapter names) and
     # MAX_LORA; the value is when those labels last changed (Unix seconds). The router reads it.
     LORA_REQUESTS_INFO = "llamafleet_lora_requests_info"
+    # 1 while the pod answers /ready (engine alive, not draining), else 0: the alert that a
+    # pod is not ready reads it (and `up` for a pod whose model never loaded).
+    READY = "llamafleet_ready"
+    # Prompt tokens taken from the prefix cache instead of being decoded again. It tells one
+    # user how much of another's prompt was cached: the HTTP port's /metrics shows it only
+    # behind an API key (as /info does); the metrics port always does.
+    PREFIX_TOKENS_REUSED = "llamafleet_prefix_tokens_reused_total"
     # Per tenant (label TENANT: a configured tenant's name, "-" for none, "_unknown"):
     # common.tenants.
     TENANT_REQUESTS = "llamafleet_tenant_requests_total"  # label: tenant
@@ -148,6 +162,27 @@ class RouterMetric:
     TENANT_QUEUE_WAIT = "llamafleet_router_tenant_queue_wait_seconds"  # label: tenant
 
 
+class OperatorMetric:
+    """The series of ``llamafleet operator`` (its /metrics on OPERATOR_METRICS_PORT), labelled
+    by the LLMService (MetricLabel.NAMESPACE, LLMSERVICE)."""
+
+    RECONCILES = "llamafleet_operator_reconciles_total"  # labels: namespace, llmservice, outcome
+    RECONCILE_DURATION = "llamafleet_operator_reconcile_duration_seconds"
+    # 1 for each LLMService's current condition (type, status, reason), as kube-state-metrics
+    # writes conditions; a condition that changes drops its old series.
+    CONDITION = "llamafleet_operator_condition"
+    # The builtin autoscaler's inputs and decision of its last round (status.autoscaling).
+    AUTOSCALER_LOAD = "llamafleet_operator_autoscaler_load"
+    AUTOSCALER_AVERAGE_LOAD = "llamafleet_operator_autoscaler_average_load"
+    AUTOSCALER_HELD_REQUESTS = "llamafleet_operator_autoscaler_held_requests"
+    AUTOSCALER_READY_PODS = "llamafleet_operator_autoscaler_ready_pods"
+    AUTOSCALER_DESIRED_REPLICAS = "llamafleet_operator_autoscaler_desired_replicas"
+    AUTOSCALER_MAX_REPLICAS = "llamafleet_operator_autoscaler_max_replicas"
+    AUTOSCALER_DECISIONS = "llamafleet_operator_autoscaler_decisions_total"  # label: direction
+    # From a scale-up from zero until the first pod was Ready (status.autoscaling.coldStartSeconds).
+    COLD_START = "llamafleet_operator_cold_start_seconds"
+
+
 class MetricLabel:
     """The label names of those series (dashboards and docs group by them)."""
 
@@ -156,6 +191,10 @@ class MetricLabel:
     # PodMetric.LORA_REQUESTS_INFO's, spelled as the GIE protocol and llm-d's picker read them.
     RUNNING_LORA_ADAPTERS, WAITING_LORA_ADAPTERS = "running_lora_adapters", "waiting_lora_adapters"
     MAX_LORA = "max_lora"
+    # OperatorMetric's: the LLMService, its condition, the autoscaler's direction (up, down,
+    # steady). `namespace` is the LLMService's (the operator's PodMonitor honours the label).
+    NAMESPACE, LLMSERVICE, TYPE, STATUS, DIRECTION = (
+        "namespace", "llmservice", "type", "status", "direction")
     TENANT, KIND = "tenant", "kind"
 
 
@@ -169,7 +208,8 @@ INSTANCE_METRIC_LABEL = "app_kubernetes_io_instance"
 
 def metric_names() -> frozenset[str]:
     """Every series name above (the test that no other module writes one reads it)."""
-    return frozenset(v for group in (PodMetric, RouterMetric) for k, v in vars(group).items()
+    return frozenset(v for group in (PodMetric, RouterMetric, OperatorMetric)
+                     for k, v in vars(group).items()
                      if k.isupper()) | {INFLIGHT_METRIC}
 
 
@@ -200,6 +240,22 @@ def operator_env_name(setting: str) -> str:
 # its shape.
 
 IMAGE_MODEL_DIR = "/opt/llamafleet/models"  # where the image holds every embedded model
+
+# The model cache (docs/architecture.md, "Model cache"): `llamafleet fetch` in the cache's
+# Job prints JSON lines {"event": FETCH_PROGRESS_EVENT, "bytes": n, "total": m} on stdout and
+# the operator reads the last one from the Job's pod log; each file in the cache volume is
+# named cache_file_name(sha256), so LLMServices that name the same sha256 share it.
+FETCH_PROGRESS_EVENT = "llamafleet-fetch-progress"
+# `llamafleet fetch` exits with this when trying again cannot help (a wrong sha256, HTTP 4xx):
+# the cache Job's podFailurePolicy then fails the Job at once instead of retrying. It exits
+# with 1 when a retry may succeed (the download was cut short too often: the part is kept).
+FETCH_EXIT_PERMANENT = 2
+# The label the Job controller puts on a Job's pods (Kubernetes >= 1.27).
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+
+def cache_file_name(sha256: str) -> str:
+    return f"{sha256.lower()}.gguf"
 
 
 @dataclass(frozen=True)

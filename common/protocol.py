@@ -497,6 +497,10 @@ class ModelCard(BaseModel):
     # A LoRA adapter's card names the base model it runs on (as vLLM and the GIE do); the
     # base model's has none, and the field is left out of its card.
     parent: str | None = None
+    # An adapter's file on the pod (vLLM's card gives an adapter's path as root too) and
+    # scale: the operator compares them with spec.adapters to apply a changed list.
+    root: str | None = None
+    scale: float | None = None
 
 
 class LoadAdapterRequest(BaseModel):

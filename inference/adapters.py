@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from llamafleet.common.contract import ADAPTER_NAME_PATTERN
 from llamafleet.common.errors import BadRequest, Conflict, ModelNotFound
 
-# An adapter's name, as a request's `model` gives it: letters, digits and . _ - / : (vLLM's
-# names and Hugging Face's org/name both fit), 1 to 128 characters.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+NAME = re.compile(ADAPTER_NAME_PATTERN)  # an adapter's name (the contract says which)
 LOAD_TIMEOUT_S = 300  # a load waits for the engine's current step, then reads the file
 
 

@@ -41,16 +41,24 @@ def setup_fetch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--sha256", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--retries", type=int, default=5,
+                        help="resume a download cut short this many times (HTTP Range)")
     parser.set_defaults(func=fetch)
 
 
 def fetch(args: argparse.Namespace) -> int:
-    from .fetch import FetchError
+    from .fetch import FetchError, progress_line
     from .fetch import fetch as fetch_model
 
+    def progress(done: int, total: int | None) -> None:
+        # JSON lines on stdout: the operator reads the last one from the Job's pod log.
+        print(progress_line(done, total), flush=True)
+
     try:
-        fetch_model(args.url, args.sha256, args.out)
+        fetch_model(args.url, args.sha256, args.out, retries=args.retries, progress=progress)
     except FetchError as e:
+        from llamafleet.common.contract import FETCH_EXIT_PERMANENT
+
         print(f"llamafleet fetch: {e}", file=sys.stderr)
-        return 1
+        return FETCH_EXIT_PERMANENT if e.permanent else 1
     return 0

@@ -12,7 +12,17 @@ The engine knows nothing of HTTP or gRPC. Callers build a :class:`GenerationRequ
    the batch, and each that asked for logits samples with its own sampler chain.
 
 Each sequence is in one :class:`State`: ``PREFILL`` (prompt tokens still to decode),
-``DECODE`` (a sampled token waits to be decoded) or ``DONE`` (finished; its slot is free).
+``DECODE`` (a sampled token waits to be decoded), ``RESUME`` (preempted and back: its prompt
+and generated tokens are decoded again, nothing sampled) or ``DONE`` (finished; its slot is
+free).
+
+Tenants and priorities: waiting requests are admitted by priority, then fairly among tenants
+(:mod:`llamafleet.inference.admission`). When a tenant below its fair share of the slots
+waits while another holds more than its share, the engine preempts that tenant's youngest
+decoding sequence (of no higher priority, never a seeded one): its cells go to the host
+prompt cache (and stay in its freed slot until reused), it waits at the head of its tenant's
+line, and when admitted again it decodes what the cache no longer holds and goes on where it
+stopped, its sampler and text untouched. Without tenants nothing is preempted.
 
 The model sits behind the small :class:`Backend` protocol so the scheduler can be
 tested with a fake; :mod:`llamafleet.inference.llama_backend` is the real one.
@@ -43,6 +53,7 @@ from typing import Any, Protocol
 from llamafleet.common.errors import BadRequest, ContextTooLong, InternalError, LlamafleetError, Overloaded
 from llamafleet.common.sampling import DEFAULTS
 
+from .admission import FairQueue, fair_share
 from .prompt_cache import PromptCache, shared_prefix
 from .slot_cache import SlotCache
 
@@ -260,10 +271,11 @@ class TextAssembler:
 class State(enum.Enum):
     PREFILL = "prefill"  # prompt tokens from n_past on are not in the KV cache yet
     DECODE = "decode"  # next_token was sampled and goes into the next batch
+    RESUME = "resume"  # preempted and admitted again: ``resume`` from n_past on is decoded
     DONE = "done"  # finished or failed; the slot is released
 
 
-PREFILL, DECODE, DONE = State.PREFILL, State.DECODE, State.DONE
+PREFILL, DECODE, RESUME, DONE = State.PREFILL, State.DECODE, State.RESUME, State.DONE
 
 
 @dataclass(eq=False)
@@ -281,6 +293,11 @@ class _Sequence:
     passed_over: int = 0  # PREFILL: steps in a row that left it no budget (build_batch)
     follows: bool = False  # PREFILL: waits for another sequence's prefill of its prefix
     held: list[TextDelta] = field(default_factory=list)  # not streamed: sent at the end
+    resume: list[int] | None = None  # RESUME: prompt + generated, to be in the KV cache
+
+    def pending(self) -> Sequence[int]:
+        """The tokens a PREFILL or RESUME sequence decodes, from ``n_past`` on."""
+        return self.req.prompt if self.resume is None else self.resume
 
     def kv_tokens(self) -> list[int]:
         return (list(self.req.prompt) + self.generated)[: self.n_past]
@@ -339,16 +356,16 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
         budget = min(budget, prefill_budget)
     # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
     # first: a stream of short prompts never starves a long one.
-    prefilling = sorted((s for s in running if s.state is PREFILL and not s.follows),
+    prefilling = sorted((s for s in running if s.state is not DECODE and not s.follows),
                         key=lambda s: (s.passed_over < PASSED_OVER_MAX,
-                                       len(s.req.prompt) - s.n_past))
+                                       len(s.pending()) - s.n_past))
     takes: dict[int, int] = {}
     for seq in prefilling:
         if budget <= 0:
             seq.passed_over += 1
             continue
         seq.passed_over = 0
-        take = min(budget, len(seq.req.prompt) - seq.n_past)
+        take = min(budget, len(seq.pending()) - seq.n_past)
         takes[id(seq)] = take
         budget -= take
     b = Batch()
@@ -365,8 +382,10 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
         if not take:
             continue
         start = seq.n_past
-        last = start + take == len(seq.req.prompt)
-        b.tokens.extend(seq.req.prompt[start : start + take])
+        tokens = seq.pending()
+        # A resumed sequence's next token is already sampled: no logits at its end.
+        last = start + take == len(tokens) and seq.state is PREFILL
+        b.tokens.extend(tokens[start : start + take])
         b.pos.extend(range(start, start + take))
         b.seqs.extend([seq.slot] * take)
         b.logits.extend([False] * (take - 1))
@@ -405,8 +424,10 @@ class Engine:
         self.queue_size = queue_size
         self.observer: EngineObserver = observer or _NullObserver()
         # Room for queue_size waiting requests beyond the free slots, and stop()'s None.
-        self._waiting: queue.Queue[GenerationRequest | object | None] = queue.Queue(
-            maxsize=queue_size + max_batch_size + 1)
+        self._waiting = FairQueue(queue_size + max_batch_size + 1, _classify)
+        self._tenants: dict[str, int] = {}  # running sequences per tenant (none: absent)
+        self._waiting.running_of = lambda tenant: self._tenants.get(tenant, 0)
+        self.preemptions = 0  # sequences preempted for another tenant's fair share
         self._admit_lock = threading.Lock()
         self.cache = SlotCache(backend, max_batch_size, prompt_cache)  # type: ignore[arg-type]
         self._running: list[_Sequence] = []  # in slot order (build_batch says why)
@@ -461,7 +482,7 @@ class Engine:
         and none decoding, nobody is: whole n_batch chunks then."""
         if self.prefill_step_s is None or self._token_s is None:
             return None
-        if not self.cache.free and all(s.state is PREFILL for s in self._running):
+        if not self.cache.free and all(s.state is not DECODE for s in self._running):
             return None
         return max(MIN_PREFILL_CHUNK, int(self.prefill_step_s / self._token_s))
 
@@ -530,8 +551,7 @@ class Engine:
     def _requests(self) -> tuple[list[GenerationRequest], list[GenerationRequest]]:
         """The running and the waiting requests (a snapshot)."""
         running = [s.req for s in list(self._running)]
-        with self._waiting.mutex:
-            waiting = [r for r in self._waiting.queue if isinstance(r, GenerationRequest)]
+        waiting = [_request_of(r) for r in self._waiting.snapshot()]
         return running, waiting
 
     def _run_calls(self) -> None:
@@ -550,14 +570,10 @@ class Engine:
     def _purge_cancelled(self) -> None:
         """Drop waiting requests whose clients have gone, so that they stop counting
         against queue_size (a retry storm would otherwise turn live clients away)."""
-        q = self._waiting
-        with q.mutex:  # queue.Queue's own lock over its deque
-            gone = [r for r in q.queue if isinstance(r, GenerationRequest) and r.cancelled.is_set()]
-            if not gone:
-                return
-            q.queue = type(q.queue)(r for r in q.queue
-                                    if not isinstance(r, GenerationRequest) or not r.cancelled.is_set())
-            q.not_full.notify_all()
+        gone = self._waiting.remove_if(
+            lambda r: isinstance(r, GenerationRequest) and r.cancelled.is_set())
+        if not gone:
+            return
         # On the submitting thread, not the engine's: delivered now, not at a step's end.
         self._deliver([(req, Finished("cancelled", len(req.prompt), 0)) for req in gone])
 
@@ -632,7 +648,10 @@ class Engine:
             self._deliver(out)
 
     def _admit(self, block: bool) -> bool:
-        """Move waiting requests into free slots. False when asked to stop."""
+        """Move waiting requests into free slots (one freed for a tenant below its fair
+        share, if need be). False when asked to stop."""
+        if not self.cache.free and self._tenants:
+            self._preempt_for_fair_share()
         while self.cache.free:
             try:
                 req = self._waiting.get(block=block)
@@ -642,6 +661,9 @@ class Engine:
             if req is None:
                 return False
             if req is _WAKE:
+                continue
+            if isinstance(req, _Parked):
+                self._resume(req.seq)
                 continue
             if req.cancelled.is_set():
                 self._emit(req, Finished("cancelled", len(req.prompt), 0))
@@ -660,10 +682,76 @@ class Engine:
             slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None,
                                            adapters=req.adapters)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
-            bisect.insort(self._running, seq, key=_slot_of)
-            self._sets[req.adapters] = self._sets.get(req.adapters, 0) + 1
+            self._join(seq)
             self._emit(req, Started(time.monotonic() - req.enqueued_at))
         return True
+
+    def _join(self, seq: _Sequence) -> None:
+        """A sequence enters the running set (admitted, or resumed)."""
+        bisect.insort(self._running, seq, key=_slot_of)
+        key, tenant = seq.req.adapters, seq.req.tenant
+        self._sets[key] = self._sets.get(key, 0) + 1
+        self._tenants[tenant] = self._tenants.get(tenant, 0) + 1
+
+    def _leave(self, seq: _Sequence) -> None:
+        """A sequence leaves the running set (finished, failed, or preempted)."""
+        self._running.remove(seq)
+        key, tenant = seq.req.adapters, seq.req.tenant
+        if self._sets[key] > 1:
+            self._sets[key] -= 1
+        else:
+            del self._sets[key]
+            self._served.pop(key, None)
+        if self._tenants[tenant] > 1:
+            self._tenants[tenant] -= 1
+        else:
+            del self._tenants[tenant]
+
+    def _preempt_for_fair_share(self) -> None:
+        """Every slot is taken. If the request admitted next belongs to a tenant below its
+        fair share while another tenant holds more than its share, free one slot: the youngest
+        decoding sequence of the most served such tenant, of no higher priority than the
+        waiting request, never a seeded one (its cells would be computed again in another
+        batch shape, and it must reproduce)."""
+        nxt = self._waiting.peek()
+        if nxt is None:
+            return
+        req = _request_of(nxt)
+        tenants = self._tenants
+        share = fair_share(self.max_batch_size, len(tenants.keys() | {req.tenant}))
+        if tenants.get(req.tenant, 0) >= share:
+            return
+        victims = [s for s in self._running
+                   if s.state is DECODE and s.req.tenant != req.tenant
+                   and tenants[s.req.tenant] > share and s.req.priority <= req.priority
+                   and s.req.params.seed is None]
+        if victims:
+            self._preempt(max(victims, key=lambda s: (-s.req.priority, tenants[s.req.tenant],
+                                                      s.req.enqueued_at)))
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self._leave(seq)
+        tokens = seq.kv_tokens()
+        self.cache.saved_prompt(seq.slot, tokens, True, seq.req.adapters)  # to host RAM
+        self.cache.release(seq.slot, tokens, seq.req.adapters)
+        seq.slot = -1
+        self.preemptions += 1
+        self._waiting.put_front(_Parked(seq))
+
+    def _resume(self, seq: _Sequence) -> None:
+        """A preempted sequence is admitted again: it decodes its prompt and generated tokens
+        from what the cache still holds, then goes on with its sampled next token."""
+        req = seq.req
+        if req.cancelled.is_set():
+            self.observer.on_finish(req, len(req.prompt), seq.completion_tokens)
+            self.backend.free_sampler(seq.sampler)
+            seq.state = DONE
+            self._emit(req, Finished("cancelled", len(req.prompt), seq.completion_tokens))
+            return
+        seq.resume = list(req.prompt) + seq.generated
+        seq.slot, seq.n_past = self.cache.take(seq.resume, adapters=req.adapters)
+        seq.state = RESUME
+        self._join(seq)
 
     def _step(self) -> None:
         for seq in [s for s in self._running if s.req.cancelled.is_set()]:
@@ -773,6 +861,8 @@ class Engine:
             seq.n_past += n
             if seq.state is DECODE:
                 seq.generated.append(seq.next_token)
+            elif seq.state is RESUME and seq.n_past == len(seq.resume):
+                seq.state, seq.resume = DECODE, None
         if not batch.sample:
             return
         for seq, _ in batch.sample:
@@ -838,13 +928,8 @@ class Engine:
 
     def _release(self, seq: _Sequence, keep_cache: bool = False) -> None:
         seq.state = DONE
-        self._running.remove(seq)
+        self._leave(seq)
         key = seq.req.adapters
-        if self._sets[key] > 1:
-            self._sets[key] -= 1
-        else:
-            del self._sets[key]
-            self._served.pop(key, None)
         self.observer.on_finish(seq.req, len(seq.req.prompt), seq.completion_tokens)
         try:
             self.cache.release(seq.slot, seq.kv_tokens() if keep_cache else None, key)
@@ -884,8 +969,32 @@ class Engine:
                 req = self._waiting.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(req, _Parked):
+                seq = req.seq
+                self.observer.on_finish(seq.req, len(seq.req.prompt), seq.completion_tokens)
+                self.backend.free_sampler(seq.sampler)
+                req = seq.req
             if isinstance(req, GenerationRequest):
                 self._emit(req, Failed(Overloaded("The server is shutting down.")))
+
+
+@dataclass(eq=False)
+class _Parked:
+    """A preempted sequence waiting to be admitted again."""
+
+    seq: _Sequence
+
+
+def _request_of(item: GenerationRequest | _Parked) -> GenerationRequest:
+    return item.seq.req if isinstance(item, _Parked) else item
+
+
+def _classify(item: object) -> tuple[int, str] | None:
+    """A waiting item's (priority, tenant) for the FairQueue; None: a control item."""
+    if isinstance(item, GenerationRequest | _Parked):
+        req = _request_of(item)
+        return req.priority, req.tenant
+    return None
 
 
 _WAKE = object()  # put in the waiting queue by Engine.call: the engine thread has work

@@ -166,14 +166,14 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 @api.get("/models", response_model_exclude_none=True)
 async def list_models(request: Request) -> P.ModelList:
     s = serving_of(request)
-    return P.ModelList(data=[P.ModelCard(id=i, created=c, parent=p) for i, c, p in s.models()])
+    return P.ModelList(data=[P.ModelCard(**card) for card in s.models()])
 
 
 @api.get("/models/{model_id:path}", response_model_exclude_none=True)
 async def get_model(model_id: str, request: Request) -> P.ModelCard:
     s = serving_of(request)
     served = s.check_model(model_id)
-    return next(P.ModelCard(id=i, created=c, parent=p) for i, c, p in s.models() if i == served)
+    return next(P.ModelCard(**card) for card in s.models() if card["id"] == served)
 
 
 def adapters_enabled(request: Request) -> None:
@@ -192,7 +192,7 @@ async def load_adapter(body: P.LoadAdapterRequest, request: Request) -> P.ModelC
     s = serving_of(request)
     a = await s.load_adapter(body.name, body.path, body.scale)
     log.info("LoRA adapter %s loaded from %s (scale %g)", a.name, a.path, a.scale)
-    return P.ModelCard(id=a.name, created=a.created, parent=s.model_id)
+    return P.ModelCard(**s.adapter_card(a))
 
 
 @api.delete("/adapters/{name:path}", dependencies=[Depends(adapters_enabled)])
@@ -390,7 +390,10 @@ async def info(request: Request) -> dict:
 
 @health.get("/metrics", dependencies=[Depends(check_admin_key)])
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(serving_of(request).metrics.registry),
+    # Without a key anyone may read it: then the prefix cache's savings are left out (/info's rule).
+    m = serving_of(request).metrics
+    keyed = request.app.state.settings.api_key is not None
+    return Response(generate_latest(m.registry if keyed else m.public),
                     media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from llamafleet.common.contract import MetricLabel as L
 from llamafleet.common.contract import PodMetric as M
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -105,6 +105,25 @@ class LoraRequestsInfo:
         yield family
 
 
+class PrefixReused:
+    """A counter read from the engine at every scrape (its slot cache counts the tokens)."""
+
+    DOC = "Prompt tokens taken from the prefix cache instead of being decoded again."
+
+    def __init__(self, registry: CollectorRegistry):
+        self._read: Callable[[], int] = lambda: 0
+        registry.register(self)
+
+    def follow(self, read: Callable[[], int]) -> None:
+        self._read = read
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(M.PREFIX_TOKENS_REUSED, self.DOC)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(M.PREFIX_TOKENS_REUSED, self.DOC, value=self._read())
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
@@ -155,6 +174,9 @@ class Metrics:
             "Engine thread time by part of a step (only with STEP_PROFILE on): batch, decode, "
             "sample, text, deliver, admit, other.", [L.PART], registry=r)
         self.lora = LoraRequestsInfo(r)
+        self.ready = Gauge(M.READY, "1 while the pod answers /ready (engine alive, not "
+                           "draining), else 0.", registry=r)
+        self.prefix_reused = PrefixReused(r)
         # Per tenant (common.tenants): configured names, "-" (none) or "_unknown".
         self.tenant_requests = Counter(
             M.TENANT_REQUESTS, "Requests admitted, by tenant.", [L.TENANT], registry=r)
@@ -169,6 +191,18 @@ class Metrics:
             M.TENANT_QUEUE_WAIT, "Time waiting for a free sequence, by tenant.", [L.TENANT],
             buckets=LATENCY_BUCKETS, registry=r)
 
+    @property
+    def public(self) -> Any:
+        """The registry without what tells one user about another's prompts (the prefix
+        cache's savings): what an HTTP /metrics without an API key shows."""
+        registry, private = self.registry, {M.PREFIX_TOKENS_REUSED.removesuffix("_total")}
+
+        class Public:
+            def collect(self) -> Iterator[Any]:
+                return (f for f in registry.collect() if f.name not in private)
+
+        return Public()
+
     def follow(self, engine: Any, kv_total: int) -> None:
         """Read the load gauges from ``engine`` at every scrape (its ``running``, ``queued``
         and ``kv_cells_used``: snapshots that any thread may take)."""
@@ -178,6 +212,7 @@ class Metrics:
         self.kv_used.set_function(lambda: engine.kv_cells_used)
         self.kv_utilization.set_function(
             lambda: min(1.0, engine.kv_cells_used / kv_total) if kv_total else 0.0)
+        self.prefix_reused.follow(lambda: engine.prefix_tokens_reused)
 
     def follow_adapters(self, engine: Any, adapters: Any) -> None:
         """Read the LoRA gauge from ``engine`` (its ``adapter_sets()``: sets of adapters with

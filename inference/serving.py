@@ -192,6 +192,7 @@ class Serving:
         # LoRA adapters by name (adapters.py); the backend loads them on the engine thread.
         self.adapters = Adapters(self.model_id, engine, engine.backend)  # type: ignore[arg-type]
         metrics.follow_adapters(engine, self.adapters)  # the GIE LoRA gauge
+        metrics.ready.set_function(lambda: float(self.engine.alive and not self.draining))
 
     # --- models and adapters ------------------------------------------------------------
 
@@ -208,10 +209,15 @@ class Serving:
             raise BadRequest(f"{what} run on the base model '{self.model_id}', not on an "
                              "adapter", param="model")
 
-    def models(self) -> list[tuple[str, int, str | None]]:
-        """(id, created, parent) of the base model and each adapter, for /v1/models."""
-        return [(self.model_id, self.created, None),
-                *((a.name, a.created, self.model_id) for a in self.adapters.all())]
+    def models(self) -> list[dict[str, Any]]:
+        """The model cards' fields of the base model and each adapter, for /v1/models: an
+        adapter's card adds its parent (the base model), root (its file) and scale."""
+        return [{"id": self.model_id, "created": self.created},
+                *(self.adapter_card(a) for a in self.adapters.all())]
+
+    def adapter_card(self, a: Adapter) -> dict[str, Any]:
+        return {"id": a.name, "created": a.created, "parent": self.model_id, "root": str(a.path),
+                "scale": a.scale}
 
     async def load_adapter(self, name: str, path: str, scale: float) -> Adapter:
         return await asyncio.to_thread(self.adapters.load, name, Path(path), scale)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from llamafleet.common.contract import (
@@ -29,12 +31,13 @@ from llamafleet.common.contract import (
     USER_ID,
     PodMetric,
     RouterMetric,
+    cache_file_name,
     pod_service_name,
     termination_grace_seconds,
 )
 
 from .planning import MEMORY_LABEL, ServicePlan
-from .spec import LLMServiceSpec
+from .spec import AdapterSpec, LLMServiceSpec
 
 TLS_DIR = "/etc/llamafleet/tls"
 MODEL_DIR = "/models"
@@ -124,12 +127,16 @@ def with_hash(obj: dict) -> dict:
     return obj
 
 
-def model_env(spec: LLMServiceSpec) -> dict[str, str]:
+def model_env(spec: LLMServiceSpec, model_cache: str | None = None) -> dict[str, str]:
     """Where the pod finds its GGUF: a file path, or an embedded model's name (the image
-    holds every embedded model; LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR is set there)."""
+    holds every embedded model; LLM_LLAMA_SERVICE_EMBEDDED_MODEL_DIR is set there). A URL
+    model is the cache's ``<sha256>.gguf`` when ``model_cache`` (the cache claim) is given,
+    else the file its pod's init container downloaded."""
     src = spec.model.source
     if src.pvc:
         return {"MODEL_PATH": f"{MODEL_DIR}/{src.pvc.path.lstrip('/')}"}
+    if src.url and model_cache:
+        return {"MODEL_PATH": f"{MODEL_DIR}/{cache_file_name(src.url.sha256)}"}
     if src.url:
         return {"MODEL_PATH": f"{MODEL_DIR}/model.gguf"}
     assert src.embedded is not None
@@ -166,9 +173,10 @@ def tenants_file(spec: LLMServiceSpec) -> str | None:
     return f"{TENANTS_MOUNT_DIR}/{spec.tenants.secretKey}" if spec.tenants is not None else None
 
 
-def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan) -> list[dict]:
+def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
+            model_cache: str | None = None) -> list[dict]:
     values: dict[str, Any] = {
-        **model_env(spec),
+        **model_env(spec, model_cache),
         "CONTEXT_SIZE": spec.model.contextSize,
         "GPU_LAYERS": spec.gpuLayers if spec.resources.gpus else 0,
         "MAX_BATCH_SIZE": plan.max_batch_size,
@@ -220,7 +228,10 @@ def _affinity(spec: LLMServiceSpec, plan: ServicePlan) -> dict | None:
     return affinity
 
 
-def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, image: str) -> dict:
+def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, image: str,
+                     model_cache: str | None = None) -> dict:
+    """The serve pods. ``model_cache``: the model cache's claim, which holds a URL model
+    (llamafleet.operator.model_cache); None: a URL model is downloaded by each pod."""
     gpus = spec.resources.gpus
     resources: dict[str, dict[str, Any]] = {
         "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory},
@@ -244,7 +255,11 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
         volumes.append({"name": "model", "persistentVolumeClaim": {
             "claimName": src.pvc.claimName, "readOnly": True}})
-    elif src.url:
+    elif src.url and model_cache:  # the cache's Job downloaded it: nothing to fetch here
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+        volumes.append({"name": "model", "persistentVolumeClaim": {
+            "claimName": model_cache, "readOnly": True}})
+    elif src.url:  # no model cache: each pod downloads its copy
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
         volumes.append({"name": "model", "emptyDir": {}})
         init.append({
@@ -261,7 +276,7 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
     container = {
         "name": "server", "image": image, "imagePullPolicy": spec.image.pullPolicy,
         "command": ["llamafleet"], "args": ["serve"],
-        "env": pod_env(names, spec, plan),
+        "env": pod_env(names, spec, plan, model_cache),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                   {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
@@ -299,6 +314,10 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         pod_spec["tolerations"] = tolerations
     if (affinity := _affinity(spec, plan)):
         pod_spec["affinity"] = affinity
+    template_annotations = {"prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(METRICS_PORT)}
+    if spec.adapters:
+        add_adapters(names, spec, image, pod_spec, template_annotations)
     # Pod labels beyond the selector: llm-d's endpoint picker reads the engine type.
     template_labels = {**labels(names.name), ENGINE_TYPE_LABEL: ENGINE_TYPE}
     dep = {
@@ -309,12 +328,124 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
             # GPUs are scarce: replace pods one by one instead of surging.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {
                 "maxSurge": 0 if gpus else 1, "maxUnavailable": 1 if gpus else 0}},
-            "template": {"metadata": {"labels": template_labels, "annotations": {
-                "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT)}},
-                "spec": pod_spec},
+            "template": {"metadata": {"labels": template_labels,
+                                      "annotations": template_annotations},
+                         "spec": pod_spec},
         },
     }
     return with_hash(dep)
+
+
+# --- LoRA adapters (spec.adapters) ---------------------------------------------------------------
+
+ADAPTER_DIR = "/adapters"  # the URL adapters' files, fetched before the server starts
+ADAPTER_CLAIMS_DIR = "/adapter-claims"  # each PVC of an adapter (other than the model's)
+ADAPTER_SOURCES_ANNOTATION = "llamafleet.io/adapter-sources"
+ADAPTERS_KEY = "adapters"
+
+
+def adapter_source(adapter: AdapterSpec) -> str:
+    """Where a pod gets an adapter's file, as one key: ``url:<hash>`` (a file that an init
+    container downloads) or ``pvc:<claim>`` (a mounted claim). A pod can load an adapter at
+    run time when its template had the adapter's key (the template annotation lists them)."""
+    src = adapter.source
+    if src.url:
+        return "url:" + content_hash({"url": src.url.url, "sha256": src.url.sha256})
+    assert src.pvc is not None
+    return "pvc:" + src.pvc.claimName
+
+
+def adapter_sources(spec: LLMServiceSpec) -> list[str]:
+    return sorted({adapter_source(a) for a in spec.adapters})
+
+
+def adapter_path(spec: LLMServiceSpec, adapter: AdapterSpec) -> str:
+    """The adapter's GGUF on the pod."""
+    src = adapter.source
+    if src.url:
+        return f"{ADAPTER_DIR}/{adapter_source(adapter).removeprefix('url:')}.gguf"
+    assert src.pvc is not None
+    model = spec.model.source.pvc
+    # As the pod writes it back (its card's root): a/./b and a//b are a/b.
+    inside = str(PurePosixPath(src.pvc.path.lstrip("/")))
+    if model and model.claimName == src.pvc.claimName:  # the model's volume has it
+        return f"{MODEL_DIR}/{inside}"
+    return f"{ADAPTER_CLAIMS_DIR}/{src.pvc.claimName}/{inside}"
+
+
+def adapters_value(spec: LLMServiceSpec, skip: Collection[str] = ()) -> str:
+    """The pod's start-up adapters (its LORA_ADAPTERS setting): NAME=PATH:SCALE, comma-joined,
+    without the names in ``skip``."""
+    return ",".join(f"{a.name}={adapter_path(spec, a)}:{a.scale!r}" for a in spec.adapters
+                    if a.name not in skip)
+
+
+def adapters_config_map_name(names: Names) -> str:
+    return f"{names.name}-adapters"
+
+
+def build_adapters_config_map(names: Names, spec: LLMServiceSpec,
+                              refused: Collection[str] = ()) -> dict:
+    """The adapter list that pods read when they start (env ``LORA_ADAPTERS`` from this
+    ConfigMap): a changed list reaches new and restarted pods without a rollout, and the
+    operator loads and unloads it on the running ones (llamafleet.operator.adapters).
+
+    A pod stops when a start-up adapter fails to load, so the adapters that a running pod
+    ``refused`` (no such file, or a file llama.cpp refuses) are left out until one loads it."""
+    return with_hash({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": _meta(names, adapters_config_map_name(names)),
+        "data": {ADAPTERS_KEY: adapters_value(spec, refused)},
+    })
+
+
+def _claim_volume(claim: str) -> str:
+    return "adapter-pvc-" + hashlib.sha256(claim.encode()).hexdigest()[:12]
+
+
+def add_adapters(names: Names, spec: LLMServiceSpec, image: str, pod_spec: dict,
+                 annotations: dict[str, str]) -> None:
+    """The adapters' files on the pod spec: an emptyDir with one ``llamafleet fetch`` init
+    container per URL adapter, each PVC mounted read-only, the start-up list from the
+    ConfigMap, and the annotation that lists the sources the pods have. Only the files shape
+    the template: a name, scale or path (on a mounted claim) changes no pod."""
+    server = pod_spec["containers"][0]
+    server["env"].append({"name": ENV_PREFIX + "LORA_ADAPTERS", "valueFrom": {"configMapKeyRef": {
+        # optional: a pod of an older template that restarts after the last adapter was
+        # removed (and the ConfigMap deleted) still starts.
+        "name": adapters_config_map_name(names), "key": ADAPTERS_KEY, "optional": True}}})
+    fetched = {}
+    claims = set()
+    for a in spec.adapters:
+        if a.source.url:
+            fetched[adapter_path(spec, a)] = a.source.url
+        elif adapter_path(spec, a).startswith(ADAPTER_CLAIMS_DIR):
+            assert a.source.pvc is not None
+            claims.add(a.source.pvc.claimName)
+    if fetched:
+        pod_spec["volumes"].append({"name": "adapters", "emptyDir": {}})
+        server["volumeMounts"].append({"name": "adapters", "mountPath": ADAPTER_DIR,
+                                       "readOnly": True})
+        init = pod_spec.setdefault("initContainers", [])
+        for out, url in sorted(fetched.items()):
+            init.append({
+                "name": "fetch-adapter-" + out.rsplit("/", 1)[-1].removesuffix(".gguf"),
+                "image": image, "imagePullPolicy": spec.image.pullPolicy,
+                "command": ["llamafleet", "fetch", "--url", url.url, "--sha256", url.sha256,
+                            "--out", out],
+                "volumeMounts": [{"name": "adapters", "mountPath": ADAPTER_DIR},
+                                 {"name": "tmp", "mountPath": "/tmp"}],
+                "securityContext": _container_security(),
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                              "limits": {"memory": "512Mi"}},
+            })
+    for claim in sorted(claims):
+        volume = _claim_volume(claim)
+        pod_spec["volumes"].append({"name": volume, "persistentVolumeClaim": {
+            "claimName": claim, "readOnly": True}})
+        server["volumeMounts"].append({"name": volume, "readOnly": True,
+                                       "mountPath": f"{ADAPTER_CLAIMS_DIR}/{claim}"})
+    annotations[ADAPTER_SOURCES_ANNOTATION] = json.dumps(adapter_sources(spec))
 
 
 def _container_security() -> dict:
@@ -367,7 +498,8 @@ def build_network_policy(names: Names, spec: LLMServiceSpec, routed_only: bool =
     after the Service moved to the router, so that no connection is refused meanwhile.
     Egress is not restricted: the router reaches the API server and the pods. With the
     builtin autoscaler, ``operator_peer`` (the operator's pods) reads the pods' and the
-    routers' metrics on their HTTP ports.
+    routers' metrics on their HTTP ports; with spec.adapters it reaches the pods' HTTP port
+    to load and unload adapters.
     """
     peers = []
     for c in spec.networkPolicy.allowedClients:
@@ -386,9 +518,11 @@ def build_network_policy(names: Names, spec: LLMServiceSpec, routed_only: bool =
     if router:  # the router proxies to the pods and polls their /ready and /metrics
         ingress.append({"from": [{"podSelector": {"matchLabels": router_selector_labels(
             names.name)}}], "ports": _tcp(HTTP_PORT)})
-    if operator_peer and spec.scaling is not None and spec.scaling.mode == "builtin":
+    autoscaled = spec.scaling is not None and spec.scaling.mode == "builtin"
+    if operator_peer and (autoscaled or spec.adapters):  # it loads adapters on the pods too
         ingress.append({"from": [operator_peer],
-                        "ports": _tcp(HTTP_PORT, *([ROUTER_PORT] if router else []))})
+                        "ports": _tcp(HTTP_PORT, *([ROUTER_PORT] if router and autoscaled
+                                                   else []))})
     monitoring = spec.networkPolicy.monitoringNamespaces
     if monitoring:  # otherwise the metrics ports admit no one
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": {

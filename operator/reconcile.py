@@ -11,6 +11,7 @@ blocks the whole reconcile before anything is changed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -18,14 +19,17 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic.exceptions import ApiException as DynApiException
 
+from . import adapters as adapter_sync
 from . import builders as B
-from . import scaling_loop
+from . import model_cache, model_cache_io, scaling_loop
 from .api_key import ensure_api_key
 from .children import Children, MissingAPI
 from .planning import NodeGPU, plan_service
 from .reconcile_steps import (
+    ADAPTERS,
     API_KEY,
     CERTIFICATES,
+    MODEL_CACHE,
     SERVICE,
     WRITE_REPLICAS,
     Apply,
@@ -46,6 +50,7 @@ from .status import (
     capacity_condition,
     certificates_condition,
     merge,
+    model_condition,
     model_label,
     status_from,
 )
@@ -101,6 +106,7 @@ def run_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
     names = B.Names(meta["name"], meta["namespace"])
     previous = list((body.get("status") or {}).get("conditions") or [])
     settled: list[Condition] = []  # conditions already known when a later step fails
+    reported: list[Condition] = []  # conditions of the steps that talk to the pods
 
     def fail(phase: str | None, *conds: Condition) -> None:
         patch.status["conditions"] = merge(previous, [*settled, *conds])
@@ -141,15 +147,19 @@ def run_locked(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
             settled.append(certificates_condition(spec, children.live))
         patch.status["endpoints"] = {"router": None, **B.endpoints(
             names, settings.cluster_domain, spec, routing(names, spec, observed)[1])}
-        actions = _actions(children, body, patch, logger, spec, settings, settled)
+        actions = _actions(children, body, patch, logger, spec, settings, settled, observed,
+                           reported)
         apply_steps(plan_steps(spec, plan, names, observed, settings), children, body, logger,
                     event, actions, retry_delay=min(10.0, settings.resync_seconds))
     except Halt as h:
         fail(h.phase, *h.conditions)
         raise kopf.TemporaryError(str(h), delay=h.delay) from h.__cause__
 
-    st = status_from(spec, plan, children.live)
-    patch.status.update(phase=st.phase, conditions=merge(previous, st.conditions),
+    st = status_from(spec, plan, children.live, observed.cache)
+    patch.status["modelCache"] = observed.cache.status() if observed.cache else None
+    conditions = [*st.conditions, model_condition(spec, settings.model_cache_enabled,
+                                                  observed.cache), *reported]
+    patch.status.update(phase=st.phase, conditions=merge(previous, conditions),
                         replicas=st.replicas, readyReplicas=st.ready_replicas)
 
 
@@ -172,14 +182,26 @@ def _read(children: Children, body: kopf.Body, spec: LLMServiceSpec,
             Condition("Progressing", "False", "Conflict", "Blocked by foreign objects.")],
             settings.resync_seconds)
     router = router_keys(children.names)[-1]
+    cache = None
+    if (entry := model_cache.model_entry(spec, settings.model_cache_enabled)) is not None:
+        try:
+            cache = model_cache_io.read_cache(
+                children.dyn, children.names.namespace, entry, settings, children.uid,
+                (body.get("status") or {}).get("modelCache"))
+        except (ApiException, DynApiException) as e:
+            raise refused(api_error(MODEL_CACHE), e, min(10.0, settings.resync_seconds)) from e
+    reported = (body.get("status") or {}).get("adapters") or []
     return Observed(replicas_set="replicas" in (body.get("spec") or {}),
                     service=children.get(SERVICE),
-                    router=children.get(router) if children.owned(router) else None)
+                    router=children.get(router) if children.owned(router) else None,
+                    cache=cache,
+                    adapters_reported=bool(reported),
+                    adapters_refused=frozenset(n for p in reported for n in p.get("refused") or []))
 
 
 def _actions(children: Children, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
-             spec: LLMServiceSpec, settings: OperatorSettings,
-             settled: list[Condition]) -> dict[str, Callable[[], None]]:
+             spec: LLMServiceSpec, settings: OperatorSettings, settled: list[Condition],
+             observed: Observed, reported: list[Condition]) -> dict[str, Callable[[], None]]:
     """The plan's Ensure steps, carried out against this reconcile's children."""
     names = children.names
 
@@ -202,4 +224,18 @@ def _actions(children: Children, body: kopf.Body, patch: kopf.Patch, logger: log
             raise Halt(problem, "Degraded", [Condition("Ready", "False", "APIKeyMissing",
                                                        problem)], settings.resync_seconds)
 
-    return {WRITE_REPLICAS: write_replicas, CERTIFICATES: certificates, API_KEY: api_key}
+    def cache() -> None:
+        assert observed.cache is not None
+        model_cache_io.ensure_cache(children.dyn, body, spec, settings, observed.cache, logger)
+
+    def adapters() -> None:
+        # Best effort: what the pods answered goes to the status, never into an error (a
+        # kopf handler thread has no event loop of its own).
+        pods = asyncio.run(adapter_sync.sync(children.dyn, names, spec, settings.adapter_timeout))
+        held = spec.adapters or any(p.held for p in pods)
+        # A list is replaced whole by the merge patch; None removes it.
+        patch.status["adapters"] = [p.to_status() for p in pods] if held else None
+        reported.append(adapter_sync.condition(spec, pods))
+
+    return {WRITE_REPLICAS: write_replicas, CERTIFICATES: certificates, API_KEY: api_key,
+            MODEL_CACHE: cache, ADAPTERS: adapters}

@@ -23,9 +23,17 @@ sets when the API server refuses it. The order is the point, and each rule is a 
    while the router Deployment exists (:func:`routing`). The NetworkPolicy closes the
    pods' HTTP port to clients one reconcile later, once the Service was read routed.
 7. The InferencePool after the pods' Service and Deployment, then the
-   HorizontalPodAutoscaler and ScaledObject last, after the workloads they scale.
+   HorizontalPodAutoscaler and ScaledObject, after the workloads they scale.
 8. A child the spec turns off is deleted at the place where it would be written, and only
    if this LLMService controls it (:class:`Delete`).
+9. A URL model with the model cache on (:mod:`llamafleet.operator.model_cache`): the cache's
+   claim and Job are ensured before the Deployment, and the Deployment is written only once
+   the Job has put the file in the cache. Meanwhile a live Deployment is left as it is (the
+   model it serves keeps serving while a new one downloads); pods never start on a file
+   that is not there.
+10. spec.adapters: the ConfigMap the pods read their start-up adapters from before the
+   Deployment (new pods start with the new list); the running pods are brought to it last
+   (:mod:`llamafleet.operator.adapters`), after every write to the API server.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import builders as B
+from .model_cache import CacheState
 from .planning import ServicePlan
 from .settings import OperatorSettings
 from .spec import LLMServiceSpec
@@ -57,6 +66,10 @@ def named(key: Key, names: B.Names) -> Key:
 
 def secret_key(name: str) -> Key:
     return ("v1", "Secret", name)
+
+
+def adapters_key(names: B.Names) -> Key:
+    return ("v1", "ConfigMap", B.adapters_config_map_name(names))
 
 
 def router_keys(names: B.Names) -> list[Key]:
@@ -88,6 +101,7 @@ def child_keys(spec: LLMServiceSpec, names: B.Names) -> tuple[list[Key], list[Ke
     (writes if mode == "hpa" else deletes).append(HPA)
     (writes if mode == "keda" else deletes).append(SCALED_OBJECT)
     (writes if spec.router_enabled else deletes).extend(router_keys(names))
+    (writes if spec.adapters else deletes).append(adapters_key(names))
     return [named(k, names) for k in writes], [named(k, names) for k in deletes]
 
 
@@ -98,6 +112,9 @@ class Observed:
     replicas_set: bool  # the object's spec has replicas (absent: the scale subresource reads 0)
     service: dict | None = None  # Service <name>
     router: dict | None = None  # the router Deployment, when this LLMService controls it
+    cache: CacheState | None = None  # the model's cache entry, when the model cache holds it
+    adapters_reported: bool = False  # status.adapters is set (pods may still hold adapters)
+    adapters_refused: frozenset[str] = frozenset()  # adapters a pod could not load, last time
 
 
 def routing(names: B.Names, spec: LLMServiceSpec, observed: Observed) -> tuple[bool, bool]:
@@ -163,9 +180,10 @@ class Delete:
     on_failure: OnFailure
 
 
-WRITE_REPLICAS, CERTIFICATES, API_KEY = "replicas", "certificates", "api key"
-Action = Literal["replicas", "certificates", "api key"]
-ACTIONS: tuple[Action, ...] = (WRITE_REPLICAS, CERTIFICATES, API_KEY)
+WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE, ADAPTERS = \
+    "replicas", "certificates", "api key", "model cache", "adapters"
+Action = Literal["replicas", "certificates", "api key", "model cache", "adapters"]
+ACTIONS: tuple[Action, ...] = (WRITE_REPLICAS, CERTIFICATES, API_KEY, MODEL_CACHE, ADAPTERS)
 
 
 @dataclass(frozen=True)
@@ -213,9 +231,18 @@ def plan_steps(spec: LLMServiceSpec, plan: ServicePlan, names: B.Names, observed
         steps += [Apply(obj, router) for obj in (
             B.build_router_service_account(names), B.build_router_role(names),
             B.build_router_role_binding(names), B.build_router_deployment(names, spec, image))]
+    steps.append(_apply_or_delete(bool(spec.adapters),
+                                  lambda: B.build_adapters_config_map(
+                                      names, spec, observed.adapters_refused),
+                                  adapters_key(names), names, children))
     steps += [Apply(B.build_pod_service(names), children),
-              Apply(B.build_service(names, routed), children),
-              Apply(B.build_deployment(names, spec, plan, image), children)]
+              Apply(B.build_service(names, routed), children)]
+    cache = observed.cache
+    if cache is not None:
+        steps.append(Ensure(MODEL_CACHE, api_error(MODEL_CACHE)))
+    if cache is None or cache.ready:
+        steps.append(Apply(B.build_deployment(names, spec, plan, image,
+                                              cache.claim if cache else None), children))
     if not spec.router_enabled:
         steps += [Delete(key, children) for key in reversed(router_keys(names))]
     steps.append(_apply_or_delete(spec.routing.inferencePool.enabled,
@@ -227,6 +254,8 @@ def plan_steps(spec: LLMServiceSpec, plan: ServicePlan, names: B.Names, observed
     steps.append(_apply_or_delete(
         mode == "keda", lambda: B.build_scaled_object(names, spec, plan, settings.prometheus_url),
         SCALED_OBJECT, names, scaling))
+    if spec.adapters or observed.adapters_reported:
+        steps.append(Ensure(ADAPTERS, api_error(ADAPTERS)))
     return steps
 
 

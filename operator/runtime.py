@@ -14,12 +14,13 @@ from kubernetes import config as k8s_config
 from kubernetes.client import ApiClient
 from kubernetes.dynamic import DynamicClient
 
+from . import metrics
 from .settings import OperatorSettings
 
 
 def start(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     """kopf's posting, persistence and retry settings; memo.settings (unless kopf.run(memo=...)
-    brought them), memo.dyn and memo.locks."""
+    brought them), memo.dyn, memo.locks and memo.metrics (served on settings.metrics_port)."""
     settings.posting.level = logging.INFO
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="llamafleet.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="llamafleet.io")
@@ -28,6 +29,12 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         memo.settings = OperatorSettings()
     memo.dyn = DynamicClient(api_client(memo.settings))
     memo.locks = KeyedLocks()
+    # Series of an LLMService that no round refreshed for three rounds are gone (deleted, or
+    # no longer scaled by the builtin autoscaler).
+    memo.metrics = metrics.OperatorMetrics(
+        conditions_ttl=3 * memo.settings.resync_seconds + 60,
+        autoscaler_ttl=3 * memo.settings.autoscale_interval + 60)
+    metrics.serve(memo.metrics, memo.settings.metrics_port, memo.settings.metrics_host)
 
 
 def api_client(settings: OperatorSettings) -> ApiClient:

@@ -6,10 +6,12 @@ must never trust that (older CRD, disabled validation) and must say precisely wh
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
 from llamafleet.common.contract import (
+    ADAPTER_NAME_PATTERN,
     DEFAULT_EMBEDDED_MODEL,
     TENANTS_SECRET_KEY,
     embedded_model,
@@ -86,6 +88,45 @@ class ModelSpec(_M):
     source: Source
     contextSize: int = Field(4096, ge=64, le=1_048_576)
     shape: Shape = Field(default_factory=Shape)
+
+
+class AdapterPVCSource(PVCSource):
+    # The pod reads its start-up adapters as NAME=PATH[:SCALE], comma-separated.
+    path: str = Field(min_length=1, pattern=r"^[^,]+$")
+
+
+class AdapterSource(_M):
+    """Where an adapter's GGUF comes from: a file on a PVC, or a URL the pods download (and
+    verify) before they start, as the model's."""
+
+    pvc: AdapterPVCSource | None = None
+    url: URLSource | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> AdapterSource:
+        chosen = [k for k in ("pvc", "url") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError("set exactly one of source.pvc or source.url (got "
+                             f"{chosen or 'none'})")
+        return self
+
+
+MAX_ADAPTERS = 32
+
+
+class AdapterSpec(_M):
+    """A LoRA adapter for the model: requests that name it run with it (llamafleet.inference.adapters)."""
+
+    name: str = Field(pattern=f"^{ADAPTER_NAME_PATTERN}$")
+    source: AdapterSource
+    scale: float = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, scale: float) -> float:
+        if not math.isfinite(scale):
+            raise ValueError(f"scale {scale}: must be a finite number")
+        return scale
 
 
 class Image(_M):
@@ -283,6 +324,7 @@ class Scaling(_M):
 
 class LLMServiceSpec(_M):
     model: ModelSpec
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=MAX_ADAPTERS)
     # Absent: 1 for a fixed fleet; with spec.scaling, max(minReplicas, 1) until the
     # autoscaler first writes it (see _replicas_follow_scaling).
     replicas: int = Field(1, ge=0, le=1000)
@@ -302,6 +344,13 @@ class LLMServiceSpec(_M):
     imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list)
     routing: Routing = Field(default_factory=Routing)
     scaling: Scaling | None = None
+
+    @model_validator(mode="after")
+    def _adapter_names_differ(self) -> LLMServiceSpec:
+        names = [a.name for a in self.adapters]
+        if (twice := sorted({n for n in names if names.count(n) > 1})):
+            raise ValueError(f"adapters: each name must be unique ({', '.join(twice)} repeated)")
+        return self
 
     @model_validator(mode="after")
     def _replicas_follow_scaling(self) -> LLMServiceSpec:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from .builders import secret_bytes
 from .planning import ServicePlan
 from .spec import LLMServiceSpec
+
+if TYPE_CHECKING:
+    from .model_cache import CacheState
 
 Key = tuple[str, str, str]  # (apiVersion, kind, name) of a child object
 
@@ -36,12 +40,14 @@ class Status:
 
 
 def status_from(spec: LLMServiceSpec, plan: ServicePlan,
-                children: Mapping[Key, dict | None]) -> Status:
+                children: Mapping[Key, dict | None], cache: CacheState | None = None) -> Status:
     """Phase and conditions of a reconcile that got as far as writing its children.
 
     ``children`` is what was read back (after the writes), keyed by (apiVersion, kind,
     name); the Deployment's status gives the replica counts and the server and client
-    Secrets the certificates' expiry.
+    Secrets the certificates' expiry. ``cache``: the model's cache entry, while the model
+    cache holds the model; until it is there, the Deployment is not written (or keeps its
+    old model) and Ready/Progressing say why.
     """
     if not plan.fits:
         return Status("Degraded", (
@@ -68,6 +74,15 @@ def status_from(spec: LLMServiceSpec, plan: ServicePlan,
             Condition("Ready", "False", "ReplicasNotReady", f"{ready}/{want} replicas ready"),
             Condition("Progressing", "True", "RollingOut", f"waiting for {want - ready} "
                       "replica(s); model loading can take minutes")]
+    if cache is not None and not cache.ready and want > 0:
+        failed = cache.state == "Failed"
+        reason = "ModelDownloadFailed" if failed else "ModelDownloading"
+        moving = Condition("Progressing", "False" if failed else "True", reason, cache.message)
+        if ready >= want:  # the live pods keep serving the model they have
+            conditions[-1] = moving
+        else:
+            phase = "Degraded" if failed else "Progressing"
+            conditions[-2:] = [Condition("Ready", "False", reason, cache.message), moving]
     return Status(phase, tuple(conditions), int(dstatus.get("replicas") or 0), ready)
 
 
@@ -112,6 +127,20 @@ def merge(previous: Iterable[dict], new: Iterable[Condition],
             old["lastTransitionTime"] = stamp
         old.update(fields)
     return out
+
+
+def model_condition(spec: LLMServiceSpec, cache_enabled: bool,
+                    cache: CacheState | None) -> Condition:
+    """ModelCached: whether the model is in the model cache (URL sources only)."""
+    src = spec.model.source
+    if cache is not None:
+        return cache.condition()
+    if src.url and not cache_enabled:
+        return Condition("ModelCached", "False", "PerPodDownload", "the operator's model cache "
+                         "is off: each pod downloads the model in its init container")
+    where = "pvc" if src.pvc else "embedded"
+    return Condition("ModelCached", "True", "NoDownload",
+                     f"model.source.{where}: the pods read the model where it is")
 
 
 def model_label(spec: LLMServiceSpec) -> str:

@@ -73,6 +73,8 @@ async def api(kmock, tmp_path, monkeypatch, request):
     monkeypatch.setenv("KMOCK_URL", url)
     # The operator's settings are read by its startup handler, when KopfRunner starts it.
     monkeypatch.setenv("LLAMAFLEET_OPERATOR_KUBECONFIG", str(kubeconfig))
+    # No /metrics listener per test (test_operator_metrics.py covers it; the port is fixed).
+    monkeypatch.setenv("LLAMAFLEET_OPERATOR_METRICS_PORT", "0")
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         yield client
     if audited(request.node):

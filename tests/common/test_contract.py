@@ -39,7 +39,7 @@ def test_env_name_follows_the_prefix() -> None:
 # Python and keep their own literals; the tests below hold them to the contract instead.
 PRODUCT = ("common", "inference", "router", "operator", "benchmarks")
 GENERATED = ("inference/proto/",)  # protoc's output
-PORTS = (C.HTTP_PORT, C.GRPC_PORT, C.METRICS_PORT, C.ROUTER_PORT)
+PORTS = (C.HTTP_PORT, C.GRPC_PORT, C.METRICS_PORT, C.ROUTER_PORT, C.OPERATOR_METRICS_PORT)
 PORT_TEXT = re.compile(r"(?<!\d)(" + "|".join(map(str, PORTS)) + r")(?!\d)")
 ENV_TEXT = re.compile(r"\b(" + "|".join(map(re.escape, (C.ENV_PREFIX, C.OPERATOR_ENV_PREFIX))) + ")")
 SERIES_TEXT = re.compile(r"\bllamafleet_[a-z0-9_]+")
@@ -123,12 +123,18 @@ def test_the_metric_names_are_the_ones_dashboards_read() -> None:
         "llamafleet_running_sequences", "llamafleet_queue_depth",
         "llamafleet_kv_cache_cells_used", "llamafleet_kv_cache_cells_total",
         "llamafleet_kv_cache_utilization", "llamafleet_max_batch_size", "llamafleet_model",
-        "llamafleet_lora_requests_info",
+        "llamafleet_lora_requests_info", "llamafleet_ready", "llamafleet_prefix_tokens_reused_total",
         "llamafleet_router_requests_total", "llamafleet_router_refused_total",
         "llamafleet_router_affinity_total", "llamafleet_router_hold_queue_depth",
         "llamafleet_router_in_flight", "llamafleet_router_backends_ready",
         "llamafleet_router_time_to_first_token_seconds", "llamafleet_router_scale_ups_total",
         "llamafleet_router_cold_start_seconds", "llamafleet_inflight",
+        "llamafleet_operator_reconciles_total", "llamafleet_operator_reconcile_duration_seconds",
+        "llamafleet_operator_condition", "llamafleet_operator_autoscaler_load",
+        "llamafleet_operator_autoscaler_average_load", "llamafleet_operator_autoscaler_held_requests",
+        "llamafleet_operator_autoscaler_ready_pods", "llamafleet_operator_autoscaler_desired_replicas",
+        "llamafleet_operator_autoscaler_max_replicas", "llamafleet_operator_autoscaler_decisions_total",
+        "llamafleet_operator_cold_start_seconds",
         "llamafleet_tenant_requests_total", "llamafleet_tenant_tokens_total",
         "llamafleet_tenant_rejected_total", "llamafleet_tenant_queue_wait_seconds",
         "llamafleet_router_tenant_requests_total", "llamafleet_router_tenant_tokens_total",
@@ -142,11 +148,14 @@ def _names(group: type) -> set[str]:
     return {v for k, v in vars(group).items() if k.isupper()}
 
 
-@pytest.mark.parametrize("part", ["pod", "router"])
+@pytest.mark.parametrize("part", ["pod", "router", "operator"])
 def test_the_series_exported_are_exactly_the_contracts(part: str) -> None:
     if part == "pod":
         from llamafleet.inference.metrics import Metrics as Made
         names = _names(C.PodMetric)
+    elif part == "operator":
+        from llamafleet.operator.metrics import OperatorMetrics as Made
+        names = _names(C.OperatorMetric)
     else:
         from llamafleet.router.metrics import RouterMetrics as Made
         names = _names(C.RouterMetric)

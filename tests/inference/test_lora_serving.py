@@ -83,10 +83,13 @@ def test_base_plus_adapter_gives_the_merged_models_tokens(server, models) -> Non
         merged.stop()
 
 
-def test_models_lists_adapters_with_their_parent_and_unknown_names_are_404(server) -> None:
+def test_models_lists_adapters_with_their_parent_and_unknown_names_are_404(server, models) -> None:
     r = httpx.get(f"{server.url}/v1/models", headers=AUTH)
     cards = {m["id"]: m for m in r.json()["data"]}
     assert "parent" not in cards["base"] and cards["one"]["parent"] == "base"
+    # An adapter's card says which file and scale it runs (the operator compares them).
+    assert cards["one"]["root"] == str(models["one"]) and cards["one"]["scale"] == 0.5
+    assert "root" not in cards["base"] and "scale" not in cards["base"]
     r = httpx.post(f"{server.url}/v1/completions", headers=AUTH,
                    json={"model": "nope", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 404
@@ -115,7 +118,7 @@ def test_an_adapter_loaded_at_run_time_serves_without_a_restart(server, models) 
                    json={"model": "two", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 404
     card = _load(server, "two", models["two"])
-    assert card["id"] == "two" and card["parent"] == "base"
+    assert card["id"] == "two" and card["parent"] == "base" and card["scale"] == 1.0
     # The GIE LoRA gauge counts it at once, and names it while a request for it waits: the
     # engine thread is held between two steps (Engine.call), so the request stays queued.
     assert _lora_gauge(server) == ("", "", "2")

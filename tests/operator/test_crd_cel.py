@@ -160,6 +160,16 @@ REPLICAS = by_message("the autoscaler owns replicas")
 MIN_MAX = by_message("minReplicas must not be above maxReplicas")
 HPA_ZERO = by_message("mode hpa cannot scale to zero")
 TENANTS_SECRET = by_message("secretName must be a Secret's name")
+ADAPTER_UNIQUE = by_message("each adapter name must be unique")
+ADAPTER_NAME = by_message("an adapter name is 1 to 128")
+ADAPTER_SOURCE = by_message("exactly one of source.pvc or source.url")
+
+
+def adapter(name: str, **source: Any) -> dict:
+    return {"name": name, "source": source or {"pvc": {"claimName": "loras", "path": f"{name}.gguf"}}}
+
+
+URL = {"url": "https://hf.example/a.gguf", "sha256": "a" * 64}
 
 # (object, the rules it must break; empty: it must pass every rule)
 CASES = {
@@ -192,6 +202,18 @@ CASES = {
     "tenants Secret": (service(tenants={"secretName": "team-a.tenants"}), []),
     "tenants Secret with capitals": (service(tenants={"secretName": "Tenants"}), [TENANTS_SECRET]),
     "tenants Secret with a slash": (service(tenants={"secretName": "a/b"}), [TENANTS_SECRET]),
+    "adapters": (service(adapters=[adapter("sql"), adapter("org/chat-v1.2:q4", url=URL)]), []),
+    "no adapters": (service(adapters=[]), []),
+    "adapter names repeated": (service(adapters=[adapter("sql"), adapter("sql", url=URL)]),
+                               [ADAPTER_UNIQUE]),
+    "adapter name with a space": (service(adapters=[adapter("my sql")]), [ADAPTER_NAME]),
+    "adapter name starting with a dash": (service(adapters=[adapter("-sql")]), [ADAPTER_NAME]),
+    "adapter name of 129 characters": (service(adapters=[adapter("a" * 129)]), [ADAPTER_NAME]),
+    "adapter name of 128 characters": (service(adapters=[adapter("a" * 128)]), []),
+    "adapter with two sources": (service(adapters=[adapter(
+        "sql", url=URL, pvc={"claimName": "loras", "path": "a.gguf"})]), [ADAPTER_SOURCE]),
+    "adapter without a source": (service(adapters=[{"name": "sql", "source": {}}]),
+                                 [ADAPTER_SOURCE]),
     "two rules at once": (service("x" * 70, replicas=9, scaling={"mode": "hpa", "minReplicas": 0,
                                                                  "maxReplicas": 4}),
                           [NAME, REPLICAS, HPA_ZERO]),
@@ -209,8 +231,9 @@ def test_every_rule_reads_fields_the_schema_has(rule: Rule) -> None:
     for chain in re.findall(r"\b(?:self|oldSelf)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", rule.rule):
         node = rule.schema
         for field in chain.strip(".").split("."):
-            if field in ("matches", "size", "startsWith", "endsWith", "contains"):
-                break  # a method call, not a field
+            if field in ("matches", "size", "startsWith", "endsWith", "contains", "all",
+                         "exists", "exists_one", "map", "filter"):
+                break  # a method call or a macro, not a field
             if rule.path == "" and node is SCHEMA and field == "metadata":
                 node = {"properties": {"name": {"type": "string"},
                                        "generateName": {"type": "string"}}}

@@ -4,6 +4,7 @@ profile's, the start-up self-test's and the scripted pod's (tests/support/script
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,14 +123,19 @@ class FakeBackend:
         self.freed.append(handle)
 
 
+_FINISHES = itertools.count()  # the order in which collectors saw their final event
+
+
 class Collector:
     def __init__(self) -> None:
         self.events: list = []
         self.done = threading.Event()
+        self.finished_at: int | None = None  # the place of its final event among all's
 
     def __call__(self, ev) -> None:
         self.events.append(ev)
         if isinstance(ev, (Finished, Failed)):
+            self.finished_at = next(_FINISHES)
             self.done.set()
 
     @property

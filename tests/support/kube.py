@@ -22,7 +22,10 @@ relies on (as docs/testing.md describes):
   PATCH write only spec.replicas to the object (a PUT with a stale resourceVersion gets
   409). KMock would return the whole object, and merge a written Scale into it;
 - `expire_watches`: the next N watches get a 410 Gone ERROR event, as when a watch's
-  resourceVersion is older than the API server's history; clients must list again.
+  resourceVersion is older than the API server's history; clients must list again;
+- a Pod's `log` subresource, as the kubelet serves it through the API server: the text the
+  test stored in `logs[(namespace, pod)]` (the last `tailLines` lines when asked), 400 for a
+  pod without one (as for a container that has not started).
 There is no garbage collector and no Deployment controller, so tests assert
 ownerReferences and set a Deployment's status themselves (or, like tests/operator/test_autoscaling_kopf.py,
 play the Deployment controller by creating Pod objects).
@@ -152,9 +155,22 @@ class Emulator(kmock.KubernetesEmulator):
             if not isinstance(event, dict) or selects(selector, event.get("object") or {}):
                 yield event
 
+    def _log(self, request):
+        logs: dict[tuple[str, str], str] = getattr(self, "logs", {})
+        text = logs.get((request.namespace, request.name))
+        if text is None:
+            return self._status(400, "BadRequest", f"container in pod {request.name} is waiting "
+                                "to start")
+        tail = (request.params or {}).get("tailLines")
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-int(tail):])
+        return aiohttp.web.Response(text=text, content_type="text/plain")
+
     async def _handle(self, request):
         if request.resource is not None and request.subresource == "scale":
             return await self._scale(request)
+        if request.resource is not None and request.subresource == "log":
+            return self._log(request)
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         data = request.data if isinstance(request.data, dict) else None
         writing = request.action == kmock.action.CREATE or request.method == kmock.method.PUT
@@ -210,13 +226,17 @@ RESOURCES = {
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(kind="CustomResourceDefinition",
                                                                namespaced=False),
     "v1/secrets": dict(kind="Secret", namespaced=True),
+    "v1/configmaps": dict(kind="ConfigMap", namespaced=True),
     "v1/services": dict(kind="Service", namespaced=True),
     "v1/serviceaccounts": dict(kind="ServiceAccount", namespaced=True),
     "rbac.authorization.k8s.io/v1/roles": dict(kind="Role", namespaced=True),
     "rbac.authorization.k8s.io/v1/rolebindings": dict(kind="RoleBinding", namespaced=True),
     "v1/events": dict(kind="Event", namespaced=True),
     "discovery.k8s.io/v1/endpointslices": dict(kind="EndpointSlice", namespaced=True),
-    "v1/pods": dict(kind="Pod", namespaced=True, subresources={"status"}),
+    "v1/pods": dict(kind="Pod", namespaced=True, subresources={"status", "log"}),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True,
+                                      subresources={"status"}),
+    "batch/v1/jobs": dict(kind="Job", namespaced=True, subresources={"status"}),
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
     "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True),

@@ -45,7 +45,7 @@ ROUTER_TOKEN = "llamafleet-router."  # + the LLMService's name
 # The suites whose flows the audit covers (all of their tests that talk to the emulator).
 # File names are unique across tests/ (tests/common/test_layout.py holds it).
 AUDITED = ("test_kopf.py", "test_router_kopf.py", "test_discovery_kmock.py",
-           "test_autoscaling_kopf.py")
+           "test_autoscaling_kopf.py", "test_model_cache_kopf.py", "test_adapters_kopf.py")
 CLUSTER_WIDE, PER_NAMESPACE = "cluster-wide", f"operator.watchNamespaces={{{NS}}}"
 
 
