@@ -68,6 +68,12 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ENGINE_TYPE_LABEL, ENGINE_TYPE = "llm-d.ai/engine-type", "llamafleet"
 
 
+# Tenants (llamafleet.common.tenants): the Secret that spec.tenants.secretName names holds the
+# file under this key; the operator mounts it into the pods and the router at this folder.
+TENANTS_SECRET_KEY = "tenants.yaml"
+TENANTS_MOUNT_DIR = "/etc/llamafleet/tenants"
+
+
 def pod_service_name(llmservice: str) -> str:
     """The Service that always selects an LLMService's ``llamafleet serve`` pods (HTTP, gRPC,
     metrics). The router watches its EndpointSlices; gRPC clients use it when the router is
@@ -129,6 +135,12 @@ class PodMetric:
     # user how much of another's prompt was cached: the HTTP port's /metrics shows it only
     # behind an API key (as /info does); the metrics port always does.
     PREFIX_TOKENS_REUSED = "llamafleet_prefix_tokens_reused_total"
+    # Per tenant (label TENANT: a configured tenant's name, "-" for none, "_unknown"):
+    # common.tenants.
+    TENANT_REQUESTS = "llamafleet_tenant_requests_total"  # label: tenant
+    TENANT_TOKENS = "llamafleet_tenant_tokens_total"  # labels: tenant, kind (prompt, completion)
+    TENANT_REJECTED = "llamafleet_tenant_rejected_total"  # labels: tenant, reason
+    TENANT_QUEUE_WAIT = "llamafleet_tenant_queue_wait_seconds"  # label: tenant
 
 
 class RouterMetric:
@@ -143,6 +155,11 @@ class RouterMetric:
     TIME_TO_FIRST_TOKEN = "llamafleet_router_time_to_first_token_seconds"
     SCALE_UPS = "llamafleet_router_scale_ups_total"  # label: outcome
     COLD_START = "llamafleet_router_cold_start_seconds"
+    # Per tenant, as the pod's TENANT_* (the router's queue wait: held in its hold queue).
+    TENANT_REQUESTS = "llamafleet_router_tenant_requests_total"  # label: tenant
+    TENANT_TOKENS = "llamafleet_router_tenant_tokens_total"  # labels: tenant, kind
+    TENANT_REJECTED = "llamafleet_router_tenant_rejected_total"  # labels: tenant, reason
+    TENANT_QUEUE_WAIT = "llamafleet_router_tenant_queue_wait_seconds"  # label: tenant
 
 
 class OperatorMetric:
@@ -178,6 +195,7 @@ class MetricLabel:
     # steady). `namespace` is the LLMService's (the operator's PodMonitor honours the label).
     NAMESPACE, LLMSERVICE, TYPE, STATUS, DIRECTION = (
         "namespace", "llmservice", "type", "status", "direction")
+    TENANT, KIND = "tenant", "kind"
 
 
 # The pods metric an HPA reads (RUNNING + QUEUE_DEPTH per pod): a Prometheus adapter rule

@@ -96,6 +96,16 @@ class QueueFull(LlamafleetError):
     retry_after_s = 5
 
 
+class RateLimited(LlamafleetError):
+    """A tenant's limit is exceeded (common.tenants), or a held request of the lowest
+    priority was shed: 429 rate_limit_exceeded, with an honest Retry-After."""
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: int):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 class ReplicaFailed(LlamafleetError):
     """The router sent the request to replicas and each failed before answering (a connect
     error, a dropped connection, or a replica that stopped answering)."""
@@ -128,6 +138,7 @@ ERROR_TABLE: dict[type[LlamafleetError], ErrorMapping] = {
     Overloaded: ErrorMapping(503, "server_error", "overloaded", "RESOURCE_EXHAUSTED"),
     NotReady: ErrorMapping(503, "server_error", "not_ready", "UNAVAILABLE"),
     QueueFull: ErrorMapping(429, "rate_limit_error", "queue_full", "RESOURCE_EXHAUSTED"),
+    RateLimited: ErrorMapping(429, "rate_limit_error", "rate_limit_exceeded", "RESOURCE_EXHAUSTED"),
     ReplicaFailed: ErrorMapping(502, "server_error", "replica_failed", "UNAVAILABLE"),
     InternalError: ErrorMapping(500, "server_error", "internal_error", "INTERNAL"),
 }
@@ -166,6 +177,20 @@ def retry_after(err: LlamafleetError) -> int | None:
     return getattr(err, "retry_after_s", None)
 
 
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error"}
+
+
+def anthropic_body(err: LlamafleetError) -> dict:
+    """Anthropic's error shape (/v1/messages)."""
+    status = mapping_for(err).http_status
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"),
+                                       "message": encodable(err.message)}}
+
+
 class HttpError(NamedTuple):
     """The HTTP answer to a domain error, in the order of Starlette's ``JSONResponse``
     arguments: ``JSONResponse(*http_error(err))``."""
@@ -175,9 +200,11 @@ class HttpError(NamedTuple):
     headers: dict[str, str]  # Retry-After, when the error says when to retry
 
 
-def http_error(err: LlamafleetError) -> HttpError:
-    """The HTTP answer to a domain error (pod and router): OpenAI body, status, Retry-After."""
+def http_error(err: LlamafleetError, *, anthropic: bool = False) -> HttpError:
+    """The HTTP answer to a domain error (pod and router): OpenAI body (Anthropic's with
+    ``anthropic``), status, Retry-After."""
     headers = {}
     if (ra := retry_after(err)) is not None:
         headers["Retry-After"] = str(ra)
-    return HttpError(openai_body(err), mapping_for(err).http_status, headers)
+    body = anthropic_body(err) if anthropic else openai_body(err)
+    return HttpError(body, mapping_for(err).http_status, headers)

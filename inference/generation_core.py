@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from llamafleet.common import protocol as P
 from llamafleet.common.errors import InternalError, LlamafleetError, ToolCallIncomplete
 from llamafleet.common.sampling import SamplingParameters
+from llamafleet.common.tenants import Caller
 
 from . import reasoning, tool_calls
 from .engine import Finished, SamplingParams, TextDelta, TokenLogprob
@@ -149,12 +150,15 @@ class Core:
         return Prepared(tokens, params, prompt_param="prompt")
 
     def start(self, prepared: Prepared, *, api: str, request_id: str, user: str | None = None,
-              stream: bool = True, model: str | None = None) -> Turn:
+              stream: bool = True, model: str | None = None, caller: Caller | None = None) -> Turn:
         """Submit now: errors (too long, overloaded, an unknown model) raise here, before any
-        output. ``model``: the request's, the base model or a LoRA adapter's name."""
+        output. ``model``: the request's, the base model or a LoRA adapter's name. ``caller``:
+        its tenant and priority (the engine's admission) and lease (tokens are charged)."""
+        caller = caller or Caller()
         gen = self.serving.start(prepared.prompt, prepared.params, api=api, request_id=request_id,
                                  prompt_param=prepared.prompt_param, user=user, stream=stream,
-                                 model=model)
+                                 model=model, tenant=caller.tenant, priority=caller.priority,
+                                 lease=caller.lease)
         return Turn(self, prepared, gen)
 
     @staticmethod

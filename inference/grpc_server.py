@@ -15,10 +15,12 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from llamafleet.common import protocol as P
+from llamafleet.common import tenants
 from llamafleet.common.contract import env_name
-from llamafleet.common.errors import BadRequest, LlamafleetError, mapping_for
+from llamafleet.common.errors import BadRequest, LlamafleetError, RateLimited, Unauthorized, mapping_for
 from llamafleet.common.logs import request_id_from_headers
 from llamafleet.common.sampling import SamplingParameters
+from llamafleet.common.tenants import Caller
 from pydantic import ValidationError
 
 from .generation_core import Conversation, Core, Done
@@ -106,11 +108,16 @@ class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
         self.core = Core(serving)
 
     async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
-        rid = request_id_from_headers(dict(context.invocation_metadata() or ()))
+        metadata = dict(context.invocation_metadata() or ())
+        rid = request_id_from_headers(metadata)
+        caller = Caller()
         try:
+            caller = self.caller(metadata)
             prepared = await self.core.prepare(conversation(request))
-            turn = self.core.start(prepared, api="grpc", request_id=rid)
+            turn = self.core.start(prepared, api="grpc", request_id=rid, caller=caller)
         except LlamafleetError as e:
+            if caller.lease is not None:
+                caller.lease.release()
             await context.abort(grpc_status(e), e.message)
             return
         try:
@@ -126,6 +133,33 @@ class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
             await context.abort(grpc_status(e), e.message)
         finally:
             turn.cancel()  # client gone or done: free the sequence at the next step
+            if caller.lease is not None:
+                caller.lease.release()
+
+    def caller(self, metadata: dict) -> Caller:
+        """The tenant of a call that presents a tenant's key (``authorization: Bearer <key>``
+        metadata) when the pod has a tenants file, admitted by its limits; no key: no tenant
+        (mutual TLS is gRPC's authentication)."""
+        serving = self.core.serving
+        tf = serving.tenants
+        token = tenants.bearer_token(str(metadata.get("authorization", "")))
+        if tf is None or token is None:
+            return Caller()
+        config = tf.current()
+        entry = config.lookup(token)
+        if entry is None:
+            raise Unauthorized("Incorrect API key provided in the 'authorization' metadata.")
+        caller = Caller(entry.tenant, tenants.priority_of(
+            entry, metadata.get(tenants.OBJECTIVE_HEADER)))
+        label = tenants.tenant_label(entry.tenant, config)
+        try:
+            caller.lease = serving.limiter.admit(entry.tenant, config.limits.get(entry.tenant,
+                                                                                tenants.Limits()))
+        except RateLimited as e:
+            serving.metrics.tenant_rejected.labels(label, e.reason).inc()
+            raise
+        serving.metrics.tenant_requests.labels(label).inc()
+        return caller
 
 
 def grpc_status(err: LlamafleetError) -> grpc.StatusCode:

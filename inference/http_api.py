@@ -13,17 +13,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from llamafleet.common import protocol as P
+from llamafleet.common import tenants as T
 from llamafleet.common.contract import VERSION, env_name
 from llamafleet.common.errors import (
     BadRequest,
     LlamafleetError,
     NotFound,
     NotReady,
+    RateLimited,
     RequestTooLarge,
     Unauthorized,
     http_error,
 )
 from llamafleet.common.logs import request_id_from_headers
+from llamafleet.common.tenants import Caller
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -68,17 +71,93 @@ def serving_of(request: Request) -> Serving:
     return serving
 
 
+def _identify(request: Request, token: str | None, how: str) -> Caller:
+    """The caller of ``request`` by its key (``token``); Unauthorized when a key is needed and
+    this one is neither API_KEY nor a tenant's. Keys are compared as bytes in constant time:
+    compare_digest refuses str with non-ASCII characters (that was a 500); Starlette decodes
+    headers as latin-1, so this gives back the bytes the client sent."""
+    settings = request.app.state.settings
+    key, tf = settings.api_key, request.app.state.tenants
+    if key is None and tf is None:
+        return Caller()
+    if token is not None:
+        given = token.encode("latin-1")
+        if key is not None and hmac.compare_digest(given, key.get_secret_value().encode()):
+            # The pods' own key (the router's backend key): the router names the tenant and
+            # priority it admitted the request under, and has counted its limits.
+            return Caller(request.headers.get(T.TENANT_HEADER, ""),
+                          _priority_header(request.headers.get(T.PRIORITY_HEADER)), admin=True)
+        if tf is not None and (entry := tf.current().lookup(given)) is not None:
+            return Caller(entry.tenant, T.priority_of(entry, request.headers.get(T.OBJECTIVE_HEADER)))
+    raise Unauthorized(f"Incorrect API key provided. Pass it as {how}.")
+
+
+def _priority_header(value: str | None) -> int:
+    if not value:
+        return 0
+    try:
+        p = int(value)
+    except ValueError:
+        raise BadRequest(f"{T.PRIORITY_HEADER} must be an integer") from None
+    lo, hi = T.PRIORITY_RANGE
+    return max(lo, min(hi, p))
+
+
 def check_api_key(request: Request) -> None:
+    request.state.caller = _identify(request, T.bearer_token(request.headers.get("authorization", "")),
+                                     "'Authorization: Bearer <key>'")
+
+
+def check_admin_key(request: Request) -> None:
+    """/info and /metrics: API_KEY only (a tenant's key does not open them)."""
     key = request.app.state.settings.api_key
     if key is None:
         return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    # As bytes: compare_digest refuses str with non-ASCII characters (that was a 500).
-    # Starlette decodes headers as latin-1, so this gives back the bytes the client sent.
-    given = token.strip().encode("latin-1")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, key.get_secret_value().encode()):
+    given = (T.bearer_token(request.headers.get("authorization", "")) or "").encode("latin-1")
+    if not hmac.compare_digest(given, key.get_secret_value().encode()):
         raise Unauthorized("Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.")
+
+
+def caller_of(request: Request) -> Caller:
+    return getattr(request.state, "caller", None) or Caller()
+
+
+def admit(request: Request) -> None:
+    """A generating request's admission by its tenant's limits: 429 rate_limit_exceeded (and
+    when to retry) beyond one. The router admitted those it sends (the pods' own key)."""
+    caller = caller_of(request)
+    tf = request.app.state.tenants
+    serving = getattr(request.app.state, "serving", None)
+    label = T.tenant_label(caller.tenant, tf.current() if tf is not None else None)
+    if tf is not None and caller.tenant and not caller.admin:
+        limits = tf.current().limits.get(caller.tenant, T.Limits())
+        try:
+            caller.lease = request.app.state.limiter.admit(caller.tenant, limits)
+        except RateLimited as e:
+            if serving is not None:
+                serving.metrics.tenant_rejected.labels(label, e.reason).inc()
+            raise
+    if serving is not None:
+        serving.metrics.tenant_requests.labels(label).inc()
+
+
+class ReleaseLeases:
+    """Ends each request's lease on its tenant's limits (concurrent requests) once its answer
+    has gone, streams included, however it ends."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            caller = state.get("caller")
+            if caller is not None and caller.lease is not None:
+                caller.lease.release()
 
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
@@ -98,10 +177,13 @@ async def get_model(model_id: str, request: Request) -> P.ModelCard:
 
 
 def adapters_enabled(request: Request) -> None:
-    """Loading files onto the pod at run time needs a key: without API_KEY the routes are off."""
+    """Loading files onto the pod at run time needs a key: without API_KEY the routes are off.
+    A tenant's key does not load them."""
     if request.app.state.settings.api_key is None:
         raise NotFound("Loading adapters at run time needs an API key "
                        f"({env_name('api_key')}); start-up adapters: {env_name('lora_adapters')}.")
+    if not caller_of(request).admin:
+        raise Unauthorized(f"Loading adapters needs the pod's own key ({env_name('api_key')}).")
 
 
 @api.post("/adapters", dependencies=[Depends(adapters_enabled)], status_code=201,
@@ -141,11 +223,20 @@ async def _reply(request: Request, turn: Turn, view, stream: bool, *, errors=err
                  error_frame=openai_chat.error_frame, last: bytes = openai_chat.DONE) -> Response:
     """A front door's answer: ``view.frames(turn)`` as SSE, or ``view.whole(answer)``."""
     if stream:
+        trailer = None
+        if caller_of(request).admin and request.headers.get(T.USAGE_TRAILER_HEADER) == "1":
+            def trailer() -> bytes:  # the router charges the tenant's tokens from it
+                fin = turn.gen.finished
+                p, c = (fin.prompt_tokens, fin.completion_tokens) if fin else \
+                    (len(turn.prepared.prompt), 0)
+                return T.USAGE_COMMENT + f"{p} {c}\n\n".encode()
         return await sse_response(view.frames(turn), turn.cancel, request, error_response=errors,
-                                  error_frame=error_frame, last=last)
+                                  error_frame=error_frame, last=last, trailer=trailer)
     if (answer := await _answer_or_leave(request, turn)) is None:
         return Response(status_code=499)
-    return JSONResponse(view.whole(answer))
+    done = answer.done
+    return JSONResponse(view.whole(answer), headers={
+        T.USAGE_HEADER: f"{done.prompt_tokens} {done.completion_tokens}"})
 
 
 async def _start(request: Request, conv: Conversation, model: str | None, api: str,
@@ -155,10 +246,11 @@ async def _start(request: Request, conv: Conversation, model: str | None, api: s
     served = core.serving.check_model(model)
     prepared = await core.prepare(conv)
     return core, core.start(prepared, api=api, request_id=request_id_from_headers(request.headers),
-                            user=user, stream=stream, model=served), served
+                            user=user, stream=stream, model=served,
+                            caller=caller_of(request)), served
 
 
-@api.post("/chat/completions")
+@api.post("/chat/completions", dependencies=[Depends(admit)])
 async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
     core, turn, served = await _start(request, openai_chat.conversation(body), body.model,
                                       "http_chat", body.user, bool(body.stream))
@@ -166,7 +258,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> R
     return await _reply(request, turn, view, bool(body.stream))
 
 
-@api.post("/responses")
+@api.post("/responses", dependencies=[Depends(admit)])
 async def responses(body: openai_responses.ResponsesRequest, request: Request) -> Response:
     core, turn, served = await _start(request, openai_responses.conversation(body), body.model,
                                       "http_responses", body.user, body.stream)
@@ -175,7 +267,7 @@ async def responses(body: openai_responses.ResponsesRequest, request: Request) -
                         last=b"")
 
 
-@api.post("/embeddings")
+@api.post("/embeddings", dependencies=[Depends(admit)])
 async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
     s = serving_of(request)
     s.check_base_model(body.model, "Embeddings")
@@ -186,6 +278,10 @@ async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
     if (done := await unless_client_leaves(request, s.embed(body.inputs))) is None:
         return Response(status_code=499)  # the work was cancelled with the request
     vectors, n_tokens = done
+    caller = caller_of(request)
+    if caller.lease is not None:
+        caller.lease.charge(n_tokens)
+    s.count_tenant_tokens(caller.tenant, n_tokens, 0)
     log.info("embeddings", extra={"request_id": request_id_from_headers(request.headers),
                                   "api": "http_embeddings", "user": body.user,
                                   "inputs": len(vectors), "prompt_tokens": n_tokens})
@@ -194,10 +290,11 @@ async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
             for i, v in enumerate(vectors)]
     return JSONResponse(P.EmbeddingList(
         data=data, model=s.model_id,
-        usage=P.EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens)).model_dump())
+        usage=P.EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens)).model_dump(),
+        headers={T.USAGE_HEADER: f"{n_tokens} 0"})
 
 
-@api.post("/completions")
+@api.post("/completions", dependencies=[Depends(admit)])
 async def completions(body: P.CompletionRequest, request: Request) -> Response:
     core = core_of(request)
     served = core.serving.check_model(body.model)
@@ -208,7 +305,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         stop=body.stop_list, ignore_eos=body.ignore_eos, logprobs=body.logprobs)
     turn = core.start(prepared, api="http_completions",
                       request_id=request_id_from_headers(request.headers), user=body.user,
-                      stream=bool(body.stream), model=served)
+                      stream=bool(body.stream), model=served, caller=caller_of(request))
     view = openai_chat.CompletionView(body, served, core.serving.fingerprint)
     return await _reply(request, turn, view, bool(body.stream))
 
@@ -218,10 +315,7 @@ def check_anthropic_key(request: Request) -> None:
     key = request.headers.get("x-api-key")
     if key is None:
         return check_api_key(request)
-    expected = request.app.state.settings.api_key
-    if expected is not None and not hmac.compare_digest(key.strip().encode("latin-1"),
-                                                        expected.get_secret_value().encode()):
-        raise Unauthorized("Incorrect API key provided. Pass it as 'x-api-key: <key>'.")
+    request.state.caller = _identify(request, key.strip(), "'x-api-key: <key>'")
 
 
 @api.post("/chat/completions/render")
@@ -252,7 +346,7 @@ async def detokenize(body: tokens.DetokenizeRequest, request: Request) -> dict:
 anthropic_api = APIRouter(prefix="/v1", dependencies=[Depends(check_anthropic_key)])
 
 
-@anthropic_api.post("/messages")
+@anthropic_api.post("/messages", dependencies=[Depends(admit)])
 async def messages(body: anthropic_messages.MessagesRequest, request: Request) -> Response:
     user = body.metadata.user_id if body.metadata else None
     core, turn, served = await _start(request, anthropic_messages.conversation(body), body.model,
@@ -289,12 +383,12 @@ async def readiness(request: Request) -> Response:
     return JSONResponse({"status": "ready", "model": serving.model_id})
 
 
-@health.get("/info", dependencies=[Depends(check_api_key)])
+@health.get("/info", dependencies=[Depends(check_admin_key)])
 async def info(request: Request) -> dict:
     return serving_of(request).info(private=request.app.state.settings.api_key is not None)
 
 
-@health.get("/metrics", dependencies=[Depends(check_api_key)])
+@health.get("/metrics", dependencies=[Depends(check_admin_key)])
 async def metrics(request: Request) -> Response:
     # Without a key anyone may read it: then the prefix cache's savings are left out (/info's rule).
     m = serving_of(request).metrics
@@ -353,8 +447,14 @@ class BodyLimit:
 def create_app(settings, serving: Serving | None = None) -> FastAPI:
     app = FastAPI(title="llamafleet", version=VERSION, docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyLimit, limit=settings.request_bytes_limit)
+    app.add_middleware(ReleaseLeases)
     app.state.settings = settings
     app.state.serving = serving
+    # The tenants file (checked when the settings were read) and every tenant's budgets.
+    app.state.tenants = T.load(settings.tenants_file) if settings.tenants_file else None
+    app.state.limiter = T.Limiter()
+    if serving is not None:
+        serving.tenants, serving.limiter = app.state.tenants, app.state.limiter
 
     def shaped(request: Request, exc: LlamafleetError) -> JSONResponse:
         """Each front door's own error shape: Anthropic's on /v1/messages, else OpenAI's."""

@@ -86,6 +86,8 @@ class Server:
         try:
             # On the main thread, like init_backends (which says why).
             self.serving = build(self.settings)
+            self.serving.tenants = self.app.state.tenants
+            self.serving.limiter = self.app.state.limiter
             self.app.state.serving = self.serving
             if self.settings.grpc_port:
                 from .grpc_server import start_grpc

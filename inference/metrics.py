@@ -177,6 +177,19 @@ class Metrics:
         self.ready = Gauge(M.READY, "1 while the pod answers /ready (engine alive, not "
                            "draining), else 0.", registry=r)
         self.prefix_reused = PrefixReused(r)
+        # Per tenant (common.tenants): configured names, "-" (none) or "_unknown".
+        self.tenant_requests = Counter(
+            M.TENANT_REQUESTS, "Requests admitted, by tenant.", [L.TENANT], registry=r)
+        self.tenant_tokens = Counter(
+            M.TENANT_TOKENS, "Tokens charged to each tenant (kind: prompt, completion).",
+            [L.TENANT, L.KIND], registry=r)
+        self.tenant_rejected = Counter(
+            M.TENANT_REJECTED, "Requests refused with 429 by a tenant's limit (reason: "
+            "requests_per_second, tokens_per_minute, concurrent_requests).",
+            [L.TENANT, L.REASON], registry=r)
+        self.tenant_queue_wait = Histogram(
+            M.TENANT_QUEUE_WAIT, "Time waiting for a free sequence, by tenant.", [L.TENANT],
+            buckets=LATENCY_BUCKETS, registry=r)
 
     @property
     def public(self) -> Any:

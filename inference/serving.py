@@ -30,6 +30,7 @@ from llamafleet.common.errors import (
     Overloaded,
 )
 from llamafleet.common.sampling import DEFAULTS, SamplingParameters
+from llamafleet.common.tenants import Lease, Limiter, TenantFile, tenant_label
 from llamafleet.common.versions import llama_cpp_python_version
 
 from . import capacity
@@ -67,6 +68,7 @@ class Generation:
     first_token_at: float | None = None
     finished: Finished | None = None
     user: str | None = None  # OpenAI's end-user id, for the log
+    lease: Lease | None = None  # its tenant's limits: tokens are charged to it
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
         outcome, reason = "cancelled", "cancelled"
@@ -75,6 +77,8 @@ class Generation:
                 ev = await self.queue.get()
                 if isinstance(ev, Started):
                     self.serving.metrics.queue_wait.observe(ev.queue_wait_s)
+                    self.serving.metrics.tenant_queue_wait.labels(
+                        self.serving.tenant_label(self.req.tenant)).observe(ev.queue_wait_s)
                     continue
                 if isinstance(ev, Failed):
                     outcome, reason = "error", type(ev.error).__name__
@@ -164,6 +168,9 @@ class Serving:
         self.engine = engine
         self.metrics = metrics
         self.plan = plan
+        # The tenants file (common.tenants.TenantFile), given by the HTTP app that reads it.
+        self.tenants: TenantFile | None = None
+        self.limiter = Limiter()  # every tenant's budgets (the HTTP app's, shared with gRPC)
         self.model_id = settings.model_name or model.path.name.removesuffix(".gguf")
         self.created = int(time.time())
         self.fingerprint = SYSTEM_FINGERPRINT
@@ -339,11 +346,14 @@ class Serving:
 
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
               request_id: str, prompt_param: str = "messages", user: str | None = None,
-              stream: bool = True, model: str | None = None) -> Generation:
+              stream: bool = True, model: str | None = None, tenant: str = "",
+              priority: int = 0, lease: Lease | None = None) -> Generation:
         """Submit now: errors (too long, overloaded, an unknown ``model``) raise here, before
         any output. ``stream=False``: the text comes in one delta right before the end (no
         event per token crosses to the event loop). ``model`` names the base model or an
-        adapter to run with."""
+        adapter to run with. ``tenant`` and ``priority`` go to the engine's admission;
+        ``lease`` (the tenant's limits) is charged the prompt now and the completion at the
+        end."""
         if not self.engine.alive:
             raise NotReady("The model is not loaded yet.")
         if self.draining:
@@ -352,8 +362,9 @@ class Serving:
             raise ContextTooLong(len(prompt), self.engine.context_size, param=prompt_param)
         q: asyncio.Queue = asyncio.Queue()
         bridge = self._bridge()
-        req = GenerationRequest(prompt, params, QueueSink(bridge, q), request_id, stream=stream)
-        gen = Generation(self, req, api, q, user=user)
+        req = GenerationRequest(prompt, params, QueueSink(bridge, q), request_id, stream=stream,
+                                tenant=tenant, priority=priority)
+        gen = Generation(self, req, api, q, user=user, lease=lease)
 
         def submit(adapters: tuple) -> None:
             req.adapters = adapters
@@ -365,9 +376,24 @@ class Serving:
             else:
                 self.engine.submit(req)
         except LlamafleetError as e:
+            gen.lease = None  # nothing ran: nothing to charge
             self.record(gen, "rejected", type(e).__name__)
             raise
+        if lease is not None:
+            lease.charge(len(prompt))
         return gen
+
+    def tenant_label(self, tenant: str) -> str:
+        """``tenant`` as the metrics' label (bounded: configured names, else a fixed one)."""
+        tf = self.tenants
+        return tenant_label(tenant, tf.current() if tf is not None else None)
+
+    def count_tenant_tokens(self, tenant: str, prompt: int, completion: int) -> None:
+        label = self.tenant_label(tenant)
+        if prompt:
+            self.metrics.tenant_tokens.labels(label, "prompt").inc(prompt)
+        if completion:
+            self.metrics.tenant_tokens.labels(label, "completion").inc(completion)
 
     def _bridge(self) -> LoopBridge:
         loop = asyncio.get_running_loop()
@@ -386,6 +412,9 @@ class Serving:
         ttft = (gen.first_token_at - gen.submitted) if gen.first_token_at else None
         if fin is not None:  # the token counters count in EngineMetrics.on_finish
             m.e2e.observe(duration)
+            if gen.lease is not None:
+                gen.lease.charge(fin.completion_tokens)
+            self.count_tenant_tokens(gen.req.tenant, fin.prompt_tokens, fin.completion_tokens)
         log.info(
             "request finished",
             extra={"request_id": gen.req.request_id, "api": gen.api, "outcome": outcome,

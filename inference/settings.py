@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
+from llamafleet.common import tenants
 from llamafleet.common.capacity import DEFAULT_RESERVE_BYTES, DEFAULT_USABLE_FRACTION, MiB
 from llamafleet.common.contract import (
     DEFAULT_EMBEDDED_MODEL,
@@ -224,6 +225,14 @@ class Settings(BaseSettings):
         None, description="Bearer key required on /v1/*, /info and /metrics of the HTTP port "
         "when set (/health and /ready stay open for probes)."
     )
+    tenants_file: Path | None = Field(
+        None, description="The tenants file (YAML or JSON; a Secret mounted as a volume): API "
+        "keys that name tenants, each with an optional priority, limits (requests per second, "
+        "tokens per minute, concurrent requests) and GIE objective priorities. Re-read within "
+        "a second of a change; a malformed file stops start-up, and on a reload is logged and "
+        "ignored (the last good one stays). API_KEY keeps working beside it (no tenant, no "
+        "limits; with it the router passes its tenants on).",
+    )
     max_request_bytes: int | None = Field(
         None, ge=1024, description="Largest HTTP request body and gRPC message accepted (413 / "
         "RESOURCE_EXHAUSTED beyond it, before anything is parsed). Default: 1 MiB plus 32 "
@@ -304,6 +313,13 @@ class Settings(BaseSettings):
     def lora(self) -> list[tuple[str, Path, float]]:
         """The start-up adapters as (name, path, scale)."""
         return [parse_spec(spec) for spec in self.lora_adapters]
+
+    @field_validator("tenants_file")
+    @classmethod
+    def _tenants_readable(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            tenants.load(path)  # ValueError naming the entry and field: the pod does not start
+        return path
 
     @field_validator("embedded_model")
     @classmethod

@@ -27,6 +27,7 @@ from llamafleet.common.contract import (
     ROUTER_ENV_PREFIX,
     ROUTER_PORT,
     ROUTER_RBAC_RULES,
+    TENANTS_MOUNT_DIR,
     USER_ID,
     PodMetric,
     RouterMetric,
@@ -158,6 +159,20 @@ def image_for(spec: LLMServiceSpec, settings: Any) -> str:
     return f"{repository}:{tag}"
 
 
+def tenants_volume(spec: LLMServiceSpec) -> tuple[list[dict], list[dict]]:
+    """The tenants Secret (spec.tenants) as a volume and its mount: the whole Secret, never
+    a subPath, so that the kubelet's updates reach the file and it is reloaded in place."""
+    if spec.tenants is None:
+        return [], []
+    return ([{"name": "tenants", "secret": {"secretName": spec.tenants.secretName,
+                                            "defaultMode": 0o440}}],
+            [{"name": "tenants", "mountPath": TENANTS_MOUNT_DIR, "readOnly": True}])
+
+
+def tenants_file(spec: LLMServiceSpec) -> str | None:
+    return f"{TENANTS_MOUNT_DIR}/{spec.tenants.secretKey}" if spec.tenants is not None else None
+
+
 def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
             model_cache: str | None = None) -> list[dict]:
     values: dict[str, Any] = {
@@ -175,6 +190,8 @@ def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
         "LOG_FORMAT": spec.logging.format,
         "LOG_LEVEL": spec.logging.level,
     }
+    if spec.tenants is not None:
+        values["TENANTS_FILE"] = tenants_file(spec)
     if spec.tls.enabled:
         values.update(GRPC_CA_PATH=f"{TLS_DIR}/ca.crt", GRPC_CERT_PATH=f"{TLS_DIR}/tls.crt",
                       GRPC_KEY_PATH=f"{TLS_DIR}/tls.key")
@@ -229,6 +246,9 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": names.server_secret,
                                                   "defaultMode": 0o440}})
+    tenant_volumes, tenant_mounts = tenants_volume(spec)
+    volumes += tenant_volumes
+    mounts += tenant_mounts
     init: list[dict] = []
     src = spec.model.source
     if src.pvc:
@@ -659,6 +679,10 @@ ROUTER_METRICS_PATH = "/router/metrics"
 def router_env(names: Names, spec: LLMServiceSpec) -> list[dict]:
     values = {"LLMSERVICE": names.name, "HOST": "0.0.0.0", "PORT": ROUTER_PORT,
               "LOG_FORMAT": spec.logging.format, "LOG_LEVEL": spec.logging.level.upper()}
+    if spec.tenants is not None:
+        values["TENANTS_FILE"] = tenants_file(spec)
+        if spec.tenants.maxQueuedPerReplica is not None:
+            values["MAX_QUEUED_PER_REPLICA"] = spec.tenants.maxQueuedPerReplica
     env: list[dict] = [{"name": ROUTER_ENV_PREFIX + k, "value": str(v)} for k, v in values.items()]
     env.append({"name": ROUTER_ENV_PREFIX + "NAMESPACE", "valueFrom": {"fieldRef": {
         "fieldPath": "metadata.namespace"}}})
@@ -675,6 +699,7 @@ def build_router_deployment(names: Names, spec: LLMServiceSpec, image: str) -> d
     the pod Service's EndpointSlices and scales the LLMService from zero)."""
     r = spec.routing.router
     probe = {"httpGet": {"path": "/ready", "port": "router"}}
+    tenant_volumes, tenant_mounts = tenants_volume(spec)
     container = {
         "name": "router", "image": image, "imagePullPolicy": spec.image.pullPolicy,
         "command": ["llamafleet"], "args": ["router"],
@@ -685,7 +710,7 @@ def build_router_deployment(names: Names, spec: LLMServiceSpec, image: str) -> d
                           "failureThreshold": 6},
         "resources": {"requests": {"cpu": r.resources.cpu, "memory": r.resources.memory},
                       "limits": {"memory": r.resources.memory}},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *tenant_mounts],
         "securityContext": _container_security(),
     }
     pod_spec: dict[str, Any] = {
@@ -694,13 +719,15 @@ def build_router_deployment(names: Names, spec: LLMServiceSpec, image: str) -> d
         "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, *tenant_volumes],
         "terminationGracePeriodSeconds": 30,
         "topologySpreadConstraints": [{
             "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "ScheduleAnyway",
             "labelSelector": {"matchLabels": router_selector_labels(names.name)}}],
     }
+    if tenant_volumes:  # the Secret's files (0440) are then the router's group's to read
+        pod_spec["securityContext"]["fsGroup"] = USER_ID
     if spec.imagePullSecrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.imagePullSecrets]
     return with_hash({

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from llamafleet.common.contract import (
     ADAPTER_NAME_PATTERN,
     DEFAULT_EMBEDDED_MODEL,
+    TENANTS_SECRET_KEY,
     embedded_model,
     pod_service_name,
 )
@@ -226,6 +227,16 @@ class Auth(_M):
     apiKeySecretKey: str = Field("api-key", pattern=r"^[-._a-zA-Z0-9]+$")
 
 
+class TenantsSpec(_M):
+    """The tenants file (llamafleet.common.tenants): a Secret mounted into the pods and the
+    router, re-read within a second of a change (keys, priorities, limits)."""
+
+    secretName: str = Field(pattern=DNS_SUBDOMAIN.pattern, max_length=253)
+    secretKey: str = Field(TENANTS_SECRET_KEY, pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+    # The router holds requests beyond each replica's slots plus this (its priority queue).
+    maxQueuedPerReplica: int | None = Field(None, ge=0, le=10000)
+
+
 class LocalObjectReference(_M):
     name: str = Field(pattern=DNS_SUBDOMAIN.pattern, max_length=253)
 
@@ -329,6 +340,7 @@ class LLMServiceSpec(_M):
     networkPolicy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     podDisruptionBudget: PDBSpec = Field(default_factory=PDBSpec)
     auth: Auth = Field(default_factory=Auth)
+    tenants: TenantsSpec | None = None
     imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list)
     routing: Routing = Field(default_factory=Routing)
     scaling: Scaling | None = None

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from kubernetes.client import ApiClient
+from llamafleet.common import tenants as T
 from llamafleet.common.contract import router_env_name
 from llamafleet.common.errors import (
     BadRequest,
@@ -23,7 +24,9 @@ from llamafleet.common.errors import (
     NotReady,
     Overloaded,
     QueueFull,
+    RateLimited,
     ReplicaFailed,
+    Unauthorized,
     http_error,
     openai_body,
 )
@@ -38,10 +41,12 @@ from starlette.types import ASGIApp
 
 from .affinity import Affinity, _h64, adapter_keys, block_hashes, prompt_prefix
 from .discovery import SliceWatch
+from .hold_queue import HoldQueue, Waiter
 from .metrics import RouterMetrics
 from .replicas import PollPolicy, Pool, Replica, holding
 from .scaling import Scaler
 from .settings import RouterSettings
+from .tenancy import ADMIN_PATHS, BYTES_PER_TOKEN, ROUTER_SET, Charge, UsageTrailer, client_key
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +66,9 @@ PROXIED_PATHS = {"/info", "/metrics", "/tokenize", "/detokenize"}
 PROXIED_METHODS = {"GET", "POST", "DELETE", "PUT"}
 
 
-def error_response(err: LlamafleetError) -> JSONResponse:
+def error_response(err: LlamafleetError, anthropic: bool = False) -> JSONResponse:
     """The router's HTTP answer to a domain error (common.errors.http_error)."""
-    return JSONResponse(*http_error(err))
+    return JSONResponse(*http_error(err, anthropic=anthropic))
 
 
 class _Retry(Exception):
@@ -75,11 +80,13 @@ class _Left(Exception):
 
 
 class _Reservation:
-    """Bytes of request bodies counted against --max-buffered-bytes until released."""
+    """Bytes of request bodies counted against --max-buffered-bytes until released, and the
+    request's charge on its tenant's limits (released with it: concurrent requests)."""
 
     def __init__(self, router: Router, size: int):
         self.router, self.size = router, size
         router.buffered += size
+        self.charge: Charge | None = None
 
     def resize(self, size: int) -> None:
         self.router.buffered += size - self.size
@@ -88,6 +95,29 @@ class _Reservation:
     def release(self) -> None:
         self.router.buffered -= self.size
         self.size = 0
+        if self.charge is not None and self.charge.lease is not None:
+            self.charge.lease.release()
+
+    def settle(self, usage: tuple[int, int] | None, failed: bool) -> None:
+        """Charges the tenant what the answer cost (the replica's count) in place of the
+        estimate charged at admission: nothing for an error answer without a count, the
+        estimate for an answer cut short."""
+        c = self.charge
+        if c is None or c.done:
+            return
+        c.done = True
+        if usage is None:
+            if failed and c.lease is not None:
+                c.lease.charge(-c.estimate)
+            return
+        prompt, completion = usage
+        if c.lease is not None:
+            c.lease.charge(prompt + completion - c.estimate)
+        m = self.router.metrics
+        if prompt:
+            m.tenant_tokens.labels(c.tenant_label, "prompt").inc(prompt)
+        if completion:
+            m.tenant_tokens.labels(c.tenant_label, "completion").inc(completion)
 
 
 class _Answer(StreamingResponse):
@@ -132,8 +162,71 @@ class Router:
                          self.backend_headers)
         self.affinity = Affinity(settings.virtual_nodes, settings.load_factor,
                                  settings.affinity_entries)
-        self.held = 0
+        self.queue = HoldQueue()  # requests waiting for a usable replica
         self.buffered = 0  # bytes of request bodies held now (--max-buffered-bytes)
+        # Tenants (--tenants-file): keys, priorities and limits, counted here for the fleet.
+        self.tenants = T.load(settings.tenants_file) if settings.tenants_file else None
+        self.limiter = T.Limiter()
+
+    @property
+    def held(self) -> int:
+        """Requests waiting in the hold queue now."""
+        return len(self.queue)
+
+    # --- tenants ---------------------------------------------------------------------------
+    def identify(self, request: Request) -> T.Caller | None:
+        """The caller by its key when the router has a tenants file (None without one: the
+        replicas check keys). Unauthorized for a key that is neither a tenant's nor
+        --backend-api-key (the pods' own, which passes as it is: ``admin``)."""
+        if self.tenants is None:
+            return None
+        token = client_key(request.headers)
+        if token is not None:
+            given = token.encode("latin-1")
+            key = self.settings.backend_api_key
+            if key is not None and hmac.compare_digest(given, key.get_secret_value().encode()):
+                return T.Caller(admin=True)
+            if (entry := self.tenants.current().lookup(given)) is not None:
+                return T.Caller(entry.tenant, T.priority_of(
+                    entry, request.headers.get(T.OBJECTIVE_HEADER)))
+        how = "'x-api-key: <key>'" if request.url.path.rstrip("/") == "/v1/messages" \
+            else "'Authorization: Bearer <key>'"
+        raise Unauthorized(f"Incorrect API key provided. Pass it as {how}.")
+
+    def label(self, tenant: str) -> str:
+        return T.tenant_label(tenant, self.tenants.current() if self.tenants else None)
+
+    def admit(self, caller: T.Caller | None) -> Charge | None:
+        """The request's charge on its tenant's limits; RateLimited (429) beyond one."""
+        if caller is None:
+            return None
+        label = self.label(caller.tenant)
+        lease = None
+        if caller.tenant and self.tenants is not None:
+            limits = self.tenants.current().limits.get(caller.tenant, T.Limits())
+            try:
+                lease = self.limiter.admit(caller.tenant, limits)
+            except RateLimited as e:
+                self.metrics.tenant_rejected.labels(label, e.reason).inc()
+                raise
+        self.metrics.tenant_requests.labels(label).inc()
+        return Charge(lease, label)
+
+    def headers_for(self, request: Request, caller: T.Caller | None, path: str
+                    ) -> list[tuple[bytes, bytes]]:
+        """The headers sent on: the client's (hop-by-hop ones dropped). A tenant's request
+        goes with --backend-api-key in place of its key, and with its tenant and priority,
+        which the pods trust with their own key only (they then count no limits: the
+        router did), and asks for the answer's token count."""
+        headers = [(k, v) for k, v in request.scope["headers"] if k not in _DROP]
+        key = self.settings.backend_api_key
+        if caller is None or caller.admin or key is None or path.startswith(ADMIN_PATHS):
+            return headers
+        return [*((k, v) for k, v in headers if k not in ROUTER_SET),
+                (b"authorization", f"Bearer {key.get_secret_value()}".encode()),
+                (T.TENANT_HEADER.encode(), caller.tenant.encode()),
+                (T.PRIORITY_HEADER.encode(), str(caller.priority).encode()),
+                (T.USAGE_TRAILER_HEADER.encode(), b"1")]
 
     def is_operator(self, request: Request) -> bool:
         """The caller presented --backend-api-key (the pods' key): it may see replica URLs."""
@@ -160,34 +253,17 @@ class Router:
             return [_h64(key.encode("latin-1"))], model
         return (block_hashes(prompt_prefix(body), self.settings.block_chars) if body else []), model
 
-    async def choose(self, keys: list[int], tried: set[str], deadline: float,
-                     leaving: asyncio.Future, model: str | None = None) -> Replica:
-        """A usable replica this request has not tried; holds the request (bounded) while
-        there is none, until ``deadline`` or until the client leaves (_Left). When ``model``
-        names a LoRA adapter that some of them hold, one of those (any other would answer
-        404), by prefix under that adapter and load; when none holds it, any."""
-        candidates = [b for b in self.pool.ready() if b.url not in tried]
-        if not candidates:
-            if self.held >= self.settings.hold_queue_size:
-                self.metrics.refused.labels("queue_full").inc()
-                raise QueueFull(f"{self.held} requests are already waiting for a ready replica.")
-            self.held += 1
-            self.metrics.held.set(self.held)
-            try:
-                await self.pool.notify()  # the scaler (--llmservice) watches ``held``
-                waiting = asyncio.ensure_future(self._wait_for_ready(tried, deadline))
-                await asyncio.wait({waiting, leaving}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiting.done():  # the client left: its place is free at once
-                    waiting.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await waiting
-                    self.metrics.refused.labels("client_left").inc()
-                    raise _Left
-                candidates = waiting.result()
-            finally:
-                self.held -= 1
-                self.metrics.held.set(self.held)
-                await self.pool.notify()
+    def usable(self, tried: set[str]) -> list[Replica]:
+        """Ready replicas this request has not tried, and (with --max-queued-per-replica)
+        that are not saturated: fewer of our requests on them than their slots plus that."""
+        cap = self.settings.max_queued_per_replica
+        return [b for b in self.pool.ready() if b.url not in tried and
+                (cap is None or not b.slots or b.in_flight < b.slots + cap)]
+
+    def _claim(self, candidates: list[Replica], keys: list[int], model: str | None) -> Replica:
+        """The replica for a request among ``candidates`` (when ``model`` names a LoRA adapter
+        that some of them hold, one of those: any other would answer 404), by prefix under
+        that adapter and load; its request is counted on it at once."""
         if model and (holders := holding(candidates, model)):
             candidates, keys = holders, adapter_keys(model, keys)
         # The candidates themselves, not pool.replicas: a replica may leave the pool (its
@@ -197,19 +273,79 @@ class Router:
         url, hit = self.affinity.pick(keys, loads, lambda u: by_url[u].kv_use,
                                       lambda u: by_url[u].slots)
         self.metrics.affinity.labels("hit" if hit else "miss").inc()
-        return by_url[url]
+        replica = by_url[url]
+        replica.in_flight += 1
+        self.metrics.in_flight.labels(replica.id).inc()
+        return replica
 
-    async def _wait_for_ready(self, tried: set[str], deadline: float) -> list[Replica]:
-        async with self.pool.changed:
-            while True:
-                # Never one this request has tried: a replica that failed it once passes
-                # its next poll a second later and would fail it again.
-                ready = [b for b in self.pool.ready() if b.url not in tried]
-                if ready:
-                    return ready
-                left = deadline - time.monotonic()
-                if tried and not set(self.pool.replicas) - tried:
-                    left = 0  # every replica known has failed this request: none to wait for
+    def _unclaim(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        self.metrics.in_flight.labels(replica.id).dec()
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hands usable replicas to held requests: the highest priority first, tenants of one
+        priority in turn (HoldQueue.order)."""
+        if not len(self.queue):
+            return
+        for w in list(self.queue.order()):
+            if w.future.done():
+                continue
+            candidates = self.usable(w.tried)
+            if candidates:
+                keys, model = w.route
+                replica = self._claim(candidates, keys, model)
+                self.queue.served(w)
+                w.future.set_result(replica)
+        self.metrics.held.set(self.held)
+
+    def shed_for(self, priority: int) -> bool:
+        """Makes room in a full hold queue for a request of ``priority``: the lowest-priority
+        request held (of a lower priority) gets 429 now. False when there is none to shed."""
+        low = self.queue.lowest()
+        if low is None or low.priority >= priority:
+            return False
+        self.queue.remove(low)
+        self.metrics.refused.labels("shed").inc()
+        self.metrics.tenant_rejected.labels(self.label(low.tenant), "shed").inc()
+        low.future.set_exception(RateLimited(
+            "The router's hold queue is full and a request of a higher priority took this "
+            "request's place; retry shortly.", reason="shed", retry_after_s=1))
+        return True
+
+    async def choose(self, keys: list[int], tried: set[str], deadline: float,
+                     leaving: asyncio.Future, model: str | None = None,
+                     caller: T.Caller | None = None) -> Replica:
+        """A usable replica this request has not tried, counted as in flight on it; holds the
+        request (bounded) while there is none or others wait before it, until ``deadline``
+        or until the client leaves (_Left). Held requests go highest priority first, and
+        round robin by tenant within a priority."""
+        caller = caller or T.Caller()
+        started = time.monotonic()
+        label = self.label(caller.tenant) if self.tenants is not None else None
+        candidates = self.usable(tried)
+        if candidates and not len(self.queue):
+            if label is not None:
+                self.metrics.tenant_queue_wait.labels(label).observe(0)
+            return self._claim(candidates, keys, model)
+        if self.held >= self.settings.hold_queue_size and not self.shed_for(caller.priority):
+            self.metrics.refused.labels("queue_full").inc()
+            if label is not None:
+                self.metrics.tenant_rejected.labels(label, "queue_full").inc()
+            raise QueueFull(f"{self.held} requests are already waiting for a ready replica.")
+        w = Waiter(caller.priority, caller.tenant, tried,
+                   asyncio.get_running_loop().create_future())
+        w.route = (keys, model)
+        self.queue.push(w)
+        self.metrics.held.set(self.held)
+        replica: Replica | None = None
+        try:
+            await self.pool.notify()  # the scaler (--llmservice) watches ``held``
+            self.dispatch()
+            while not w.future.done():
+                # Every replica known has failed this request: none to wait for.
+                failed_all = tried and not set(self.pool.replicas) - tried
+                left = 0 if failed_all else deadline - time.monotonic()
                 if left <= 0:
                     self.metrics.refused.labels("replica_failed" if tried else "hold_timeout").inc()
                     if tried:
@@ -217,8 +353,36 @@ class Router:
                             f"The request failed on {len(tried)} replica(s) before any answer, "
                             "and no other replica was ready for it.")
                     raise NotReady(f"No replica became ready within {self.settings.hold_timeout:g} s.")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.pool.changed.wait(), left)
+                changed = asyncio.ensure_future(self._changed())
+                try:
+                    # At least every second: a replica's failure backoff ends without a poll.
+                    await asyncio.wait({w.future, leaving, changed}, timeout=min(left, 1.0),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if w.future.done():
+                    break
+                if leaving.done():  # the client left: its place is free at once
+                    self.metrics.refused.labels("client_left").inc()
+                    raise _Left
+                self.dispatch()
+            replica = w.future.result()  # RateLimited when shed
+            if label is not None:
+                self.metrics.tenant_queue_wait.labels(label).observe(time.monotonic() - started)
+            return replica
+        except BaseException:
+            if replica is None and w.future.done() and not w.future.cancelled() and \
+                    w.future.exception() is None:
+                self._unclaim(w.future.result())  # claimed for it as it gave up
+            raise
+        finally:
+            self.queue.remove(w)
+            self.metrics.held.set(self.held)
+            await self.pool.notify()
+
+    async def _changed(self) -> None:
+        async with self.pool.changed:
+            await self.pool.changed.wait()
 
     # --- proxying ----------------------------------------------------------------------
     def target(self, request: Request) -> str:
@@ -242,8 +406,11 @@ class Router:
         s = self.settings
         deadline = started + s.hold_timeout
         path = self.target(request)
+        caller = self.identify(request)  # 401 for an unknown key, with --tenants-file
         # Admission before the body is read: a refusal costs the router no body bytes.
-        if not self.pool.ready() and self.held >= s.hold_queue_size:
+        if not self.usable(set()) and self.held >= s.hold_queue_size and \
+                ((low := self.queue.lowest()) is None or
+                 low.priority >= (caller.priority if caller else 0)):
             self.metrics.refused.labels("queue_full").inc()
             raise QueueFull(f"{self.held} requests are already waiting for a ready replica.")
         length = declared_length(request.scope)
@@ -257,6 +424,7 @@ class Router:
                              f"({router_env_name('max_buffered_bytes')}); retry shortly.")
         reservation = _Reservation(self, size)
         try:
+            reservation.charge = self.admit(caller)  # 429 beyond the tenant's limits
             try:
                 raw = await read_body(request.receive, s.max_request_bytes,
                                       started + s.body_timeout,
@@ -265,14 +433,19 @@ class Router:
                 raise _Left from None
             request.state.body_read = True
             reservation.resize(len(raw))
+            if (charge := reservation.charge) is not None and charge.lease is not None:
+                # The prompt at admission, estimated; the replica's count replaces it.
+                charge.estimate = max(1, len(raw) // BYTES_PER_TOKEN)
+                charge.lease.charge(charge.estimate)
             keys, model = self.route_of(request, raw)
-            # The client's own Authorization goes through: replicas check the API key. Raw
-            # bytes: a header's value is not text (httpx would refuse a non-ASCII one).
-            headers = [(k, v) for k, v in request.scope["headers"] if k not in _DROP]
+            # The client's own Authorization goes through (replicas check the API key),
+            # unless the router named the tenant (headers_for). Raw bytes: a header's value
+            # is not text (httpx would refuse a non-ASCII one).
+            headers = self.headers_for(request, caller, path)
             leaving = asyncio.ensure_future(_disconnected(request.receive))
             try:
                 response = await self._send(request, keys, model, path, headers, raw,
-                                            started, deadline, leaving, reservation)
+                                            started, deadline, leaving, reservation, caller)
             finally:
                 leaving.cancel()
         except _Left:
@@ -286,13 +459,13 @@ class Router:
     async def _send(self, request: Request, keys: list[int], model: str | None, path: str,
                     headers: list[tuple[bytes, bytes]], raw: bytes, started: float,
                     deadline: float, leaving: asyncio.Future,
-                    reservation: _Reservation) -> Response:
+                    reservation: _Reservation, caller: T.Caller | None = None) -> Response:
         tried: set[str] = set()
         while True:
             if len(tried) >= self.settings.max_attempts:
                 raise ReplicaFailed(f"The request failed on {len(tried)} replicas before any "
                                     f"answer ({router_env_name('max_attempts')}).")
-            replica = await self.choose(keys, tried, deadline, leaving, model)
+            replica = await self.choose(keys, tried, deadline, leaving, model, caller)
             tried.add(replica.url)
             others = len(tried) < self.settings.max_attempts and \
                 any(b.url not in tried for b in self.pool.ready())
@@ -314,17 +487,14 @@ class Router:
         byte, never."""
         upstream_req = self.client.build_request(request.method, replica.url + path,
                                                  headers=headers, content=raw)
-        replica.in_flight += 1
-        self.metrics.in_flight.labels(replica.id).inc()
-        done = False
+        done = False  # choose() counted the request on the replica
 
         def finish(outcome: str) -> None:
             nonlocal done
             if not done:
                 done = True
-                replica.in_flight -= 1
-                self.metrics.in_flight.labels(replica.id).dec()
                 self.metrics.requests.labels(replica.id, outcome).inc()
+                self._unclaim(replica)  # its place may go to a held request
 
         upstream: httpx.Response | None = None
 
@@ -368,13 +538,16 @@ class Router:
         self.pool.answered(replica)
         self.metrics.ttft.observe(time.monotonic() - started)
         sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        counted = reservation.charge is not None
+        trailer = UsageTrailer() if counted and sse else None
+        usage = T.parse_usage(resp.headers.get(T.USAGE_HEADER, "")) if counted else None
 
         async def rest() -> AsyncIterator[bytes]:
             outcome = "ok" if resp.status_code < 400 else "error"
             gone = asyncio.ensure_future(lost.wait())
             try:
                 if head:
-                    yield head
+                    yield trailer.feed(head) if trailer is not None else head
                 while True:
                     # Each chunk, unless the poller gives the replica up first (a stream
                     # stopped mid-way would otherwise hold its client until --read-timeout).
@@ -388,7 +561,13 @@ class Router:
                     chunk = nxt.result()
                     if chunk is None:
                         break
+                    if trailer is not None:
+                        chunk = trailer.feed(chunk)
+                        if not chunk:
+                            continue
                     yield chunk
+                if trailer is not None and (tail := trailer.flush()):
+                    yield tail
             except httpx.HTTPError as e:
                 outcome = "broken"  # streaming began: never retried
                 log.warning("replica %s broke off an answer: %r", replica.url, e)
@@ -404,11 +583,14 @@ class Router:
                 gone.cancel()
                 await resp.aclose()
                 finish(outcome)
+                reservation.settle(trailer.usage() if trailer is not None else usage,
+                                   failed=resp.status_code >= 400)
                 reservation.release()
 
         async def cleanup() -> None:  # also when the stream never started (client gone)
             await resp.aclose()
             finish("cancelled")
+            reservation.settle(usage, failed=resp.status_code >= 400)
             reservation.release()
 
         answer = _Answer(rest(), resp.status_code, cleanup)
@@ -427,7 +609,8 @@ async def _disconnected(receive) -> None:
 
 def create_app(router: Router) -> ASGIApp:
     def refused(request: Request, e: LlamafleetError) -> Response:
-        answer = error_response(e)
+        # Anthropic's error shape on /v1/messages, as the pods answer there; else OpenAI's.
+        answer = error_response(e, anthropic=request.url.path.rstrip("/") == "/v1/messages")
         if not getattr(request.state, "body_read", False):
             answer.headers["Connection"] = "close"  # the body is never read
         return answer

@@ -6,6 +6,7 @@ from llamafleet.common.contract import MetricLabel as L
 from llamafleet.common.contract import RouterMetric as M
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # A pod's start: scheduling, image pull, model download and load (seconds to many minutes).
 COLD_START_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
@@ -51,3 +52,18 @@ class RouterMetrics:
             M.COLD_START,
             "From scaling the LLMService from 0 to 1 until the first replica was ready.",
             buckets=COLD_START_BUCKETS, registry=r)
+        # Per tenant (common.tenants): configured names, "-" (none) or "_unknown".
+        self.tenant_requests = Counter(
+            M.TENANT_REQUESTS, "Requests admitted by the tenants' limits, by tenant.",
+            [L.TENANT], registry=r)
+        self.tenant_tokens = Counter(
+            M.TENANT_TOKENS, "Tokens charged to each tenant as the replicas reported them "
+            "(kind: prompt, completion).", [L.TENANT, L.KIND], registry=r)
+        self.tenant_rejected = Counter(
+            M.TENANT_REJECTED, "Requests refused with 429, by tenant and reason "
+            "(requests_per_second, tokens_per_minute, concurrent_requests; shed = a held "
+            "request of the lowest priority that made room; queue_full).",
+            [L.TENANT, L.REASON], registry=r)
+        self.tenant_queue_wait = Histogram(
+            M.TENANT_QUEUE_WAIT, "Time held in the router's hold queue, by tenant (0 when "
+            "sent at once).", [L.TENANT], buckets=WAIT_BUCKETS, registry=r)

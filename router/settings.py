@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from llamafleet.common import tenants
 from llamafleet.common.contract import HTTP_PORT, ROUTER_ENV_PREFIX, ROUTER_PORT, env_name, router_env_name
 from llamafleet.common.http_limits import Limits
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -62,6 +63,24 @@ class RouterSettings(BaseSettings):
         ge=1,
         description="Requests that may wait for a ready replica at once; beyond it the "
         "router answers 429.",
+    )
+    max_queued_per_replica: int | None = Field(
+        None,
+        ge=0,
+        description="Hold requests in the router once a replica has this many of the "
+        "router's requests beyond its slots (its max batch size, from its /metrics): the "
+        "hold queue then orders them, highest priority first and tenants of one priority in "
+        "turn, instead of the replicas' own queues. Unset: send at once, hold only while no "
+        "replica is ready.",
+    )
+    tenants_file: Path | None = Field(
+        None,
+        description="The tenants file (YAML or JSON; the Secret that the LLMService's "
+        "spec.tenants.secretName names, mounted): keys that name tenants, with priorities "
+        "and limits that the router enforces for the fleet (429 rate_limit_exceeded). Re-read "
+        "within a second of a change; malformed: the router does not start, or on a reload "
+        "keeps the last good one. With it the router checks keys itself and sends tenants' "
+        "requests with --backend-api-key.",
     )
     # --- client reads (llamafleet.common.http_limits) ---------------------------------
     max_header_bytes: int = Field(
@@ -207,6 +226,13 @@ class RouterSettings(BaseSettings):
             raise ValueError("give exactly one of --backends URL,URL (fixed replicas) and "
                              "--llmservice NAME (discover them in Kubernetes)")
         return self
+
+    @field_validator("tenants_file")
+    @classmethod
+    def _tenants_readable(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            tenants.load(path)  # ValueError naming the entry and field: the router does not start
+        return path
 
     @model_validator(mode="after")
     def _bodies_fit(self) -> RouterSettings:

@@ -18,7 +18,8 @@ T = TypeVar("T")
 async def sse_response(frames: AsyncIterator[bytes], cancel: Callable[[], None], request: Request,
                        *, error_response: Callable[[LlamafleetError], Response],
                        error_frame: Callable[[LlamafleetError], bytes],
-                       last: bytes = b"") -> Response:
+                       last: bytes = b"", trailer: Callable[[], bytes] | None = None
+                       ) -> Response:
     """SSE ``frames``, then ``last``.
 
     The status line waits for the first frame, which comes with the generation's first
@@ -26,7 +27,8 @@ async def sse_response(frames: AsyncIterator[bytes], cancel: Callable[[], None],
     failed prefill) gets a plain error with its own status (``error_response``), a 503 that a
     router may retry elsewhere, instead of 200 and an error event. Normal requests lose
     nothing: until that frame there was nothing to send. An error after it is sent as
-    ``error_frame`` (the status line has gone)."""
+    ``error_frame`` (the status line has gone). ``trailer``: what to send after ``last`` (the
+    tokens the answer cost, for the router that asked for them)."""
     frames = aiter(frames)
     try:
         first = await unless_client_leaves(request, anext(frames))
@@ -51,6 +53,8 @@ async def sse_response(frames: AsyncIterator[bytes], cancel: Callable[[], None],
             cancel()  # client gone or done: free the sequence at the next step
         if last:
             yield last
+        if trailer is not None:
+            yield trailer()
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -134,7 +134,11 @@ def test_the_metric_names_are_the_ones_dashboards_read() -> None:
         "llamafleet_operator_autoscaler_average_load", "llamafleet_operator_autoscaler_held_requests",
         "llamafleet_operator_autoscaler_ready_pods", "llamafleet_operator_autoscaler_desired_replicas",
         "llamafleet_operator_autoscaler_max_replicas", "llamafleet_operator_autoscaler_decisions_total",
-        "llamafleet_operator_cold_start_seconds"}
+        "llamafleet_operator_cold_start_seconds",
+        "llamafleet_tenant_requests_total", "llamafleet_tenant_tokens_total",
+        "llamafleet_tenant_rejected_total", "llamafleet_tenant_queue_wait_seconds",
+        "llamafleet_router_tenant_requests_total", "llamafleet_router_tenant_tokens_total",
+        "llamafleet_router_tenant_rejected_total", "llamafleet_router_tenant_queue_wait_seconds"}
     assert C.SYSTEM_FINGERPRINT == "fp_llamafleet_0_1_0"
     assert C.router_env_name("max_attempts") == "LLM_LLAMA_SERVICE_ROUTER_MAX_ATTEMPTS"
     assert C.operator_env_name("resync_seconds") == "LLAMAFLEET_OPERATOR_RESYNC_SECONDS"

@@ -543,3 +543,26 @@ def test_an_expired_ca_is_replaced_at_once() -> None:
     new = certs.advance_ca(ca, "ca", validity=day, renew_before=day / 2, overlap=day / 10,
                            now=later)
     assert new.signer != ca.signer and new.phase == "" and new.bundle == new.signer.cert_pem
+
+
+def test_the_tenants_secret_is_mounted_whole_into_the_pods_and_the_router() -> None:
+    s = spec(replicas=2, tenants={"secretName": "team-tenants", "maxQueuedPerReplica": 2})
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    router = B.build_router_deployment(NAMES, s, "img:1")
+    for d, prefix in ((dep, C.ENV_PREFIX), (router, C.ROUTER_ENV_PREFIX)):
+        validate(d)
+        pod = d["spec"]["template"]["spec"]
+        assert {"name": "tenants", "secret": {"secretName": "team-tenants",
+                                              "defaultMode": 0o440}} in pod["volumes"]
+        # The whole Secret (no subPath): the kubelet's updates reach the file in place.
+        mount = {"name": "tenants", "mountPath": C.TENANTS_MOUNT_DIR, "readOnly": True}
+        assert mount in pod["containers"][0]["volumeMounts"]
+        assert pod["securityContext"]["fsGroup"] == C.USER_ID  # the 0440 files are readable
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env[prefix + "TENANTS_FILE"] == f"{C.TENANTS_MOUNT_DIR}/{C.TENANTS_SECRET_KEY}"
+    env = {e["name"]: e.get("value") for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[C.ROUTER_ENV_PREFIX + "MAX_QUEUED_PER_REPLICA"] == "2"
+    plain = B.build_router_deployment(NAMES, spec(replicas=2), "img:1")["spec"]["template"]["spec"]
+    assert [v["name"] for v in plain["volumes"]] == ["tmp"] and "fsGroup" not in plain["securityContext"]
+    with pytest.raises(SpecError, match="tenants"):
+        parse_spec(spec(tenants={"secretName": "Bad Name"}))

@@ -159,6 +159,7 @@ NAME = by_message("the name becomes the Service names")
 REPLICAS = by_message("the autoscaler owns replicas")
 MIN_MAX = by_message("minReplicas must not be above maxReplicas")
 HPA_ZERO = by_message("mode hpa cannot scale to zero")
+TENANTS_SECRET = by_message("secretName must be a Secret's name")
 ADAPTER_UNIQUE = by_message("each adapter name must be unique")
 ADAPTER_NAME = by_message("an adapter name is 1 to 128")
 ADAPTER_SOURCE = by_message("exactly one of source.pvc or source.url")
@@ -198,6 +199,9 @@ CASES = {
     "hpa from one": (service(scaling={"mode": "hpa", "minReplicas": 1, "maxReplicas": 4}), []),
     "hpa with the defaulted min": (service(scaling={"mode": "hpa", "maxReplicas": 4}), []),
     "hpa to zero": (service(scaling={"mode": "hpa", "minReplicas": 0, "maxReplicas": 4}), [HPA_ZERO]),
+    "tenants Secret": (service(tenants={"secretName": "team-a.tenants"}), []),
+    "tenants Secret with capitals": (service(tenants={"secretName": "Tenants"}), [TENANTS_SECRET]),
+    "tenants Secret with a slash": (service(tenants={"secretName": "a/b"}), [TENANTS_SECRET]),
     "adapters": (service(adapters=[adapter("sql"), adapter("org/chat-v1.2:q4", url=URL)]), []),
     "no adapters": (service(adapters=[]), []),
     "adapter names repeated": (service(adapters=[adapter("sql"), adapter("sql", url=URL)]),

@@ -121,3 +121,32 @@ class ScriptedPod:
         for gate in self.backend.gates.values():
             gate.set()
         self.engine.stop()
+
+
+class ServedPod:
+    """A :class:`ScriptedPod`'s app on a loopback port (uvicorn in a thread of its own), for
+    tests that need a real HTTP replica without a model (the router in front of it)."""
+
+    def __init__(self, pod: ScriptedPod):
+        import asyncio
+
+        import uvicorn
+
+        from tests.support.servers import free_port, wait_until
+
+        self.pod, self.port = pod, free_port()
+        self.server = uvicorn.Server(uvicorn.Config(pod.app, host="127.0.0.1", port=self.port,
+                                                    log_config=None, lifespan="off"))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()),
+                                       name="served-pod", daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.pod.close()
