@@ -19,7 +19,7 @@ free).
 Tenants and priorities: waiting requests are admitted by priority, then fairly among tenants
 (:mod:`llamafleet.inference.admission`). When a tenant below its fair share of the slots
 waits while another holds more than its share, the engine preempts that tenant's youngest
-decoding sequence (of no higher priority, never a seeded one): its cells go to the host
+sequence (of no higher priority, never a seeded one): its cells go to the host
 prompt cache (and stay in its freed slot until reused), it waits at the head of its tenant's
 line, and when admitted again it decodes what the cache no longer holds and goes on where it
 stopped, its sampler and text untouched. Without tenants nothing is preempted.
@@ -710,9 +710,9 @@ class Engine:
     def _preempt_for_fair_share(self) -> None:
         """Every slot is taken. If the request admitted next belongs to a tenant below its
         fair share while another tenant holds more than its share, free one slot: the youngest
-        decoding sequence of the most served such tenant, of no higher priority than the
-        waiting request, never a seeded one (its cells would be computed again in another
-        batch shape, and it must reproduce)."""
+        sequence (prefilling or decoding) of the most served such tenant, of no higher
+        priority than the waiting request, never a seeded one (its cells would be computed
+        again in another batch shape, and it must reproduce)."""
         nxt = self._waiting.peek()
         if nxt is None:
             return
@@ -722,7 +722,7 @@ class Engine:
         if tenants.get(req.tenant, 0) >= share:
             return
         victims = [s for s in self._running
-                   if s.state is DECODE and s.req.tenant != req.tenant
+                   if s.req.tenant != req.tenant
                    and tenants[s.req.tenant] > share and s.req.priority <= req.priority
                    and s.req.params.seed is None]
         if victims:
@@ -731,6 +731,7 @@ class Engine:
 
     def _preempt(self, seq: _Sequence) -> None:
         self._leave(seq)
+        seq.follows = False
         tokens = seq.kv_tokens()
         self.cache.saved_prompt(seq.slot, tokens, True, seq.req.adapters)  # to host RAM
         self.cache.release(seq.slot, tokens, seq.req.adapters)
@@ -739,8 +740,10 @@ class Engine:
         self._waiting.put_front(_Parked(seq))
 
     def _resume(self, seq: _Sequence) -> None:
-        """A preempted sequence is admitted again: it decodes its prompt and generated tokens
-        from what the cache still holds, then goes on with its sampled next token."""
+        """A preempted sequence is admitted again. One preempted while prefilling goes on with
+        its prompt from what the cache still holds; one that had sampled (DECODE, or RESUME
+        again) decodes its prompt and generated tokens from there, then goes on with its
+        sampled next token."""
         req = seq.req
         if req.cancelled.is_set():
             self.observer.on_finish(req, len(req.prompt), seq.completion_tokens)
@@ -748,9 +751,12 @@ class Engine:
             seq.state = DONE
             self._emit(req, Finished("cancelled", len(req.prompt), seq.completion_tokens))
             return
-        seq.resume = list(req.prompt) + seq.generated
-        seq.slot, seq.n_past = self.cache.take(seq.resume, adapters=req.adapters)
-        seq.state = RESUME
+        if seq.state is PREFILL:
+            seq.slot, seq.n_past = self.cache.take(req.prompt, adapters=req.adapters)
+        else:
+            seq.resume = list(req.prompt) + seq.generated
+            seq.slot, seq.n_past = self.cache.take(seq.resume, adapters=req.adapters)
+            seq.state = RESUME
         self._join(seq)
 
     def _step(self) -> None:

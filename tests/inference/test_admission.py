@@ -192,3 +192,32 @@ def test_without_tenants_nothing_is_preempted() -> None:
         assert c.done.wait(20)
     eng.stop()
     assert eng.preemptions == 0
+
+
+def test_a_prefilling_sequence_is_preempted_too_and_prefills_again() -> None:
+    """Tenant a's two long prompts are still prefilling (8 batch tokens a step) when b's
+    request comes: one of them gives way at once, and later finishes its prompt and its
+    tokens as if nothing happened."""
+    be = FakeBackend()
+    eng = make_engine(be, max_batch_size=2, queue_size=8, context_size=512)
+    order = Order()
+    a = [order.collector(f"a{i}") for i in range(2)]
+    be.gate = gate = StepGate(2)
+    for i, c in enumerate(a):
+        eng.submit(request(list(range(100 * (i + 1), 100 * (i + 1) + 40)), c, 5, tenant="a"))
+    assert gate.held.wait(5)
+    assert eng.running == 2 and not any(len(c.events) > 1 for c in a)  # both prefilling
+    b = order.collector("b")
+    eng.submit(request([40, 41], b, 3, tenant="b"))
+    gate.set()
+    for c in (b, *a):
+        assert c.done.wait(20)
+    eng.stop()
+    assert order.first("Finished")[0] == "b" and eng.preemptions >= 1
+    # b started before either a had a token: it took a prefilling sequence's slot.
+    assert order.log.index(("b", "Started")) < min(
+        order.log.index((n, "TextDelta")) for n in ("a0", "a1"))
+    for i, c in enumerate(a):
+        first = 100 * (i + 1) + 40
+        assert c.final == Finished("length", 40, 5)
+        assert c.text == "".join(f"{t} " for t in range(first, first + 5))
