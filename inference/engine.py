@@ -292,6 +292,10 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)  # sampled tokens now in the KV cache
     passed_over: int = 0  # PREFILL: steps in a row that left it no budget (build_batch)
     follows: bool = False  # PREFILL: waits for another sequence's prefill of its prefix
+    # PREFILL: admitted below its tenant's fair share while other tenants run: its prompt
+    # takes a step's prefill budget alone (build_batch), so its first token is not held by
+    # the other tenants' prompt chunks.
+    hurry: bool = False
     held: list[TextDelta] = field(default_factory=list)  # not streamed: sent at the end
     resume: list[int] | None = None  # RESUME: prompt + generated, to be in the KV cache
 
@@ -349,7 +353,8 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     prefill, and gets its first token in this step instead of waiting behind another
     request's long prompt (the long one takes what is left of the budget). A prefill left
     without budget counts the step (``passed_over``); after PASSED_OVER_MAX such steps it
-    goes first."""
+    goes first. A ``hurry`` prompt (another tenant's newcomer, see ``_Sequence``) goes before
+    them all, and while one prefills no other prompt gets a chunk."""
     decoding = sum(1 for s in running if s.state is DECODE)
     budget = n_batch - decoding
     if prefill_budget is not None:
@@ -357,11 +362,12 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
     # first: a stream of short prompts never starves a long one.
     prefilling = sorted((s for s in running if s.state is not DECODE and not s.follows),
-                        key=lambda s: (s.passed_over < PASSED_OVER_MAX,
+                        key=lambda s: (not s.hurry, s.passed_over < PASSED_OVER_MAX,
                                        len(s.pending()) - s.n_past))
+    hurry = bool(prefilling) and prefilling[0].hurry
     takes: dict[int, int] = {}
     for seq in prefilling:
-        if budget <= 0:
+        if budget <= 0 or (hurry and not seq.hurry):
             seq.passed_over += 1
             continue
         seq.passed_over = 0
@@ -682,6 +688,9 @@ class Engine:
             slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None,
                                            adapters=req.adapters)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
+            tenants = self._tenants
+            seq.hurry = bool(tenants.keys() - {req.tenant}) and tenants.get(req.tenant, 0) < \
+                fair_share(self.max_batch_size, len(tenants.keys() | {req.tenant}))
             self._join(seq)
             self._emit(req, Started(time.monotonic() - req.enqueued_at))
         return True

@@ -369,6 +369,22 @@ def test_prefill_budget_bounds_prompt_tokens_of_a_step() -> None:
     assert len(build_batch([_seq(0, list(range(100, 140)))], n_batch=32).tokens) == 32
 
 
+def test_a_hurried_prompt_takes_the_prefill_budget_alone() -> None:
+    """Another tenant's newcomer (``hurry``) prefills first, even when longer, and no other
+    prompt gets a chunk beside it: its first token is not held by them."""
+    from llamafleet.inference.engine import build_batch
+
+    short = _seq(0, [50, 51])
+    newcomer = _seq(1, list(range(60, 66)))
+    newcomer.hurry = True
+    dec = _seq(2, [1, 2], n_past=3, next_token=7)
+    b = build_batch([short, newcomer, dec], n_batch=32)
+    assert b.advance == [(newcomer, 6), (dec, 1)]
+    assert short.passed_over == 1
+    newcomer.state = dec.state  # prefilled: the others' prompts go on
+    assert build_batch([short, newcomer, dec], n_batch=32).advance[0] == (short, 2)
+
+
 def test_batch_samples_where_a_prompt_ends_and_leaves_finished_sequences_out() -> None:
     from llamafleet.inference.engine import DONE, build_batch
 
