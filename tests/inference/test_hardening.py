@@ -369,10 +369,10 @@ def test_clients_that_gave_up_do_not_hold_queue_places(guarded) -> None:
             with send_request(guarded.url, CHAT, body, AUTH):  # the quitter
                 wait_until(lambda: engine.queued == 1)
             # The quitter's request is cancelled but still waits: the queue looks full.
-            wait_until(lambda: all(r.cancelled.is_set() for r in list(engine._waiting.queue)))
+            wait_until(lambda: all(r.cancelled.is_set() for r in engine._waiting.snapshot()))
             with send_request(guarded.url, CHAT, body, AUTH):  # admitted: the cancelled one was purged
                 wait_until(lambda: engine.queued == 1 and
-                           not any(r.cancelled.is_set() for r in list(engine._waiting.queue)))
+                           not any(r.cancelled.is_set() for r in engine._waiting.snapshot()))
                 r = h.post(guarded.url + CHAT, json={**body, "stream": False})
                 assert r.status_code == 503  # the live one does count
 
@@ -402,7 +402,7 @@ def test_load_gauges_read_zero_once_idle(guarded) -> None:
                 assert busy["llamafleet_kv_cache_cells_used"] > 0
                 assert 0 < busy["llamafleet_kv_cache_utilization"] <= 1
             # The waiting client leaves first, then the running one: no step follows.
-            wait_until(lambda: all(r.cancelled.is_set() for r in list(engine._waiting.queue)))
+            wait_until(lambda: all(r.cancelled.is_set() for r in engine._waiting.snapshot()))
     wait_until(lambda: engine.running == 0 and engine.queued == 0)
     assert load_gauges(guarded.url) == {
         "llamafleet_queue_depth": 0, "llamafleet_running_sequences": 0,

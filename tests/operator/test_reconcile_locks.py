@@ -20,7 +20,7 @@ def memo(monkeypatch) -> kopf.Memo:
     """The memo as the operator's startup handler fills it (the Kubernetes client is not
     used here: no API server is asked anything)."""
     monkeypatch.setattr(runtime, "api_client", lambda settings: None)
-    monkeypatch.setattr(runtime, "DynamicClient", lambda client: object())
+    monkeypatch.setattr(runtime, "DynamicClient", lambda client, **kw: object())
     memo = kopf.Memo()
     memo.settings = OperatorSettings()
     handlers.startup(settings=kopf.OperatorSettings(), memo=memo)
