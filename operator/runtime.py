@@ -15,6 +15,7 @@ import kopf
 from kubernetes import config as k8s_config
 from kubernetes.client import ApiClient
 from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.discovery import LazyDiscoverer
 
 from . import metrics
 from .settings import OperatorSettings
@@ -34,7 +35,8 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     # address offered (another cluster, or a test's emulator on a reused port) and miss a CRD
     # installed since, or see one that is gone.
     cache = Path(tempfile.mkdtemp(prefix="llamafleet-operator-")) / "discovery.json"
-    memo.dyn = DynamicClient(api_client(memo.settings), cache_file=str(cache))
+    memo.dyn = DynamicClient(api_client(memo.settings), cache_file=str(cache),
+                             discoverer=ThreadSafeDiscoverer)
     memo.locks = KeyedLocks()
     # Series of an LLMService that no round refreshed for three rounds are gone (deleted, or
     # no longer scaled by the builtin autoscaler).
@@ -42,6 +44,27 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         conditions_ttl=3 * memo.settings.resync_seconds + 60,
         autoscaler_ttl=3 * memo.settings.autoscale_interval + 60)
     metrics.serve(memo.metrics, memo.settings.metrics_port, memo.settings.metrics_host)
+
+
+class ThreadSafeDiscoverer(LazyDiscoverer):
+    """The Kubernetes client's discoverer, one lookup at a time.
+
+    On a miss (a kind the cluster does not serve, such as a CRD not installed) the client
+    rebuilds its whole cache in place; two of kopf's handler threads doing so at once
+    corrupt it (``KeyError: 'resources'``), and the handler that hit it then waits out
+    kopf's error backoff. Lookups are cheap once cached, so one lock costs nothing."""
+
+    def __init__(self, client, cache_file):
+        self._lock = threading.RLock()
+        super().__init__(client, cache_file)
+
+    def search(self, **kwargs):
+        with self._lock:
+            return super().search(**kwargs)
+
+    def invalidate_cache(self) -> None:
+        with self._lock:
+            super().invalidate_cache()
 
 
 def api_client(settings: OperatorSettings) -> ApiClient:
