@@ -138,7 +138,7 @@ def main() -> int:
                 "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
                 "--metrics-port", "0", "--context-size", str(a.context),
                 "--max-batch-size", str(a.max_batch_size), "--threads", str(a.threads),
-                "--api-key", POD_KEY, "--tenants-file", str(tenants), "--log-level", "warning"],
+                "--api-key", POD_KEY, "--tenants-file", str(tenants), "--log-level", "info", "--log-format", "json"],
                 pod_url, a.out / "tenant-fairness-pod.log", admin))
             stack.enter_context(running([
                 str(VENV_BIN / "llamafleet"), "router", "--backends", pod_url,

@@ -354,7 +354,8 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     request's long prompt (the long one takes what is left of the budget). A prefill left
     without budget counts the step (``passed_over``); after PASSED_OVER_MAX such steps it
     goes first. A ``hurry`` prompt (another tenant's newcomer, see ``_Sequence``) goes before
-    them all, and while one prefills no other prompt gets a chunk."""
+    them all, and while one prefills no other prompt gets a chunk; its last chunk goes
+    without the decoding sequences too."""
     decoding = sum(1 for s in running if s.state is DECODE)
     budget = n_batch - decoding
     if prefill_budget is not None:
@@ -374,9 +375,17 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
         take = min(budget, len(seq.pending()) - seq.n_past)
         takes[id(seq)] = take
         budget -= take
+    # A hurried prompt that ends in this step goes alone: beside it, the other tenants'
+    # decoding tokens make the step that yields its first token longer (four streams of
+    # the default model on a 2-core CPU nearly double a short prompt's step). They wait
+    # this one step, bounded by the prefill budget; a longer prompt's earlier chunks keep
+    # them company.
+    alone = hurry and takes.get(id(first := prefilling[0])) == len(first.pending()) - first.n_past
     b = Batch()
     for seq in running:
         if seq.state is DECODE:
+            if alone:
+                continue
             b.sample.append((seq, len(b.tokens)))
             b.advance.append((seq, 1))
             b.tokens.append(seq.next_token)

@@ -371,16 +371,21 @@ def test_prefill_budget_bounds_prompt_tokens_of_a_step() -> None:
 
 def test_a_hurried_prompt_takes_the_prefill_budget_alone() -> None:
     """Another tenant's newcomer (``hurry``) prefills first, even when longer, and no other
-    prompt gets a chunk beside it: its first token is not held by them."""
+    prompt gets a chunk beside it, nor (in its last chunk) any decoding token: its first
+    token is not held by them."""
     from llamafleet.inference.engine import build_batch
 
     short = _seq(0, [50, 51])
     newcomer = _seq(1, list(range(60, 66)))
     newcomer.hurry = True
     dec = _seq(2, [1, 2], n_past=3, next_token=7)
+    # Its last chunk goes without the decoding sequence too (a step as short as alone).
     b = build_batch([short, newcomer, dec], n_batch=32)
-    assert b.advance == [(newcomer, 6), (dec, 1)]
+    assert b.advance == [(newcomer, 6)] and b.sample == [(newcomer, 5)]
     assert short.passed_over == 1
+    # An earlier chunk of a longer one keeps the decoding sequences company.
+    assert build_batch([short, newcomer, dec], n_batch=32, prefill_budget=4).advance == [
+        (newcomer, 4), (dec, 1)]
     newcomer.state = dec.state  # prefilled: the others' prompts go on
     assert build_batch([short, newcomer, dec], n_batch=32).advance[0] == (short, 2)
 
