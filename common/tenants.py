@@ -39,9 +39,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator
 
 from .errors import RateLimited
 
@@ -266,6 +267,17 @@ def load(path: str | Path) -> TenantFile:
         raise ValueError(f"tenants file {path}: {e.strerror or e}") from None
     except TenantConfigError as e:
         raise ValueError(f"tenants file {path} is malformed: {e}") from None
+
+
+def _checked(path: Path | None) -> Path | None:
+    if path is not None:
+        load(path)  # ValueError naming the entry and field: the process does not start
+    return path
+
+
+# A settings field: the pod's and the router's tenants file, read once at start to refuse a
+# missing or malformed one before anything listens.
+TenantsPath = Annotated[Path | None, AfterValidator(_checked)]
 
 
 # --- the caller of one request ----------------------------------------------------------

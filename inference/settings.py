@@ -225,7 +225,7 @@ class Settings(BaseSettings):
         None, description="Bearer key required on /v1/*, /info and /metrics of the HTTP port "
         "when set (/health and /ready stay open for probes)."
     )
-    tenants_file: Path | None = Field(
+    tenants_file: tenants.TenantsPath = Field(
         None, description="The tenants file (YAML or JSON; a Secret mounted as a volume): API "
         "keys that name tenants, each with an optional priority, limits (requests per second, "
         "tokens per minute, concurrent requests) and GIE objective priorities. Re-read within "
@@ -313,13 +313,6 @@ class Settings(BaseSettings):
     def lora(self) -> list[tuple[str, Path, float]]:
         """The start-up adapters as (name, path, scale)."""
         return [parse_spec(spec) for spec in self.lora_adapters]
-
-    @field_validator("tenants_file")
-    @classmethod
-    def _tenants_readable(cls, path: Path | None) -> Path | None:
-        if path is not None:
-            tenants.load(path)  # ValueError naming the entry and field: the pod does not start
-        return path
 
     @field_validator("embedded_model")
     @classmethod

@@ -73,7 +73,7 @@ class RouterSettings(BaseSettings):
         "turn, instead of the replicas' own queues. Unset: send at once, hold only while no "
         "replica is ready.",
     )
-    tenants_file: Path | None = Field(
+    tenants_file: tenants.TenantsPath = Field(
         None,
         description="The tenants file (YAML or JSON; the Secret that the LLMService's "
         "spec.tenants.secretName names, mounted): keys that name tenants, with priorities "
@@ -226,13 +226,6 @@ class RouterSettings(BaseSettings):
             raise ValueError("give exactly one of --backends URL,URL (fixed replicas) and "
                              "--llmservice NAME (discover them in Kubernetes)")
         return self
-
-    @field_validator("tenants_file")
-    @classmethod
-    def _tenants_readable(cls, path: Path | None) -> Path | None:
-        if path is not None:
-            tenants.load(path)  # ValueError naming the entry and field: the router does not start
-        return path
 
     @model_validator(mode="after")
     def _bodies_fit(self) -> RouterSettings:
