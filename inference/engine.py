@@ -356,8 +356,14 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     goes first. A ``hurry`` prompt (another tenant's newcomer, see ``_Sequence``) goes before
     them all, and while one prefills no other prompt gets a chunk; its last chunk goes
     without the decoding sequences too."""
-    decoding = sum(1 for s in running if s.state is DECODE)
-    budget = n_batch - decoding
+    decoding = [s for s in running if s.state is DECODE]
+    if len(decoding) == len(running):  # a pure decode step (most steps): columns at once
+        b = Batch(tokens=[s.next_token for s in decoding], pos=[s.n_past for s in decoding],
+                  seqs=[s.slot for s in decoding], logits=[True] * len(decoding),
+                  advance=[(s, 1) for s in decoding])
+        b.sample = list(zip(decoding, range(len(decoding)), strict=True))
+        return b
+    budget = n_batch - len(decoding)
     if prefill_budget is not None:
         budget = min(budget, prefill_budget)
     # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes

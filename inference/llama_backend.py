@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -166,6 +166,10 @@ class LlamaBackend:
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, not {kv_layout!r}")
         self.model = model
+        # The model's own (cached) lookups, bound here: the engine calls them for every
+        # sequence every step, and a forwarding method is one more Python frame each time.
+        self.token_bytes: Callable[[int], bytes] = model.token_bytes
+        self.is_eog: Callable[[int], bool] = model.is_eog
         self.n_batch = n_batch
         self.kv_layout = kv_layout
         params = C.llama_context_default_params()
@@ -369,12 +373,6 @@ class LlamaBackend:
         row = C.llama_get_logits_ith(self.ctx, batch_index)
         logits = np.ctypeslib.as_array(row, shape=(self.model.n_vocab,))
         return int(logits.size - np.count_nonzero(np.isfinite(logits)))
-
-    def token_bytes(self, token: int) -> bytes:
-        return self.model.token_bytes(token)
-
-    def is_eog(self, token: int) -> bool:
-        return self.model.is_eog(token)
 
     def clear_sequence(self, seq_id: int) -> None:
         C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
