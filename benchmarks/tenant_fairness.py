@@ -4,11 +4,12 @@ One `llamafleet serve` (the default embedded model, `--max-batch-size 4`) behind
 router`, both with one tenants file: tenant A and tenant B, equal priority, no limits. First
 B alone sends one streaming request at a time (its TTFT alone); then A keeps 12 streams open
 (each loop sends its next request as soon as the last one ends) while B again sends one at a
-time. The figure: B's TTFT p50 under A's flood over B's TTFT p50 alone. The engine shares
+time (``--rounds N``: N such pairs, each phase's samples pooled). The figure: B's TTFT p50
+under A's flood over B's TTFT p50 alone. The engine shares
 its slots among tenants of equal priority, and with `--router-queue N` the router holds
 requests beyond each replica's slots plus N and serves its hold queue tenant by tenant.
 
-    .venv/bin/python benchmarks/tenant_fairness.py    # writes benchmarks/results/tenant-fairness-*.json
+    .venv/bin/python benchmarks/tenant_fairness.py --rounds 3  # writes benchmarks/results/tenant-fairness-*.json
 """
 
 from __future__ import annotations
@@ -91,17 +92,30 @@ async def flood(url: str, key: str, model: str, streams: int, max_tokens: int,
 
 
 async def measure(url: str, model: str, a: argparse.Namespace) -> dict:
-    alone = await sequential(url, KEYS["B"], model, a.b_requests, a.b_max_tokens)
-    stop = asyncio.Event()
-    flooding = asyncio.ensure_future(flood(url, KEYS["A"], model, a.a_streams, a.a_max_tokens, stop))
-    # Let the flood fill the pod (every slot and the queue) before B starts.
-    await asyncio.sleep(a.warmup_s)
-    t0 = time.perf_counter()
-    under = await sequential(url, KEYS["B"], model, a.b_requests, a.b_max_tokens)
-    b_wall = time.perf_counter() - t0
-    stop.set()
-    a_samples = await flooding
+    """``a.rounds`` times: B alone, then B under A's flood. The p50s pool every round's
+    samples of a phase, so a slow spell of the machine weighs on both phases alike."""
+    alone: list[bench.Sample] = []
+    under: list[bench.Sample] = []
+    a_samples: list[bench.Sample] = []
+    ratios, b_wall = [], 0.0
+    for _ in range(a.rounds):
+        alone_round = await sequential(url, KEYS["B"], model, a.b_requests, a.b_max_tokens)
+        stop = asyncio.Event()
+        flooding = asyncio.ensure_future(
+            flood(url, KEYS["A"], model, a.a_streams, a.a_max_tokens, stop))
+        # Let the flood fill the pod (every slot and the queue) before B starts.
+        await asyncio.sleep(a.warmup_s)
+        t0 = time.perf_counter()
+        under_round = await sequential(url, KEYS["B"], model, a.b_requests, a.b_max_tokens)
+        b_wall += time.perf_counter() - t0
+        stop.set()
+        a_samples += await flooding
+        ratio = [summary(r)["ttft_p50_s"] for r in (under_round, alone_round)]
+        ratios.append(round(ratio[0] / ratio[1], 3) if all(ratio) else None)
+        alone += alone_round
+        under += under_round
     return {"b_alone": summary(alone), "b_under_flood": summary(under),
+            "b_ttft_p50_ratio_by_round": ratios,
             "b_under_flood_wall_s": round(b_wall, 2), "a_flood": {
                 k: v for k, v in summary(a_samples).items() if k != "ttfts_s"}}
 
@@ -121,6 +135,10 @@ def main() -> int:
     ap.add_argument("--router-queue", type=int, default=None,
                     help="router --max-queued-per-replica (unset: the router sends at once and "
                     "the engine's queue orders the requests)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alone-then-flood rounds; the p50s pool all rounds")
+    ap.add_argument("--pod-log-level", default="warning",
+                    help="info logs each request's TTFT at the pod (in the pod's log)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
 
@@ -138,7 +156,8 @@ def main() -> int:
                 "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
                 "--metrics-port", "0", "--context-size", str(a.context),
                 "--max-batch-size", str(a.max_batch_size), "--threads", str(a.threads),
-                "--api-key", POD_KEY, "--tenants-file", str(tenants), "--log-level", "info", "--log-format", "json"],
+                "--api-key", POD_KEY, "--tenants-file", str(tenants), "--log-level", a.pod_log_level,
+                "--log-format", "json"],
                 pod_url, a.out / "tenant-fairness-pod.log", admin))
             stack.enter_context(running([
                 str(VENV_BIN / "llamafleet"), "router", "--backends", pod_url,
@@ -166,6 +185,7 @@ def main() -> int:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({"b_ttft_p50_alone_s": alone, "b_ttft_p50_under_flood_s": under,
                       "ratio": record["b_ttft_p50_ratio"],
+                      "ratio_by_round": result["b_ttft_p50_ratio_by_round"],
                       "b_failed": result["b_under_flood"]["failed"],
                       "a_completed": result["a_flood"]["completed"]}, indent=1), file=sys.stderr)
     print(f"wrote {path}")
