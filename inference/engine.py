@@ -330,13 +330,14 @@ class Batch:
     logits: list[bool] = field(default_factory=list)
     advance: list[tuple[_Sequence, int]] = field(default_factory=list)
     sample: list[tuple[_Sequence, int]] = field(default_factory=list)
+    alone: bool = False  # decoding sequences were left out for a hurried prompt
 
 
 PASSED_OVER_MAX = 4  # steps a prefill may get no budget before it goes first
 
 
 def build_batch(running: Sequence[_Sequence], n_batch: int,
-                prefill_budget: int | None = None) -> Batch:
+                prefill_budget: int | None = None, alone_ok: bool = True) -> Batch:
     """Every decoding sequence's next token, and prompt chunks of prefilling sequences,
     shortest remaining prompt first, within ``n_batch`` tokens and ``prefill_budget`` prompt
     tokens (chunked prefill: a long prompt never holds the running streams, or a request that
@@ -355,7 +356,9 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     without budget counts the step (``passed_over``); after PASSED_OVER_MAX such steps it
     goes first. A ``hurry`` prompt (another tenant's newcomer, see ``_Sequence``) goes before
     them all, and while one prefills no other prompt gets a chunk; its last chunk goes
-    without the decoding sequences too."""
+    without the decoding sequences too, unless ``alone_ok`` is False (the engine's previous
+    step went so: decoding sequences never miss two steps in a row, however many tenants'
+    newcomers arrive)."""
     decoding = [s for s in running if s.state is DECODE]
     if len(decoding) == len(running):  # a pure decode step (most steps): columns at once
         b = Batch(tokens=[s.next_token for s in decoding], pos=[s.n_past for s in decoding],
@@ -386,8 +389,9 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     # the default model on a 2-core CPU nearly double a short prompt's step). They wait
     # this one step, bounded by the prefill budget; a longer prompt's earlier chunks keep
     # them company.
-    alone = hurry and takes.get(id(first := prefilling[0])) == len(first.pending()) - first.n_past
-    b = Batch()
+    first = prefilling[0] if prefilling else None
+    alone = hurry and alone_ok and takes.get(id(first)) == len(first.pending()) - first.n_past
+    b = Batch(alone=alone and bool(decoding))
     for seq in running:
         if seq.state is DECODE:
             if alone:
@@ -465,6 +469,7 @@ class Engine:
         self._sets: dict[tuple, int] = {}
         self._served: dict[tuple, int] = {}
         self._turns = 0
+        self._alone_last = False  # the last step left the decoding sequences out
         self._adapters: tuple | None = ()  # None: unknown (a change failed)
         # Work for the engine thread between steps (Engine.call).
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
@@ -798,7 +803,9 @@ class Engine:
             for seq in group:
                 self._fail(seq, InternalError(f"could not set the adapters: {e}"))
             return
-        batch = build_batch(group, self.backend.n_batch, self.prefill_budget())
+        batch = build_batch(group, self.backend.n_batch, self.prefill_budget(),
+                            alone_ok=not self._alone_last)
+        self._alone_last = batch.alone
         # KV cells in use, from our own bookkeeping (asking llama.cpp per sequence each step
         # cost a measurable share of a 7 ms step).
         kv_tokens = sum(s.n_past for s in self._running) + self.cache.cached_tokens()

@@ -4,6 +4,7 @@ flooding one, whose preempted sequence resumes where it stopped)."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 from llamafleet.inference.admission import FairQueue, fair_share
@@ -221,3 +222,30 @@ def test_a_prefilling_sequence_is_preempted_too_and_prefills_again() -> None:
         first = 100 * (i + 1) + 40
         assert c.final == Finished("length", 40, 5)
         assert c.text == "".join(f"{t} " for t in range(first, first + 5))
+
+
+def test_newcomers_of_many_tenants_never_hold_a_decoding_sequence_two_steps() -> None:
+    """Each newcomer of another tenant is hurried, and its last prompt chunk goes without the
+    decoding sequences; with a newcomer in every step, tenant a's stream would stop. It
+    misses at most one step in two."""
+    be = FakeBackend()
+    eng = make_engine(be, max_batch_size=2, queue_size=16, context_size=512)
+    a = Collector()
+    be.gate = gate = StepGate(2)  # a's prompt, then one decode step
+    eng.submit(request([10], a, 200, tenant="a"))
+    assert gate.held.wait(5)
+    newcomers = [Collector() for _ in range(8)]
+    for i, c in enumerate(newcomers):
+        eng.submit(request([1000 + 10 * i, 1001 + 10 * i, 1002 + 10 * i], c, 1, tenant=f"t{i}"))
+    gate.set()
+    for c in newcomers:
+        assert c.done.wait(20)
+    a.done.wait(20)
+    eng.stop()
+    # From the first newcomer's prefill to the last one's: which steps decoded a's token.
+    steps = [b for b in be.batches if any(t >= 1000 for t in b[0])]
+    assert len(steps) == len(newcomers)
+    first, last = be.batches.index(steps[0]), be.batches.index(steps[-1])
+    with_a = [any(t < 1000 for t in b[0]) for b in be.batches[first:last + 1]]
+    assert not all(with_a)  # some newcomer went alone (its first token as fast as alone)
+    assert all(x or y for x, y in itertools.pairwise(with_a))  # never two steps without a

@@ -383,6 +383,11 @@ def test_a_hurried_prompt_takes_the_prefill_budget_alone() -> None:
     b = build_batch([short, newcomer, dec], n_batch=32)
     assert b.advance == [(newcomer, 6)] and b.sample == [(newcomer, 5)]
     assert short.passed_over == 1
+    assert b.alone
+    # Never two steps in a row: another newcomer right after it takes the decoding
+    # sequence along (however many tenants' newcomers arrive, decoding goes on).
+    again = build_batch([short, newcomer, dec], n_batch=32, alone_ok=False)
+    assert again.advance == [(newcomer, 6), (dec, 1)] and not again.alone
     # An earlier chunk of a longer one keeps the decoding sequences company.
     assert build_batch([short, newcomer, dec], n_batch=32, prefill_budget=4).advance == [
         (newcomer, 4), (dec, 1)]
