@@ -135,6 +135,11 @@ class PodMetric:
     # user how much of another's prompt was cached: the HTTP port's /metrics shows it only
     # behind an API key (as /info does); the metrics port always does.
     PREFIX_TOKENS_REUSED = "llamafleet_prefix_tokens_reused_total"
+    # Speculative decoding (label KIND: ngram), since start-up: tokens drafted and verified,
+    # those accepted, and accepted / drafted.
+    SPECULATIVE_DRAFT_TOKENS = "llamafleet_speculative_draft_tokens_total"
+    SPECULATIVE_ACCEPTED_TOKENS = "llamafleet_speculative_accepted_tokens_total"
+    SPECULATIVE_ACCEPTANCE = "llamafleet_speculative_acceptance_rate"
     # Per tenant (label TENANT: a configured tenant's name, "-" for none, "_unknown"):
     # common.tenants.
     TENANT_REQUESTS = "llamafleet_tenant_requests_total"  # label: tenant

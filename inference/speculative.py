@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SPECULATIVE_MODES = ("none", "ngram")
 K_MAX = 16  # draft tokens per sequence and step, at most (--speculative-k)
 NGRAM_SIZES = (3, 2)  # the longest match first: a bigram alone guesses worse
 SKIP_MAX = 32  # steps a sequence whose drafts keep failing waits before it drafts again

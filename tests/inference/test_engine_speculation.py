@@ -155,3 +155,41 @@ def test_the_draft_length_follows_acceptance() -> None:
     lk.verified(1, 1)
     assert lk.draft(3, 1) == [4]  # the caller's limit
     assert lk.draft(42, 10) == []  # no earlier (2, 42) or (42,)-ending n-gram
+
+
+def test_flags_and_env_choose_the_mode_and_k(monkeypatch) -> None:
+    import argparse
+
+    from llamafleet.common import cli
+    from llamafleet.inference.settings import Settings
+    from pydantic import ValidationError
+
+    assert (Settings().speculative, Settings().speculative_k) == ("none", 4)  # off by default
+    p = argparse.ArgumentParser()
+    cli.add_settings_flags(p, Settings)
+    s = cli.load_settings(p.parse_args(["--speculative", "ngram", "--speculative-k", "6"]),
+                          Settings)
+    assert (s.speculative, s.speculative_k) == ("ngram", 6)
+    monkeypatch.setenv("LLM_LLAMA_SERVICE_SPECULATIVE_K", "17")
+    with pytest.raises(ValidationError, match="speculative_k"):
+        Settings()
+    monkeypatch.setenv("LLM_LLAMA_SERVICE_SPECULATIVE_K", "4")
+    monkeypatch.setenv("LLM_LLAMA_SERVICE_SPECULATIVE", "medusa")
+    with pytest.raises(ValidationError, match="speculative"):
+        Settings()
+
+
+def test_the_metrics_count_drafted_and_accepted_tokens_by_kind() -> None:
+    from llamafleet.inference.metrics import Metrics
+    from prometheus_client import generate_latest
+
+    _, _, eng = run([1, 2, 3, 4, 5, 6, 1, 2], 4, cycle(6), max_tokens=24)
+    m = Metrics()
+    m.follow(eng, 1024)
+    text = generate_latest(m.registry).decode()
+    stats = eng.speculation["ngram"]
+    assert f'llamafleet_speculative_draft_tokens_total{{kind="ngram"}} {stats.drafted:.1f}' in text
+    assert f'llamafleet_speculative_accepted_tokens_total{{kind="ngram"}} {stats.accepted:.1f}' \
+        in text
+    rate = stats.accepted / stats.drafted
+    assert f'llamafleet_speculative_acceptance_rate{{kind="ngram"}} {rate}' in text
