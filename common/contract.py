@@ -17,6 +17,9 @@ OPERATOR_METRICS_PORT = 16074  # llamafleet operator's /metrics (llamafleet.oper
 # terminationGracePeriodSeconds, so the kubelet never kills a pod that is still draining
 # (scale-down relies on it: no in-flight stream is cut short).
 DRAIN_TIMEOUT_S = 25
+# Speculative decoding: the most draft tokens per sequence and step (the pod's
+# --speculative-k, the CRD's spec.speculative.k).
+SPECULATIVE_K_MAX = 16
 TERMINATION_GRACE_MARGIN_S = 5
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-K_MAX = 16  # draft tokens per sequence and step, at most (--speculative-k)
+from llamafleet.common.contract import SPECULATIVE_K_MAX
+
+K_MAX = SPECULATIVE_K_MAX  # draft tokens per sequence and step, at most (--speculative-k)
 NGRAM_SIZES = (3, 2)  # the longest match first: a bigram alone guesses worse
 SKIP_MAX = 32  # steps a sequence whose drafts keep failing waits before it drafts again
 
