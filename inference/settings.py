@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     speculative: Literal["none", "ngram"] = Field(
         "none",
         description="Speculative decoding. 'ngram' (prompt lookup): each sequence drafts "
-        "what followed the last occurrence of its latest 3 or 2 tokens in its prompt and "
+        "what followed the last occurrence of its latest 3 tokens in its prompt and "
         "output, verified in the same decode step as the rest of the batch; answers that "
         "quote their context (RAG, code edits) come out in fewer steps, greedy output is "
         "unchanged and sampled output keeps its distribution. Drafts use the batch room of "

@@ -1,5 +1,5 @@
 """Speculative decoding by prompt lookup: a sequence's draft is what followed the last
-occurrence of its latest n-gram in its own prompt and output.
+occurrence of its latest trigram in its own prompt and output.
 
 Answers that quote their context (RAG, code edits, summaries, extraction) repeat long runs of
 the prompt; there the tokens that followed the same few tokens before are a good guess of what
@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from llamafleet.common.contract import SPECULATIVE_K_MAX
 
 K_MAX = SPECULATIVE_K_MAX  # draft tokens per sequence and step, at most (--speculative-k)
-NGRAM_SIZES = (3, 2)  # the longest match first: a bigram alone guesses worse
+# Tokens matched: trigrams. Bigrams matched too drafted 3x as often in free text, where most of
+# those drafts were wrong (SmolLM2, benchmarks/speculative.py), and a wrong draft costs batch rows.
+NGRAM = 3
 SKIP_MAX = 32  # steps a sequence whose drafts keep failing waits before it drafts again
 
 
@@ -35,7 +37,7 @@ class SpeculationStats:
 
 
 class NgramLookup:
-    """The n-grams of one sequence's accepted tokens (prompt and output) and where each last
+    """The trigrams of one sequence's accepted tokens (prompt and output) and where each last
     ended, updated as tokens are accepted; and how long its drafts may be now.
 
     Adaptive length: a draft accepted whole lets the next be one token longer (up to ``k``); a
@@ -48,7 +50,7 @@ class NgramLookup:
     def __init__(self, k: int):
         self.k_max = self.k = k
         self.tokens: list[int] = []  # the sequence's tokens in the KV cache, as indexed
-        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where what followed starts
+        self._index: dict[tuple[int, ...], int] = {}  # trigram -> where what followed starts
         self._misses = 0
         self._skip = 0
 
@@ -66,27 +68,26 @@ class NgramLookup:
         for t in new:
             tokens.append(t)
             end = len(tokens)
-            for n in NGRAM_SIZES:
-                if end >= n:
-                    index[tuple(tokens[end - n:])] = end
+            if end >= NGRAM:
+                index[tuple(tokens[end - NGRAM:])] = end
 
     def draft(self, next_token: int, limit: int) -> list[int]:
         """Up to ``min(k, limit)`` tokens to follow ``next_token`` (sampled, not yet in the
-        cache): what followed the latest earlier occurrence of the n-gram ending in it."""
+        cache): what followed the latest earlier occurrence of the trigram ending in it."""
         if self._skip:
             self._skip -= 1
             return []
-        tokens, n_max = self.tokens, min(self.k, limit)
-        for n in NGRAM_SIZES:
-            if len(tokens) < n - 1:
-                continue
-            at = self._index.get((*tokens[len(tokens) - n + 1:], next_token))
-            if at is not None:
-                out = tokens[at:at + n_max]
-                if len(out) < n_max:  # the match ends at the newest token: then next_token
-                    out.append(next_token)
-                return out
-        return []
+        tokens = self.tokens
+        if len(tokens) < NGRAM - 1:
+            return []
+        at = self._index.get((*tokens[len(tokens) - NGRAM + 1:], next_token))
+        if at is None:
+            return []
+        n = min(self.k, limit)
+        out = tokens[at:at + n]
+        if len(out) < n:  # the match ends at the newest token: next_token follows
+            out.append(next_token)
+        return out
 
     def verified(self, drafted: int, accepted: int) -> None:
         if accepted == drafted:

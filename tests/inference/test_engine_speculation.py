@@ -35,7 +35,7 @@ def drafted_rows(be: FakeBackend) -> int:
 
 @pytest.mark.parametrize("prompt, follows, params", [
     ([1, 2, 3, 4, 5, 1, 2], cycle(5), {"max_tokens": 40}),
-    ([5, 6, 99, 4, 5], None, {"max_tokens": 12}),  # the draft after (5, 6) is wrong
+    ([4, 5, 6, 99, 4, 5], None, {"max_tokens": 12}),  # the draft after (4, 5, 6) is wrong
     ([7, 8, 9, 7, 8, 3, 7, 8, 9, 7], cycle(9), {"max_tokens": 30}),
 ])
 def test_greedy_output_is_the_same_with_and_without_speculation(prompt, follows, params) -> None:
@@ -56,12 +56,12 @@ def test_an_agreeing_draft_takes_several_tokens_in_one_step() -> None:
 
 
 def test_a_rejected_draft_is_rolled_back_to_the_last_accepted_token() -> None:
-    on, be, eng = run([5, 6, 99, 4, 5], 4, None, max_tokens=3)
+    on, be, eng = run([4, 5, 6, 99, 4, 5], 4, None, max_tokens=3)
     assert on.text == "6 7 8 "
     # Step 2 decodes 6 with the draft [99, 4, 5, 6] behind it; the model says 7: 6 stays.
     tokens, pos, seqs, logits = be.batches[1]
-    assert tokens == [6, 99, 4, 5, 6] and pos == [5, 6, 7, 8, 9] and all(logits)
-    assert (seqs[0], 6) in be.trimmed
+    assert tokens == [6, 99, 4, 5, 6] and pos == [6, 7, 8, 9, 10] and all(logits)
+    assert (seqs[0], 7) in be.trimmed
     assert eng.speculation["ngram"].accepted == 0
 
 
@@ -128,12 +128,12 @@ def test_a_failed_rollback_decodes_the_sequence_again_without_speculation() -> N
 
     be = NoTrim()
     eng = make_engine(be, context_size=256, speculative_k=4)
-    c = submit(eng, [5, 6, 99, 4, 5], max_tokens=6)
+    c = submit(eng, [4, 5, 6, 99, 4, 5], max_tokens=6)
     assert c.done.wait(5)
     eng.stop()
     assert c.text == "6 7 8 9 10 11 " and 0 in be.cleared
     # After the rollback failed the sequence decoded its tokens again, and drafted no more.
-    assert [5, 6, 99, 4, 5, 6] in [t for t, _, _, _ in be.batches]
+    assert [4, 5, 6, 99, 4, 5, 6] in [t for t, _, _, _ in be.batches]
     assert eng.speculation["ngram"].drafted == 4
 
 
@@ -154,7 +154,7 @@ def test_the_draft_length_follows_acceptance() -> None:
     assert lk.draft(3, 10) == [4]
     lk.verified(1, 1)
     assert lk.draft(3, 1) == [4]  # the caller's limit
-    assert lk.draft(42, 10) == []  # no earlier (2, 42) or (42,)-ending n-gram
+    assert lk.draft(42, 10) == []  # no earlier (1, 2, 42)
 
 
 def test_flags_and_env_choose_the_mode_and_k(monkeypatch) -> None:
