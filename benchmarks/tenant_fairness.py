@@ -9,7 +9,8 @@ under A's flood over B's TTFT p50 alone. The engine shares
 its slots among tenants of equal priority, and with `--router-queue N` the router holds
 requests beyond each replica's slots plus N and serves its hold queue tenant by tenant.
 
-    .venv/bin/python benchmarks/tenant_fairness.py --rounds 3  # writes benchmarks/results/tenant-fairness-*.json
+    .venv/bin/python benchmarks/tenant_fairness.py --rounds 3
+    # writes benchmarks/results/tenant-fairness-*.json
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ OPERATOR_METRICS_PORT = 16074  # llamafleet operator's /metrics (llamafleet.oper
 # terminationGracePeriodSeconds, so the kubelet never kills a pod that is still draining
 # (scale-down relies on it: no in-flight stream is cut short).
 DRAIN_TIMEOUT_S = 25
+# Speculative decoding: the most draft tokens per sequence and step (the pod's
+# --speculative-k, the CRD's spec.speculative.k).
+SPECULATIVE_K_MAX = 16
 TERMINATION_GRACE_MARGIN_S = 5
 
 
@@ -135,6 +138,11 @@ class PodMetric:
     # user how much of another's prompt was cached: the HTTP port's /metrics shows it only
     # behind an API key (as /info does); the metrics port always does.
     PREFIX_TOKENS_REUSED = "llamafleet_prefix_tokens_reused_total"
+    # Speculative decoding (label KIND: ngram), since start-up: tokens drafted and verified,
+    # those accepted, and accepted / drafted.
+    SPECULATIVE_DRAFT_TOKENS = "llamafleet_speculative_draft_tokens_total"
+    SPECULATIVE_ACCEPTED_TOKENS = "llamafleet_speculative_accepted_tokens_total"
+    SPECULATIVE_ACCEPTANCE = "llamafleet_speculative_acceptance_rate"
     # Per tenant (label TENANT: a configured tenant's name, "-" for none, "_unknown"):
     # common.tenants.
     TENANT_REQUESTS = "llamafleet_tenant_requests_total"  # label: tenant

@@ -56,6 +56,7 @@ from llamafleet.common.sampling import DEFAULTS
 from .admission import FairQueue, fair_share
 from .prompt_cache import PromptCache, shared_prefix
 from .slot_cache import SlotCache
+from .speculative import K_MAX, NgramLookup, SpeculationStats
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +299,7 @@ class _Sequence:
     hurry: bool = False
     held: list[TextDelta] = field(default_factory=list)  # not streamed: sent at the end
     resume: list[int] | None = None  # RESUME: prompt + generated, to be in the KV cache
+    lookup: NgramLookup | None = None  # speculation on: its drafts (None: off for it)
 
     def pending(self) -> Sequence[int]:
         """The tokens a PREFILL or RESUME sequence decodes, from ``n_past`` on."""
@@ -331,13 +333,17 @@ class Batch:
     advance: list[tuple[_Sequence, int]] = field(default_factory=list)
     sample: list[tuple[_Sequence, int]] = field(default_factory=list)
     alone: bool = False  # decoding sequences were left out for a hurried prompt
+    # Speculation: (sequence, batch index of its next token, its draft); the draft follows
+    # the next token in the batch, every position with logits (Engine._verify).
+    drafts: list[tuple[_Sequence, int, list[int]]] = field(default_factory=list)
 
 
 PASSED_OVER_MAX = 4  # steps a prefill may get no budget before it goes first
 
 
 def build_batch(running: Sequence[_Sequence], n_batch: int,
-                prefill_budget: int | None = None, alone_ok: bool = True) -> Batch:
+                prefill_budget: int | None = None,
+                drafts: dict[int, list[int]] | None = None, alone_ok: bool = True) -> Batch:
     """Every decoding sequence's next token, and prompt chunks of prefilling sequences,
     shortest remaining prompt first, within ``n_batch`` tokens and ``prefill_budget`` prompt
     tokens (chunked prefill: a long prompt never holds the running streams, or a request that
@@ -358,15 +364,21 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
     them all, and while one prefills no other prompt gets a chunk; its last chunk goes
     without the decoding sequences too, unless ``alone_ok`` is False (the engine's previous
     step went so: decoding sequences never miss two steps in a row, however many tenants'
-    newcomers arrive)."""
+    newcomers arrive).
+
+    ``drafts`` (speculation; by ``id`` of a decoding sequence): tokens that follow its next
+    token in the batch, each with logits, verified after the decode (Engine._verify). The
+    caller keeps them within ``n_batch``; they come out of the prompt tokens' room."""
     decoding = [s for s in running if s.state is DECODE]
-    if len(decoding) == len(running):  # a pure decode step (most steps): columns at once
+    if not drafts and len(decoding) == len(running):  # pure decode (most steps): at once
         b = Batch(tokens=[s.next_token for s in decoding], pos=[s.n_past for s in decoding],
                   seqs=[s.slot for s in decoding], logits=[True] * len(decoding),
                   advance=[(s, 1) for s in decoding])
         b.sample = list(zip(decoding, range(len(decoding)), strict=True))
         return b
     budget = n_batch - len(decoding)
+    if drafts:
+        budget -= sum(map(len, drafts.values()))
     if prefill_budget is not None:
         budget = min(budget, prefill_budget)
     # Shortest first, except that a prompt passed over PASSED_OVER_MAX steps in a row goes
@@ -402,6 +414,13 @@ def build_batch(running: Sequence[_Sequence], n_batch: int,
             b.pos.append(seq.n_past)
             b.seqs.append(seq.slot)
             b.logits.append(True)
+            if drafts and (draft := drafts.get(id(seq))):
+                b.drafts.append((seq, len(b.tokens) - 1, draft))
+                m = len(draft)
+                b.tokens.extend(draft)
+                b.pos.extend(range(seq.n_past + 1, seq.n_past + 1 + m))
+                b.seqs.extend([seq.slot] * m)
+                b.logits.extend([True] * m)
             continue
         take = takes.get(id(seq), 0)
         if not take:
@@ -435,6 +454,7 @@ class Engine:
         prompt_cache: PromptCache | None = None,
         deliver: Callable[[list[tuple[GenerationRequest, Event]]], None] | None = None,
         prefill_step_s: float | None = None,
+        speculative_k: int = 0,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -443,6 +463,8 @@ class Engine:
             # holds n_batch tokens: more would write past llama_batch's arrays.
             raise ValueError(f"max_batch_size ({max_batch_size}) must not exceed n_batch "
                              f"({backend.n_batch})")
+        if not 0 <= speculative_k <= K_MAX:
+            raise ValueError(f"speculative_k must be 0 (off) to {K_MAX}, not {speculative_k}")
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.context_size = context_size
@@ -462,6 +484,10 @@ class Engine:
         # Chunked prefill: a step's prompt tokens are held to what fits prefill_step_s at the
         # measured cost per batch token (prefill_budget says when; None: up to n_batch).
         self.prefill_step_s = prefill_step_s
+        # Prompt-lookup speculation (inference/speculative.py): draft tokens per sequence and
+        # step, at most; 0: off, and no sequence carries a lookup.
+        self.speculative_k = speculative_k
+        self.speculation = {"ngram": SpeculationStats()}
         self._token_s: float | None = None  # seconds per batch token, steps with prompt tokens
         self._thread: threading.Thread | None = None
         # Adapter sets of the running sequences (how many each) in order of arrival, the step
@@ -708,6 +734,8 @@ class Engine:
             slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None,
                                            adapters=req.adapters)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
+            if self.speculative_k:
+                seq.lookup = NgramLookup(self.speculative_k)
             tenants = self._tenants
             seq.hurry = bool(tenants.keys() - {req.tenant}) and tenants.get(req.tenant, 0) < \
                 fair_share(self.max_batch_size, len(tenants.keys() | {req.tenant}))
@@ -803,7 +831,8 @@ class Engine:
             for seq in group:
                 self._fail(seq, InternalError(f"could not set the adapters: {e}"))
             return
-        batch = build_batch(group, self.backend.n_batch, self.prefill_budget(),
+        drafts = self._drafts(group) if self.speculative_k else None
+        batch = build_batch(group, self.backend.n_batch, self.prefill_budget(), drafts,
                             alone_ok=not self._alone_last)
         self._alone_last = batch.alone
         # KV cells in use, from our own bookkeeping (asking llama.cpp per sequence each step
@@ -826,6 +855,35 @@ class Engine:
                 0.7 * self._token_s + 0.3 * per_token)
         self.steps += 1
         self._apply(batch)
+
+    def _drafts(self, group: list[_Sequence]) -> dict[int, list[int]] | None:
+        """This step's drafts (by ``id`` of the sequence). Drafts take the batch room of the
+        free slots, ``speculative_k`` tokens per free slot: a sequence's draft costs about
+        what another sequence's token would, so with every slot taken (the batch full: the
+        device busy with real tokens) nobody drafts, and the fewer sequences run, the more
+        room the drafts have. Within that, each sequence's draft is as long as its own
+        acceptance allows (NgramLookup), and only where its n-gram occurred before."""
+        room = min((self.max_batch_size - len(self._running)) * self.speculative_k,
+                   self.backend.n_batch - len(group))
+        if room <= 0:
+            return None
+        drafts: dict[int, list[int]] = {}
+        for seq in group:
+            lookup = seq.lookup
+            if lookup is None or seq.state is not DECODE:
+                continue
+            # The last drafted position must stay inside the sequence's context.
+            limit = min(room, self.context_size - seq.n_past - 2)
+            if limit <= 0:
+                continue
+            lookup.sync(seq.req.prompt, seq.generated)
+            draft = lookup.draft(seq.next_token, limit)
+            if draft:
+                drafts[id(seq)] = draft
+                room -= len(draft)
+                if room <= 0:
+                    break
+        return drafts
 
     def _group(self) -> list[_Sequence]:
         """The running sequences this step decodes: all of them when they share one adapter
@@ -906,20 +964,71 @@ class Engine:
             if seq.state is PREFILL:
                 self.cache.saved_prompt(seq.slot, seq.req.prompt, seq.req.params.seed is None,
                                         seq.req.adapters)
-        try:
-            tokens = self.backend.sample_batch([s.sampler for s, _ in batch.sample],
-                                               [i for _, i in batch.sample])
-        except Exception:
-            log.exception("batched sampling failed; sampling the %d sequences one by one",
-                          len(batch.sample))
-            tokens = [self._sample_one(seq, index) for seq, index in batch.sample]
         first: list[GenerationRequest] = []
         later: list[GenerationRequest] = []
-        for (seq, index), token in zip(batch.sample, tokens, strict=True):
-            if token is not None:
-                self._accept(seq, index, token, first, later)
+        self._sample(batch.sample, first, later)
+        if batch.drafts:
+            self._verify(batch.drafts, first, later)
         if first or later:
             self.observer.on_tokens(first, later)
+
+    def _sample(self, rows: list[tuple[_Sequence, int]], first: list[GenerationRequest],
+                later: list[GenerationRequest]) -> None:
+        """Sample each sequence at its batch index, all at once, and accept the tokens."""
+        try:
+            tokens = self.backend.sample_batch([s.sampler for s, _ in rows],
+                                               [i for _, i in rows])
+        except Exception:
+            log.exception("batched sampling failed; sampling the %d sequences one by one",
+                          len(rows))
+            tokens = [self._sample_one(seq, index) for seq, index in rows]
+        for (seq, index), token in zip(rows, tokens, strict=True):
+            if token is not None:
+                self._accept(seq, index, token, first, later)
+
+    def _verify(self, drafts: list[tuple[_Sequence, int, list[int]]],
+                first: list[GenerationRequest], later: list[GenerationRequest]) -> None:
+        """Speculation: each draft was decoded behind its sequence's next token, and that
+        token's row was sampled with the others (``_apply``). While the token sampled equals
+        the draft's next one, that draft token is the sequence's own (its cells are in the
+        cache): the sequence takes it and samples the row after it. Rounds of one row per
+        sequence, so a sampler sees its tokens in order (penalties, grammar) and samples only
+        what is emitted: greedy output is unchanged, sampled output keeps its distribution,
+        and stop strings, max_tokens and end-of-generation end a sequence inside a draft
+        exactly as they would outside. Then the rejected positions' cells are dropped, so the
+        caches (slots, host prompt cache, shared prefixes, a preempted sequence) only ever see
+        accepted tokens."""
+        ends = [seq.n_past + len(draft) for seq, _, draft in drafts]  # cells written
+        live = drafts
+        j = 0
+        while live:
+            live = [(seq, index, draft) for seq, index, draft in live
+                    if j < len(draft) and seq.state is DECODE and seq.next_token == draft[j]]
+            for seq, _, draft in live:
+                seq.generated.append(draft[j])
+                seq.n_past += 1
+            j += 1
+            if live:
+                self._sample([(seq, index + j) for seq, index, _ in live], first, later)
+        stats = self.speculation["ngram"]
+        for (seq, _, draft), end in zip(drafts, ends, strict=True):
+            accepted = len(draft) - (end - seq.n_past)
+            stats.drafted += len(draft)
+            stats.accepted += accepted
+            if seq.lookup is not None:
+                seq.lookup.verified(len(draft), accepted)
+            if seq.state is DONE or seq.n_past == end:
+                # A finished sequence's slot is trimmed when it is taken again
+                # (SlotCache.take keeps only what its tokens share with the new prompt).
+                continue
+            if not self.backend.trim_sequence(seq.slot, seq.n_past):
+                # The cache could not drop just the rejected cells (a sliding window moved
+                # past what is left): decode the sequence again, without speculation.
+                log.warning("KV rollback failed for %s; decoding it again without "
+                            "speculation", seq.req.request_id)
+                self.backend.clear_sequence(seq.slot)
+                seq.resume = list(seq.req.prompt) + seq.generated
+                seq.n_past, seq.state, seq.lookup = 0, RESUME, None
 
     def _sample_one(self, seq: _Sequence, index: int) -> int | None:
         """One sequence alone (after a failed batch): a failure fails this sequence only."""

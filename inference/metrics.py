@@ -124,6 +124,38 @@ class PrefixReused:
         yield CounterMetricFamily(M.PREFIX_TOKENS_REUSED, self.DOC, value=self._read())
 
 
+class Speculation:
+    """Speculative decoding's counters by kind of draft, read from the engine at every scrape
+    (its ``speculation``: kind -> drafted and accepted tokens)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._read: Callable[[], dict[str, Any]] = dict
+        registry.register(self)
+
+    def follow(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily(M.SPECULATIVE_DRAFT_TOKENS, "Draft tokens verified "
+                                "(speculative decoding), by kind of draft.", labels=[L.KIND]),
+            CounterMetricFamily(M.SPECULATIVE_ACCEPTED_TOKENS, "Draft tokens accepted "
+                                "(speculative decoding), by kind of draft.", labels=[L.KIND]),
+            GaugeMetricFamily(M.SPECULATIVE_ACCEPTANCE, "Draft tokens accepted over those "
+                              "verified since start-up, by kind of draft.", labels=[L.KIND]))
+
+    def describe(self) -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterator[Any]:
+        drafted, accepted, rate = self._families()
+        for kind, stats in self._read().items():
+            drafted.add_metric([kind], stats.drafted)
+            accepted.add_metric([kind], stats.accepted)
+            rate.add_metric([kind], stats.accepted / stats.drafted if stats.drafted else 0.0)
+        yield from (drafted, accepted, rate)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
@@ -177,6 +209,7 @@ class Metrics:
         self.ready = Gauge(M.READY, "1 while the pod answers /ready (engine alive, not "
                            "draining), else 0.", registry=r)
         self.prefix_reused = PrefixReused(r)
+        self.speculation = Speculation(r)
         # Per tenant (common.tenants): configured names, "-" (none) or "_unknown".
         self.tenant_requests = Counter(
             M.TENANT_REQUESTS, "Requests admitted, by tenant.", [L.TENANT], registry=r)
@@ -213,6 +246,7 @@ class Metrics:
         self.kv_utilization.set_function(
             lambda: min(1.0, engine.kv_cells_used / kv_total) if kv_total else 0.0)
         self.prefix_reused.follow(lambda: engine.prefix_tokens_reused)
+        self.speculation.follow(lambda: engine.speculation)
 
     def follow_adapters(self, engine: Any, adapters: Any) -> None:
         """Read the LoRA gauge from ``engine`` (its ``adapter_sets()``: sets of adapters with

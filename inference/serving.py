@@ -559,10 +559,19 @@ def build(settings: Settings) -> Serving:
                         "architecture": model.shape.architecture,
                         "context_size": str(settings.context_size)})
     prompt_cache = PromptCache(settings.prompt_cache_mib << 20) if settings.prompt_cache_mib else None
+    speculative_k = settings.speculative_k if settings.speculative == "ngram" else 0
+    if speculative_k and backend.n_swa and not settings.swa_full:
+        # A rejected draft's cells must be dropped, and a sliding window that moved past
+        # them leaves the sequence unable to go on from there (trim_sequence says no):
+        # every miss would decode the whole sequence again.
+        log.warning("speculative decoding stays off: %s has sliding-window attention (%d "
+                    "tokens); set %s to use it", path.name, backend.n_swa, env_name("swa_full"))
+        speculative_k = 0
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
                     observer=EngineMetrics(metrics), prompt_cache=prompt_cache,
-                    deliver=deliver, prefill_step_s=settings.prefill_step_ms / 1e3 or None)
+                    deliver=deliver, prefill_step_s=settings.prefill_step_ms / 1e3 or None,
+                    speculative_k=speculative_k)
     metrics.follow(engine, backend.n_ctx)
     profile = install_profile(engine, metrics) if settings.step_profile else None
     probe = model.tokenize("The sky is", add_bos=model.add_bos)

@@ -42,6 +42,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .adapters import parse_spec
+from .speculative import K_MAX
 
 DEFAULT_RAG_TEMPLATE = (
     "Use the following context to answer the question.\n\n"
@@ -161,6 +162,22 @@ class Settings(BaseSettings):
         "concurrency. 'unified': one buffer for all sequences, every token attends over all "
         "used cells (masked); one ubatch for mixed prefill and decode rows. 'auto': split "
         "when max_batch_size >= 8, else unified (measured: benchmarks/high_concurrency.py).",
+    )
+    speculative: Literal["none", "ngram"] = Field(
+        "none",
+        description="Speculative decoding. 'ngram' (prompt lookup): each sequence drafts "
+        "what followed the last occurrence of its latest 3 tokens in its prompt and "
+        "output, verified in the same decode step as the rest of the batch; answers that "
+        "quote their context (RAG, code edits) come out in fewer steps, greedy output is "
+        "unchanged and sampled output keeps its distribution. Drafts use the batch room of "
+        "free slots only (none with every slot taken) and shrink when they miss. Not for "
+        "models with sliding-window attention (Gemma 3) unless swa_full is on: rejected "
+        "drafts cannot be rolled back there (a warning, and it stays off). 'none': off.",
+    )
+    speculative_k: int = Field(
+        4, ge=1, le=K_MAX,
+        description="Speculative decoding: the most draft tokens a sequence verifies per "
+        "step (its draft grows back to this after misses while drafts are accepted).",
     )
     swa_full: bool = Field(
         False,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from llamafleet.common.contract import (
     ADAPTER_NAME_PATTERN,
     DEFAULT_EMBEDDED_MODEL,
+    SPECULATIVE_K_MAX,
     TENANTS_SECRET_KEY,
     embedded_model,
     pod_service_name,
@@ -150,6 +151,14 @@ class Resources(_M):
 class Batching(_M):
     maxBatchSize: int = Field(16, ge=1, le=256)
     queueSize: int = Field(64, ge=0, le=100_000)
+
+
+class Speculative(_M):
+    """The pods' speculative decoding (--speculative, --speculative-k): 'ngram' drafts by
+    prompt lookup; 'none' is off."""
+
+    mode: Literal["none", "ngram"] = "none"
+    k: int = Field(4, ge=1, le=SPECULATIVE_K_MAX)
 
 
 class Sampling(_M):
@@ -332,6 +341,7 @@ class LLMServiceSpec(_M):
     resources: Resources = Field(default_factory=Resources)
     gpuLayers: int = Field(-1, ge=-1)
     batching: Batching = Field(default_factory=Batching)
+    speculative: Speculative = Field(default_factory=Speculative)
     sampling: Sampling = Field(default_factory=Sampling)
     systemPrompt: str | None = Field(None, max_length=65536)
     tls: TLS = Field(default_factory=TLS)

@@ -124,6 +124,8 @@ def test_the_metric_names_are_the_ones_dashboards_read() -> None:
         "llamafleet_kv_cache_cells_used", "llamafleet_kv_cache_cells_total",
         "llamafleet_kv_cache_utilization", "llamafleet_max_batch_size", "llamafleet_model",
         "llamafleet_lora_requests_info", "llamafleet_ready", "llamafleet_prefix_tokens_reused_total",
+        "llamafleet_speculative_draft_tokens_total", "llamafleet_speculative_accepted_tokens_total",
+        "llamafleet_speculative_acceptance_rate",
         "llamafleet_router_requests_total", "llamafleet_router_refused_total",
         "llamafleet_router_affinity_total", "llamafleet_router_hold_queue_depth",
         "llamafleet_router_in_flight", "llamafleet_router_backends_ready",

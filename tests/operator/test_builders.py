@@ -142,6 +142,7 @@ def test_deployment_is_valid_and_complete() -> None:
     c = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["LLM_LLAMA_SERVICE_MAX_BATCH_SIZE"] == "16"
+    assert env["LLM_LLAMA_SERVICE_SPECULATIVE"] == "none"  # off unless asked
     assert env["LLM_LLAMA_SERVICE_DEFAULT_TEMPERATURE"] == "0.2"
     assert env["LLM_LLAMA_SERVICE_SYSTEM_PROMPT"] == "Be brief."
     assert env["LLM_LLAMA_SERVICE_ENV"] == "production"
@@ -190,7 +191,8 @@ def test_grace_period_outlasts_the_pods_drain() -> None:
 ])
 def test_every_env_key_the_builders_set_is_a_pod_setting(source) -> None:
     # Settings ignores unknown LLM_LLAMA_SERVICE_* variables: a typo here would pass silently.
-    s = spec(model={"source": source}, systemPrompt="Be brief.", sampling={
+    s = spec(model={"source": source}, systemPrompt="Be brief.",
+             speculative={"mode": "ngram", "k": 6}, sampling={
         "temperature": 0.2, "topK": 20, "topP": 0.9, "repeatPenalty": 1.2, "maxTokens": 64})
     dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
     pod = dep["spec"]["template"]["spec"]
@@ -258,6 +260,8 @@ def test_examples_parse_as_valid_specs() -> None:
     ({"tls": {"renewBefore": "720h", "caOverlap": "400h"}}, "caOverlap"),
     ({"imagePullSecrets": [{"name": "Bad_Name"}]}, "spec.imagePullSecrets.0.name"),
     ({"auth": {"apiKeySecret": "has space"}}, "spec.auth.apiKeySecret"),
+    ({"speculative": {"mode": "ngram", "k": 17}}, "spec.speculative.k"),
+    ({"speculative": {"mode": "draft"}}, "spec.speculative.mode"),
 ])
 def test_input_the_api_server_would_reject_is_an_invalid_spec(over, needle) -> None:
     with pytest.raises(SpecError) as e:

@@ -27,11 +27,13 @@ class FakeBackend:
     ends a sequence. Records every decode call so tests can inspect batches.
 
     Knobs: ``eog_from``, sample ``EOG`` instead of any token >= it; ``refused_grammar``,
-    ``new_sampler`` refuses a request with that grammar (as llama.cpp refuses a bad one)."""
+    ``new_sampler`` refuses a request with that grammar (as llama.cpp refuses a bad one);
+    ``follows``, the token that follows each token (instead of t+1)."""
 
     n_batch = 8
 
-    def __init__(self, eog_from: int | None = None, refused_grammar: str | None = None):
+    def __init__(self, eog_from: int | None = None, refused_grammar: str | None = None,
+                 follows=None):
         self.batches: list[tuple[list[int], list[int], list[int], list[bool]]] = []
         self.cleared: list[int] = []
         self.trimmed: list[tuple[int, int]] = []
@@ -39,8 +41,8 @@ class FakeBackend:
         self.samplers: dict[int, SamplingParams] = {}
         self.eog_from = eog_from
         self.refused_grammar = refused_grammar
-        self._last: dict[int, int] = {}
-        self._seq_of_index: dict[int, int] = {}
+        self.follows = follows or (lambda t: t + 1)
+        self._token_at: dict[int, int] = {}  # batch index -> token, for rows with logits
         self.gate: threading.Event | None = None
         self.nonfinite_logits = 0  # what logits_nonfinite() reports (start-up self-test)
         self.decode_error: Exception | None = None  # raised by every decode when set
@@ -69,19 +71,14 @@ class FakeBackend:
             raise self.decode_error
         self.batches.append((list(tokens), list(pos), list(seq), list(logits)))
         self.decode_adapters.append(self.adapters)
-        self._seq_of_index = {}
-        for i, (t, s) in enumerate(zip(tokens, seq, strict=True)):
-            self._last[s] = t
-            if logits[i]:
-                self._seq_of_index[i] = s
+        self._token_at = {i: t for i, t in enumerate(tokens) if logits[i]}
 
     def sample_batch(self, samplers, indices) -> list[int]:
         self.sample_batches.append(list(indices))
         return [self.sample(s, i) for s, i in zip(samplers, indices, strict=True)]
 
     def sample(self, sampler, batch_index: int) -> int:
-        s = self._seq_of_index[batch_index]
-        nxt = self._last[s] + 1
+        nxt = self.follows(self._token_at[batch_index])
         if self.eog_from is not None and nxt >= self.eog_from:
             return EOG
         return nxt
@@ -150,9 +147,9 @@ class Collector:
 
 
 def make_engine(backend: FakeBackend, max_batch_size: int = 4, queue_size: int = 8,
-                context_size: int = 64) -> Engine:
+                context_size: int = 64, speculative_k: int = 0) -> Engine:
     e = Engine(backend, max_batch_size=max_batch_size, queue_size=queue_size,
-               context_size=context_size)
+               context_size=context_size, speculative_k=speculative_k)
     e.start()
     return e
 

@@ -52,7 +52,7 @@ class ScriptedBackend(FakeBackend):
         return super().new_sampler(params)
 
     def sample(self, sampler, batch_index: int) -> int:
-        last = self._last[self._seq_of_index[batch_index]]
+        last = self._token_at[batch_index]
         if BASE <= last < BASE + len(self.script):
             gate = self.gates.get(last - BASE)
             if gate is not None:
