@@ -124,19 +124,27 @@ def child(span: api.Span) -> Context:
 def record_span(name: str, parent: Context | None, start: float, end: float,
                 kind: SpanKind = SpanKind.INTERNAL,
                 attributes: Mapping[str, Any] | None = None,
-                events: Sequence[tuple[str, float, Mapping[str, Any]]] = ()) -> api.Span:
+                events: Sequence[tuple[str, float, Mapping[str, Any]]] = (),
+                offset: int | None = None) -> api.Span:
     """A span that has already happened, from ``time.monotonic()`` readings (events: name,
-    time, attributes); returns it, ended."""
-    span = _tracer.start_span(name, parent, kind, attributes, start_time=epoch_ns(start))
+    time, attributes); returns it, ended. ``offset`` (:func:`wall_offset`): one reading for
+    spans made together, so that one's end and the next's start are the same instant."""
+    offset = wall_offset() if offset is None else offset
+    span = _tracer.start_span(name, parent, kind, attributes, start_time=epoch_ns(start, offset))
     for ev_name, at, attrs in events:
-        span.add_event(ev_name, attrs, timestamp=epoch_ns(at))
-    span.end(end_time=epoch_ns(end))
+        span.add_event(ev_name, attrs, timestamp=epoch_ns(at, offset))
+    span.end(end_time=epoch_ns(end, offset))
     return span
 
 
-def epoch_ns(monotonic: float) -> int:
+def wall_offset() -> int:
+    """Wall-clock nanoseconds minus monotonic ones, now."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+def epoch_ns(monotonic: float, offset: int | None = None) -> int:
     """A ``time.monotonic()`` reading as OpenTelemetry's wall-clock nanoseconds."""
-    return time.time_ns() - time.monotonic_ns() + int(monotonic * 1e9)
+    return (wall_offset() if offset is None else offset) + int(monotonic * 1e9)
 
 
 def inject(headers: list[tuple[bytes, bytes]], span: api.Span) -> list[tuple[bytes, bytes]]:

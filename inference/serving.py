@@ -107,10 +107,11 @@ class Generation:
 def trace_generation(gen: Generation, outcome: str, reason: str, end: float) -> None:
     """The pod's spans of one generation, made now that it has ended (on the event loop),
     from the times its request carries: the engine thread never calls OpenTelemetry.
-    ``llamafleet.pod.generation`` (submitted to ended, the caller's child, the first token
-    as an event) holds ``queue_wait`` (submitted to the engine taking it), ``prefill`` (to the
+    ``llamafleet.pod.generation`` (queued to ended, the caller's child, the first token
+    as an event) holds ``queue_wait`` (queued to the engine taking it), ``prefill`` (to the
     prompt being in the KV cache) and ``decode`` (first token to the end)."""
     req, fin = gen.req, gen.finished
+    clock = tracing.wall_offset()
     prompt = fin.prompt_tokens if fin else len(req.prompt)
     attrs = {"llamafleet.api": gen.api, "llamafleet.request_id": req.request_id,
              "llamafleet.outcome": outcome, "llamafleet.stream": req.stream,
@@ -121,18 +122,19 @@ def trace_generation(gen: Generation, outcome: str, reason: str, end: float) -> 
     if first:
         attrs["llamafleet.ttft_s"] = first - req.enqueued_at
     events = [("first_token", first, {})] if first else []
-    root = tracing.record_span("llamafleet.pod.generation", gen.trace, gen.submitted, end,
-                               tracing.SpanKind.SERVER, attrs, events)
+    root = tracing.record_span("llamafleet.pod.generation", gen.trace, req.enqueued_at, end,
+                               tracing.SpanKind.SERVER, attrs, events, clock)
     if gen.queue_wait_s is None:  # never admitted: refused, cancelled or failed in the queue
         return
     parent = tracing.child(root)
     admitted = req.enqueued_at + gen.queue_wait_s
-    tracing.record_span("llamafleet.pod.queue_wait", parent, req.enqueued_at, admitted)
+    tracing.record_span("llamafleet.pod.queue_wait", parent, req.enqueued_at, admitted,
+                        offset=clock)
     tracing.record_span("llamafleet.pod.prefill", parent, admitted, req.prefilled_at or end,
-                        attributes={"gen_ai.usage.input_tokens": prompt})
+                        attributes={"gen_ai.usage.input_tokens": prompt}, offset=clock)
     if first:
         tracing.record_span("llamafleet.pod.decode", parent, first, end, attributes={
-            "gen_ai.usage.output_tokens": fin.completion_tokens if fin else 0})
+            "gen_ai.usage.output_tokens": fin.completion_tokens if fin else 0}, offset=clock)
 
 
 class LoopBridge:
