@@ -19,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate
 from opentelemetry import trace as api
-from opentelemetry.trace import SpanKind
+
+# Re-exported: the router and the pod name span kinds and statuses through this module.
+from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import StatusCode as StatusCode
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -109,14 +112,14 @@ def extract(headers: Mapping[str, str]) -> Context | None:
 
 
 def start_span(name: str, parent: Context | None, kind: SpanKind = SpanKind.INTERNAL,
-               attributes: Mapping[str, Any] | None = None, start: float | None = None) -> api.Span:
+               attributes: Mapping[str, Any] | None = None, start: float | None = None) -> Span:
     """A live span (the router's, which end as their answers do). ``start``: a
     ``time.monotonic()`` reading, for a span that began before it could be made."""
     return _tracer.start_span(name, parent, kind, attributes,
                               start_time=None if start is None else epoch_ns(start))
 
 
-def child(span: api.Span) -> Context:
+def child(span: Span) -> Context:
     """A context whose parent is ``span``: what start_span takes to nest under it."""
     return api.set_span_in_context(span)
 
@@ -125,7 +128,7 @@ def record_span(name: str, parent: Context | None, start: float, end: float,
                 kind: SpanKind = SpanKind.INTERNAL,
                 attributes: Mapping[str, Any] | None = None,
                 events: Sequence[tuple[str, float, Mapping[str, Any]]] = (),
-                offset: int | None = None) -> api.Span:
+                offset: int | None = None) -> Span:
     """A span that has already happened, from ``time.monotonic()`` readings (events: name,
     time, attributes); returns it, ended. ``offset`` (:func:`wall_offset`): one reading for
     spans made together, so that one's end and the next's start are the same instant."""
@@ -147,7 +150,7 @@ def epoch_ns(monotonic: float, offset: int | None = None) -> int:
     return (wall_offset() if offset is None else offset) + int(monotonic * 1e9)
 
 
-def inject(headers: list[tuple[bytes, bytes]], span: api.Span) -> list[tuple[bytes, bytes]]:
+def inject(headers: list[tuple[bytes, bytes]], span: Span) -> list[tuple[bytes, bytes]]:
     """``headers`` (raw, as a proxy sends them) with the trace headers replaced by ``span``'s:
     the next hop's parent is this span, not the client's."""
     carrier: MutableMapping[str, str] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llamafleet.common import protocol as P
 from llamafleet.common.errors import InternalError, LlamafleetError, ToolCallIncomplete
@@ -23,6 +23,9 @@ from . import reasoning, tool_calls
 from .engine import Finished, SamplingParams, TextDelta, TokenLogprob
 from .serving import Generation, Serving
 from .tool_families import AutoCalls, CallDelta, ForcedCalls, PlainText, TextOut, family_for
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 
 @dataclass
@@ -152,7 +155,7 @@ class Core:
 
     def start(self, prepared: Prepared, *, api: str, request_id: str, user: str | None = None,
               stream: bool = True, model: str | None = None, caller: Caller | None = None,
-              trace: Any = None) -> Turn:
+              trace: Context | None = None) -> Turn:
         """Submit now: errors (too long, overloaded, an unknown model) raise here, before any
         output. ``model``: the request's, the base model or a LoRA adapter's name. ``caller``:
         its tenant and priority (the engine's admission) and lease (tokens are charged).

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamafleet.common import tracing
 from llamafleet.common.capacity import Plan
@@ -54,6 +54,9 @@ from .profiling import install as install_profile
 from .prompt_cache import PromptCache
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
 log = logging.getLogger(__name__)
 
 
@@ -70,7 +73,7 @@ class Generation:
     finished: Finished | None = None
     user: str | None = None  # OpenAI's end-user id, for the log
     lease: Lease | None = None  # its tenant's limits: tokens are charged to it
-    trace: Any = None  # the caller's trace context (tracing.extract): None when tracing is off
+    trace: Context | None = None  # the caller's trace context (tracing.extract): None when tracing is off
     queue_wait_s: float | None = None  # from Started: None while not admitted
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
@@ -384,7 +387,7 @@ class Serving:
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
               request_id: str, prompt_param: str = "messages", user: str | None = None,
               stream: bool = True, model: str | None = None, tenant: str = "",
-              priority: int = 0, lease: Lease | None = None, trace: Any = None) -> Generation:
+              priority: int = 0, lease: Lease | None = None, trace: Context | None = None) -> Generation:
         """Submit now: errors (too long, overloaded, an unknown ``model``) raise here, before
         any output. ``stream=False``: the text comes in one delta right before the end (no
         event per token crosses to the event loop). ``model`` names the base model or an

@@ -317,7 +317,7 @@ class Router:
 
     async def choose(self, keys: list[int], tried: set[str], deadline: float,
                      leaving: asyncio.Future, model: str | None = None,
-                     caller: T.Caller | None = None, trace: tracing.api.Span | None = None
+                     caller: T.Caller | None = None, trace: tracing.Span | None = None
                      ) -> Replica:
         """A usable replica this request has not tried, counted as in flight on it; holds the
         request (bounded) while there is none or others wait before it, until ``deadline``
@@ -425,12 +425,12 @@ class Router:
         except LlamafleetError as e:
             span.set_attributes({"http.response.status_code": mapping_for(e).http_status,
                                  "error.type": type(e).__name__})
-            span.set_status(tracing.api.StatusCode.ERROR, e.message)
+            span.set_status(tracing.StatusCode.ERROR, e.message)
             span.end()
             raise
         except BaseException as e:
             span.set_attribute("error.type", type(e).__name__)
-            span.set_status(tracing.api.StatusCode.ERROR)
+            span.set_status(tracing.StatusCode.ERROR)
             span.end()
             raise
         if not isinstance(response, _Answer):  # the client left: no answer to end it
@@ -438,7 +438,7 @@ class Router:
             span.end()
         return response
 
-    async def _proxy(self, request: Request, span: tracing.api.Span | None) -> Response:
+    async def _proxy(self, request: Request, span: tracing.Span | None) -> Response:
         started = time.monotonic()
         s = self.settings
         deadline = started + s.hold_timeout
@@ -499,7 +499,7 @@ class Router:
                     headers: list[tuple[bytes, bytes]], raw: bytes, started: float,
                     deadline: float, leaving: asyncio.Future,
                     reservation: _Reservation, caller: T.Caller | None = None,
-                    span: tracing.api.Span | None = None) -> Response:
+                    span: tracing.Span | None = None) -> Response:
         tried: set[str] = set()
         while True:
             if len(tried) >= self.settings.max_attempts:
@@ -527,7 +527,7 @@ class Router:
     async def _attempt(self, request: Request, replica: Replica, path: str,
                        headers: list[tuple[bytes, bytes]], raw: bytes, started: float,
                        others: bool, leaving: asyncio.Future,
-                       reservation: _Reservation, span: tracing.api.Span | None = None) -> Response:
+                       reservation: _Reservation, span: tracing.Span | None = None) -> Response:
         """Sends to one replica and waits for the first byte of the body (the first token
         when streaming) while watching for the client leaving and for the replica being
         given up by its poller. Retries (raises _Retry) on a connect error, a replica that

@@ -233,3 +233,22 @@ def test_router_and_pod_processes_export_one_trace_over_otlp(
             proc.kill()
             proc.communicate(timeout=30)
         receiver.shutdown()
+
+
+def test_grpc_metadata_carries_the_traceparent_to_the_pod(server: RunningServer,
+                                                          spans: InMemorySpanExporter) -> None:
+    """gRPC clients call the pods directly (the router speaks HTTP): the metadata's
+    traceparent is the pod's parent."""
+    import grpc
+    from llamafleet.inference.proto import local_pb2 as pb
+    from llamafleet.inference.proto import local_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        replies = list(pb_grpc.LLMLocalServiceStub(ch).GenerateStream(
+            pb.LLMLocalServiceGenerateStreamRequest(
+                user_prompt="Hi", params=pb.GenerationParams(max_new_tokens=2)),
+            metadata=[("traceparent", TRACEPARENT)], timeout=60))
+    assert replies[-1].WhichOneof("type") == "finish_details"
+    got = wait_until(lambda: (g := _by_trace(spans, int(TRACE_ID, 16))).keys() >= POD_SPANS and g)
+    (gen,) = got["llamafleet.pod.generation"]
+    assert gen.parent.span_id == int(CLIENT_SPAN, 16) and gen.attributes["llamafleet.api"] == "grpc"
