@@ -36,7 +36,6 @@ _tracer: api.Tracer = api.NoOpTracer()
 
 # The headers the W3C propagator reads and writes (the router replaces the client's own).
 TRACE_HEADERS = (b"traceparent", b"tracestate")
-_TRUE = {"true", "1", "yes", "on"}
 
 
 def wanted(env: Mapping[str, str] = os.environ) -> bool:
@@ -46,7 +45,7 @@ def wanted(env: Mapping[str, str] = os.environ) -> bool:
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` names a receiver. The SDK's own default exporter is otlp,
     but a process that sends spans to localhost:4318 because nobody said anything would cost
     every pod for nothing: an endpoint or an explicit exporter is the opt-in."""
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":  # the SDK's boolean: only "true"
         return False
     exporters = {e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()}
     if exporters:

@@ -25,6 +25,7 @@ CLIENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, True),
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
     ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, False),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "1"}, True),  # as the SDK reads it
 ])
 def test_the_environment_turns_tracing_on(env: dict, on: bool) -> None:
     assert tracing.wanted(env) is on
