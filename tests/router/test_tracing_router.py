@@ -228,7 +228,7 @@ def test_router_and_pod_processes_export_one_trace_over_otlp(
         assert by_name["llamafleet.pod.generation"].parent_span_id == \
             by_name["llamafleet.router.request"].span_id
     finally:
-        router.stop()
+        print(router.stop()[-8000:])  # shown when the test failed
         if proc is not None:
             proc.kill()
             proc.communicate(timeout=30)
