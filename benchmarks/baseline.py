@@ -6,8 +6,13 @@ client (`llamafleet bench`, streaming). The baseline runs from a git worktree of
 (under benchmarks/.build/), imported ahead of this tree's installed package, so nothing is
 reinstalled. Records JSON with both commits, the machine and the settings.
 
+Both run with tracing off (no OTEL_* in their environment). ``--tracing`` adds this tree with
+tracing on, exporting over OTLP/HTTP to a sink in this process that only counts what it gets
+(for information: what tracing costs when on).
+
     .venv/bin/python benchmarks/baseline.py --ref ef80ee4                  # Gemma 3 270M, c1 and c4
     .venv/bin/python benchmarks/baseline.py --ref ef80ee4 --model smollm2-135m-instruct
+    .venv/bin/python benchmarks/baseline.py --ref main~1 --tracing
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from compare import VENV_BIN, free_port, running
@@ -62,7 +69,8 @@ def measure(label: str, env: dict[str, str], model: Path, level: int, args: argp
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
         out = Path(tmp) / "bench.json"
-        full_env = {**os.environ, **env}
+        # Tracing stays off unless ``env`` turns it on (common/tracing.py: OTEL_*).
+        full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env}
         with running(cmd, url, log, env=full_env):
             ns = argparse.ArgumentParser()
             bench.add_arguments(ns)
@@ -73,6 +81,30 @@ def measure(label: str, env: dict[str, str], model: Path, level: int, args: argp
         result = json.loads(out.read_text())["results"][0]
     return {"server": label, "level": level, **{k: result.get(k) for k in (
         "tokens_per_s", "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "completed", "failed")}}
+
+
+class Sink(ThreadingHTTPServer):
+    """An OTLP/HTTP receiver that answers 200 and counts the export requests and bytes."""
+
+    def __init__(self) -> None:
+        self.exports = self.bytes = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                n = int(self.headers.get("content-length", 0))
+                self.rfile.read(n)
+                sink.exports += 1
+                sink.bytes += n
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
 def main() -> int:
@@ -86,10 +118,15 @@ def main() -> int:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--json", type=Path)
+    p.add_argument("--tracing", action="store_true",
+                   help="also this tree with tracing on, exporting to a local OTLP/HTTP sink")
     args = p.parse_args()
     shim, base_commit = baseline_tree(args.ref)
     model = embedded_model_path(args.model)
     servers = {"baseline": {"PYTHONPATH": str(shim)}, "this tree": {}}
+    sink = Sink() if args.tracing else None
+    if sink is not None:
+        servers["tracing on"] = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_port}"}
     runs = []
     for level in (int(x) for x in args.levels.split(",")):
         for _ in range(args.rounds):
@@ -102,16 +139,26 @@ def main() -> int:
         tps = {label: [r["tokens_per_s"] for r in runs if r["level"] == level
                        and r["server"] == label] for label in servers}
         base, ours = statistics.mean(tps["baseline"]), statistics.mean(tps["this tree"])
+        # The medians too: on a shared machine one disturbed run moves a mean of a few.
+        mbase, mours = statistics.median(tps["baseline"]), statistics.median(tps["this tree"])
         summary.append({"level": level, "baseline_tokens_per_s": round(base, 2),
-                        "tokens_per_s": round(ours, 2), "ratio": round(ours / base, 3)})
+                        "tokens_per_s": round(ours, 2), "ratio": round(ours / base, 3),
+                        "median_ratio": round(mours / mbase, 3)})
         print(f"c{level}: this tree {ours:.1f} tok/s vs baseline {base:.1f} ({ours / base:.2f}x)")
+        if "tracing on" in tps:
+            on = statistics.mean(tps["tracing on"])
+            summary[-1].update(tracing_on_tokens_per_s=round(on, 2), tracing_on_ratio=round(on / base, 3),
+                               tracing_on_median_ratio=round(statistics.median(tps["tracing on"]) / mbase, 3))
+            print(f"c{level}: tracing on {on:.1f} tok/s ({on / base:.2f}x)")
     out = args.json or HERE / "results" / (
         f"baseline-{args.model}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**bench.environment(), "baseline_commit": base_commit,
                                "model": args.model, "settings": {k: str(v) for k, v in
                                                                  vars(args).items()},
-                               "summary": summary, "runs": runs}, indent=2))
+                               "summary": summary, "runs": runs,
+                               **({"otlp_sink": {"exports": sink.exports, "bytes": sink.bytes}}
+                                  if sink is not None else {})}, indent=2))
     print(f"wrote {out}")
     return 0 if all(r["failed"] == 0 for r in runs) else 1
 

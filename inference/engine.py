@@ -138,6 +138,11 @@ class GenerationRequest:
     priority: int = 0  # higher first at admission (the key's, or the GIE objective header's)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Written on the engine thread once per request (monotonic; 0: not reached), read on the
+    # event loop after its Finished (the bridge's lock orders them): tracing's prefill and
+    # first-token times, with no OpenTelemetry call on the engine thread.
+    prefilled_at: float = 0.0
+    first_token_at: float = 0.0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -960,8 +965,11 @@ class Engine:
                 seq.state, seq.resume = DECODE, None
         if not batch.sample:
             return
+        now = 0.0
         for seq, _ in batch.sample:
             if seq.state is PREFILL:
+                now = now or time.monotonic()
+                seq.req.prefilled_at = now
                 self.cache.saved_prompt(seq.slot, seq.req.prompt, seq.req.params.seed is None,
                                         seq.req.adapters)
         first: list[GenerationRequest] = []
@@ -969,6 +977,10 @@ class Engine:
         self._sample(batch.sample, first, later)
         if batch.drafts:
             self._verify(batch.drafts, first, later)
+        if first:
+            now = time.monotonic()
+            for req in first:
+                req.first_token_at = now
         if first or later:
             self.observer.on_tokens(first, later)
 

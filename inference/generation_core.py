@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llamafleet.common import protocol as P
 from llamafleet.common.errors import InternalError, LlamafleetError, ToolCallIncomplete
@@ -22,6 +23,9 @@ from . import reasoning, tool_calls
 from .engine import Finished, SamplingParams, TextDelta, TokenLogprob
 from .serving import Generation, Serving
 from .tool_families import AutoCalls, CallDelta, ForcedCalls, PlainText, TextOut, family_for
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 
 @dataclass
@@ -150,15 +154,17 @@ class Core:
         return Prepared(tokens, params, prompt_param="prompt")
 
     def start(self, prepared: Prepared, *, api: str, request_id: str, user: str | None = None,
-              stream: bool = True, model: str | None = None, caller: Caller | None = None) -> Turn:
+              stream: bool = True, model: str | None = None, caller: Caller | None = None,
+              trace: Context | None = None) -> Turn:
         """Submit now: errors (too long, overloaded, an unknown model) raise here, before any
         output. ``model``: the request's, the base model or a LoRA adapter's name. ``caller``:
-        its tenant and priority (the engine's admission) and lease (tokens are charged)."""
+        its tenant and priority (the engine's admission) and lease (tokens are charged).
+        ``trace``: the caller's trace context (tracing.extract; None when off)."""
         caller = caller or Caller()
         gen = self.serving.start(prepared.prompt, prepared.params, api=api, request_id=request_id,
                                  prompt_param=prepared.prompt_param, user=user, stream=stream,
                                  model=model, tenant=caller.tenant, priority=caller.priority,
-                                 lease=caller.lease)
+                                 lease=caller.lease, trace=trace)
         return Turn(self, prepared, gen)
 
     @staticmethod

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from llamafleet.common import protocol as P
-from llamafleet.common import tenants
+from llamafleet.common import tenants, tracing
 from llamafleet.common.contract import env_name
 from llamafleet.common.errors import BadRequest, LlamafleetError, RateLimited, Unauthorized, mapping_for
 from llamafleet.common.logs import request_id_from_headers
@@ -114,7 +114,8 @@ class LLMLocalServicer(pb_grpc.LLMLocalServiceServicer):
         try:
             caller = self.caller(metadata)
             prepared = await self.core.prepare(conversation(request))
-            turn = self.core.start(prepared, api="grpc", request_id=rid, caller=caller)
+            turn = self.core.start(prepared, api="grpc", request_id=rid, caller=caller,
+                                   trace=tracing.extract(metadata))
         except LlamafleetError as e:
             if caller.lease is not None:
                 caller.lease.release()

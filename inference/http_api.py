@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from llamafleet.common import protocol as P
 from llamafleet.common import tenants as T
+from llamafleet.common import tracing
 from llamafleet.common.contract import VERSION, env_name
 from llamafleet.common.errors import (
     BadRequest,
@@ -247,7 +248,7 @@ async def _start(request: Request, conv: Conversation, model: str | None, api: s
     prepared = await core.prepare(conv)
     return core, core.start(prepared, api=api, request_id=request_id_from_headers(request.headers),
                             user=user, stream=stream, model=served,
-                            caller=caller_of(request)), served
+                            caller=caller_of(request), trace=tracing.extract(request.headers)), served
 
 
 @api.post("/chat/completions", dependencies=[Depends(admit)])
@@ -305,7 +306,8 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
         stop=body.stop_list, ignore_eos=body.ignore_eos, logprobs=body.logprobs)
     turn = core.start(prepared, api="http_completions",
                       request_id=request_id_from_headers(request.headers), user=body.user,
-                      stream=bool(body.stream), model=served, caller=caller_of(request))
+                      stream=bool(body.stream), model=served, caller=caller_of(request),
+                      trace=tracing.extract(request.headers))
     view = openai_chat.CompletionView(body, served, core.serving.fingerprint)
     return await _reply(request, turn, view, bool(body.stream))
 

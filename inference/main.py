@@ -15,7 +15,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
-from llamafleet.common import malloc
+from llamafleet.common import malloc, tracing
 from llamafleet.common.http_limits import ReadLimits, uvicorn_options
 from prometheus_client import start_http_server
 
@@ -206,6 +206,8 @@ def serve(settings: Settings) -> int:
     # The engine thread re-takes the GIL after every llama_decode; with the default 5 ms
     # switch interval it can wait that long behind the event loop. 0.5 ms keeps steps tight.
     sys.setswitchinterval(0.0005)
+    tracing.setup("llamafleet-pod")  # off unless OTEL_* asks (docs/observability.md)
+
     async def main() -> None:
         await Server(settings).run()  # uvicorn handles SIGTERM/SIGINT
 

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from llamafleet.common import tracing
 from llamafleet.common.capacity import Plan
 from llamafleet.common.contract import SYSTEM_FINGERPRINT, env_name
 from llamafleet.common.errors import (
@@ -53,6 +54,9 @@ from .profiling import install as install_profile
 from .prompt_cache import PromptCache
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +73,8 @@ class Generation:
     finished: Finished | None = None
     user: str | None = None  # OpenAI's end-user id, for the log
     lease: Lease | None = None  # its tenant's limits: tokens are charged to it
+    trace: Context | None = None  # the caller's trace context (tracing.extract): None when tracing is off
+    queue_wait_s: float | None = None  # from Started: None while not admitted
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
         outcome, reason = "cancelled", "cancelled"
@@ -76,6 +82,7 @@ class Generation:
             while True:
                 ev = await self.queue.get()
                 if isinstance(ev, Started):
+                    self.queue_wait_s = ev.queue_wait_s
                     self.serving.metrics.queue_wait.observe(ev.queue_wait_s)
                     self.serving.metrics.tenant_queue_wait.labels(
                         self.serving.tenant_label(self.req.tenant)).observe(ev.queue_wait_s)
@@ -98,6 +105,39 @@ class Generation:
 
     def cancel(self) -> None:
         self.req.cancel()
+
+
+def trace_generation(gen: Generation, outcome: str, reason: str, end: float) -> None:
+    """The pod's spans of one generation, made now that it has ended (on the event loop),
+    from the times its request carries: the engine thread never calls OpenTelemetry.
+    ``llamafleet.pod.generation`` (queued to ended, the caller's child, the first token
+    as an event) holds ``queue_wait`` (queued to the engine taking it), ``prefill`` (to the
+    prompt being in the KV cache) and ``decode`` (first token to the end)."""
+    req, fin = gen.req, gen.finished
+    clock = tracing.wall_offset()
+    prompt = fin.prompt_tokens if fin else len(req.prompt)
+    attrs = {"llamafleet.api": gen.api, "llamafleet.request_id": req.request_id,
+             "llamafleet.outcome": outcome, "llamafleet.stream": req.stream,
+             "gen_ai.response.finish_reasons": (reason,), "gen_ai.usage.input_tokens": prompt}
+    if fin is not None:
+        attrs["gen_ai.usage.output_tokens"] = fin.completion_tokens
+    first = req.first_token_at
+    if first:
+        attrs["llamafleet.ttft_s"] = first - req.enqueued_at
+    events = [("first_token", first, {})] if first else []
+    root = tracing.record_span("llamafleet.pod.generation", gen.trace, req.enqueued_at, end,
+                               tracing.SpanKind.SERVER, attrs, events, clock)
+    if gen.queue_wait_s is None:  # never admitted: refused, cancelled or failed in the queue
+        return
+    parent = tracing.child(root)
+    admitted = req.enqueued_at + gen.queue_wait_s
+    tracing.record_span("llamafleet.pod.queue_wait", parent, req.enqueued_at, admitted,
+                        offset=clock)
+    tracing.record_span("llamafleet.pod.prefill", parent, admitted, req.prefilled_at or end,
+                        attributes={"gen_ai.usage.input_tokens": prompt}, offset=clock)
+    if first:
+        tracing.record_span("llamafleet.pod.decode", parent, first, end, attributes={
+            "gen_ai.usage.output_tokens": fin.completion_tokens if fin else 0}, offset=clock)
 
 
 class LoopBridge:
@@ -347,13 +387,14 @@ class Serving:
     def start(self, prompt: list[int], params: SamplingParams, *, api: str,
               request_id: str, prompt_param: str = "messages", user: str | None = None,
               stream: bool = True, model: str | None = None, tenant: str = "",
-              priority: int = 0, lease: Lease | None = None) -> Generation:
+              priority: int = 0, lease: Lease | None = None, trace: Context | None = None) -> Generation:
         """Submit now: errors (too long, overloaded, an unknown ``model``) raise here, before
         any output. ``stream=False``: the text comes in one delta right before the end (no
         event per token crosses to the event loop). ``model`` names the base model or an
         adapter to run with. ``tenant`` and ``priority`` go to the engine's admission;
         ``lease`` (the tenant's limits) is charged the prompt now and the completion at the
-        end."""
+        end. ``trace``: the caller's trace context (tracing.extract), parent of the spans
+        recorded when the generation ends."""
         if not self.engine.alive:
             raise NotReady("The model is not loaded yet.")
         if self.draining:
@@ -364,7 +405,7 @@ class Serving:
         bridge = self._bridge()
         req = GenerationRequest(prompt, params, QueueSink(bridge, q), request_id, stream=stream,
                                 tenant=tenant, priority=priority)
-        gen = Generation(self, req, api, q, user=user, lease=lease)
+        gen = Generation(self, req, api, q, user=user, lease=lease, trace=trace)
 
         def submit(adapters: tuple) -> None:
             req.adapters = adapters
@@ -408,7 +449,8 @@ class Serving:
         m = self.metrics
         m.requests.labels(gen.api, outcome, reason).inc()
         fin = gen.finished
-        duration = time.monotonic() - gen.submitted
+        now = time.monotonic()
+        duration = now - gen.submitted
         ttft = (gen.first_token_at - gen.submitted) if gen.first_token_at else None
         if fin is not None:  # the token counters count in EngineMetrics.on_finish
             m.e2e.observe(duration)
@@ -425,6 +467,8 @@ class Serving:
                    "ttft_s": round(ttft, 4) if ttft is not None else None,
                    "duration_s": round(duration, 4)},
         )
+        if gen.trace is not None:
+            trace_generation(gen, outcome, reason, now)
 
     def info(self, private: bool = False) -> dict[str, Any]:
         """``private`` (only behind the API key): also how many prompt tokens the prefix

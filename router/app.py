@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 from kubernetes.client import ApiClient
 from llamafleet.common import tenants as T
+from llamafleet.common import tracing
 from llamafleet.common.contract import router_env_name
 from llamafleet.common.errors import (
     BadRequest,
@@ -28,6 +29,7 @@ from llamafleet.common.errors import (
     ReplicaFailed,
     Unauthorized,
     http_error,
+    mapping_for,
     openai_body,
 )
 from llamafleet.common.http_limits import ClientLeft, ReadLimits, declared_length, read_body
@@ -315,11 +317,13 @@ class Router:
 
     async def choose(self, keys: list[int], tried: set[str], deadline: float,
                      leaving: asyncio.Future, model: str | None = None,
-                     caller: T.Caller | None = None) -> Replica:
+                     caller: T.Caller | None = None, trace: tracing.Span | None = None
+                     ) -> Replica:
         """A usable replica this request has not tried, counted as in flight on it; holds the
         request (bounded) while there is none or others wait before it, until ``deadline``
         or until the client leaves (_Left). Held requests go highest priority first, and
-        round robin by tenant within a priority."""
+        round robin by tenant within a priority. ``trace``: the routing decision's span (with
+        tracing on), parent of a ``llamafleet.router.hold`` span while the request is held."""
         caller = caller or T.Caller()
         started = time.monotonic()
         label = self.label(caller.tenant) if self.tenants is not None else None
@@ -339,6 +343,9 @@ class Router:
         self.queue.push(w)
         self.metrics.held.set(self.held)
         replica: Replica | None = None
+        hold = None if trace is None else tracing.start_span(
+            "llamafleet.router.hold", tracing.child(trace), start=w.since,
+            attributes={"llamafleet.held_before": self.held - 1})
         try:
             await self.pool.notify()  # the scaler (--llmservice) watches ``held``
             self.dispatch()
@@ -376,6 +383,9 @@ class Router:
                 self._unclaim(w.future.result())  # claimed for it as it gave up
             raise
         finally:
+            if hold is not None:
+                hold.set_attribute("llamafleet.served", replica is not None)
+                hold.end()
             self.queue.remove(w)
             self.metrics.held.set(self.held)
             await self.pool.notify()
@@ -402,6 +412,33 @@ class Router:
         return url.raw_path.decode("ascii")
 
     async def proxy(self, request: Request) -> Response:
+        """The request's answer from a replica. With tracing on, its span
+        ``llamafleet.router.request`` (the client's traceparent its parent, the replica's
+        request its child) ends with the answer (_Answer's cleanup), or here when none came."""
+        if not tracing.ON:
+            return await self._proxy(request, None)
+        span = tracing.start_span("llamafleet.router.request", tracing.extract(request.headers),
+                                  tracing.SpanKind.SERVER,
+                                  {"http.request.method": request.method, "url.path": request.url.path})
+        try:
+            response = await self._proxy(request, span)
+        except LlamafleetError as e:
+            span.set_attributes({"http.response.status_code": mapping_for(e).http_status,
+                                 "error.type": type(e).__name__})
+            span.set_status(tracing.StatusCode.ERROR, e.message)
+            span.end()
+            raise
+        except BaseException as e:
+            span.set_attribute("error.type", type(e).__name__)
+            span.set_status(tracing.StatusCode.ERROR)
+            span.end()
+            raise
+        if not isinstance(response, _Answer):  # the client left: no answer to end it
+            span.set_attribute("http.response.status_code", response.status_code)
+            span.end()
+        return response
+
+    async def _proxy(self, request: Request, span: tracing.Span | None) -> Response:
         started = time.monotonic()
         s = self.settings
         deadline = started + s.hold_timeout
@@ -442,10 +479,12 @@ class Router:
             # unless the router named the tenant (headers_for). Raw bytes: a header's value
             # is not text (httpx would refuse a non-ASCII one).
             headers = self.headers_for(request, caller, path)
+            if span is not None:  # the replica's parent is this request's span
+                headers = tracing.inject(headers, span)
             leaving = asyncio.ensure_future(_disconnected(request.receive))
             try:
                 response = await self._send(request, keys, model, path, headers, raw,
-                                            started, deadline, leaving, reservation, caller)
+                                            started, deadline, leaving, reservation, caller, span)
             finally:
                 leaving.cancel()
         except _Left:
@@ -459,32 +498,42 @@ class Router:
     async def _send(self, request: Request, keys: list[int], model: str | None, path: str,
                     headers: list[tuple[bytes, bytes]], raw: bytes, started: float,
                     deadline: float, leaving: asyncio.Future,
-                    reservation: _Reservation, caller: T.Caller | None = None) -> Response:
+                    reservation: _Reservation, caller: T.Caller | None = None,
+                    span: tracing.Span | None = None) -> Response:
         tried: set[str] = set()
         while True:
             if len(tried) >= self.settings.max_attempts:
                 raise ReplicaFailed(f"The request failed on {len(tried)} replicas before any "
                                     f"answer ({router_env_name('max_attempts')}).")
-            replica = await self.choose(keys, tried, deadline, leaving, model, caller)
+            route = None if span is None else tracing.start_span(
+                "llamafleet.router.route", tracing.child(span),
+                attributes={"llamafleet.attempt": len(tried) + 1})
+            try:
+                replica = await self.choose(keys, tried, deadline, leaving, model, caller, route)
+                if route is not None:
+                    route.set_attribute("llamafleet.replica", replica.id)
+            finally:
+                if route is not None:
+                    route.end()
             tried.add(replica.url)
             others = len(tried) < self.settings.max_attempts and \
                 any(b.url not in tried for b in self.pool.ready())
             try:
                 return await self._attempt(request, replica, path, headers, raw, started,
-                                           others, leaving, reservation)
+                                           others, leaving, reservation, span)
             except _Retry:
                 continue
 
     async def _attempt(self, request: Request, replica: Replica, path: str,
                        headers: list[tuple[bytes, bytes]], raw: bytes, started: float,
                        others: bool, leaving: asyncio.Future,
-                       reservation: _Reservation) -> Response:
+                       reservation: _Reservation, span: tracing.Span | None = None) -> Response:
         """Sends to one replica and waits for the first byte of the body (the first token
         when streaming) while watching for the client leaving and for the replica being
         given up by its poller. Retries (raises _Retry) on a connect error, a replica that
         dies or is given up before answering (it backs off: --failure-backoff), and on a
         503 while ``others`` (another ready replica not yet tried) exist; after the first
-        byte, never."""
+        byte, never. ``span``: the request's (tracing on), ended with the answer."""
         upstream_req = self.client.build_request(request.method, replica.url + path,
                                                  headers=headers, content=raw)
         done = False  # choose() counted the request on the replica
@@ -592,6 +641,10 @@ class Router:
             finish("cancelled")
             reservation.settle(usage, failed=resp.status_code >= 400)
             reservation.release()
+            if span is not None:
+                span.set_attributes({"http.response.status_code": resp.status_code,
+                                     "llamafleet.replica": replica.id})
+                span.end()
 
         answer = _Answer(rest(), resp.status_code, cleanup)
         answer.raw_headers = [(k, v) for k, v in resp.headers.raw

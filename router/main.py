@@ -7,7 +7,7 @@ import logging
 
 import uvicorn
 from kubernetes.config import ConfigException
-from llamafleet.common import malloc
+from llamafleet.common import malloc, tracing
 from llamafleet.common.http_limits import uvicorn_options
 
 from .app import Router, create_app
@@ -29,6 +29,7 @@ def serve(settings: RouterSettings) -> int:
     return_freed_memory()
     # httpx logs every request at INFO: each poll would be a line (2 per replica per second).
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    tracing.setup("llamafleet-router")  # off unless OTEL_* asks (docs/observability.md)
     kube = None
     if settings.llmservice:
         try:
