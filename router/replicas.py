@@ -188,10 +188,6 @@ class Pool:
                 log.warning("replica %s answered none of its last %d polls (%r); its requests "
                             "go elsewhere", replica.url, replica.missed_polls, e)
                 replica.lost.set()
-        else:
-            replica.missed_polls = 0
-            if replica.lost.is_set():
-                replica.lost = asyncio.Event()
         if replica.usable != replica.announced:  # also when a failure backoff has ended
             replica.announced = replica.usable
             log.info("replica %s is %s", replica.url, "ready" if replica.usable else "not ready")
@@ -199,6 +195,12 @@ class Pool:
 
     async def _poll(self, replica: Replica) -> None:
         r = await self.client.get(f"{replica.url}/ready", headers=self.headers)
+        # It answers: reset before ``ready`` can say so (the rest of the poll awaits /metrics),
+        # or a request sent meanwhile would wait on the Event of when it was given up, find
+        # it set, and give the replica up again.
+        replica.missed_polls = 0
+        if replica.lost.is_set():
+            replica.lost = asyncio.Event()
         replica.ready = r.status_code == 200
         if not replica.ready:
             return

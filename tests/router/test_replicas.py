@@ -99,6 +99,36 @@ async def test_a_poll_reads_v1_models_only_from_a_pod_that_has_adapters_loaded()
     assert asked == ["/ready", "/metrics", "/v1/models"]
 
 
+async def test_a_replica_that_answers_again_is_not_lost_while_its_poll_goes_on() -> None:
+    """Given up (its failure budget spent), then /ready answers: from the moment ``ready``
+    says so, a request sent to it must not find the given-up Event set (it would give the
+    replica up at once), even while the poll still waits for /metrics."""
+    metrics_asked, release = asyncio.Event(), asyncio.Event()
+    down = True
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if down:
+            raise httpx.ConnectError("refused", request=request)
+        if request.url.path == "/metrics":
+            metrics_asked.set()
+            await release.wait()
+        return httpx.Response(200, text="{}" if request.url.path == "/ready" else POD_METRICS)
+
+    pool = Pool(httpx.AsyncClient(transport=httpx.MockTransport(handle)),
+                PollPolicy(1, 5, 3, 1, 1), {})
+    b = Replica("http://pod")
+    for _ in range(3):
+        await pool.poll_once(b)
+    assert b.lost.is_set() and not b.ready
+    down = False
+    polling = asyncio.ensure_future(pool.poll_once(b))
+    await metrics_asked.wait()  # /ready answered; /metrics not yet
+    assert b.ready and not b.lost.is_set()
+    release.set()
+    await polling
+    assert b.usable and not b.lost.is_set() and b.missed_polls == 0
+
+
 def test_holding_is_the_replicas_with_the_adapter_loaded() -> None:
     a, b = Replica("http://a", adapters=frozenset({"one"})), Replica("http://b")
     assert holding([a, b], "one") == [a] and holding([a, b], "base") == []
