@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from llamafleet.common import tracing
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.support.browser import launch_chromium
 from tests.support.kube import RESOURCES, VERBS, Emulator
@@ -82,6 +85,16 @@ async def api(kmock, tmp_path, monkeypatch, request):
         assert not denied, ("requests that Kubernetes RBAC would refuse with 403 Forbidden "
                             "(the chart's charts/llamafleet/files/rbac-rules.yaml or the router's "
                             "ROUTER_RBAC_RULES lack them):\n  " + "\n  ".join(denied))
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing on in this process, its spans kept in memory (common/tracing.py)."""
+    exporter = InMemorySpanExporter()
+    tracing.install(SimpleSpanProcessor(exporter), "llamafleet-test")
+    yield exporter
+    tracing.uninstall()
+    assert not tracing.ON
 
 
 # --- the embedded models and real servers (tests/support/servers.py) ---------------------------

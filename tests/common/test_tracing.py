@@ -4,11 +4,9 @@ no provider and no context, and that the router's trace headers replace the clie
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from llamafleet.common import tracing
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 CLIENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -34,15 +32,6 @@ def test_the_environment_turns_tracing_on(env: dict, on: bool) -> None:
 def test_setup_does_nothing_without_the_environment() -> None:
     assert tracing.setup("llamafleet-test", {}) is False
     assert not tracing.ON and tracing.extract({"traceparent": CLIENT}) is None
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.install(SimpleSpanProcessor(exporter), "llamafleet-test")
-    yield exporter
-    tracing.uninstall()
-    assert not tracing.ON
 
 
 def test_inject_replaces_the_clients_trace_headers(spans: InMemorySpanExporter) -> None:

@@ -16,18 +16,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
-from llamafleet.common import tracing
 from llamafleet.router.app import Router, create_app
 from llamafleet.router.settings import RouterSettings
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.support.servers import (
@@ -81,14 +78,6 @@ class ThreadRouter:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.install(SimpleSpanProcessor(exporter), "llamafleet-test")
-    yield exporter
-    tracing.uninstall()
 
 
 def _by_trace(exporter: InMemorySpanExporter, trace_id: int) -> dict[str, list]:
