@@ -173,6 +173,21 @@ def tenants_file(spec: LLMServiceSpec) -> str | None:
     return f"{TENANTS_MOUNT_DIR}/{spec.tenants.secretKey}" if spec.tenants is not None else None
 
 
+def tracing_env(names: Names, spec: LLMServiceSpec) -> list[dict]:
+    """The standard OTEL_* variables (common/tracing.py reads them) for spec.tracing: the
+    collector, a parent-based ratio sampler (a sampled client's trace stays whole), and
+    resource attributes that name this LLMService. None when tracing is off."""
+    t = spec.tracing
+    if t.otlpEndpoint is None:
+        return []
+    values = {"OTEL_EXPORTER_OTLP_ENDPOINT": t.otlpEndpoint,
+              "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+              "OTEL_TRACES_SAMPLER_ARG": str(t.sampleRatio),
+              "OTEL_RESOURCE_ATTRIBUTES": f"service.namespace={names.namespace},"
+                                          f"llamafleet.llmservice={names.name}"}
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
 def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
             model_cache: str | None = None) -> list[dict]:
     values: dict[str, Any] = {
@@ -209,7 +224,7 @@ def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
     secret, key = api_key_ref(names, spec)
     env.append({"name": ENV_PREFIX + "API_KEY", "valueFrom": {"secretKeyRef": {
         "name": secret, "key": key}}})
-    return env
+    return env + tracing_env(names, spec)
 
 
 def _affinity(spec: LLMServiceSpec, plan: ServicePlan) -> dict | None:
@@ -693,7 +708,7 @@ def router_env(names: Names, spec: LLMServiceSpec) -> list[dict]:
     secret, key = api_key_ref(names, spec)
     env.append({"name": ROUTER_ENV_PREFIX + "BACKEND_API_KEY", "valueFrom": {"secretKeyRef": {
         "name": secret, "key": key}}})
-    return env
+    return env + tracing_env(names, spec)
 
 
 def build_router_deployment(names: Names, spec: LLMServiceSpec, image: str) -> dict:

@@ -161,6 +161,15 @@ class Speculative(_M):
     k: int = Field(4, ge=1, le=SPECULATIVE_K_MAX)
 
 
+class Tracing(_M):
+    """OpenTelemetry traces of the pods and the router (docs/observability.md), exported over
+    OTLP/HTTP to ``otlpEndpoint`` (a collector's base URL; ``/v1/traces`` is appended).
+    Unset: off."""
+
+    otlpEndpoint: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=2048)
+    sampleRatio: float = Field(1.0, ge=0, le=1)
+
+
 class Sampling(_M):
     """The pods' DEFAULT_* sampling settings (ranges: llamafleet.common.sampling)."""
 
@@ -342,6 +351,7 @@ class LLMServiceSpec(_M):
     gpuLayers: int = Field(-1, ge=-1)
     batching: Batching = Field(default_factory=Batching)
     speculative: Speculative = Field(default_factory=Speculative)
+    tracing: Tracing = Field(default_factory=Tracing)
     sampling: Sampling = Field(default_factory=Sampling)
     systemPrompt: str | None = Field(None, max_length=65536)
     tls: TLS = Field(default_factory=TLS)

@@ -262,6 +262,8 @@ def test_examples_parse_as_valid_specs() -> None:
     ({"auth": {"apiKeySecret": "has space"}}, "spec.auth.apiKeySecret"),
     ({"speculative": {"mode": "ngram", "k": 17}}, "spec.speculative.k"),
     ({"speculative": {"mode": "draft"}}, "spec.speculative.mode"),
+    ({"tracing": {"otlpEndpoint": "otel-collector:4318"}}, "spec.tracing.otlpEndpoint"),
+    ({"tracing": {"otlpEndpoint": "http://c:4318", "sampleRatio": 2}}, "spec.tracing.sampleRatio"),
 ])
 def test_input_the_api_server_would_reject_is_an_invalid_spec(over, needle) -> None:
     with pytest.raises(SpecError) as e:
@@ -570,3 +572,27 @@ def test_the_tenants_secret_is_mounted_whole_into_the_pods_and_the_router() -> N
     assert [v["name"] for v in plain["volumes"]] == ["tmp"] and "fsGroup" not in plain["securityContext"]
     with pytest.raises(SpecError, match="tenants"):
         parse_spec(spec(tenants={"secretName": "Bad Name"}))
+
+
+def test_spec_tracing_turns_on_the_otlp_exporter_of_the_pods_and_the_router() -> None:
+    from llamafleet.common import tracing
+
+    s = spec(replicas=2, tracing={"otlpEndpoint": "http://otel-collector.obs:4318",
+                                  "sampleRatio": 0.25})
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    router = B.build_router_deployment(NAMES, s, "img:1")
+    for d in (dep, router):
+        validate(d)
+        env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+        otel = {k: v for k, v in env.items() if k.startswith("OTEL_")}
+        assert otel == {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.obs:4318",
+                        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+                        "OTEL_RESOURCE_ATTRIBUTES": f"service.namespace={NAMES.namespace},"
+                                                    f"llamafleet.llmservice={NAMES.name}"}
+        assert tracing.wanted(otel)  # what the processes read turns tracing on
+    plain = spec(replicas=2)
+    for d in (B.build_deployment(NAMES, plain, plan_service(plain, nodes(81559)), "img:1"),
+              B.build_router_deployment(NAMES, plain, "img:1")):
+        assert not any(e["name"].startswith("OTEL_")
+                       for e in d["spec"]["template"]["spec"]["containers"][0]["env"])
