@@ -52,10 +52,12 @@ def fill(expr: str) -> str:
     return expr
 
 
-def own_metric(url: str, name: str) -> float:
+def own_metric(url: str, name: str, unless: tuple[str, str] | None = None) -> float:
+    """The sum of a process's own samples of ``name`` (``unless``: but those with that label
+    value)."""
     text = httpx.get(url, timeout=5).text
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name)
+               if s.name == name and (unless is None or s.labels.get(unless[0]) != unless[1]))
 
 
 class Fleet:
@@ -181,6 +183,11 @@ def scraped(fleet: Fleet) -> Prometheus:
                             PodMetric.COMPLETION_TOKENS)
     router_requests = own_metric(f"{fleet.router.url}/router/metrics", RouterMetric.REQUESTS)
     assert pod_tokens > 0 and router_requests >= 13
+    # The pod counts the client that left once its engine notices (a step later): wait for
+    # that, then for two scrapes of it (a rate needs two samples).
+    pod_url = f"http://127.0.0.1:{fleet.metrics_port}/metrics"
+    wait_until(lambda: own_metric(pod_url, PodMetric.REQUESTS, ("outcome", "ok")) >= 1)
+    prom.wait_for(f'count_over_time({PodMetric.REQUESTS}{{outcome!="ok"}}[5m]) >= 2')
     prom.wait_for(f"sum({PodMetric.COMPLETION_TOKENS}) >= {pod_tokens}")
     prom.wait_for(f"sum({RouterMetric.REQUESTS}) >= {router_requests}")
     prom.wait_for(f'{RouterMetric.REFUSED}{{reason="hold_timeout"}} >= 1')

@@ -51,7 +51,9 @@ async def test_a_held_request_scales_from_zero_and_completes_once_a_replica_is_r
         # Held, and the LLMService is scaled from 0 to 1 through its scale subresource.
         await wait_until(lambda: _eq(router.metric("llamafleet_router_hold_queue_depth"), 1))
         await wait_until(lambda: _eq(replicas(api, "chat"), 1))
-        assert await router.metric("llamafleet_router_scale_ups_total", outcome="scaled") == 1
+        # Counted once the scale call has returned (the replicas may show it first).
+        await wait_until(lambda: _eq(router.metric("llamafleet_router_scale_ups_total",
+                                                   outcome="scaled"), 1))
         scale = await get(api, f"{LLMS}/chat/scale")
         assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 1
 
@@ -86,7 +88,9 @@ async def test_a_held_request_scales_from_zero_and_completes_once_a_replica_is_r
                                                  ("127.0.0.1", True)))
         answer = await asyncio.wait_for(ask, 300)
         assert answer.status_code == 200, answer.text
-        assert await router.metric("llamafleet_router_scale_ups_total", outcome="scaled") == 1
+        # Counted once the scale call has returned (the replicas may show it first).
+        await wait_until(lambda: _eq(router.metric("llamafleet_router_scale_ups_total",
+                                                   outcome="scaled"), 1))
     finally:
         out = await router.stop()
         serve.kill()
