@@ -593,6 +593,7 @@ class Router:
 
         async def rest() -> AsyncIterator[bytes]:
             outcome = "ok" if resp.status_code < 400 else "error"
+            ended = False  # the stream's last event ([DONE]) went to the client
             gone = asyncio.ensure_future(lost.wait())
             try:
                 if head:
@@ -614,6 +615,7 @@ class Router:
                         chunk = trailer.feed(chunk)
                         if not chunk:
                             continue
+                    ended = sse and chunk.rstrip().endswith(b"data: [DONE]")
                     yield chunk
                 if trailer is not None and (tail := trailer.flush()):
                     yield tail
@@ -626,7 +628,10 @@ class Router:
                 err = InternalError("The replica serving this stream failed.")
                 yield b"data: " + json.dumps(openai_body(err)).encode() + b"\n\n"
             except asyncio.CancelledError:
-                outcome = "cancelled"
+                # A client that leaves once it has read [DONE] got its whole answer (the
+                # OpenAI SDK closes then, before the replica's end of the body).
+                if not ended:
+                    outcome = "cancelled"
                 raise
             finally:
                 gone.cancel()
