@@ -13,6 +13,13 @@ What bounds what, and who does it:
   requests on a kept-alive connection (``timeout_keep_alive``); a client that opens a
   connection and sends its head one byte every 10 s is held for ever (slowloris). Our few
   lines close such a connection after ``head_timeout``.
+- **closing while the client still sends** (a 400 for a head over the limit, a 413 before
+  the body was read): uvicorn closes the socket at once, and a kernel that closes a socket
+  with unread bytes sends a reset, which makes the client's kernel drop the answer it had
+  not read yet (the client sees "connection reset" instead of the 400). ``h11_protocol``
+  closes such a connection as nginx's lingering close does: it sends its answer and its end
+  (a half close), then reads and drops what the client still sends, for at most
+  ``LINGER_SECONDS`` and ``LINGER_BYTES``, and closes once the client has closed its side.
 - **the body**, in bytes and in time: ``read_body`` (413 as soon as the count passes the
   limit, or at once from ``Content-Length``; 408 when the whole body has not arrived by its
   deadline). Neither Starlette nor uvicorn bounds a body's size or its time.
@@ -66,6 +73,11 @@ def uvicorn_options(limits: Limits) -> dict[str, Any]:
             "limit_concurrency": limits.max_connections}
 
 
+LINGER_SECONDS = 2.0  # what a closing connection still drains from a client, at most:
+LINGER_BYTES = 1 << 20  # a well-behaved client stops once it reads the answer
+# h11 states of the peer that mean it may still be sending the request we answered.
+_UNREAD = (h11.SEND_BODY, h11.ERROR)
+
 _TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
                 b"connection: close\r\n\r\n")
 
@@ -79,12 +91,16 @@ def h11_protocol(head_timeout: float) -> type[H11Protocol]:
     class H11WithHeadDeadline(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = False
+        _lingering: _LingeringClose | None = None
 
         def connection_made(self, transport):  # type: ignore[no-untyped-def,override]
-            super().connection_made(transport)
+            super().connection_made(_LingeringClose.wrap(transport, self))
             self._arm_head()
 
         def data_received(self, data: bytes) -> None:
+            if self._lingering is not None:
+                self._lingering.drop(len(data))
+                return
             super().data_received(data)
             if self.conn.their_state is h11.IDLE:  # still waiting for a complete head
                 self._head_bytes = self._head_bytes or bool(data)
@@ -94,6 +110,8 @@ def h11_protocol(head_timeout: float) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head()
+            if self._lingering is not None:
+                self._lingering.done()
             super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
@@ -212,3 +230,49 @@ class ReadLimits:
             return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
+
+
+class _LingeringClose:
+    """The transport uvicorn's protocol sees: ``close()`` while the client may still be
+    sending its request becomes a lingering close (the module's docstring says why). Every
+    other attribute is the real transport's. A TLS transport cannot half close; it closes."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+        self._dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def wrap(cls, transport: asyncio.Transport, protocol: Any) -> Any:
+        return cls(transport, protocol) if transport.can_write_eof() else transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        transport, conn = self._transport, self._protocol.conn
+        if transport.is_closing() or conn.their_state not in _UNREAD:
+            transport.close()
+            return
+        self._protocol._lingering = self
+        transport.write_eof()  # after what is buffered: the client reads the answer, then EOF
+        transport.resume_reading()  # uvicorn may have paused reading; drain what comes
+        self._timer = self._protocol.loop.call_later(LINGER_SECONDS, transport.close)
+
+    def drop(self, n: int) -> None:
+        self._dropped += n
+        if self._dropped > LINGER_BYTES:
+            self._transport.close()
+
+    def done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
