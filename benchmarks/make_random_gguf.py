@@ -177,6 +177,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the weights' seed: two models of one vocabulary and different weights "
+                    "(a served model and its draft model, --speculative draft)")
     ap.add_argument("--fill", type=float, default=None,
                     help="one value for every weight instead of noise (e.g. nan, for a broken model)")
     ap.add_argument("--lora", action="store_true",
@@ -191,7 +194,8 @@ def main() -> None:
                                rank=a.rank, alpha=a.alpha, scale=a.scale)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return
-    n = write(a.out, a.dim, a.layers, a.ff, a.heads, a.kv_heads, a.context, fill=a.fill)
+    n = write(a.out, a.dim, a.layers, a.ff, a.heads, a.kv_heads, a.context, seed=a.seed,
+              fill=a.fill)
     print(f"wrote {a.out}: {n / 1e9:.2f}B parameters, {a.out.stat().st_size / 2**20:.0f} MiB")
 
 

@@ -54,9 +54,10 @@ from llamafleet.common.errors import BadRequest, ContextTooLong, InternalError, 
 from llamafleet.common.sampling import DEFAULTS
 
 from .admission import FairQueue, fair_share
+from .draft_model import DraftModel
 from .prompt_cache import PromptCache, shared_prefix
 from .slot_cache import SlotCache
-from .speculative import K_MAX, NgramLookup, SpeculationStats
+from .speculative import K_MAX, AdaptiveLength, NgramLookup, SpeculationStats
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,8 @@ class _Sequence:
     hurry: bool = False
     held: list[TextDelta] = field(default_factory=list)  # not streamed: sent at the end
     resume: list[int] | None = None  # RESUME: prompt + generated, to be in the KV cache
-    lookup: NgramLookup | None = None  # speculation on: its drafts (None: off for it)
+    # Speculation on: its draft length, and with prompt lookup its index (None: off for it).
+    lookup: AdaptiveLength | None = None
 
     def pending(self) -> Sequence[int]:
         """The tokens a PREFILL or RESUME sequence decodes, from ``n_past`` on."""
@@ -460,6 +462,7 @@ class Engine:
         deliver: Callable[[list[tuple[GenerationRequest, Event]]], None] | None = None,
         prefill_step_s: float | None = None,
         speculative_k: int = 0,
+        draft_model: DraftModel | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -470,6 +473,8 @@ class Engine:
                              f"({backend.n_batch})")
         if not 0 <= speculative_k <= K_MAX:
             raise ValueError(f"speculative_k must be 0 (off) to {K_MAX}, not {speculative_k}")
+        if draft_model is not None and not speculative_k:
+            raise ValueError("a draft model needs speculative_k >= 1")
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.context_size = context_size
@@ -489,10 +494,13 @@ class Engine:
         # Chunked prefill: a step's prompt tokens are held to what fits prefill_step_s at the
         # measured cost per batch token (prefill_budget says when; None: up to n_batch).
         self.prefill_step_s = prefill_step_s
-        # Prompt-lookup speculation (inference/speculative.py): draft tokens per sequence and
-        # step, at most; 0: off, and no sequence carries a lookup.
+        # Speculation: draft tokens per sequence and step, at most; 0: off, and no sequence
+        # carries a lookup. The drafts come from the draft model when there is one
+        # (inference/draft_model.py), else from prompt lookup (inference/speculative.py).
         self.speculative_k = speculative_k
-        self.speculation = {"ngram": SpeculationStats()}
+        self.draft_model = draft_model
+        self.speculative_kind = "draft" if draft_model is not None else "ngram"
+        self.speculation = {"ngram": SpeculationStats(), "draft": SpeculationStats()}
         self._token_s: float | None = None  # seconds per batch token, steps with prompt tokens
         self._thread: threading.Thread | None = None
         # Adapter sets of the running sequences (how many each) in order of arrival, the step
@@ -739,7 +747,9 @@ class Engine:
             slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None,
                                            adapters=req.adapters)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
-            if self.speculative_k:
+            if self.draft_model is not None:
+                seq.lookup = AdaptiveLength(self.speculative_k)
+            elif self.speculative_k:
                 seq.lookup = NgramLookup(self.speculative_k)
             tenants = self._tenants
             seq.hurry = bool(tenants.keys() - {req.tenant}) and tenants.get(req.tenant, 0) < \
@@ -797,6 +807,8 @@ class Engine:
         tokens = seq.kv_tokens()
         self.cache.saved_prompt(seq.slot, tokens, True, seq.req.adapters)  # to host RAM
         self.cache.release(seq.slot, tokens, seq.req.adapters)
+        if self.draft_model is not None:
+            self.draft_model.release(seq.slot)
         seq.slot = -1
         self.preemptions += 1
         self._waiting.put_front(_Parked(seq))
@@ -867,28 +879,60 @@ class Engine:
         what another sequence's token would, so with every slot taken (the batch full: the
         device busy with real tokens) nobody drafts, and the fewer sequences run, the more
         room the drafts have. Within that, each sequence's draft is as long as its own
-        acceptance allows (NgramLookup), and only where its n-gram occurred before."""
+        acceptance allows (AdaptiveLength); with prompt lookup, only where its n-gram occurred
+        before; with a draft model, what that model predicts (all drafting sequences in the
+        same few decodes of the draft context)."""
         room = min((self.max_batch_size - len(self._running)) * self.speculative_k,
                    self.backend.n_batch - len(group))
         if room <= 0:
             return None
         drafts: dict[int, list[int]] = {}
+        wants: list[tuple[_Sequence, int]] = []
         for seq in group:
             lookup = seq.lookup
             if lookup is None or seq.state is not DECODE:
                 continue
-            # The last drafted position must stay inside the sequence's context.
-            limit = min(room, self.context_size - seq.n_past - 2)
+            # The last drafted position must stay inside the sequence's context, and a draft
+            # of n tokens yields n + 1 tokens at most: none past max_tokens.
+            limit = min(room, self.context_size - seq.n_past - 2,
+                        seq.req.params.max_tokens - seq.completion_tokens - 1)
             if limit <= 0:
                 continue
-            lookup.sync(seq.req.prompt, seq.generated)
-            draft = lookup.draft(seq.next_token, limit)
+            if isinstance(lookup, NgramLookup):
+                lookup.sync(seq.req.prompt, seq.generated)
+                draft = lookup.draft(seq.next_token, limit)
+            else:
+                n = lookup.length(limit)
+                if n:
+                    wants.append((seq, n))
+                draft = [0] * n  # room held for the draft model's tokens
             if draft:
                 drafts[id(seq)] = draft
                 room -= len(draft)
                 if room <= 0:
                     break
+        if wants:
+            self._draft_with_model(wants, drafts)
         return drafts
+
+    def _draft_with_model(self, wants: list[tuple[_Sequence, int]],
+                          drafts: dict[int, list[int]]) -> None:
+        """The draft model's drafts for ``wants`` (sequence, most tokens) into ``drafts``; a
+        sequence whose draft model has not caught up with it yet drafts nothing this step. A
+        failing draft model costs this step's drafts, never a request."""
+        assert self.draft_model is not None
+        try:
+            out = self.draft_model.draft([(s.slot, [*s.req.prompt, *s.generated, s.next_token], n)
+                                          for s, n in wants])
+        except Exception:
+            log.exception("the draft model failed; this step goes without drafts")
+            self.draft_model.reset()
+            out = [[] for _ in wants]
+        for (seq, _), draft in zip(wants, out, strict=True):
+            if draft:
+                drafts[id(seq)] = draft
+            else:
+                del drafts[id(seq)]
 
     def _group(self) -> list[_Sequence]:
         """The running sequences this step decodes: all of them when they share one adapter
@@ -1022,7 +1066,7 @@ class Engine:
             j += 1
             if live:
                 self._sample([(seq, index + j) for seq, index, _ in live], first, later)
-        stats = self.speculation["ngram"]
+        stats = self.speculation[self.speculative_kind]
         for (seq, _, draft), end in zip(drafts, ends, strict=True):
             accepted = len(draft) - (end - seq.n_past)
             stats.drafted += len(draft)
@@ -1090,6 +1134,8 @@ class Engine:
         key = seq.req.adapters
         self.observer.on_finish(seq.req, len(seq.req.prompt), seq.completion_tokens)
         try:
+            if self.draft_model is not None:
+                self.draft_model.release(seq.slot)
             self.cache.release(seq.slot, seq.kv_tokens() if keep_cache else None, key)
         finally:
             self.backend.free_sampler(seq.sampler)

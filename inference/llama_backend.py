@@ -351,6 +351,12 @@ class LlamaBackend:
         pool.accept(samplers, tokens, pr)
         return tokens.tolist()
 
+    def argmax(self, batch_indices: Sequence[int]) -> list[int]:
+        """The most likely token at each batch index of the last decode, no sampler: a draft
+        model's greedy choice (inference/draft_model.py)."""
+        rows = self._out_row[np.asarray(batch_indices, dtype=np.intp)]
+        return self.logits()[rows].argmax(axis=1).tolist()
+
     @staticmethod
     def _grammar_allows(grammar: ctypes.c_void_p, token: int, row: np.ndarray) -> bool:
         data = (C.llama_token_data * 1)(C.llama_token_data(token, float(row[token]), 0.0))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamafleet.common import tracing
 from llamafleet.common.capacity import Plan
-from llamafleet.common.contract import SYSTEM_FINGERPRINT, env_name
+from llamafleet.common.contract import EMBEDDED_MODELS, SYSTEM_FINGERPRINT, env_name
 from llamafleet.common.errors import (
     BadRequest,
     ContextTooLong,
@@ -36,6 +36,7 @@ from llamafleet.common.versions import llama_cpp_python_version
 
 from . import capacity
 from .adapters import Adapter, Adapters
+from .draft_model import DraftModel, check_vocabulary
 from .engine import (
     Engine,
     Failed,
@@ -571,6 +572,36 @@ def kv_layout(setting: str, max_batch_size: int) -> str:
     return "split" if max_batch_size >= SPLIT_FROM else "unified"
 
 
+def load_draft_model(settings: Settings, target: Any, *, n_seq: int, n_batch: int,
+                     kv_layout: str) -> DraftModel:
+    """The draft model of ``--speculative draft``: loaded, its vocabulary checked against the
+    served model's (ModelError, one line, otherwise), with a context of its own shaped like the
+    served model's."""
+    from .llama_backend import LlamaBackend, LlamaModel
+
+    name = settings.draft_model
+    assert name is not None  # Settings: mode draft needs it
+    if name in EMBEDDED_MODELS:
+        path = resolve_model_path(None, name, settings.embedded_model_dir)
+    elif Path(name).is_file():
+        path = resolve_model_path(Path(name))
+    else:
+        raise ModelError(f"draft model not found: {name} ({env_name('draft_model')} is a GGUF "
+                         f"path or the name of an embedded model: {', '.join(EMBEDDED_MODELS)})")
+    log.info("loading draft model %s", path)
+    model = LlamaModel(path, settings.gpu_layers)
+    try:
+        check_vocabulary(target, model, path)
+        backend = LlamaBackend(model, n_seq=n_seq, context_size=settings.context_size,
+                               n_batch=n_batch, threads=settings.threads,
+                               kv_cache_type=settings.kv_cache_type, swa_full=settings.swa_full,
+                               kv_layout=kv_layout)
+    except ModelError:
+        model.close()
+        raise
+    return DraftModel(backend, n_seq, target.is_eog)
+
+
 def build(settings: Settings) -> Serving:
     """Load the model, plan capacity, start the engine. Raises ModelError/CapacityError."""
     from .llama_backend import LlamaBackend, LlamaModel
@@ -603,7 +634,7 @@ def build(settings: Settings) -> Serving:
                         "architecture": model.shape.architecture,
                         "context_size": str(settings.context_size)})
     prompt_cache = PromptCache(settings.prompt_cache_mib << 20) if settings.prompt_cache_mib else None
-    speculative_k = settings.speculative_k if settings.speculative == "ngram" else 0
+    speculative_k = settings.speculative_k if settings.speculative != "none" else 0
     if speculative_k and backend.n_swa and not settings.swa_full:
         # A rejected draft's cells must be dropped, and a sliding window that moved past
         # them leaves the sequence unable to go on from there (trim_sequence says no):
@@ -611,11 +642,19 @@ def build(settings: Settings) -> Serving:
         log.warning("speculative decoding stays off: %s has sliding-window attention (%d "
                     "tokens); set %s to use it", path.name, backend.n_swa, env_name("swa_full"))
         speculative_k = 0
+    draft = None
+    if speculative_k and settings.speculative == "draft":
+        try:
+            draft = load_draft_model(settings, model, n_seq=plan.max_batch_size, n_batch=n_batch,
+                                     kv_layout=layout)
+        except ModelError:
+            backend.close()
+            raise
     engine = Engine(backend, max_batch_size=plan.max_batch_size, queue_size=settings.queue_size,
                     context_size=settings.context_size,
                     observer=EngineMetrics(metrics), prompt_cache=prompt_cache,
                     deliver=deliver, prefill_step_s=settings.prefill_step_ms / 1e3 or None,
-                    speculative_k=speculative_k)
+                    speculative_k=speculative_k, draft_model=draft)
     metrics.follow(engine, backend.n_ctx)
     profile = install_profile(engine, metrics) if settings.step_profile else None
     probe = model.tokenize("The sky is", add_bos=model.add_bos)

@@ -163,21 +163,31 @@ class Settings(BaseSettings):
         "used cells (masked); one ubatch for mixed prefill and decode rows. 'auto': split "
         "when max_batch_size >= 8, else unified (measured: benchmarks/high_concurrency.py).",
     )
-    speculative: Literal["none", "ngram"] = Field(
+    speculative: Literal["none", "ngram", "draft"] = Field(
         "none",
         description="Speculative decoding. 'ngram' (prompt lookup): each sequence drafts "
         "what followed the last occurrence of its latest 3 tokens in its prompt and "
-        "output, verified in the same decode step as the rest of the batch; answers that "
-        "quote their context (RAG, code edits) come out in fewer steps, greedy output is "
-        "unchanged and sampled output keeps its distribution. Drafts use the batch room of "
-        "free slots only (none with every slot taken) and shrink when they miss. Not for "
-        "models with sliding-window attention (Gemma 3) unless swa_full is on: rejected "
-        "drafts cannot be rolled back there (a warning, and it stays off). 'none': off.",
+        "output; answers that quote their context (RAG, code edits) come out in fewer steps. "
+        "'draft': a small model of the same vocabulary (draft_model) drafts each sequence's "
+        "next tokens greedily, from a KV cache of its own. Either way the draft is verified in "
+        "the same decode step as the rest of the batch: greedy output is unchanged and "
+        "sampled output keeps its distribution. Drafts use the batch room of free slots only "
+        "(none with every slot taken) and shrink when they miss. Not for models with "
+        "sliding-window attention (Gemma 3) unless swa_full is on: rejected drafts cannot be "
+        "rolled back there (a warning, and it stays off). 'none': off.",
     )
     speculative_k: int = Field(
         4, ge=1, le=K_MAX,
         description="Speculative decoding: the most draft tokens a sequence verifies per "
         "step (its draft grows back to this after misses while drafts are accepted).",
+    )
+    draft_model: str | None = Field(
+        None,
+        description="Speculative decoding 'draft' (and only then): the draft model, a GGUF "
+        "path or the name of an embedded model. Its vocabulary must be the served model's "
+        "(checked at start-up). It gets a context of its own, with as many sequences of "
+        "context_size tokens as the served model's, on the same GPU layers setting; capacity "
+        "planning does not count it, so leave memory_reserve_mib room for it.",
     )
     swa_full: bool = Field(
         False,
@@ -345,6 +355,13 @@ class Settings(BaseSettings):
             raise ValueError("set all of GRPC_CA_PATH, GRPC_CERT_PATH and GRPC_KEY_PATH, or none")
         if self.http_tls and not all(tls):
             raise ValueError("http_tls needs GRPC_CERT_PATH and GRPC_KEY_PATH")
+        if self.speculative == "draft" and not self.draft_model:
+            raise ValueError(f"speculative 'draft' needs {env_name('draft_model')} "
+                             "(--draft-model): a GGUF path or an embedded model's name")
+        if self.draft_model and self.speculative != "draft":
+            raise ValueError(f"{env_name('draft_model')} (--draft-model) is set but speculative "
+                             f"is {self.speculative!r}: set it to 'draft' to use the draft model, "
+                             "or unset the draft model")
         return self
 
     @property

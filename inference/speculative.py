@@ -10,7 +10,9 @@ was sampled, and drops the KV cells of the rest (``Engine._verify``). Every toke
 token emitted, in order, so greedy output is the same token for token and sampled output has
 the same distribution; penalties, grammars and logprobs see the tokens as without speculation.
 
-:class:`NgramLookup` is one sequence's index and its adaptive draft length.
+:class:`NgramLookup` is one sequence's index; :class:`AdaptiveLength`, its adaptive draft
+length, is shared with the other kind of draft, a small model's (:mod:`.draft_model`), which the
+engine verifies the same way.
 """
 
 from __future__ import annotations
@@ -37,23 +39,52 @@ class SpeculationStats:
     accepted: int = 0
 
 
-class NgramLookup:
-    """The trigrams of one sequence's accepted tokens (prompt and output) and where each last
-    ended, updated as tokens are accepted; and how long its drafts may be now.
+class AdaptiveLength:
+    """How long one sequence's drafts may be now, from how its last drafts fared.
 
-    Adaptive length: a draft accepted whole lets the next be one token longer (up to ``k``); a
-    draft cut short makes the next as long as what was accepted (at least 1); a draft rejected
-    at its first token also pauses drafting for 1, 2, 4 ... SKIP_MAX steps, so a sequence
-    that does not repeat itself (free text) soon costs its batch nothing."""
+    A draft accepted whole lets the next be one token longer (up to ``k``); a draft cut short
+    makes the next as long as what was accepted (at least 1); a draft rejected at its first
+    token also pauses drafting for 1, 2, 4 ... SKIP_MAX steps, so a sequence whose drafts miss
+    (free text for prompt lookup, a draft model that disagrees) soon costs its batch nothing."""
 
-    __slots__ = ("k_max", "k", "tokens", "_index", "_misses", "_skip")
+    __slots__ = ("k_max", "k", "_misses", "_skip")
 
     def __init__(self, k: int):
         self.k_max = self.k = k
-        self.tokens: list[int] = []  # the sequence's tokens in the KV cache, as indexed
-        self._index: dict[tuple[int, ...], int] = {}  # trigram -> where what followed starts
         self._misses = 0
         self._skip = 0
+
+    def length(self, limit: int) -> int:
+        """Draft tokens this step, at most ``limit``: 0 while drafting is paused (each call
+        counts one paused step)."""
+        if self._skip:
+            self._skip -= 1
+            return 0
+        return min(self.k, limit)
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 1)
+            self._misses = 0
+        elif accepted:
+            self.k = accepted
+            self._misses = 0
+        else:
+            self.k = 1
+            self._misses += 1
+            self._skip = min(SKIP_MAX, 1 << (self._misses - 1))
+
+
+class NgramLookup(AdaptiveLength):
+    """The trigrams of one sequence's accepted tokens (prompt and output) and where each last
+    ended, updated as tokens are accepted; its drafts' length adapts (AdaptiveLength)."""
+
+    __slots__ = ("tokens", "_index")
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.tokens: list[int] = []  # the sequence's tokens in the KV cache, as indexed
+        self._index: dict[tuple[int, ...], int] = {}  # trigram -> where what followed starts
 
     def sync(self, prompt: Sequence[int], generated: Sequence[int]) -> None:
         """Index the tokens accepted since the last call (``prompt + generated``)."""
@@ -75,29 +106,14 @@ class NgramLookup:
     def draft(self, next_token: int, limit: int) -> list[int]:
         """Up to ``min(k, limit)`` tokens to follow ``next_token`` (sampled, not yet in the
         cache): what followed the latest earlier occurrence of the trigram ending in it."""
-        if self._skip:
-            self._skip -= 1
-            return []
+        n = self.length(limit)
         tokens = self.tokens
-        if len(tokens) < NGRAM - 1:
+        if not n or len(tokens) < NGRAM - 1:
             return []
         at = self._index.get((*tokens[len(tokens) - NGRAM + 1:], next_token))
         if at is None:
             return []
-        n = min(self.k, limit)
         out = tokens[at:at + n]
         if len(out) < n:  # the match ends at the newest token: next_token follows
             out.append(next_token)
         return out
-
-    def verified(self, drafted: int, accepted: int) -> None:
-        if accepted == drafted:
-            self.k = min(self.k_max, self.k + 1)
-            self._misses = 0
-        elif accepted:
-            self.k = accepted
-            self._misses = 0
-        else:
-            self.k = 1
-            self._misses += 1
-            self._skip = min(SKIP_MAX, 1 << (self._misses - 1))

@@ -56,8 +56,8 @@ def test_an_agreeing_draft_takes_several_tokens_in_one_step() -> None:
 
 
 def test_a_rejected_draft_is_rolled_back_to_the_last_accepted_token() -> None:
-    on, be, eng = run([4, 5, 6, 99, 4, 5], 4, None, max_tokens=3)
-    assert on.text == "6 7 8 "
+    on, be, eng = run([4, 5, 6, 99, 4, 5], 4, None, max_tokens=6)
+    assert on.text == "6 7 8 9 10 11 "
     # Step 2 decodes 6 with the draft [99, 4, 5, 6] behind it; the model says 7: 6 stays.
     tokens, pos, seqs, logits = be.batches[1]
     assert tokens == [6, 99, 4, 5, 6] and pos == [6, 7, 8, 9, 10] and all(logits)
