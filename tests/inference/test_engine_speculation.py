@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from llamafleet.inference.draft_model import DraftModel
 from llamafleet.inference.engine import Engine, Finished, GenerationRequest, SamplingParams, TextDelta
 from llamafleet.inference.speculative import NgramLookup
 
@@ -193,3 +194,97 @@ def test_the_metrics_count_drafted_and_accepted_tokens_by_kind() -> None:
         in text
     rate = stats.accepted / stats.drafted
     assert f'llamafleet_speculative_acceptance_rate{{kind="ngram"}} {rate}' in text
+
+
+def test_draft_mode_needs_a_draft_model_and_a_draft_model_needs_draft_mode(monkeypatch) -> None:
+    import argparse
+
+    from llamafleet.common import cli
+    from llamafleet.inference.settings import Settings
+    from pydantic import ValidationError
+
+    p = argparse.ArgumentParser()
+    cli.add_settings_flags(p, Settings)
+    s = cli.load_settings(p.parse_args(["--speculative", "draft", "--draft-model", "d.gguf"]),
+                          Settings)
+    assert (s.speculative, s.draft_model) == ("draft", "d.gguf")
+    with pytest.raises(ValidationError, match="speculative 'draft' needs "
+                       r"LLM_LLAMA_SERVICE_DRAFT_MODEL \(--draft-model\)"):
+        Settings(speculative="draft")
+    monkeypatch.setenv("LLM_LLAMA_SERVICE_DRAFT_MODEL", "d.gguf")
+    with pytest.raises(ValidationError, match=r"LLM_LLAMA_SERVICE_DRAFT_MODEL \(--draft-model\) is "
+                       "set but speculative is 'ngram'"):
+        Settings(speculative="ngram")
+    with pytest.raises(ValueError, match="a draft model needs speculative_k >= 1"):
+        Engine(FakeBackend(), max_batch_size=2, queue_size=1, context_size=64,
+               draft_model=DraftModel(FakeDraftBackend(), 2, lambda t: t == EOG))
+
+
+class FakeDraftBackend:
+    """The draft model's context, faked: the token after t is t + 1; each sequence's cells are
+    a list, and a decode must continue it exactly where it ends (no hole, no overwrite)."""
+
+    def __init__(self, n_batch: int = 8):
+        self.n_batch = n_batch
+        self.cells: dict[int, list[int]] = {}
+        self.decodes: list[tuple[list[int], list[int], list[int]]] = []
+        self._at: dict[int, int] = {}
+
+    def decode(self, tokens, pos, seq, logits) -> None:
+        for t, p, s in zip(tokens, pos, seq, strict=True):
+            cells = self.cells.setdefault(s, [])
+            assert p == len(cells), (s, p, cells)
+            cells.append(t)
+        self.decodes.append((list(tokens), list(pos), list(seq)))
+        self._at = {i: t for i, (t, want) in enumerate(zip(tokens, logits, strict=True)) if want}
+
+    def argmax(self, batch_indices) -> list[int]:
+        return [self._at[i] + 1 for i in batch_indices]
+
+    def clear_sequence(self, seq_id: int) -> None:
+        self.cells[seq_id] = []
+
+    def trim_sequence(self, seq_id: int, keep: int) -> bool:
+        del self.cells.setdefault(seq_id, [])[keep:]
+        return True
+
+
+def test_the_draft_model_catches_up_in_bounded_steps_trims_rejections_and_frees_slots() -> None:
+    be = FakeDraftBackend(n_batch=8)
+    dm = DraftModel(be, 2, lambda t: t == EOG)
+    prompt = list(range(10, 22))  # 12 tokens: more than one draft batch holds
+    # Step 1: 8 of the prompt's tokens fit; no draft yet. Step 2: the rest and the next token.
+    assert dm.draft([(1, [*prompt, 22], 3)]) == [[]]
+    assert dm.draft([(1, [*prompt, 22], 3)]) == [[23, 24, 25]]
+    assert be.cells[1] == [*prompt, 22, 23, 24] and dm.cells(1) == 15
+    # 23 accepted, then the served model said 30: the cells of 24 go, 23 and 30 come in, and
+    # two sequences draft in the same decodes.
+    assert dm.draft([(0, [5, 6], 2), (1, [*prompt, 22, 23, 30], 2)]) == [[7, 8], [31, 32]]
+    assert be.cells[1] == [*prompt, 22, 23, 30, 31]
+    assert be.decodes[-1] == ([7, 31], [2, 15], [0, 1])  # one round for both
+    # A draft stops at an end of generation; a slot taken by another request starts over.
+    assert dm.draft([(0, [EOG - 1], 4)]) == [[EOG]]
+    dm.release(1)
+    assert be.cells[1] == [] and dm.cells(1) == 0
+
+
+def test_an_engine_with_a_draft_model_emits_what_it_would_without_and_frees_the_draft_cells() -> None:
+    def run_with(draft: bool, **params):
+        be, dbe = FakeBackend(), FakeDraftBackend(n_batch=8)
+        eng = Engine(be, max_batch_size=2, queue_size=4, context_size=256,
+                     speculative_k=4 if draft else 0,
+                     draft_model=DraftModel(dbe, 2, be.is_eog) if draft else None)
+        eng.start()
+        c = submit(eng, [1, 2, 3], **params)
+        assert c.done.wait(5)
+        eng.stop()
+        return c, eng, dbe
+
+    off, _, _ = run_with(False, max_tokens=20)
+    on, eng, dbe = run_with(True, max_tokens=20)
+    assert on.text == off.text and on.final == off.final
+    stats = eng.speculation["draft"]
+    # The fake draft model agrees with the fake model: every draft token is accepted.
+    assert stats.drafted >= 10 and stats.accepted == stats.drafted
+    assert eng.speculation["ngram"].drafted == 0
+    assert all(not cells for cells in dbe.cells.values())  # released with the sequence
