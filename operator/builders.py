@@ -37,10 +37,11 @@ from llamafleet.common.contract import (
 )
 
 from .planning import MEMORY_LABEL, ServicePlan
-from .spec import AdapterSpec, LLMServiceSpec
+from .spec import AdapterSpec, LLMServiceSpec, URLSource
 
 TLS_DIR = "/etc/llamafleet/tls"
 MODEL_DIR = "/models"
+DRAFT_MODEL_DIR = "/draft-model"  # the draft model's volume (speculative mode draft)
 HASH_ANNOTATION = "llamafleet.io/spec-hash"
 API_KEY_KEY = "api-key"
 CLIENT_LABEL = "llamafleet.io/client"
@@ -143,6 +144,26 @@ def model_env(spec: LLMServiceSpec, model_cache: str | None = None) -> dict[str,
     return {"EMBEDDED_MODEL": src.embedded.name}
 
 
+def draft_model_value(spec: LLMServiceSpec) -> str | None:
+    """The pod's DRAFT_MODEL (speculative mode draft; None otherwise): an embedded model's
+    name, the file its init container downloaded, or its file on a claim (the model's volume
+    when it is the model's claim)."""
+    draft = spec.speculative.draftModel
+    if spec.speculative.mode != "draft" or draft is None:
+        return None
+    src = draft.source
+    if src.embedded:
+        return src.embedded.name
+    if src.url:
+        return f"{DRAFT_MODEL_DIR}/model.gguf"
+    assert src.pvc is not None
+    inside = str(PurePosixPath(src.pvc.path.lstrip("/")))
+    model = spec.model.source.pvc
+    if model and model.claimName == src.pvc.claimName:
+        return f"{MODEL_DIR}/{inside}"
+    return f"{DRAFT_MODEL_DIR}/{inside}"
+
+
 def api_key_ref(names: Names, spec: LLMServiceSpec) -> tuple[str, str]:
     """(Secret name, key) that holds the pods' API key: the user's, or the generated one."""
     if spec.auth.apiKeySecret:
@@ -207,6 +228,8 @@ def pod_env(names: Names, spec: LLMServiceSpec, plan: ServicePlan,
         "LOG_FORMAT": spec.logging.format,
         "LOG_LEVEL": spec.logging.level,
     }
+    if (draft := draft_model_value(spec)) is not None:
+        values["DRAFT_MODEL"] = draft
     if spec.tenants is not None:
         values["TENANTS_FILE"] = tenants_file(spec)
     if spec.tls.enabled:
@@ -279,16 +302,8 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
     elif src.url:  # no model cache: each pod downloads its copy
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
         volumes.append({"name": "model", "emptyDir": {}})
-        init.append({
-            "name": "fetch-model", "image": image, "imagePullPolicy": spec.image.pullPolicy,
-            "command": ["llamafleet", "fetch", "--url", src.url.url, "--sha256", src.url.sha256,
-                        "--out", f"{MODEL_DIR}/model.gguf"],
-            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR},
-                             {"name": "tmp", "mountPath": "/tmp"}],
-            "securityContext": _container_security(),
-            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
-                          "limits": {"memory": "512Mi"}},
-        })
+        init.append(_fetch("fetch-model", image, spec, src.url, f"{MODEL_DIR}/model.gguf",
+                           "model", MODEL_DIR))
     probe = {"httpGet": {"path": "/ready", "port": "http"}}
     container = {
         "name": "server", "image": image, "imagePullPolicy": spec.image.pullPolicy,
@@ -335,6 +350,8 @@ def build_deployment(names: Names, spec: LLMServiceSpec, plan: ServicePlan, imag
                             "prometheus.io/port": str(METRICS_PORT)}
     if spec.adapters:
         add_adapters(names, spec, image, pod_spec, template_annotations)
+    if draft_model_value(spec) is not None:
+        add_draft_model(spec, image, pod_spec)
     # Pod labels beyond the selector: llm-d's endpoint picker reads the engine type.
     template_labels = {**labels(names.name), ENGINE_TYPE_LABEL: ENGINE_TYPE}
     dep = {
@@ -445,17 +462,8 @@ def add_adapters(names: Names, spec: LLMServiceSpec, image: str, pod_spec: dict,
                                        "readOnly": True})
         init = pod_spec.setdefault("initContainers", [])
         for out, url in sorted(fetched.items()):
-            init.append({
-                "name": "fetch-adapter-" + out.rsplit("/", 1)[-1].removesuffix(".gguf"),
-                "image": image, "imagePullPolicy": spec.image.pullPolicy,
-                "command": ["llamafleet", "fetch", "--url", url.url, "--sha256", url.sha256,
-                            "--out", out],
-                "volumeMounts": [{"name": "adapters", "mountPath": ADAPTER_DIR},
-                                 {"name": "tmp", "mountPath": "/tmp"}],
-                "securityContext": _container_security(),
-                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
-                              "limits": {"memory": "512Mi"}},
-            })
+            init.append(_fetch("fetch-adapter-" + out.rsplit("/", 1)[-1].removesuffix(".gguf"),
+                               image, spec, url, out, "adapters", ADAPTER_DIR))
     for claim in sorted(claims):
         volume = _claim_volume(claim)
         pod_spec["volumes"].append({"name": volume, "persistentVolumeClaim": {
@@ -463,6 +471,43 @@ def add_adapters(names: Names, spec: LLMServiceSpec, image: str, pod_spec: dict,
         server["volumeMounts"].append({"name": volume, "readOnly": True,
                                        "mountPath": f"{ADAPTER_CLAIMS_DIR}/{claim}"})
     annotations[ADAPTER_SOURCES_ANNOTATION] = json.dumps(adapter_sources(spec))
+
+
+def add_draft_model(spec: LLMServiceSpec, image: str, pod_spec: dict) -> None:
+    """The draft model's file on the pod spec (speculative mode draft): a URL one is downloaded
+    and verified by an init container into a volume of its own (by each pod: a draft model is
+    small, and the model cache holds the model only), a claim other than the model's is
+    mounted read-only; an embedded one is in the image, and one on the model's claim is
+    mounted already."""
+    assert spec.speculative.draftModel is not None
+    src = spec.speculative.draftModel.source
+    server = pod_spec["containers"][0]
+    mount = {"name": "draft-model", "mountPath": DRAFT_MODEL_DIR, "readOnly": True}
+    if src.url:
+        pod_spec["volumes"].append({"name": "draft-model", "emptyDir": {}})
+        server["volumeMounts"].append(mount)
+        pod_spec.setdefault("initContainers", []).append(_fetch(
+            "fetch-draft-model", image, spec, src.url, f"{DRAFT_MODEL_DIR}/model.gguf",
+            "draft-model", DRAFT_MODEL_DIR))
+    elif src.pvc and str(draft_model_value(spec)).startswith(DRAFT_MODEL_DIR):
+        pod_spec["volumes"].append({"name": "draft-model", "persistentVolumeClaim": {
+            "claimName": src.pvc.claimName, "readOnly": True}})
+        server["volumeMounts"].append(mount)
+
+
+def _fetch(name: str, image: str, spec: LLMServiceSpec, url: URLSource, out: str, volume: str,
+           mount_dir: str) -> dict:
+    """An init container that downloads ``url`` to ``out`` and checks its sha256."""
+    return {
+        "name": name, "image": image, "imagePullPolicy": spec.image.pullPolicy,
+        "command": ["llamafleet", "fetch", "--url", url.url, "--sha256", url.sha256,
+                    "--out", out],
+        "volumeMounts": [{"name": volume, "mountPath": mount_dir},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": _container_security(),
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                      "limits": {"memory": "512Mi"}},
+    }
 
 
 def _container_security() -> dict:

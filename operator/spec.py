@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from llamafleet.common.contract import (
     ADAPTER_NAME_PATTERN,
@@ -54,6 +54,8 @@ class EmbeddedSource(_M):
 
 
 class Source(_M):
+    WHERE: ClassVar[str] = "model.source"  # where in the spec, for the error
+
     pvc: PVCSource | None = None
     url: URLSource | None = None
     embedded: EmbeddedSource | None = None
@@ -70,8 +72,9 @@ class Source(_M):
     def _one(self) -> Source:
         chosen = [k for k in ("pvc", "url", "embedded") if getattr(self, k) is not None]
         if len(chosen) != 1:
-            raise ValueError("set exactly one of model.source.pvc, model.source.url or "
-                             f"model.source.embedded (got {chosen or 'none'})")
+            w = self.WHERE
+            raise ValueError(f"set exactly one of {w}.pvc, {w}.url or {w}.embedded (got "
+                             f"{chosen or 'none'})")
         return self
 
 
@@ -153,12 +156,34 @@ class Batching(_M):
     queueSize: int = Field(64, ge=0, le=100_000)
 
 
-class Speculative(_M):
-    """The pods' speculative decoding (--speculative, --speculative-k): 'ngram' drafts by
-    prompt lookup; 'none' is off."""
+class DraftSource(Source):
+    WHERE: ClassVar[str] = "speculative.draftModel.source"
 
-    mode: Literal["none", "ngram"] = "none"
+
+class DraftModelSpec(_M):
+    """The draft model of speculative mode 'draft': a small model with the served model's
+    vocabulary, from the same kinds of source as the model (the pod checks the vocabulary)."""
+
+    source: DraftSource
+
+
+class Speculative(_M):
+    """The pods' speculative decoding (--speculative, --speculative-k, --draft-model): 'ngram'
+    drafts by prompt lookup, 'draft' with ``draftModel``; 'none' is off."""
+
+    mode: Literal["none", "ngram", "draft"] = "none"
     k: int = Field(4, ge=1, le=SPECULATIVE_K_MAX)
+    draftModel: DraftModelSpec | None = None
+
+    @model_validator(mode="after")
+    def _draft_model_with_mode_draft(self) -> Speculative:
+        if self.mode == "draft" and self.draftModel is None:
+            raise ValueError("mode draft needs draftModel.source (pvc, url or embedded): a "
+                             "small model with the served model's vocabulary")
+        if self.draftModel is not None and self.mode != "draft":
+            raise ValueError(f"draftModel is set but mode is {self.mode!r}: set mode draft to "
+                             "use it, or remove draftModel")
+        return self
 
 
 class Tracing(_M):

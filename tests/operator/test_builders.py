@@ -203,6 +203,50 @@ def test_every_env_key_the_builders_set_is_a_pod_setting(source) -> None:
     assert not unknown
 
 
+DRAFT_URL = {"url": "https://models.example/d.gguf", "sha256": "d" * 64}
+
+
+@pytest.mark.parametrize("source, path, volume", [
+    ({"url": DRAFT_URL}, "/draft-model/model.gguf", {"emptyDir": {}}),
+    ({"pvc": {"claimName": "drafts", "path": "/small/d.gguf"}}, "/draft-model/small/d.gguf",
+     {"persistentVolumeClaim": {"claimName": "drafts", "readOnly": True}}),
+    ({"pvc": {"claimName": "models", "path": "d.gguf"}}, "/models/d.gguf", None),  # the model's
+    ({"embedded": {"name": "smollm2-135m-instruct"}}, "smollm2-135m-instruct", None),
+])
+def test_the_draft_model_reaches_the_pod_as_the_model_does(source, path, volume) -> None:
+    s = spec(model={"source": {"pvc": {"claimName": "models", "path": "m.gguf"}}},
+             speculative={"mode": "draft", "k": 6, "draftModel": {"source": source}})
+    dep = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
+    validate(dep)
+    pod = dep["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env[ENV_PREFIX + "SPECULATIVE"] == "draft" and env[ENV_PREFIX + "SPECULATIVE_K"] == "6"
+    assert env[ENV_PREFIX + "DRAFT_MODEL"] == path
+    assert all(n.removeprefix(ENV_PREFIX).lower() in Settings.model_fields for n in env)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    if volume is None:
+        assert "draft-model" not in volumes
+    else:
+        assert volumes["draft-model"] == {"name": "draft-model", **volume}
+        assert {"name": "draft-model", "mountPath": "/draft-model", "readOnly": True} in \
+            server["volumeMounts"]
+    fetch = [c for c in pod.get("initContainers", []) if c["name"] == "fetch-draft-model"]
+    if "url" in source:  # downloaded and verified before the server starts
+        (init,) = fetch
+        assert init["command"] == ["llamafleet", "fetch", "--url", DRAFT_URL["url"], "--sha256",
+                                   "d" * 64, "--out", "/draft-model/model.gguf"]
+        assert {"name": "draft-model", "mountPath": "/draft-model"} in init["volumeMounts"]
+    else:
+        assert not fetch
+
+
+def test_no_draft_model_without_mode_draft() -> None:
+    s = spec(speculative={"mode": "ngram"})
+    env = B.pod_env(NAMES, s, plan_service(s, nodes(81559)))
+    assert ENV_PREFIX + "DRAFT_MODEL" not in {e["name"] for e in env}
+
+
 def test_same_plan_same_hash_and_new_plan_new_hash() -> None:
     s = spec()
     a = B.build_deployment(NAMES, s, plan_service(s, nodes(81559)), "img:1")
@@ -239,6 +283,8 @@ def test_crd_is_valid_and_matches_the_chart_copy() -> None:
     # or {name}); everything else is pruned by the API server.
     embedded = props["model"]["properties"]["source"]["properties"].pop("embedded")
     assert embedded["x-kubernetes-preserve-unknown-fields"] is True
+    draft = props["speculative"]["properties"]["draftModel"]["properties"]["source"]
+    assert draft["properties"].pop("embedded")["x-kubernetes-preserve-unknown-fields"] is True
     assert "x-kubernetes-preserve-unknown-fields" not in yaml.safe_dump(
         {k: v for k, v in props.items() if k != "scheduling"})
     for model in EMBEDDED_MODELS.values():
@@ -261,7 +307,12 @@ def test_examples_parse_as_valid_specs() -> None:
     ({"imagePullSecrets": [{"name": "Bad_Name"}]}, "spec.imagePullSecrets.0.name"),
     ({"auth": {"apiKeySecret": "has space"}}, "spec.auth.apiKeySecret"),
     ({"speculative": {"mode": "ngram", "k": 17}}, "spec.speculative.k"),
-    ({"speculative": {"mode": "draft"}}, "spec.speculative.mode"),
+    ({"speculative": {"mode": "medusa"}}, "spec.speculative.mode"),
+    ({"speculative": {"mode": "draft"}}, "spec.speculative: mode draft needs draftModel.source"),
+    ({"speculative": {"mode": "ngram", "draftModel": {"source": {"embedded": True}}}},
+     "spec.speculative: draftModel is set but mode is 'ngram'"),
+    ({"speculative": {"mode": "draft", "draftModel": {"source": {}}}},
+     "spec.speculative.draftModel.source: set exactly one of speculative.draftModel.source.pvc"),
     ({"tracing": {"otlpEndpoint": "otel-collector:4318"}}, "spec.tracing.otlpEndpoint"),
     ({"tracing": {"otlpEndpoint": "http://c:4318", "sampleRatio": 2}}, "spec.tracing.sampleRatio"),
 ])

@@ -163,6 +163,8 @@ TENANTS_SECRET = by_message("secretName must be a Secret's name")
 ADAPTER_UNIQUE = by_message("each adapter name must be unique")
 ADAPTER_NAME = by_message("an adapter name is 1 to 128")
 ADAPTER_SOURCE = by_message("exactly one of source.pvc or source.url")
+DRAFT_NEEDS_MODEL = by_message("mode draft needs draftModel.source")
+DRAFT_MODEL_NEEDS_MODE = by_message("draftModel is only used with mode draft")
 
 
 def adapter(name: str, **source: Any) -> dict:
@@ -214,6 +216,14 @@ CASES = {
         "sql", url=URL, pvc={"claimName": "loras", "path": "a.gguf"})]), [ADAPTER_SOURCE]),
     "adapter without a source": (service(adapters=[{"name": "sql", "source": {}}]),
                                  [ADAPTER_SOURCE]),
+    "draft model": (service(speculative={"mode": "draft", "draftModel": {"source": {"url": URL}}}),
+                    []),
+    "mode draft without a draft model": (service(speculative={"mode": "draft"}), [DRAFT_NEEDS_MODEL]),
+    "a draft model with mode ngram": (service(speculative={
+        "mode": "ngram", "draftModel": {"source": {"url": URL}}}), [DRAFT_MODEL_NEEDS_MODE]),
+    # The mode defaults to none: a draft model alone is not used either.
+    "a draft model without a mode": (service(speculative={"draftModel": {"source": {"url": URL}}}),
+                                     [DRAFT_MODEL_NEEDS_MODE]),
     "two rules at once": (service("x" * 70, replicas=9, scaling={"mode": "hpa", "minReplicas": 0,
                                                                  "maxReplicas": 4}),
                           [NAME, REPLICAS, HPA_ZERO]),
