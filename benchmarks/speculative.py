@@ -1,4 +1,5 @@
-"""Speculative decoding (prompt lookup) on and off, side by side in one process on one model.
+"""Speculative decoding (prompt lookup, or a draft model) on and off, side by side in one
+process on one model.
 
 One :class:`~llamafleet.inference.engine.Engine` on the real llama.cpp backend serves every
 round; between rounds only its ``speculative_k`` changes (0: off), alternating off, on, off,
@@ -18,6 +19,9 @@ Each is run at the concurrency levels given (``copy`` at 1 and 16, ``free`` at 1
 
     python benchmarks/speculative.py --rounds 3 \\
         --json benchmarks/results/speculative-$(date +%Y%m%d-%H%M%S).json
+
+With ``--draft-model`` (a GGUF of the model's vocabulary, or an embedded model's name) the
+'on' rounds draft with that model instead of prompt lookup (``--speculative draft``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from llamafleet.inference.engine import Engine, Finished, GenerationRequest, Sam
 from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
 from llamafleet.inference.main import keep_heap_warm
 from llamafleet.inference.model_packages import embedded_model_path
+from llamafleet.inference.serving import load_draft_model
+from llamafleet.inference.settings import Settings
 
 DOCUMENTS = [
     ("Returns", "Items bought in our stores or online can be returned within thirty days of "
@@ -114,6 +120,8 @@ def run_round(engine: Engine, prompts: list[list[int]], concurrency: int,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="a GGUF (default: the embedded SmolLM2)")
+    p.add_argument("--draft-model", help="draft with this model (a GGUF path or an embedded "
+                   "model's name) instead of prompt lookup")
     p.add_argument("--k", type=int, default=4, help="--speculative-k of the 'on' rounds")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each mode, alternating")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -129,8 +137,14 @@ def main() -> int:
     context = 2048
     be = LlamaBackend(model, n_seq=args.max_batch_size, context_size=context, n_batch=512,
                       threads=args.threads)
+    draft = None
+    if args.draft_model:
+        settings = Settings(speculative="draft", draft_model=args.draft_model,
+                            threads=args.threads, context_size=context, gpu_layers=0)
+        draft = load_draft_model(settings, model, n_seq=args.max_batch_size, n_batch=512,
+                                 kv_layout=be.kv_layout)
     engine = Engine(be, max_batch_size=args.max_batch_size, queue_size=64, context_size=context,
-                    prefill_step_s=0.05)
+                    prefill_step_s=0.05, speculative_k=args.k, draft_model=draft)
     engine.start()
 
     def tokenize(text: str) -> list[int]:
@@ -150,7 +164,7 @@ def main() -> int:
             engine.speculative_k = 0
             run_round(engine, prompts, c, args.max_tokens)  # warm-up: caches for both
             rounds: dict[str, list[dict]] = {"off": [], "on": []}
-            spec = engine.speculation["ngram"]
+            spec = engine.speculation[engine.speculative_kind]
             for i in range(2 * args.rounds):
                 mode = "off" if i % 2 == 0 else "on"
                 engine.speculative_k = args.k if mode == "on" else 0
@@ -176,6 +190,9 @@ def main() -> int:
     finally:
         engine.stop()
         be.close()
+        if draft is not None:
+            draft.backend.close()
+            draft.backend.model.close()
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({
