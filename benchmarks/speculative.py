@@ -15,7 +15,8 @@ Workloads, on the embedded chat model (SmolLM2-135M-Instruct, ChatML):
 
 Each is run at the concurrency levels given (``copy`` at 1 and 16, ``free`` at 1 by default):
 ``tokens_per_s`` is completion tokens over the round's wall time, and ``ratio`` is on / off
-(the mean over the rounds of each mode).
+(the mean over the rounds of each mode). Before the rounds, ``verify_cost`` times a step of
+1 .. k+1 tokens of one sequence: what speculation could gain here at best.
 
     python benchmarks/speculative.py --rounds 3 \\
         --json benchmarks/results/speculative-$(date +%Y%m%d-%H%M%S).json
@@ -117,6 +118,28 @@ def run_round(engine: Engine, prompts: list[list[int]], concurrency: int,
             "tokens_per_s": round(tokens[0] / wall, 2)}
 
 
+def verify_cost(be: LlamaBackend, prompt: list[int], k: int, repeats: int = 12) -> dict:
+    """What a step that verifies a draft costs on this machine: the median ``llama_decode`` of
+    n = 1 .. k+1 tokens of one sequence (every position with logits) behind ``prompt``, and
+    the best ratio speculation could reach if every draft were accepted (n tokens for the
+    time of a step of n, against one token per step of 1). On a GPU a step of a few tokens
+    costs about what a step of one does; where it costs n times as much, no draft pays."""
+    n0 = len(prompt)
+    be.decode(prompt, list(range(n0)), [0] * n0, [False] * (n0 - 1) + [True])
+    ms = {}
+    for n in range(1, k + 2):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            be.decode([prompt[-1]] * n, list(range(n0, n0 + n)), [0] * n, [True] * n)
+            times.append((time.perf_counter() - t) * 1e3)
+            be.trim_sequence(0, n0)
+        ms[n] = round(statistics.median(times[2:]), 3)
+    be.clear_sequence(0)
+    return {"decode_ms_by_tokens": ms,
+            "ceiling_at_full_acceptance": round(max(n * ms[1] / ms[n] for n in ms), 3)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="a GGUF (default: the embedded SmolLM2)")
@@ -145,13 +168,16 @@ def main() -> int:
                                  kv_layout=be.kv_layout)
     engine = Engine(be, max_batch_size=args.max_batch_size, queue_size=64, context_size=context,
                     prefill_step_s=0.05, speculative_k=args.k, draft_model=draft)
-    engine.start()
 
     def tokenize(text: str) -> list[int]:
         return model.tokenize(text, add_bos=model.add_bos)
 
     workloads = {"copy": [tokenize(copy_prompt(q)) for q in COPY_QUESTIONS],
                  "free": [tokenize(chat(q)) for q in FREE_QUESTIONS]}
+    cost = verify_cost(be, workloads["copy"][0], args.k)
+    print(f"verify cost, ms by tokens in the step: {cost['decode_ms_by_tokens']}; ceiling at "
+          f"full acceptance {cost['ceiling_at_full_acceptance']:.2f}x", flush=True)
+    engine.start()
     levels = []
     try:
         for level in args.levels.split(","):
@@ -199,7 +225,7 @@ def main() -> int:
             **bench.environment(), "model": path.name,
             "settings": {**{k: str(v) for k, v in vars(args).items()}, "context_size": context,
                          "n_batch": 512, "prefill_step_ms": 50, "temperature": 0},
-            "levels": levels}, indent=2))
+            "verify_cost": cost, "levels": levels}, indent=2))
     model.close()
     return 0
 

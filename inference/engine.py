@@ -57,7 +57,7 @@ from .admission import FairQueue, fair_share
 from .draft_model import DraftModel
 from .prompt_cache import PromptCache, shared_prefix
 from .slot_cache import SlotCache
-from .speculative import K_MAX, AdaptiveLength, NgramLookup, SpeculationStats
+from .speculative import K_MAX, AdaptiveLength, NgramLookup, SpeculationStats, StepCost
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +463,7 @@ class Engine:
         prefill_step_s: float | None = None,
         speculative_k: int = 0,
         draft_model: DraftModel | None = None,
+        step_cost: StepCost | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -501,6 +502,9 @@ class Engine:
         self.draft_model = draft_model
         self.speculative_kind = "draft" if draft_model is not None else "ngram"
         self.speculation = {"ngram": SpeculationStats(), "draft": SpeculationStats()}
+        # What a draft token costs, learnt from decode steps without prompt tokens while
+        # speculating (StepCost; a test may give its own).
+        self.step_cost = step_cost or StepCost()
         self._token_s: float | None = None  # seconds per batch token, steps with prompt tokens
         self._thread: threading.Thread | None = None
         # Adapter sets of the running sequences (how many each) in order of arrival, the step
@@ -747,10 +751,11 @@ class Engine:
             slot, reused = self.cache.take(req.prompt, reuse=req.params.seed is None,
                                            adapters=req.adapters)
             seq = _Sequence(req, slot, sampler, TextAssembler(req.params.stop), n_past=reused)
-            if self.draft_model is not None:
-                seq.lookup = AdaptiveLength(self.speculative_k)
-            elif self.speculative_k:
-                seq.lookup = NgramLookup(self.speculative_k)
+            if self.speculative_k:
+                stats = self.speculation[self.speculative_kind]
+                rate = stats.accepted / stats.drafted if stats.drafted else 1.0
+                seq.lookup = (AdaptiveLength if self.draft_model is not None else NgramLookup)(
+                    self.speculative_k, rate)
             tenants = self._tenants
             seq.hurry = bool(tenants.keys() - {req.tenant}) and tenants.get(req.tenant, 0) < \
                 fair_share(self.max_batch_size, len(tenants.keys() | {req.tenant}))
@@ -866,10 +871,14 @@ class Engine:
             return
         finally:
             self.last_progress = time.monotonic()
-        if len(batch.tokens) > len(batch.sample):  # prompt tokens in it: learn their cost
-            per_token = (time.perf_counter() - started) / len(batch.tokens)
+        n = len(batch.tokens)
+        drafted = sum(len(d) for _, _, d in batch.drafts) if batch.drafts else 0
+        if n > len(batch.sample) + drafted:  # prompt tokens in it: learn their cost
+            per_token = (time.perf_counter() - started) / n
             self._token_s = per_token if self._token_s is None else (
                 0.7 * self._token_s + 0.3 * per_token)
+        elif self.speculative_k:  # what a draft token costs here (StepCost)
+            self.step_cost.observe(n, time.perf_counter() - started)
         self.steps += 1
         self._apply(batch)
 
@@ -888,6 +897,7 @@ class Engine:
             return None
         drafts: dict[int, list[int]] = {}
         wants: list[tuple[_Sequence, int]] = []
+        share = self.step_cost.token_share(len(group))
         for seq in group:
             lookup = seq.lookup
             if lookup is None or seq.state is not DECODE:
@@ -900,9 +910,9 @@ class Engine:
                 continue
             if isinstance(lookup, NgramLookup):
                 lookup.sync(seq.req.prompt, seq.generated)
-                draft = lookup.draft(seq.next_token, limit)
+                draft = lookup.draft(seq.next_token, limit, share)
             else:
-                n = lookup.length(limit)
+                n = lookup.length(limit, share)
                 if n:
                     wants.append((seq, n))
                 draft = [0] * n  # room held for the draft model's tokens

@@ -28,6 +28,7 @@ K_MAX = SPECULATIVE_K_MAX  # draft tokens per sequence and step, at most (--spec
 # benchmarks/speculative.py): a wrong draft costs batch rows for nothing.
 NGRAM = 3
 SKIP_MAX = 32  # steps a sequence whose drafts keep failing waits before it drafts again
+RATE_WEIGHT = 0.25  # weight of the latest verification in a sequence's acceptance rate
 
 
 @dataclass
@@ -47,22 +48,41 @@ class AdaptiveLength:
     token also pauses drafting for 1, 2, 4 ... SKIP_MAX steps, so a sequence whose drafts miss
     (free text for prompt lookup, a draft model that disagrees) soon costs its batch nothing."""
 
-    __slots__ = ("k_max", "k", "_misses", "_skip")
+    __slots__ = ("k_max", "k", "rate", "_misses", "_skip", "_probe")
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, rate: float = 1.0):
         self.k_max = self.k = k
+        # Draft tokens accepted per draft token, recent verifications weighing most; a new
+        # sequence starts from what its kind of draft has achieved so far.
+        self.rate = rate
         self._misses = 0
         self._skip = 0
+        self._probe = False  # the next draft after a pause for a low rate: one token
 
-    def length(self, limit: int) -> int:
+    def length(self, limit: int, share: float | None = None) -> int:
         """Draft tokens this step, at most ``limit``: 0 while drafting is paused (each call
-        counts one paused step)."""
+        counts one paused step). ``share``: the share of this step's time its tokens cost
+        (``StepCost.token_share``): a draft token pays only where it is accepted more often
+        than that. Below it the sequence pauses as after a miss, and drafts one token when
+        the pause is over (what refreshes its rate)."""
         if self._skip:
             self._skip -= 1
             return 0
+        if self._probe:
+            self._probe = False
+            return min(1, limit)
+        if share is not None and self.rate < share:
+            self.k, self._probe = 1, True
+            self._pause()
+            return 0
         return min(self.k, limit)
 
+    def _pause(self) -> None:
+        self._misses += 1
+        self._skip = min(SKIP_MAX, 1 << (self._misses - 1))
+
     def verified(self, drafted: int, accepted: int) -> None:
+        self.rate += RATE_WEIGHT * (accepted / drafted - self.rate)
         if accepted == drafted:
             self.k = min(self.k_max, self.k + 1)
             self._misses = 0
@@ -71,8 +91,62 @@ class AdaptiveLength:
             self._misses = 0
         else:
             self.k = 1
-            self._misses += 1
-            self._skip = min(SKIP_MAX, 1 << (self._misses - 1))
+            self._pause()
+
+
+class StepCost:
+    """What a decode step costs by the tokens in it, learnt from the engine's own steps: a
+    least-squares line, seconds = fixed + per_token x tokens, over recent steps (each weighs
+    DECAY of the one after it).
+
+    Where a step's time hardly grows with its tokens (a GPU: decoding reads the weights once
+    for the whole batch) a draft token is nearly free, and any acceptance pays. Where it grows
+    in proportion (a CPU of a few cores: a step of 5 tokens of the embedded SmolLM2 took 3.2x
+    a step of 1, benchmarks/speculative.py's ``verify_cost``) a draft token costs what the
+    batch's own tokens do, and pays only when it is accepted at least as often as the batch's
+    tokens' share of the step: ``token_share``."""
+
+    DECAY = 0.98
+    MIN_WEIGHT = 8.0  # steps (decayed) before the line is trusted
+    MIN_SPREAD = 0.25  # variance of the steps' token counts below which no slope is known
+
+    __slots__ = ("_w", "_x", "_y", "_xx", "_xy")
+
+    def __init__(self) -> None:
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.DECAY
+        self._w = self._w * d + 1.0
+        self._x = self._x * d + tokens
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + tokens * tokens
+        self._xy = self._xy * d + tokens * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None while unknown: too few steps, or all of
+        about one size (the slope cannot be told from the fixed part)."""
+        w = self._w
+        if w < self.MIN_WEIGHT:
+            return None
+        mx, my = self._x / w, self._y / w
+        var = self._xx / w - mx * mx
+        if var < self.MIN_SPREAD:
+            return None
+        per_token = max((self._xy / w - mx * my) / var, 0.0)
+        return max(my - per_token * mx, 0.0), per_token
+
+    def token_share(self, tokens: int) -> float | None:
+        """The share of a step of ``tokens`` tokens that is the tokens' own cost (0: a step's
+        time does not grow with its tokens; near 1: it grows in proportion), None while
+        unknown (then every draft is let through: drafts are what make steps differ in
+        size)."""
+        line = self.line()
+        if line is None:
+            return None
+        fixed, per_token = line
+        total = fixed + per_token * tokens
+        return per_token * tokens / total if total > 0 else None
 
 
 class NgramLookup(AdaptiveLength):
@@ -81,8 +155,8 @@ class NgramLookup(AdaptiveLength):
 
     __slots__ = ("tokens", "_index")
 
-    def __init__(self, k: int):
-        super().__init__(k)
+    def __init__(self, k: int, rate: float = 1.0):
+        super().__init__(k, rate)
         self.tokens: list[int] = []  # the sequence's tokens in the KV cache, as indexed
         self._index: dict[tuple[int, ...], int] = {}  # trigram -> where what followed starts
 
@@ -103,10 +177,10 @@ class NgramLookup(AdaptiveLength):
             if end >= NGRAM:
                 index[tuple(tokens[end - NGRAM:])] = end
 
-    def draft(self, next_token: int, limit: int) -> list[int]:
+    def draft(self, next_token: int, limit: int, share: float | None = None) -> list[int]:
         """Up to ``min(k, limit)`` tokens to follow ``next_token`` (sampled, not yet in the
         cache): what followed the latest earlier occurrence of the trigram ending in it."""
-        n = self.length(limit)
+        n = self.length(limit, share)
         tokens = self.tokens
         if not n or len(tokens) < NGRAM - 1:
             return []

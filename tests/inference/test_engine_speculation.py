@@ -9,9 +9,16 @@ import threading
 import pytest
 from llamafleet.inference.draft_model import DraftModel
 from llamafleet.inference.engine import Engine, Finished, GenerationRequest, SamplingParams, TextDelta
-from llamafleet.inference.speculative import NgramLookup
+from llamafleet.inference.speculative import SKIP_MAX, AdaptiveLength, NgramLookup, StepCost
 
-from tests.support.fake_backend import EOG, Collector, FakeBackend, make_engine, submit
+from tests.support.fake_backend import (
+    EOG,
+    Collector,
+    FakeBackend,
+    FixedStepCost,
+    make_engine,
+    submit,
+)
 
 
 def cycle(n: int):
@@ -19,9 +26,11 @@ def cycle(n: int):
     return lambda t: t % n + 1
 
 
-def run(prompt: list[int], k: int, follows=None, max_batch_size: int = 4, **params):
+def run(prompt: list[int], k: int, follows=None, max_batch_size: int = 4,
+        share: float | None = None, **params):
     be = FakeBackend(follows=follows)
-    eng = make_engine(be, max_batch_size=max_batch_size, context_size=256, speculative_k=k)
+    eng = make_engine(be, max_batch_size=max_batch_size, context_size=256, speculative_k=k,
+                      step_cost=FixedStepCost(share))
     c = submit(eng, prompt, **params)
     assert c.done.wait(5)
     eng.stop()
@@ -288,3 +297,70 @@ def test_an_engine_with_a_draft_model_emits_what_it_would_without_and_frees_the_
     assert stats.drafted >= 10 and stats.accepted == stats.drafted
     assert eng.speculation["ngram"].drafted == 0
     assert all(not cells for cells in dbe.cells.values())  # released with the sequence
+
+
+# --- what a draft token costs, and who drafts then ---------------------------------------
+def test_the_step_cost_line_is_learnt_from_steps_of_different_sizes() -> None:
+    cpu, gpu, flat = StepCost(), StepCost(), StepCost()
+    for i in range(40):
+        n = 1 + i % 5
+        cpu.observe(n, 0.004 + 0.005 * n)  # a CPU: each token costs about what the step does
+        gpu.observe(n, 0.010 + 0.0001 * n)  # a GPU: the weights are read once per step
+        flat.observe(3, 0.02)  # one size only: no slope can be told
+    fixed, per_token = cpu.line()
+    assert fixed == pytest.approx(0.004) and per_token == pytest.approx(0.005)
+    assert cpu.token_share(1) == pytest.approx(5 / 9)
+    assert cpu.token_share(8) == pytest.approx(40 / 44)
+    assert gpu.token_share(1) < 0.02
+    assert flat.line() is None and flat.token_share(1) is None
+    assert StepCost().token_share(1) is None  # nothing seen yet
+
+
+def test_a_sequence_accepted_less_often_than_its_tokens_cost_pauses_then_probes() -> None:
+    a = AdaptiveLength(4)
+    assert a.length(10, share=0.9) == 4  # a new sequence's rate: its kind's so far (here 1.0)
+    a.verified(4, 2)  # rate 1.0 -> 0.875, k 2
+    assert a.rate == pytest.approx(0.875)
+    assert a.length(10, share=0.5) == 2  # worth it where tokens cost half a step
+    assert a.length(10, share=0.9) == 0  # not where they cost 90%: paused one step,
+    assert a.length(10, share=0.9) == 0
+    assert a.length(10, share=0.9) == 1  # then one token, to refresh the rate
+    a.verified(1, 1)
+    assert a.rate > 0.9 and a.length(10, share=0.9) == 2
+    # Below the share every time: the pauses grow to SKIP_MAX steps between probes.
+    b = AdaptiveLength(4, rate=0.1)
+    lengths = [b.length(10, share=0.5) for _ in range(200)]
+    probes = [k for k, n in enumerate(lengths) if n]
+    assert len(probes) > 3 and all(lengths[k] == 1 for k in probes)
+    assert probes[-1] - probes[-2] == SKIP_MAX + 2  # a pause, the refused step, the probe
+
+
+def test_costly_draft_tokens_are_drafted_only_by_sequences_that_earn_them() -> None:
+    # Each trigram of the cycle first comes in the prompt followed by 9: the first round's
+    # drafts are wrong, the later ones (from the answer itself) right.
+    prompt = [t for i in range(6) for t in ((i % 6) + 1, (i + 1) % 6 + 1, (i + 2) % 6 + 1, 9)]
+    off, _, _ = run(prompt + [1, 2], 0, cycle(6), max_tokens=60)
+    free, be_free, _ = run(prompt + [1, 2], 4, cycle(6), max_tokens=60)
+    dear, be_dear, eng = run(prompt + [1, 2], 4, cycle(6), max_tokens=60, share=0.9)
+    assert free.text == dear.text == off.text
+    # Paused by its low rate, it drafts one token now and then until its rate is back.
+    assert 0 < drafted_rows(be_dear) < drafted_rows(be_free)
+    assert any(sum(logits) > 2 for _, _, _, logits in be_dear.batches)  # and then more
+    # A sequence whose drafts all agree keeps drafting whatever a token costs.
+    on, be, eng = run([1, 2, 3, 4, 5, 6, 1, 2], 4, cycle(6), max_tokens=24, share=0.99)
+    assert eng.speculation["ngram"].accepted >= 14 and len(be.batches) < 12
+
+
+def test_a_new_sequence_starts_from_its_kinds_acceptance_so_far() -> None:
+    be = FakeBackend()
+    eng = make_engine(be, context_size=256, speculative_k=4, step_cost=FixedStepCost(0.9))
+    first = submit(eng, [4, 5, 6, 99, 4, 5], max_tokens=12)  # its one draft is rejected
+    assert first.done.wait(5)
+    stats = eng.speculation["ngram"]
+    assert stats.drafted == 4 and stats.accepted == 0
+    before = len(be.batches)
+    second = submit(eng, [4, 5, 6, 99, 4, 5], max_tokens=12)
+    assert second.done.wait(5)
+    eng.stop()
+    # Its rate starts at 0 (0 of 4 so far) < 0.9: it pauses before it drafts at all.
+    assert all(sum(logits) <= 1 for _, _, _, logits in be.batches[before:before + 2])

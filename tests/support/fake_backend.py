@@ -146,10 +146,27 @@ class Collector:
         return finals[0]
 
 
+class FixedStepCost:
+    """A step cost (engine.StepCost's interface) of a fixed token share: the fake's steps
+    take microseconds, whose noise must not decide whether a test's sequences draft. None:
+    unknown, every draft let through."""
+
+    def __init__(self, share: float | None = None):
+        self.share = share
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def token_share(self, tokens: int) -> float | None:
+        return self.share
+
+
 def make_engine(backend: FakeBackend, max_batch_size: int = 4, queue_size: int = 8,
-                context_size: int = 64, speculative_k: int = 0) -> Engine:
+                context_size: int = 64, speculative_k: int = 0,
+                step_cost: FixedStepCost | None = None) -> Engine:
     e = Engine(backend, max_batch_size=max_batch_size, queue_size=queue_size,
-               context_size=context_size, speculative_k=speculative_k)
+               context_size=context_size, speculative_k=speculative_k,
+               step_cost=step_cost or FixedStepCost())  # type: ignore[arg-type]
     e.start()
     return e
 
