@@ -129,6 +129,9 @@ class ModelFootprint:
     context: int  # tokens per sequence
     kv_type: str = "f16"  # the KV cache's element type (BYTES_PER_ELEMENT)
     gpu_layers: int = -1  # layers offloaded to a GPU budget: -1 all
+    # A speculative draft model beside it (its own weights, and a KV cache with as many
+    # sequences of the same context): planned together, since each sequence holds both.
+    draft: ModelFootprint | None = None
 
     @property
     def per_sequence_bytes(self) -> float:
@@ -159,14 +162,17 @@ def fit(budget: MemoryBudget, model: ModelFootprint, cap: int) -> Plan:
     ``cap``. The reason shows the arithmetic."""
     if cap < 1:
         raise ValueError("cap must be >= 1")
-    share = model.offloaded_fraction() if budget.kind == "gpu" else 1.0
-    weights = model.weights_bytes * share
-    per_seq = model.per_sequence_bytes * share
+    weights = per_seq = 0.0
+    for part in (model, model.draft) if model.draft is not None else (model,):
+        share = part.offloaded_fraction() if budget.kind == "gpu" else 1.0
+        weights += part.weights_bytes * share
+        per_seq += part.per_sequence_bytes * share
     usable, reserve = budget.usable_bytes, budget.reserve_bytes
     free = usable - weights - reserve
+    both = " (with the draft model's)" if model.draft is not None else ""
     head = (f"{budget.describe()}: {usable / MiB:.0f} MiB usable - {weights / MiB:.0f} MiB "
-            f"weights - {reserve / MiB:.0f} MiB reserve = {free / MiB:.0f} MiB for KV; "
-            f"{per_seq / MiB:.1f} MiB per sequence of {model.context} tokens")
+            f"weights{both} - {reserve / MiB:.0f} MiB reserve = {free / MiB:.0f} MiB for KV; "
+            f"{per_seq / MiB:.1f} MiB per sequence of {model.context} tokens{both}")
     fits = math.floor(free / per_seq) if per_seq > 0 else cap
     if fits < 1:
         n, why = 0, f"{head}: not even one sequence fits"

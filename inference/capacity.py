@@ -150,11 +150,14 @@ def pod_model(settings: Any, shape: Any) -> ModelFootprint:
 
 
 def plan_for_pod(settings: Any, shape: Any, gpus: GPUInfo | None,
-                 system_memory: int | None = None) -> Plan:
+                 system_memory: int | None = None, draft_shape: Any = None) -> Plan:
     """Plan from ``gpus`` (:func:`probe_for_pod`, before the load) or, when None, from RAM;
-    raise CapacityError when not even one sequence fits."""
-    result = fit(pod_budget(settings, gpus, system_memory), pod_model(settings, shape),
-                 settings.max_batch_size)
+    raise CapacityError when not even one sequence fits. ``draft_shape``: a speculative draft
+    model's, planned with the served model (its weights, and its KV cache per sequence)."""
+    model = pod_model(settings, shape)
+    if draft_shape is not None:
+        model = replace(model, draft=pod_model(settings, draft_shape))
+    result = fit(pod_budget(settings, gpus, system_memory), model, settings.max_batch_size)
     if gpus is not None:
         result = replace(result, reason=f"{gpus.name}: {result.reason}")
     if result.max_batch_size < 1:

@@ -577,7 +577,14 @@ def load_draft_model(settings: Settings, target: Any, *, n_seq: int, n_batch: in
     """The draft model of ``--speculative draft``: loaded, its vocabulary checked against the
     served model's (ModelError, one line, otherwise), with a context of its own shaped like the
     served model's."""
-    from .llama_backend import LlamaBackend, LlamaModel
+    return draft_context(settings, load_draft_weights(settings, target), target, n_seq=n_seq,
+                         n_batch=n_batch, kv_layout=kv_layout)
+
+
+def load_draft_weights(settings: Settings, target: Any) -> Any:
+    """The draft model's weights (a LlamaModel), its vocabulary checked against ``target``'s:
+    loaded before the capacity plan, which counts them."""
+    from .llama_backend import LlamaModel
 
     name = settings.draft_model
     assert name is not None  # Settings: mode draft needs it
@@ -592,6 +599,19 @@ def load_draft_model(settings: Settings, target: Any, *, n_seq: int, n_batch: in
     model = LlamaModel(path, settings.gpu_layers)
     try:
         check_vocabulary(target, model, path)
+    except ModelError:
+        model.close()
+        raise
+    return model
+
+
+def draft_context(settings: Settings, model: Any, target: Any, *, n_seq: int, n_batch: int,
+                  kv_layout: str) -> DraftModel:
+    """The draft model's own context, slot for slot with the served model's (closes ``model``
+    when it cannot be made)."""
+    from .llama_backend import LlamaBackend
+
+    try:
         backend = LlamaBackend(model, n_seq=n_seq, context_size=settings.context_size,
                                n_batch=n_batch, threads=settings.threads,
                                kv_cache_type=settings.kv_cache_type, swa_full=settings.swa_full,
@@ -614,7 +634,15 @@ def build(settings: Settings) -> Serving:
     gpus = capacity.probe_for_pod(settings)
     log.info("loading model %s", path)
     model = LlamaModel(path, settings.gpu_layers)
-    plan = capacity.plan_for_pod(settings, model.shape, gpus)
+    draft_weights = None
+    if settings.speculative == "draft":
+        try:
+            draft_weights = load_draft_weights(settings, model)
+        except ModelError:
+            model.close()
+            raise
+    plan = capacity.plan_for_pod(settings, model.shape, gpus,
+                                 draft_shape=draft_weights and draft_weights.shape)
     log.info("max_batch_size=%d: %s", plan.max_batch_size, plan.reason)
     # Each running sequence adds a token to every step's batch: the batch must hold them all.
     n_batch = max(settings.n_batch, plan.max_batch_size)
@@ -643,10 +671,12 @@ def build(settings: Settings) -> Serving:
                     "tokens); set %s to use it", path.name, backend.n_swa, env_name("swa_full"))
         speculative_k = 0
     draft = None
-    if speculative_k and settings.speculative == "draft":
+    if draft_weights is not None and not speculative_k:
+        draft_weights.close()
+    elif draft_weights is not None:
         try:
-            draft = load_draft_model(settings, model, n_seq=plan.max_batch_size, n_batch=n_batch,
-                                     kv_layout=layout)
+            draft = draft_context(settings, draft_weights, model, n_seq=plan.max_batch_size,
+                                  n_batch=n_batch, kv_layout=layout)
         except ModelError:
             backend.close()
             raise

@@ -211,3 +211,17 @@ def test_the_pod_measures_what_others_use_on_its_card_before_the_load() -> None:
     assert budget.free_bytes == 2 * (81559 - 40960) * MiB and budget.reserve_bytes == 1024 * MiB
     assert "2x81559 MiB GPU (40960 MiB in use)" in capacity.plan_for_pod(
         pod_settings(), MISTRAL_SHAPE, gpus).reason
+
+
+def test_a_draft_model_is_planned_with_the_served_one() -> None:
+    """Its weights and its KV cache per sequence come out of the same memory."""
+    draft = SimpleNamespace(architecture="llama", n_layer=8, n_head_kv=4, key_length=64,
+                            value_length=64, sliding_window=None, size_bytes=0.5e9)
+    s = pod_settings(max_batch_size=64)
+    alone = capacity.plan_for_pod(s, MISTRAL_SHAPE, None, system_memory=16 * GiB)
+    both = capacity.plan_for_pod(s, MISTRAL_SHAPE, None, system_memory=16 * GiB,
+                                 draft_shape=draft)
+    # Mistral at 4096 tokens: 512 MiB a sequence; the draft adds 32 MiB and 477 MiB weights.
+    assert alone.per_sequence_mib == 512 and both.per_sequence_mib == 544
+    assert both.max_batch_size < alone.max_batch_size
+    assert "with the draft model's" in both.reason
