@@ -7,7 +7,6 @@ every draft accepted; a draft model of another vocabulary is refused at start-up
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 from pathlib import Path
 
 import httpx
@@ -22,11 +21,11 @@ from llamafleet.inference.settings import Settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fake_backend import submit
+from tests.support.random_gguf import generator
 from tests.support.servers import start_server
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 TARGET = dict(dim=64, layers=2, ff=128, heads=4, kv_heads=4, context=512, seed=1)
 DRAFT = dict(dim=32, layers=1, ff=64, heads=2, kv_heads=2, context=512, seed=2)
 PROMPTS = ["The cat sat on", "Hello there, how", "Once upon a time", "1, 2, 3, 4,",
@@ -35,18 +34,10 @@ SLOTS = 4
 CONTEXT = 256
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_random_gguf",
-                                                  ROOT / "benchmarks" / "make_random_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("draft")
-    gen = _generator()
+    gen = generator()
     out = {"target": folder / "target.gguf", "draft": folder / "draft.gguf"}
     gen.write(out["target"], **TARGET, dtype=np.float32)
     gen.write(out["draft"], **DRAFT, dtype=np.float32)
@@ -132,7 +123,7 @@ def _settings(draft: Path) -> Settings:
 
 @pytest.mark.parametrize("change", ["swap two tokens", "fewer tokens"])
 def test_a_draft_model_of_another_vocabulary_is_refused(target, tmp_path, change) -> None:
-    gen = _generator()
+    gen = generator()
     tokens = list(gen.TOKENS)
     if change == "swap two tokens":
         tokens[65], tokens[66] = tokens[66], tokens[65]

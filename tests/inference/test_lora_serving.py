@@ -5,7 +5,6 @@ an adapter merged into its weights."""
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -14,11 +13,11 @@ import pytest
 from llamafleet.common.contract import MetricLabel, PodMetric
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.random_gguf import generator
 from tests.support.servers import start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPE = dict(dim=64, layers=2, ff=128, heads=4, kv_heads=4, context=512)
 KEY = "lora-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,18 +29,10 @@ PROMPTS = ["The cat sat on", "Hello there, how", "Once upon a time", "1, 2, 3, 4
            "Kubernetes pods", "llama.cpp adapters"]
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_random_gguf",
-                                                  ROOT / "benchmarks" / "make_random_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("lora")
-    gen = _generator()
+    gen = generator()
     one = gen.write_lora_set(folder, **SHAPE, lora_seed=1, scale=0.5)
     two = gen.write_lora_set(folder, **SHAPE, lora_seed=2)
     return {"base": one["base"], "one": one["lora"], "merged-one": one["merged"],

@@ -18,7 +18,6 @@ import datetime as dt
 import functools
 import hashlib
 import http.server
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -32,13 +31,13 @@ import pytest
 from llamafleet.operator import builders as B
 
 from tests.support.kube import LLMS, NS, condition, create, get, kopf_runner, llmservice, patch
+from tests.support.random_gguf import generator
 from tests.support.servers import RunningServer, start_server, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 # The resync timer's interval is fixed when the handlers module is imported.
 os.environ.setdefault("LLAMAFLEET_OPERATOR_RESYNC_SECONDS", "0.5")
-ROOT = Path(__file__).resolve().parents[2]
 SHAPE = dict(dim=64, layers=2, ff=128, heads=4, kv_heads=4, context=512)
 KEY = "adapters-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -51,10 +50,7 @@ PODS = f"/api/v1/namespaces/{NS}/pods"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """The random llama and three random adapters for it."""
-    spec = importlib.util.spec_from_file_location("make_random_gguf",
-                                                  ROOT / "benchmarks" / "make_random_gguf.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = generator()
     folder = tmp_path_factory.mktemp("adapters")
     out = {}
     for seed in (1, 2, 3):
