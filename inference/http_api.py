@@ -104,12 +104,15 @@ def _priority_header(value: str | None) -> int:
     return max(lo, min(hi, p))
 
 
-def check_api_key(request: Request) -> None:
+# The dependencies below are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency
+# in its thread pool, two thread hand-offs per generating request (and, under load, dozens of
+# pool threads contending for the GIL with the engine thread) for a few dictionary lookups.
+async def check_api_key(request: Request) -> None:
     request.state.caller = _identify(request, T.bearer_token(request.headers.get("authorization", "")),
                                      "'Authorization: Bearer <key>'")
 
 
-def check_admin_key(request: Request) -> None:
+async def check_admin_key(request: Request) -> None:
     """/info and /metrics: API_KEY only (a tenant's key does not open them)."""
     key = request.app.state.settings.api_key
     if key is None:
@@ -123,7 +126,7 @@ def caller_of(request: Request) -> Caller:
     return getattr(request.state, "caller", None) or Caller()
 
 
-def admit(request: Request) -> None:
+async def admit(request: Request) -> None:
     """A generating request's admission by its tenant's limits: 429 rate_limit_exceeded (and
     when to retry) beyond one. The router admitted those it sends (the pods' own key)."""
     caller = caller_of(request)
@@ -177,7 +180,7 @@ async def get_model(model_id: str, request: Request) -> P.ModelCard:
     return next(P.ModelCard(**card) for card in s.models() if card["id"] == served)
 
 
-def adapters_enabled(request: Request) -> None:
+async def adapters_enabled(request: Request) -> None:
     """Loading files onto the pod at run time needs a key: without API_KEY the routes are off.
     A tenant's key does not load them."""
     if request.app.state.settings.api_key is None:
@@ -312,11 +315,11 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     return await _reply(request, turn, view, bool(body.stream))
 
 
-def check_anthropic_key(request: Request) -> None:
+async def check_anthropic_key(request: Request) -> None:
     """Anthropic's clients send the key as ``x-api-key``; ``Authorization: Bearer`` works too."""
     key = request.headers.get("x-api-key")
     if key is None:
-        return check_api_key(request)
+        return await check_api_key(request)
     request.state.caller = _identify(request, key.strip(), "'x-api-key: <key>'")
 
 
