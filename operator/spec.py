@@ -162,9 +162,12 @@ class DraftSource(Source):
 
 class DraftModelSpec(_M):
     """The draft model of speculative mode 'draft': a small model with the served model's
-    vocabulary, from the same kinds of source as the model (the pod checks the vocabulary)."""
+    vocabulary, from the same kinds of source as the model (the pod checks the vocabulary).
+    ``shape``: its size and shape for the capacity plan, as model.shape
+    (llamafleet.operator.planning.draft_facts)."""
 
     source: DraftSource
+    shape: Shape = Field(default_factory=Shape)
 
 
 class Speculative(_M):

@@ -26,12 +26,13 @@ def test_a_gpu_pod_starts_with_the_batch_the_operator_planned(instruct_model_pat
                                                               monkeypatch) -> None:
     from llamafleet.inference import capacity, llama_backend, serving
     from llamafleet.inference.settings import Settings
-    from llamafleet.operator.planning import MEMORY_LABEL, NodeGPU, model_facts, plan_service
+    from llamafleet.operator.planning import MEMORY_LABEL, NodeGPU, plan_service, served_facts
     from llamafleet.operator.spec import parse_spec
 
     spec = parse_spec({"model": {"source": {"embedded": True}, "contextSize": CONTEXT},
                        "resources": {"gpus": 1}, "batching": {"maxBatchSize": 8}})
-    kv, size, _ = model_facts(spec)
+    facts = served_facts(spec)
+    kv, size = facts.kv, facts.size
     # A card on which the operator plans 2 sequences, with room for half a third.
     card_mib = math.ceil((size + 768 * MiB + 2.5 * kv.bytes_per_sequence(CONTEXT)) / 0.95 / MiB)
     node = NodeGPU("gpu-node", {MEMORY_LABEL: str(card_mib)}, card_mib, 1, "Fake GPU")

@@ -14,12 +14,13 @@ import kubernetes_validate
 import pytest
 import yaml
 from llamafleet.common import contract as C
+from llamafleet.common.capacity import GiB, KVShape, MemoryBudget, MiB, ModelFootprint, fit
 from llamafleet.common.contract import EMBEDDED_MODELS, ENV_PREFIX, GEMMA, SMOLLM2
 from llamafleet.inference.settings import Settings
 from llamafleet.operator import builders as B
 from llamafleet.operator import certs
 from llamafleet.operator.planning import NodeGPU, plan_service
-from llamafleet.operator.spec import SpecError, check_name, parse_spec
+from llamafleet.operator.spec import Shape, SpecError, check_name, parse_spec
 
 K8S = "1.33.0"
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +130,125 @@ def test_cpu_service_plans_from_memory_request() -> None:
     s = spec(resources={"gpus": 0, "memory": "4Gi"}, model={"source": {"embedded": True}})
     p = plan_service(s, [])
     assert p.mode == "cpu" and p.max_batch_size == 16 and p.pin_above_mib is None
+
+
+# The draft model is planned with the served one (ModelFootprint.draft), as the pod plans it.
+SHAPE = {"sizeBytes": 4_370_000_000, "layers": 32, "kvHeads": 8, "keyLength": 128,
+         "valueLength": 128}  # spec()'s model
+DRAFT_PVC = {"pvc": {"claimName": "drafts", "path": "d.gguf"}}
+
+
+def footprint(shape: dict, context: int = 4096, gpu_layers: int = -1, **draft) -> ModelFootprint:
+    kv = KVShape(shape["layers"], shape["kvHeads"], shape["keyLength"], shape["valueLength"],
+                 shape.get("slidingWindow"), shape.get("swaPattern"))
+    return ModelFootprint(shape["sizeBytes"], kv, context, gpu_layers=gpu_layers, **draft)
+
+
+def drafting(source: dict, shape: dict | None = None) -> dict:
+    return {"mode": "draft", "draftModel": {"source": source, **({"shape": shape} if shape else {})}}
+
+
+@pytest.mark.parametrize("source", [{"embedded": True}, {"embedded": {"name": SMOLLM2.name}}])
+def test_an_embedded_draft_model_shrinks_a_cpu_services_plan(source) -> None:
+    cpu = {"gpus": 0, "memory": "8Gi"}
+    plain = spec(resources=cpu)
+    drafted = spec(resources=cpu, speculative=drafting(source))
+    before, after = plan_service(plain, []), plan_service(drafted, [])
+    both = footprint(SHAPE, draft=footprint(SMOLLM2.shape))
+    want = fit(MemoryBudget("cpu", 8 * GiB), both, 16)
+    assert after.max_batch_size == want.max_batch_size < before.max_batch_size == 5
+    assert after.reason == f"CPU pods (spec.model.shape; draft: embedded model {SMOLLM2.name}): " \
+                           f"{want.reason}"
+    assert "with the draft model's" in after.reason
+
+
+def test_a_draft_model_without_a_shape_is_planned_as_the_served_model() -> None:
+    s = spec(resources={"gpus": 0, "memory": "16Gi"}, speculative=drafting(DRAFT_PVC))
+    p = plan_service(s, [])
+    want = fit(MemoryBudget("cpu", 16 * GiB), footprint(SHAPE, draft=footprint(SHAPE)), 16)
+    assert p.max_batch_size == want.max_batch_size == 6
+    assert p.max_batch_size < plan_service(spec(resources={"gpus": 0, "memory": "16Gi"}), []).max_batch_size
+    assert "draft: planned as the served model (set spec.speculative.draftModel.shape)" in p.reason
+    # Not the 8B-class estimate: an embedded served model bounds its draft model.
+    small = spec(resources={"gpus": 0, "memory": "2Gi"},
+                 model={"source": {"embedded": True}, "contextSize": 4096},
+                 speculative=drafting({"url": DRAFT_URL}))
+    want = fit(MemoryBudget("cpu", 2 * GiB),
+               footprint(SMOLLM2.shape, draft=footprint(SMOLLM2.shape)), 16)
+    assert plan_service(small, []).max_batch_size == want.max_batch_size >= 1
+
+
+def test_a_declared_draft_shape_is_planned_and_named() -> None:
+    cpu = {"gpus": 0, "memory": "8Gi"}
+    declared = {"sizeBytes": 1_300_000_000, "layers": 16, "kvHeads": 4}
+    p = plan_service(spec(resources=cpu, speculative=drafting(DRAFT_PVC, declared)), [])
+    # The fields left out (keyLength, valueLength) are the served model's.
+    draft = footprint({**SHAPE, **declared})
+    want = fit(MemoryBudget("cpu", 8 * GiB), footprint(SHAPE, draft=draft), 16)
+    assert p.max_batch_size == want.max_batch_size
+    assert p.reason == f"CPU pods (spec.model.shape; draft: spec.speculative.draftModel.shape): " \
+                       f"{want.reason}"
+    # An embedded draft model's declared fields win over the registry's, as the model's do.
+    wider = plan_service(spec(resources=cpu, speculative=drafting(
+        {"embedded": True}, {"kvHeads": 32})), [])
+    want = fit(MemoryBudget("cpu", 8 * GiB),
+               footprint(SHAPE, draft=footprint({**SMOLLM2.shape, "kvHeads": 32})), 16)
+    assert wider.max_batch_size == want.max_batch_size
+
+
+def test_a_draft_model_takes_the_served_models_sliding_window_only_when_planned_as_it() -> None:
+    gemma = {"source": {"embedded": {"name": GEMMA.name}}, "contextSize": 8192}
+    assert GEMMA.shape.get("slidingWindow")
+    cpu, budget = {"gpus": 0, "memory": "2Gi"}, MemoryBudget("cpu", 2 * GiB)
+    as_served = spec(resources=cpu, model=gemma, speculative=drafting(DRAFT_PVC))
+    want = fit(budget, footprint(GEMMA.shape, 8192, draft=footprint(GEMMA.shape, 8192)), 16)
+    assert plan_service(as_served, []).max_batch_size == want.max_batch_size
+    # A declared size and layers: a draft model of its own, whose window was not declared.
+    own = spec(resources=cpu, model=gemma,
+               speculative=drafting(DRAFT_PVC, {"sizeBytes": 100_000_000, "layers": 18}))
+    full = {k: v for k, v in GEMMA.shape.items() if k not in ("slidingWindow", "swaPattern")}
+    draft = footprint({**full, "sizeBytes": 100_000_000, "layers": 18}, 8192)
+    want = fit(budget, footprint(GEMMA.shape, 8192, draft=draft), 16)
+    assert draft.per_sequence_bytes > footprint(GEMMA.shape, 8192).per_sequence_bytes
+    assert plan_service(own, []).max_batch_size == want.max_batch_size
+
+
+def test_a_draft_model_shrinks_a_gpu_services_plan_on_its_node() -> None:
+    declared = {"sizeBytes": 1_300_000_000, "layers": 16}
+    gpu = nodes(12288)
+    before = plan_service(spec(), gpu)
+    after = plan_service(spec(speculative=drafting(DRAFT_PVC, declared)), gpu)
+    want = fit(MemoryBudget("gpu", 12288 * MiB), footprint(SHAPE, draft=footprint(
+        {**SHAPE, **declared})), 16)
+    assert after.max_batch_size == want.max_batch_size < before.max_batch_size == 13
+    assert after.reason == f"GPU (spec.model.shape; draft: spec.speculative.draftModel.shape): " \
+                           f"{want.reason}"
+    assert (after.gpu_memory_mib, after.pin_above_mib) == (12288, 12287)
+    # gpuLayers offloads as many of the draft model's layers as of the model's (as the pod
+    # does): 16 of its 24, 16 of the model's 32; the rest stays in RAM.
+    deeper = {**declared, "layers": 24}
+    partial = plan_service(spec(gpuLayers=16, speculative=drafting(DRAFT_PVC, deeper)), gpu)
+    want = fit(MemoryBudget("gpu", 12288 * MiB), footprint(SHAPE, gpu_layers=16, draft=footprint(
+        {**SHAPE, **deeper}, gpu_layers=16)), 16)
+    assert partial.max_batch_size == want.max_batch_size == 15
+    # The node that fits most still wins: here the larger one, pinned above the smaller.
+    wide = plan_service(spec(speculative=drafting(DRAFT_PVC)), nodes(12288, 24576))
+    assert (wide.max_batch_size, wide.pin_above_mib) == (13, 24575)
+
+
+@pytest.mark.parametrize("speculative", [{}, {"mode": "none"}, {"mode": "ngram", "k": 8}])
+def test_no_draft_model_no_change_to_the_plan(speculative) -> None:
+    for resources, found in (({"gpus": 0, "memory": "8Gi"}, []), ({"gpus": 1}, nodes(12288))):
+        plain = plan_service(spec(resources=resources), found)
+        assert plan_service(spec(resources=resources, speculative=speculative), found) == plain
+        assert "draft" not in plain.reason
+
+
+def test_a_bad_draft_shape_says_what_to_fix() -> None:
+    with pytest.raises(SpecError, match=r"spec\.speculative\.draftModel\.shape\.layers"):
+        spec(speculative=drafting(DRAFT_PVC, {"sizeBytes": 1, "layers": 0}))
+    with pytest.raises(SpecError, match=r"spec\.speculative\.draftModel\.shape\.bogus"):
+        spec(speculative=drafting(DRAFT_PVC, {"bogus": 1}))
 
 
 def test_deployment_is_valid_and_complete() -> None:
@@ -285,6 +405,12 @@ def test_crd_is_valid_and_matches_the_chart_copy() -> None:
     assert embedded["x-kubernetes-preserve-unknown-fields"] is True
     draft = props["speculative"]["properties"]["draftModel"]["properties"]["source"]
     assert draft["properties"].pop("embedded")["x-kubernetes-preserve-unknown-fields"] is True
+    # The draft model's shape has the model's fields (the spec's one Shape; the API server
+    # would prune any the schema lacks).
+    shapes = [props["model"]["properties"]["shape"],
+              props["speculative"]["properties"]["draftModel"]["properties"]["shape"]]
+    assert shapes[0]["properties"] == shapes[1]["properties"]
+    assert set(shapes[1]["properties"]) == set(Shape.model_fields)
     assert "x-kubernetes-preserve-unknown-fields" not in yaml.safe_dump(
         {k: v for k, v in props.items() if k != "scheduling"})
     for model in EMBEDDED_MODELS.values():
