@@ -97,6 +97,25 @@ def host_us_per_sequence(us_per_sequence: dict[str, float]) -> float | None:
     return round(sum(v for k, v in us_per_sequence.items() if k != "decode"), 1)
 
 
+def stream_ceiling(record: dict, c: int, floor_step_ms: float | None,
+                   streams: list[dict | None]) -> dict:
+    """What streaming can reach on this machine when the client shares its cores: the
+    decode floor's CPU per token (llama-batched-bench's step x threads / c) plus the
+    client's own CPU per streamed token (the mean over both servers' runs), on all cores.
+    No server reaches it (its own HTTP and host work come on top); a line above it is out
+    of reach here, whatever the server does."""
+    per_token = [r["client_cpu_s"] * 1e6 / r["completion_tokens"] for r in streams
+                 if r and r.get("client_cpu_s") is not None and r.get("completion_tokens")]
+    client_us = round(sum(per_token) / len(per_token), 1) if per_token else None
+    threads = record.get("settings", {}).get("threads")
+    cores = record.get("machine", {}).get("cores")
+    if client_us is None or floor_step_ms is None or not threads or not cores:
+        return {"stream_client_us_per_token": client_us, "stream_ceiling_tok_s": None}
+    floor_us = floor_step_ms * 1e3 * threads / c
+    return {"stream_client_us_per_token": client_us,
+            "stream_ceiling_tok_s": round(cores * 1e6 / (floor_us + client_us), 1)}
+
+
 def evaluate(record: dict) -> dict:
     """Per level: the ratios; at ACCEPT_LEVEL: issue 30's acceptance lines, each PASS only
     when its figure exists and meets the bound (a missing figure FAILs)."""
@@ -137,6 +156,8 @@ def evaluate(record: dict) -> dict:
             "host_us_per_sequence": host_us_per_sequence(step.get("us_per_sequence", {}))
             if step_ms is not None else None,
             "us_per_sequence": step.get("us_per_sequence", {}) if step_ms is not None else {},
+            **stream_ceiling(record, c, floor.get((False, c)),
+                             [by.get((s, "stream", c)) for s in ("llamafleet", "llama-server")]),
         })
     at = {r["concurrency"]: r for r in rows}.get(ACCEPT_LEVEL, {})
 
@@ -203,6 +224,13 @@ def markdown(record: dict, summary: dict) -> str:
     out += ["", "Acceptance (issue 30, CPU):", ""]
     out += [f"- **{'PASS' if a['ok'] else 'FAIL'}** {a['line']}: {_f(a['value'], '.2f')}"
             for a in summary["acceptance"]]
+    for r in summary["levels"]:
+        ceiling, theirs = r.get("stream_ceiling_tok_s"), r["stream_tok_s"]["llama_server"]
+        if ceiling is not None and theirs:
+            out.append(f"- c{r['concurrency']} streaming ceiling on this machine: {ceiling:.0f} "
+                       f"tok/s = {ceiling / theirs:.2f}x llama-server's streaming figure (the "
+                       f"decode floor's CPU plus the client's {r['stream_client_us_per_token']:.0f} "
+                       "µs per streamed token, on all cores; no server reaches it)")
     failed = [f"{r['server']} {r['mode']} c{r['concurrency']}: {r['failed']} failed, "
               f"{r['short']} short" for r in record["side_by_side"] if r["failed"] or r["short"]]
     if failed:
@@ -240,6 +268,7 @@ class Figures:
     processes: int = 1
     errors: list[str] = field(default_factory=list)
     others_cpu_share: float | None = None  # CPU others used meanwhile, share of all cores
+    client_cpu_s: float | None = None  # the client's own CPU (this process and its client processes)
 
 
 def figures(server: str, mode: str, c: int, samples: list, wall: float, max_tokens: int,
@@ -320,17 +349,12 @@ class CpuWatch:
         f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         return (sum(f) - f[3] - (f[4] if len(f) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
 
-    @staticmethod
-    def _ours() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
     def __init__(self) -> None:
-        self.t0, self.busy0, self.ours0 = time.monotonic(), self._busy(), self._ours()
+        self.t0, self.busy0, self.ours0 = time.monotonic(), self._busy(), own_cpu_s()
 
     def others_share(self, live_cpu_s: float = 0.0) -> float:
         wall = max(time.monotonic() - self.t0, 1e-9)
-        others = (self._busy() - self.busy0) - (self._ours() - self.ours0) - live_cpu_s
+        others = (self._busy() - self.busy0) - (own_cpu_s() - self.ours0) - live_cpu_s
         return round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
 
 
@@ -349,6 +373,14 @@ def wait_quiet(limit_s: float, waits: list[float]) -> None:
     waits.append(round(time.monotonic() - t0, 1))
 
 
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children. Over a segment: the client's (in
+    this process, or its client processes, reaped when they end; the server is still alive,
+    so it is not among them)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def process_cpu_s(pid: int) -> float:
     """user + system CPU seconds of a live process and its threads."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -361,11 +393,12 @@ def measure(server: str, url: str, model: str, c: int, n: int, a: argparse.Names
     ``llamafleet bench``'s client; each with the CPU share others used meanwhile."""
     from llamafleet.bench import load as bench
 
-    watch, cpu0 = CpuWatch(), process_cpu_s(pid)
+    watch, cpu0, client0 = CpuWatch(), process_cpu_s(pid), own_cpu_s()
     samples, wall = asyncio.run(_plain(url, _body(model, a.max_tokens, False), c, n, 600))
     out = [figures(server, "plain", c, samples, wall, a.max_tokens, 1)]
     out[-1].others_cpu_share = watch.others_share(process_cpu_s(pid) - cpu0)
-    watch, cpu0 = CpuWatch(), process_cpu_s(pid)
+    out[-1].client_cpu_s = round(own_cpu_s() - client0, 3)
+    watch, cpu0, client0 = CpuWatch(), process_cpu_s(pid), own_cpu_s()
     ns = argparse.Namespace(max_tokens=a.max_tokens, no_ignore_eos=False, seed=None, timeout=600,
                             api_key=None)
     body, progress = _body(model, a.max_tokens, True), bench.Progress(n)
@@ -376,6 +409,7 @@ def measure(server: str, url: str, model: str, c: int, n: int, a: argparse.Names
         samples, wall = bench._spread(procs, url, body, {}, c, n, ns, progress)
     out.append(figures(server, "stream", c, samples, wall, a.max_tokens, procs))
     out[-1].others_cpu_share = watch.others_share(process_cpu_s(pid) - cpu0)
+    out[-1].client_cpu_s = round(own_cpu_s() - client0, 3)
     for f in out:
         print(f"  {server:<13}{f.mode:<7}c{c:<4}{f.tokens_per_s:>9.1f} tok/s  "
               f"{f.completed}/{f.requests} ok, {f.short} short, others' CPU "

@@ -243,6 +243,8 @@ class _LingeringClose:
         self._closing = False
         self._dropped = 0
         self._timer: asyncio.TimerHandle | None = None
+        # The hot path (one call per SSE frame) as an attribute: no __getattr__ hop.
+        self.write = transport.write
 
     @classmethod
     def wrap(cls, transport: asyncio.Transport, protocol: Any) -> Any:

@@ -112,3 +112,18 @@ def test_markdown_shows_every_line_with_its_verdict():
     md = hc.markdown(rec, hc.evaluate(rec))
     assert md.count("**PASS**") == 4
     assert "| 64 | 4000 / 4000 | 1.00 | 3250 / 2500 | 1.30 |" in md
+
+
+def test_the_streaming_ceiling_is_the_floors_cpu_plus_the_clients_on_all_cores():
+    rec = _record(1200.0, 1000.0, decode_ms=45.0, sample_ms=0.8, floor_ms=44.8)
+    rec.update(machine={"cores": 2}, settings={"threads": 2})
+    for r in rec["side_by_side"]:
+        r["completion_tokens"] = 12288
+        if r["mode"] == "stream":  # 200 and 260 µs of client CPU per streamed token
+            r["client_cpu_s"] = 12288 * (200e-6 if r["server"] == "llamafleet" else 260e-6)
+    (lv,) = hc.evaluate(rec)["levels"]
+    assert lv["stream_client_us_per_token"] == pytest.approx(230.0)
+    # 44.8 ms x 2 threads / 64 = 1400 core-µs per token, + 230: 2 cores / 1630 µs
+    assert lv["stream_ceiling_tok_s"] == pytest.approx(2e6 / 1630, abs=0.1)
+    rec["machine"] = {}  # no core count, no ceiling (nor for a run without client figures)
+    assert hc.evaluate(rec)["levels"][0]["stream_ceiling_tok_s"] is None
