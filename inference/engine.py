@@ -897,7 +897,7 @@ class Engine:
             return None
         drafts: dict[int, list[int]] = {}
         wants: list[tuple[_Sequence, int]] = []
-        share = self.step_cost.token_share(len(group))
+        share = self.step_cost.token_share(len(group), self.draft_model is not None)
         for seq in group:
             lookup = seq.lookup
             if lookup is None or seq.state is not DECODE:
@@ -931,9 +931,11 @@ class Engine:
         sequence whose draft model has not caught up with it yet drafts nothing this step. A
         failing draft model costs this step's drafts, never a request."""
         assert self.draft_model is not None
+        started = time.perf_counter()
         try:
             out = self.draft_model.draft([(s.slot, [*s.req.prompt, *s.generated, s.next_token], n)
                                           for s, n in wants])
+            self.step_cost.observe_draft(max(n for _, n in wants), time.perf_counter() - started)
         except Exception:
             log.exception("the draft model failed; this step goes without drafts")
             self.draft_model.reset()

@@ -104,16 +104,24 @@ class StepCost:
     in proportion (a CPU of a few cores: a step of 5 tokens of the embedded SmolLM2 took 3.2x
     a step of 1, benchmarks/speculative.py's ``verify_cost``) a draft token costs what the
     batch's own tokens do, and pays only when it is accepted at least as often as the batch's
-    tokens' share of the step: ``token_share``."""
+    tokens' share of the step: ``token_share``.
+
+    A draft model's own decodes come on top (``observe_draft``): a round of them (one draft
+    token for every drafting sequence) costs ``round`` seconds, and a step of B sequences that
+    each draft k tokens pays k rounds for B x k draft tokens. Drafting then pays where
+    rate x B x k x step(B) > B x (per_token x B x k + k x round), that is where the acceptance
+    rate exceeds the tokens' share plus ``round / step(B)``."""
 
     DECAY = 0.98
     MIN_WEIGHT = 8.0  # steps (decayed) before the line is trusted
     MIN_SPREAD = 0.25  # variance of the steps' token counts below which no slope is known
+    DRAFT_WEIGHT = 0.25  # weight of the latest draft-model call in its seconds per round
 
-    __slots__ = ("_w", "_x", "_y", "_xx", "_xy")
+    __slots__ = ("_w", "_x", "_y", "_xx", "_xy", "_round")
 
     def __init__(self) -> None:
         self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._round: float | None = None  # a draft model's seconds per round of drafts
 
     def observe(self, tokens: int, seconds: float) -> None:
         d = self.DECAY
@@ -136,17 +144,30 @@ class StepCost:
         per_token = max((self._xy / w - mx * my) / var, 0.0)
         return max(my - per_token * mx, 0.0), per_token
 
-    def token_share(self, tokens: int) -> float | None:
-        """The share of a step of ``tokens`` tokens that is the tokens' own cost (0: a step's
-        time does not grow with its tokens; near 1: it grows in proportion), None while
-        unknown (then every draft is let through: drafts are what make steps differ in
-        size)."""
+    def observe_draft(self, rounds: int, seconds: float) -> None:
+        """A draft model's call of ``rounds`` rounds took ``seconds`` (its catch-up with the
+        accepted tokens included: that is part of what drafting costs)."""
+        per_round = seconds / max(rounds, 1)
+        r = self._round
+        self._round = per_round if r is None else r + self.DRAFT_WEIGHT * (per_round - r)
+
+    def token_share(self, tokens: int, draft_model: bool = False) -> float | None:
+        """The acceptance rate a draft token must beat in a step of ``tokens`` tokens: the
+        share of the step that is the tokens' own cost (0: a step's time does not grow with
+        its tokens; near 1: it grows in proportion), plus, for a draft model, its round's time
+        over the step's. None while unknown (then every draft is let through: drafts are what
+        make steps differ in size)."""
         line = self.line()
         if line is None:
             return None
         fixed, per_token = line
         total = fixed + per_token * tokens
-        return per_token * tokens / total if total > 0 else None
+        if total <= 0:
+            return None
+        share = per_token * tokens / total
+        if draft_model and self._round is not None:
+            share += self._round / total
+        return share
 
 
 class NgramLookup(AdaptiveLength):

@@ -299,6 +299,41 @@ def test_an_engine_with_a_draft_model_emits_what_it_would_without_and_frees_the_
     assert all(not cells for cells in dbe.cells.values())  # released with the sequence
 
 
+class PartlyWrongDraftBackend(FakeDraftBackend):
+    """A draft model that agrees with the fake model (t + 1 after t) except after every
+    third token: about two of three draft tokens are accepted."""
+
+    def argmax(self, batch_indices) -> list[int]:
+        return [self._at[i] + (2 if self._at[i] % 3 == 0 else 1) for i in batch_indices]
+
+
+def test_a_draft_models_own_time_raises_the_acceptance_its_drafts_must_beat() -> None:
+    def run_with(step_cost: FixedStepCost | None) -> tuple[Collector, Engine]:
+        be = FakeBackend()
+        eng = Engine(be, max_batch_size=2, queue_size=4, context_size=256,
+                     speculative_k=4 if step_cost else 0, step_cost=step_cost,  # type: ignore[arg-type]
+                     draft_model=DraftModel(PartlyWrongDraftBackend(), 2, be.is_eog)
+                     if step_cost else None)
+        eng.start()
+        c = submit(eng, [1, 2, 3], max_tokens=60)
+        assert c.done.wait(5)
+        eng.stop()
+        return c, eng
+
+    off, _ = run_with(None)
+    cheap_cost, dear_cost = FixedStepCost(0.3), FixedStepCost(0.3, draft=0.6)
+    cheap, eng_cheap = run_with(cheap_cost)
+    dear, eng_dear = run_with(dear_cost)
+    assert cheap.text == dear.text == off.text
+    rate = eng_cheap.speculation["draft"].accepted / eng_cheap.speculation["draft"].drafted
+    assert 0.3 < rate < 0.9  # worth drafting at a share of 0.3, not at 0.3 + 0.6
+    # Where the draft model's rounds cost 60% of a step, the sequence soon drafts only the
+    # odd probe token; where they cost nothing, it keeps drafting.
+    assert eng_dear.speculation["draft"].drafted < eng_cheap.speculation["draft"].drafted / 2
+    # The engine reports each draft-model call with its rounds (its longest draft).
+    assert cheap_cost.draft_calls and max(cheap_cost.draft_calls) <= 4
+
+
 # --- what a draft token costs, and who drafts then ---------------------------------------
 def test_the_step_cost_line_is_learnt_from_steps_of_different_sizes() -> None:
     cpu, gpu, flat = StepCost(), StepCost(), StepCost()
@@ -314,6 +349,14 @@ def test_the_step_cost_line_is_learnt_from_steps_of_different_sizes() -> None:
     assert gpu.token_share(1) < 0.02
     assert flat.line() is None and flat.token_share(1) is None
     assert StepCost().token_share(1) is None  # nothing seen yet
+    # A draft model's rounds come on top of the tokens' share, for draft-model drafts only:
+    # 3 ms a round against a 9 ms step of one token.
+    assert cpu.token_share(1, draft_model=True) == pytest.approx(5 / 9)  # no round seen yet
+    cpu.observe_draft(4, 0.012)
+    assert cpu.token_share(1, draft_model=True) == pytest.approx(5 / 9 + 3 / 9)
+    assert cpu.token_share(1) == pytest.approx(5 / 9)
+    cpu.observe_draft(1, 0.007)  # recent calls weigh most: 3 + 0.25 x (7 - 3) = 4 ms
+    assert cpu.token_share(8, draft_model=True) == pytest.approx(40 / 44 + 4 / 44)
 
 
 def test_a_sequence_accepted_less_often_than_its_tokens_cost_pauses_then_probes() -> None:

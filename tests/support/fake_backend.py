@@ -151,14 +151,20 @@ class FixedStepCost:
     take microseconds, whose noise must not decide whether a test's sequences draft. None:
     unknown, every draft let through."""
 
-    def __init__(self, share: float | None = None):
-        self.share = share
+    def __init__(self, share: float | None = None, draft: float = 0.0):
+        self.share, self.draft = share, draft  # draft: a draft model's round over a step
+        self.draft_calls: list[int] = []  # rounds of each draft-model call observed
 
     def observe(self, tokens: int, seconds: float) -> None:
         pass
 
-    def token_share(self, tokens: int) -> float | None:
-        return self.share
+    def observe_draft(self, rounds: int, seconds: float) -> None:
+        self.draft_calls.append(rounds)
+
+    def token_share(self, tokens: int, draft_model: bool = False) -> float | None:
+        if self.share is None:
+            return None
+        return self.share + (self.draft if draft_model else 0.0)
 
 
 def make_engine(backend: FakeBackend, max_batch_size: int = 4, queue_size: int = 8,
