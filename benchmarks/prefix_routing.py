@@ -59,8 +59,7 @@ async def run_mode(name: str, urls: list[str], model: str, convs: list[list[dict
     ``urls[i % len(urls)]`` (one URL: the router)."""
     todo = list(enumerate(convs))
     samples: list[bench.Sample] = []
-    async with httpx.AsyncClient(headers=AUTH,
-                                 limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+    async with bench.session(concurrency, AUTH) as client:
         async def worker() -> None:
             while todo:
                 i, messages = todo.pop(0)

@@ -69,7 +69,7 @@ def body(model: str, i: int, max_tokens: int) -> dict:
 async def sequential(url: str, key: str, model: str, n: int, max_tokens: int) -> list[bench.Sample]:
     """One request at a time (the next as soon as the last ends)."""
     out = []
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as client:
+    async with bench.session(1, {"Authorization": f"Bearer {key}"}) as client:
         for i in range(n):
             out.append(await bench._one(client, url, body(model, i, max_tokens), 600))
     return out
@@ -80,8 +80,7 @@ async def flood(url: str, key: str, model: str, streams: int, max_tokens: int,
     """``streams`` loops, each sending its next request as soon as the last ends, until
     ``stop``; the requests in flight then finish."""
     out: list[bench.Sample] = []
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"},
-                                 limits=httpx.Limits(max_connections=streams + 2)) as client:
+    async with bench.session(streams, {"Authorization": f"Bearer {key}"}) as client:
         async def loop(j: int) -> None:
             i = j
             while not stop.is_set():

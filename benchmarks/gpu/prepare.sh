@@ -29,5 +29,5 @@ fi
 "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl "fastapi>=0.115" "uvicorn>=0.30" "pydantic>=2.7" "pydantic-settings>=2.3" \
-  "grpcio-health-checking>=1.85,<2" "grpcio-reflection>=1.85,<2" "httpx>=0.27" diskcache
+  "grpcio-health-checking>=1.85,<2" "grpcio-reflection>=1.85,<2" "httpx>=0.27" "aiohttp>=3.9" diskcache
 du -sh .devcache .whl
