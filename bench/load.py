@@ -94,14 +94,18 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def session(streams: int, headers: dict | None = None) -> aiohttp.ClientSession:
-    """The streaming client's connection pool (``streams`` connections and a spare two).
+    """The streaming client: up to ``streams`` connections (and a spare two), a new one per
+    request. Reusing a kept-alive connection that the server is closing fails the request
+    without the server being at fault (llama-server's: "Can not write request body" for about
+    half the requests of a c64 run); a connection costs a loopback handshake per request of
+    tens of tokens.
 
     aiohttp rather than httpx: its HTTP parser is C, and per SSE event it used about half the
     CPU (52 against 100 µs per streamed token, 32 streams, one process, this 2-core machine):
     a client that shares the machine with the server it measures takes that much less from
     it, and one process carries more streams."""
-    return aiohttp.ClientSession(headers=headers or {},
-                                 connector=aiohttp.TCPConnector(limit=streams + 2))
+    return aiohttp.ClientSession(
+        headers=headers or {}, connector=aiohttp.TCPConnector(limit=streams + 2, force_close=True))
 
 
 async def _one(client: aiohttp.ClientSession, url: str, body: dict, timeout: float) -> Sample:
