@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FEW = 8  # StepHistogram: up to this many values a step are bucketed one by one
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
 
 
@@ -31,6 +34,7 @@ class StepHistogram:
                  registry: CollectorRegistry):
         self.name, self.documentation = name, documentation
         self.bounds = np.array([*buckets, np.inf])
+        self._bounds = [*buckets, math.inf]  # for bisect: a few values cost less one by one
         self._counts = np.zeros(len(self.bounds), dtype=np.int64)
         self._sum = 0.0
         self._lock = threading.Lock()  # observe (engine thread) against collect (scrapes)
@@ -40,9 +44,16 @@ class StepHistogram:
         self.observe_many((value,))
 
     def observe_many(self, values: Sequence[float] | np.ndarray) -> None:
-        v = np.asarray(values, dtype=np.float64)
-        if not v.size:
+        if len(values) <= FEW:  # a step of a few sequences: numpy's calls cost more than this
+            if not len(values):
+                return
+            bounds, counts = self._bounds, self._counts
+            with self._lock:
+                for x in values:
+                    counts[bisect.bisect_left(bounds, x)] += 1  # the first bound >= value: le
+                    self._sum += float(x)
             return
+        v = np.asarray(values, dtype=np.float64)
         at = np.searchsorted(self.bounds, v, side="left")  # the first bound >= value: le
         counts = np.bincount(at, minlength=len(self.bounds))
         with self._lock:

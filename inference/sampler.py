@@ -176,11 +176,11 @@ class SamplerPool:
         pr = self.rows_of(samplers) if pr is None else pr
         greedy = self.greedy[pr]
         if greedy.all():
-            return np.argmax(_take_rows(logits, rows), axis=1)
+            return _take_rows(logits, rows).argmax(axis=1)
         if not greedy.any():
             return self._draw(_take_rows(logits, rows), pr)
         out = np.empty(n, dtype=np.int64)
-        out[greedy] = np.argmax(logits[rows[greedy]], axis=1)
+        out[greedy] = logits[rows[greedy]].argmax(axis=1)
         pick = ~greedy
         out[pick] = self._draw(logits[rows[pick]], pr[pick])
         return out
@@ -188,7 +188,7 @@ class SamplerPool:
     def _draw(self, x: np.ndarray, pr: np.ndarray) -> np.ndarray:
         """One token for each of the sampled (not greedy) rows ``x``, at pool rows ``pr``."""
         ids, w = self.weights(x, pr)
-        cum = np.cumsum(w, axis=1, dtype=np.float64)
+        cum = w.cumsum(axis=1, dtype=np.float64)  # methods: np.cumsum adds a Python layer
         target = self._uniforms(pr) * cum[:, -1]
         at = (cum >= target[:, None]).argmax(axis=1)
         return ids[np.arange(len(ids)), at]
@@ -208,7 +208,7 @@ class SamplerPool:
         # top-p over the top-k survivors at temperature 1: keep i while the mass before it < p.
         e = np.exp(d) * keep
         probs = e / e.sum(axis=1, keepdims=True)
-        keep &= np.cumsum(probs, axis=1, dtype=_F32) - probs < top_p
+        keep &= probs.cumsum(axis=1, dtype=_F32) - probs < top_p
         # min-p against the largest logit.
         keep &= vals >= head + log_min_p
         keep[:, 0] = True  # at least one token, as min_keep = 1 does
@@ -286,11 +286,11 @@ def _order_keys(x: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
 def _top_of_keys(keys: np.ndarray, k: int) -> np.ndarray:
     """The vocabulary ids of the ``k`` largest ``keys`` per row, largest first."""
     v = keys.shape[1]
-    if k >= v:
-        top = np.sort(keys, axis=1)
-    else:
-        top = np.partition(keys, v - k, axis=1)[:, v - k:]
-        top.sort(axis=1)
+    # In place: the keys are a temporary of the caller's.
+    if k < v:
+        keys.partition(v - k, axis=1)
+    top = keys[:, v - k:] if k < v else keys
+    top.sort(axis=1)
     return (_LOW - (top[:, ::-1] & _LOW)).astype(np.intp)
 
 
@@ -306,7 +306,7 @@ def top_candidates(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if v >= LARGE_VOCAB and k * GROUP * 8 <= v:
         return _top_candidates_few(x, k) if n < FEW_ROWS else _top_candidates_large(x, k)
     ids = _top_of_keys(_order_keys(x), k)
-    return ids, np.take_along_axis(x, ids, axis=1)
+    return ids, x[np.arange(n)[:, None], ids]
 
 
 def _top_candidates_few(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
