@@ -5,8 +5,9 @@
 #                                            tool carries (no .git, no llama.cpp models/docs/media)
 #   .whl/                                    wheels of the serving stack for CPython 3.12 (that
 #                                            machine lacks fastapi, pydantic, uvicorn, ...; it has
-#                                            numpy, jinja2, prometheus-client, scikit-build-core)
-# Both come from PyPI through pip. About 25 MiB together.
+#                                            numpy, jinja2, prometheus-client, scikit-build-core;
+#                                            benchmarks/gpu/check_wheels.sh tries them)
+# Both come from PyPI through pip. About 33 MiB together.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -28,6 +29,6 @@ fi
 # The serving stack with its dependencies, resolved together (pydantic pins pydantic-core).
 "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl "fastapi>=0.115" "uvicorn>=0.30" "pydantic>=2.7" "pydantic-settings>=2.3" \
-  "grpcio-health-checking>=1.85,<2" "grpcio-reflection>=1.85,<2" "httpx>=0.27" "aiohttp>=3.9" diskcache
+  -d .whl "fastapi>=0.115" "uvicorn[standard]>=0.30" "pydantic>=2.7" "pydantic-settings>=2.3" \
+  "grpcio-health-checking>=1.85,<2" "grpcio-reflection>=1.85,<2" "httpx>=0.27" "aiohttp>=3.9" "pyyaml>=6" diskcache
 du -sh .devcache .whl
