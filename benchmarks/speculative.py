@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from llamafleet.bench import load as bench
-from llamafleet.common.contract import SMOLLM2
+from llamafleet.common.contract import SMOLLM2, SPECULATIVE_K_DEFAULT
 from llamafleet.inference.engine import Engine, Finished, GenerationRequest, SamplingParams
 from llamafleet.inference.llama_backend import LlamaBackend, LlamaModel
 from llamafleet.inference.main import keep_heap_warm
@@ -145,7 +145,8 @@ def main() -> int:
     p.add_argument("--model", type=Path, help="a GGUF (default: the embedded SmolLM2)")
     p.add_argument("--draft-model", help="draft with this model (a GGUF path or an embedded "
                    "model's name) instead of prompt lookup")
-    p.add_argument("--k", type=int, default=4, help="--speculative-k of the 'on' rounds")
+    p.add_argument("--k", type=int, default=SPECULATIVE_K_DEFAULT,
+                   help="--speculative-k of the 'on' rounds (default: the pod's)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each mode, alternating")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--levels", default="copy:1,free:1,copy:16",

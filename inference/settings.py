@@ -22,6 +22,7 @@ from llamafleet.common.contract import (
     HTTP_PORT,
     IMAGE_MODEL_DIR,
     METRICS_PORT,
+    SPECULATIVE_K_DEFAULT,
     PodMetric,
     embedded_model,
     env_name,
@@ -177,7 +178,7 @@ class Settings(BaseSettings):
         "rolled back there (a warning, and it stays off). 'none': off.",
     )
     speculative_k: int = Field(
-        4, ge=1, le=K_MAX,
+        SPECULATIVE_K_DEFAULT, ge=1, le=K_MAX,
         description="Speculative decoding: the most draft tokens a sequence verifies per "
         "step (its draft grows back to this after misses while drafts are accepted).",
     )

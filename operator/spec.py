@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from llamafleet.common.contract import (
     ADAPTER_NAME_PATTERN,
     DEFAULT_EMBEDDED_MODEL,
+    SPECULATIVE_K_DEFAULT,
     SPECULATIVE_K_MAX,
     TENANTS_SECRET_KEY,
     embedded_model,
@@ -175,7 +176,7 @@ class Speculative(_M):
     drafts by prompt lookup, 'draft' with ``draftModel``; 'none' is off."""
 
     mode: Literal["none", "ngram", "draft"] = "none"
-    k: int = Field(4, ge=1, le=SPECULATIVE_K_MAX)
+    k: int = Field(SPECULATIVE_K_DEFAULT, ge=1, le=SPECULATIVE_K_MAX)
     draftModel: DraftModelSpec | None = None
 
     @model_validator(mode="after")

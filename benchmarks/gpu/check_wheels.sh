@@ -25,8 +25,10 @@ trap 'rm -rf "$work"' EXIT
 "$PY312" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q numpy jinja2 prometheus-client nvidia-ml-py
 "$work/venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --target "$work/site" .whl/*.whl
-"$work/venv/bin/python" -m pip install -q --no-deps --no-build-isolation --target "$work/pkg" . \
-  2>/dev/null || "$work/venv/bin/python" -m pip install -q --no-deps --target "$work/pkg" .
+# The project from a copy of this tree (setuptools writes build/ beside the sources).
+mkdir "$work/src"
+git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$work/src" 2>/dev/null || true
+"$work/venv/bin/python" -m pip install -q --no-deps --target "$work/pkg" "$work/src"
 PYTHONPATH="$work/site:$work/pkg" "$work/venv/bin/python" - <<'EOF'
 import importlib
 import sys

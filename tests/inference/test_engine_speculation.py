@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from llamafleet.common.contract import SPECULATIVE_K_DEFAULT
 from llamafleet.inference.draft_model import DraftModel
 from llamafleet.inference.engine import Engine, Finished, GenerationRequest, SamplingParams, TextDelta
 from llamafleet.inference.speculative import SKIP_MAX, AdaptiveLength, NgramLookup, StepCost
@@ -174,7 +175,7 @@ def test_flags_and_env_choose_the_mode_and_k(monkeypatch) -> None:
     from llamafleet.inference.settings import Settings
     from pydantic import ValidationError
 
-    assert (Settings().speculative, Settings().speculative_k) == ("none", 4)  # off by default
+    assert (Settings().speculative, Settings().speculative_k) == ("none", SPECULATIVE_K_DEFAULT)
     p = argparse.ArgumentParser()
     cli.add_settings_flags(p, Settings)
     s = cli.load_settings(p.parse_args(["--speculative", "ngram", "--speculative-k", "6"]),
