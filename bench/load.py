@@ -100,10 +100,11 @@ def session(streams: int, headers: dict | None = None) -> aiohttp.ClientSession:
     half the requests of a c64 run); a connection costs a loopback handshake per request of
     tens of tokens.
 
-    aiohttp rather than httpx: its HTTP parser is C, and per SSE event it used about half the
-    CPU (52 against 100 µs per streamed token, 32 streams, one process, this 2-core machine):
-    a client that shares the machine with the server it measures takes that much less from
-    it, and one process carries more streams."""
+    aiohttp rather than httpx: its HTTP parser is C; against the no-op server (``--self-test``,
+    2 cores) one process took in 61-66k events/s where httpx took 23-26k
+    (benchmarks/results/cpu-client-ceiling-20261205-030325-*.json), so a client that shares the
+    machine with the server it measures takes less from it, and one process carries more
+    streams."""
     return aiohttp.ClientSession(
         headers=headers or {}, connector=aiohttp.TCPConnector(limit=streams + 2, force_close=True))
 

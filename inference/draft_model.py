@@ -22,6 +22,7 @@ decodes again what it lacks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -61,6 +62,10 @@ class DraftModel:
         self.is_eog = is_eog  # a draft ends at an end-of-generation token: nothing follows it
         # The tokens in each slot's draft cells, positions 0 on.
         self._cells: list[list[int]] = [[] for _ in range(n_seq)]
+        # The last draft's rounds after its first decode (one token for every unfinished
+        # draft each) and their seconds: what a draft token costs, without the catch-up,
+        # whose size depends on how long the sequence went without drafting (StepCost).
+        self.rounds_timed: tuple[int, float] = (0, 0.0)
 
     def cells(self, slot: int) -> int:
         """How many of a slot's positions the draft context holds."""
@@ -121,6 +126,7 @@ class DraftModel:
                                     strict=True):
             drafts[i].append(token)
         live = [(i, slot) for i, slot, _ in drafting]
+        rounds, started = 0, time.perf_counter()
         # Each round decodes every unfinished draft's newest token, in slot order.
         while live := [(i, slot) for i, slot in live
                        if len(drafts[i]) < wants[i][2] and not self.is_eog(drafts[i][-1])]:
@@ -131,6 +137,8 @@ class DraftModel:
                                               batch_tokens, strict=True):
                 self._cells[slot].append(last)
                 drafts[i].append(token)
+            rounds += 1
+        self.rounds_timed = (rounds, time.perf_counter() - started)
         return drafts
 
 

@@ -931,11 +931,12 @@ class Engine:
         sequence whose draft model has not caught up with it yet drafts nothing this step. A
         failing draft model costs this step's drafts, never a request."""
         assert self.draft_model is not None
-        started = time.perf_counter()
         try:
             out = self.draft_model.draft([(s.slot, [*s.req.prompt, *s.generated, s.next_token], n)
                                           for s, n in wants])
-            self.step_cost.observe_draft(max(n for _, n in wants), time.perf_counter() - started)
+            rounds, seconds = self.draft_model.rounds_timed
+            if rounds:  # a one-token draft has none: its decode is mostly catch-up
+                self.step_cost.observe_draft(rounds, seconds)
         except Exception:
             log.exception("the draft model failed; this step goes without drafts")
             self.draft_model.reset()

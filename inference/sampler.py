@@ -286,10 +286,10 @@ def _order_keys(x: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
 def _top_of_keys(keys: np.ndarray, k: int) -> np.ndarray:
     """The vocabulary ids of the ``k`` largest ``keys`` per row, largest first."""
     v = keys.shape[1]
-    # In place: the keys are a temporary of the caller's.
-    if k < v:
-        keys.partition(v - k, axis=1)
-    top = keys[:, v - k:] if k < v else keys
+    start = max(v - k, 0)
+    if start:  # in place: the keys are a temporary of the caller's
+        keys.partition(start, axis=1)
+    top = keys[:, start:]
     top.sort(axis=1)
     return (_LOW - (top[:, ::-1] & _LOW)).astype(np.intp)
 

@@ -145,8 +145,9 @@ class StepCost:
         return max(my - per_token * mx, 0.0), per_token
 
     def observe_draft(self, rounds: int, seconds: float) -> None:
-        """A draft model's call of ``rounds`` rounds took ``seconds`` (its catch-up with the
-        accepted tokens included: that is part of what drafting costs)."""
+        """``rounds`` rounds of a draft model's drafting took ``seconds`` (its catch-up with
+        the accepted tokens left out: after a pause it is long, and timing it as rounds
+        would make the pause longer still)."""
         per_round = seconds / max(rounds, 1)
         r = self._round
         self._round = per_round if r is None else r + self.DRAFT_WEIGHT * (per_round - r)

@@ -331,8 +331,8 @@ def test_a_draft_models_own_time_raises_the_acceptance_its_drafts_must_beat() ->
     # Where the draft model's rounds cost 60% of a step, the sequence soon drafts only the
     # odd probe token; where they cost nothing, it keeps drafting.
     assert eng_dear.speculation["draft"].drafted < eng_cheap.speculation["draft"].drafted / 2
-    # The engine reports each draft-model call with its rounds (its longest draft).
-    assert cheap_cost.draft_calls and max(cheap_cost.draft_calls) <= 4
+    # The engine reports the draft model's timed rounds: those after a draft's first decode.
+    assert cheap_cost.draft_calls and max(cheap_cost.draft_calls) <= 3
 
 
 # --- what a draft token costs, and who drafts then ---------------------------------------
