@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-from llamafleet.common.contract import HTTP_PORT
+from llamafleet.common.contract import BACKEND_HEADER, HTTP_PORT
 from llamafleet.common.versions import llama_cpp_python_version
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -65,6 +65,7 @@ class Sample:
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    backend: str | None = None  # the replica that served it, where a router says (its header)
 
 
 @dataclass
@@ -117,6 +118,7 @@ async def _one(client: aiohttp.ClientSession, url: str, body: dict, timeout: flo
     try:
         async with client.post(f"{url}/v1/chat/completions", json=body,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            s.backend = r.headers.get(BACKEND_HEADER)
             if r.status != 200:
                 s.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return s

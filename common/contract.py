@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 16070, 16071, 16072
 ROUTER_PORT = 16073  # llamafleet router (llamafleet.router.settings)
 OPERATOR_METRICS_PORT = 16074  # llamafleet operator's /metrics (llamafleet.operator.settings)
+# The router's answers name the replica that served them (its replica id); `llamafleet bench`
+# records it per request.
+BACKEND_HEADER = "x-llamafleet-backend"
 
 # On SIGTERM a pod drains: running generations get DRAIN_TIMEOUT_S to finish (the pod's
 # default, llamafleet.inference.settings). The operator's pods get that plus a margin as

@@ -20,6 +20,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+# Prompt tokens in common below which reusing cells is not worth what it costs: a state's copy
+# from host RAM, or a free slot's cells that another prompt may still want (every prompt of a
+# chat template starts with the same few tokens).
+MIN_REUSE = 32
+
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
@@ -34,7 +39,7 @@ class PromptCache:
     """(adapter set, token prefix) -> serialized sequence state, least recently used out
     first."""
 
-    def __init__(self, limit_bytes: int, min_tokens: int = 32):
+    def __init__(self, limit_bytes: int, min_tokens: int = MIN_REUSE):
         self.limit_bytes = limit_bytes
         self.min_tokens = min_tokens
         self.bytes = 0
@@ -76,16 +81,20 @@ class PromptCache:
         n = shared_prefix(old, new)
         return n == len(old) or (n >= self.min_tokens and len(old) - n <= len(old) // 16)
 
-    def longest(self, prompt: Sequence[int],
-                adapters: tuple = ()) -> tuple[tuple[int, ...], bytes, int] | None:
-        """The entry of ``adapters`` sharing the longest prefix with ``prompt``: (tokens,
-        state, shared)."""
+    def longest(self, prompt: Sequence[int], adapters: tuple = (),
+                longer_than: int = 0) -> tuple[tuple[int, ...], bytes, int] | None:
+        """The entry of ``adapters`` sharing the longest prefix with ``prompt``, if it shares
+        more than ``longer_than`` tokens and at least ``min_tokens``: (tokens, state, shared).
+        Only that entry counts as used (LRU): one that shares a chat template's first tokens
+        with every prompt would otherwise be refreshed by every lookup and outlive the
+        prefixes that are reused."""
         best: tuple[tuple[int, ...], bytes, int] | None = None
+        least = max(longer_than + 1, self.min_tokens)
         for (under, key), state in self._entries.items():
             if under != adapters:
                 continue
             n = shared_prefix(key, prompt)
-            if n and (best is None or n > best[2]):
+            if n >= least and (best is None or n > best[2]):
                 best = (key, state, n)
         if best is not None:
             self._entries.move_to_end((adapters, best[0]))

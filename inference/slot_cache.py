@@ -14,9 +14,13 @@ the scheduler the same way):
 A free slot's cells keep its last sequence's tokens, so a new request that starts the same way
 (a shared system prompt, a chat's earlier turns) skips that part of the prefill; beyond the
 slots, :class:`~llamafleet.inference.prompt_cache.PromptCache` keeps recent prompts' states in
-host RAM. Without a useful prefix a request takes the lowest free slot: with one KV stream per
-sequence, llama.cpp decodes the running sequences in one ubatch per run of consecutive slots,
-so running sequences packed at the low slots decode in the fewest ubatches.
+host RAM. Without a useful prefix (``MIN_REUSE`` tokens in common, or half of what the slot
+holds) a request takes the lowest empty slot, else the lowest free one: a slot that holds
+another prompt keeps it for that prompt's next request (every prompt of a chat template shares
+its first few tokens with every slot, and taking the slot that shares them would throw away
+another tenant's prefix while empty slots wait); with one KV stream per sequence, llama.cpp
+decodes the running sequences in one ubatch per run of consecutive slots, so running sequences
+packed at the low slots decode in the fewest ubatches.
 
 Cells hold what a model computed under one LoRA adapter set (a request's ``adapters``, ``()``
 for the base model): a slot's cells and a prompt cache entry are reused only by a request of
@@ -28,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from .prompt_cache import PromptCache, shared_prefix
+from .prompt_cache import MIN_REUSE, PromptCache, shared_prefix
 
 
 class KVBackend(Protocol):
@@ -66,6 +70,9 @@ class SlotCache:
         self._free: set[int] = set(range(n_slots))
         self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
         self._cached_under: dict[int, tuple] = {}  # free slot -> the adapter set of its cells
+        # Fewer tokens in common than this: a slot's cells are not worth reusing while an
+        # empty slot is free (the prompt cache's own threshold when there is one).
+        self.min_reuse = prompt_cache.min_tokens if prompt_cache is not None else MIN_REUSE
         self.prefix_tokens_reused = 0
         self.prefix_tokens_shared = 0  # copied between running sequences (share)
         self.prompt_cache_restores = 0
@@ -74,6 +81,10 @@ class SlotCache:
     def free(self) -> int:
         return len(self._free)
 
+    def _empty(self) -> int | None:
+        """The lowest free slot whose cells hold nothing."""
+        return min((s for s in self._free if not self._cached.get(s)), default=None)
+
     def cached_tokens(self) -> int:
         """Cells that free slots keep for reuse."""
         return sum(map(len, self._cached.values()))
@@ -81,7 +92,9 @@ class SlotCache:
     def take(self, prompt: Sequence[int], reuse: bool = True,
              adapters: tuple = ()) -> tuple[int, int]:
         """A free slot for ``prompt``, preferring the one whose cached tokens share the longest
-        prefix with it (the lowest slot among equals); returns (slot, tokens reused).
+        prefix with it (the lowest slot among equals), unless that is fewer than
+        ``min_reuse`` tokens and less than half of what the slot holds while an empty slot is
+        free (the lowest empty slot then); returns (slot, tokens reused).
 
         ``reuse=False`` (a seeded request) starts from scratch: reused cells were computed in
         another batch shape, and llama.cpp's kernels are not batch-invariant, so only a full
@@ -98,6 +111,11 @@ class SlotCache:
                 n = shared_prefix(self._cached.get(slot, ()), prompt)
                 if n > best_len:
                     best, best_len = slot, n
+        if best_len < self.min_reuse and 2 * best_len < len(self._cached.get(best, ())) and \
+                (empty := self._empty()) is not None:
+            # Too little in common to throw the rest of that slot's cells away for.
+            best, best_len = empty, 0
+        if reuse:
             restores = self.prompt_cache_restores
             best, best_len = self._restore_if_longer(prompt, best, best_len, adapters=adapters)
             from_slot = self.prompt_cache_restores == restores
@@ -131,14 +149,14 @@ class SlotCache:
         """When the host prompt cache shares more of the prompt than any free slot (under the
         same adapters), copy that state into a free slot (``into``, else the lowest empty one
         if any) and use it."""
-        entry = self.prompt_cache.longest(prompt, adapters) if self.prompt_cache is not None \
-            else None
-        if entry is None or entry[2] <= best_len:
+        entry = self.prompt_cache.longest(prompt, adapters, longer_than=best_len) \
+            if self.prompt_cache is not None else None
+        if entry is None:
             return best, best_len
         tokens, state, shared = entry
         if into is None:
-            empty = [s for s in self._free if not self._cached.get(s)]
-            into = min(empty) if empty else best
+            empty = self._empty()
+            into = best if empty is None else empty
         self._cached.pop(into, None)
         self._cached_under.pop(into, None)
         if not self.backend.restore_sequence(into, state):

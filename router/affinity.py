@@ -101,10 +101,14 @@ class Affinity:
        that prefix, and a free slot starts it at once; the bound alone would send the second
        request of a tenant elsewhere whenever the fleet is nearly idle, since ceil(1.25 * 2 / 3)
        is 1, and that request would pay a full prefill);
-    2. else, of the backends under the bound, the one home to the fewest prefixes, the first
-       clockwise from the first block's hash among equals (with few tenants the ring alone
-       is lumpy: 6 prefixes on 3 replicas often land 3/3/0, and a replica's caches then
-       hold 3 tenants while another idles);
+    2. else, of the backends with room (the same test), the one home to the fewest prefixes,
+       the first clockwise from the first block's hash among equals (with few tenants the
+       ring alone is lumpy: 6 prefixes on 3 replicas often land 3/3/0, and a replica's caches
+       then hold 3 tenants while another idles). A free slot counts as room here too: a
+       prefix's home outlives the moment's load, and a replica that was busy when a tenant
+       first came would otherwise end up home to fewer tenants, the others to more than
+       their caches hold (measured: 5/4/3 for 12 tenants on 3 replicas, one replica's
+       tenants evicting each other, benchmarks/prefix_routing.py);
     3. else the least loaded.
     Then the blocks are remembered with the chosen backend (LRU, ``entries`` at most);
     blocks already remembered with another live backend keep it (an overflow is not a move).
@@ -133,15 +137,19 @@ class Affinity:
         members = tuple(sorted(loads))
         ring = self._ring_of(members)
         bound = load_bound(loads, self.factor)
+
+        def room(b: str) -> bool:
+            return loads[b] < max(bound, slots(b))
+
         chosen, hit = None, False
         for h in reversed(blocks):
             b = self._seen.get(h)
             if b is not None and b in loads:
-                if loads[b] < max(bound, slots(b)):
+                if room(b):
                     chosen, hit = b, True
                 break
         if chosen is None and blocks:
-            under = [b for b in ring.walk(blocks[0]) if loads[b] < bound]
+            under = [b for b in ring.walk(blocks[0]) if room(b)]
             if under:
                 fewest = min(self._home_count[b] for b in under)
                 chosen = next(b for b in under if self._home_count[b] == fewest)

@@ -15,7 +15,7 @@ import httpx
 from kubernetes.client import ApiClient
 from llamafleet.common import tenants as T
 from llamafleet.common import tracing
-from llamafleet.common.contract import router_env_name
+from llamafleet.common.contract import BACKEND_HEADER, router_env_name
 from llamafleet.common.errors import (
     BadRequest,
     InternalError,
@@ -53,7 +53,6 @@ from .tenancy import ADMIN_PATHS, BYTES_PER_TOKEN, ROUTER_SET, Charge, UsageTrai
 log = logging.getLogger(__name__)
 
 ROUTING_KEY_HEADER = "x-llamafleet-routing-key"
-BACKEND_HEADER = "x-llamafleet-backend"  # on answers: the replica that served it
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx recomputes.
 _DROP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
          b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",

@@ -123,6 +123,20 @@ def test_new_prefixes_spread_evenly_and_stay_put() -> None:
             assert aff.pick(block_hashes(f"{salt} " + SYSTEM.format(t), 64), idle) == (home, True)
 
 
+def test_a_new_prefix_goes_home_to_the_replica_with_fewest_even_when_it_is_busier() -> None:
+    """A replica over the load bound but with a free sequence slot still takes a new tenant
+    when it is home to the fewest: homes outlive the moment's load."""
+    idle = {"a": 0.0, "b": 0.0, "c": 0.0}
+    for slots, expect_balanced in ((4.0, True), (0.0, False)):
+        aff = Affinity(vnodes=64, factor=1.25, entries=1000)
+        homes = [aff.pick(block_hashes(SYSTEM.format(t), 64), idle)[0] for t in range(4)]
+        crowded = Counter(homes).most_common(1)[0][0]  # home to two, the others to one
+        busy = {b: (0.0 if b == crowded else 3.0) for b in idle}
+        assert load_bound(busy, 1.25) == 3  # the two with one home each are at the bound
+        home, hit = aff.pick(block_hashes(SYSTEM.format(9), 64), busy, slots=lambda b, n=slots: n)
+        assert not hit and (home != crowded) == expect_balanced
+
+
 def test_a_prompt_of_any_shape_gives_a_prefix_never_an_error() -> None:
     # Unauthenticated input: a part whose text is not a string, roles that are not strings.
     body = {"messages": [{"role": "system", "content": [{"type": "text", "text": {"x": 1}},

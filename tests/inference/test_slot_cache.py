@@ -1,0 +1,92 @@
+"""Which slot a prompt takes (pure: SlotCache over a fake KV boundary). A chat template makes
+every prompt share its first few tokens with every slot; that must not cost another tenant
+the prefix its slot holds while empty slots are free."""
+
+from __future__ import annotations
+
+from llamafleet.inference.prompt_cache import PromptCache
+from llamafleet.inference.slot_cache import SlotCache
+
+TEMPLATE = [1, 2, 3, 4, 5]  # what every prompt starts with (a chat template's first tokens)
+
+
+def tenant(n: int, question: int = 0, length: int = 60) -> list[int]:
+    return TEMPLATE + [1000 * n + i for i in range(length)] + [question]
+
+
+class KV:
+    """Cells per sequence, as the engine's backend keeps them (only what SlotCache calls)."""
+
+    def __init__(self) -> None:
+        self.cleared: list[int] = []
+        self.trimmed: list[tuple[int, int]] = []
+        self.restored: list[int] = []
+
+    def clear_sequence(self, seq_id: int) -> None:
+        self.cleared.append(seq_id)
+
+    def trim_sequence(self, seq_id: int, keep: int) -> bool:
+        self.trimmed.append((seq_id, keep))
+        return True
+
+    def save_sequence(self, seq_id: int) -> bytes:
+        return b"s" * 10
+
+    def restore_sequence(self, seq_id: int, state: bytes) -> bool:
+        self.restored.append(seq_id)
+        return True
+
+    def copy_sequence(self, src: int, dst: int, keep: int) -> bool:
+        return True
+
+
+def test_a_prompt_sharing_only_the_templates_tokens_takes_an_empty_slot() -> None:
+    kv = KV()
+    cache = SlotCache(kv, n_slots=3)
+    slot, reused = cache.take(tenant(1))
+    assert (slot, reused) == (0, 0)
+    cache.release(slot, tenant(1) + [7, 8])
+    # Tenant 2 shares the template (5 tokens) with slot 0: it takes empty slot 1 instead.
+    slot, reused = cache.take(tenant(2))
+    assert (slot, reused) == (1, 0)
+    assert kv.trimmed == [] and kv.cleared == []
+    cache.release(slot, tenant(2))
+    # Tenant 1's next question finds its prefix where it left it.
+    slot, reused = cache.take(tenant(1, question=9))
+    assert (slot, reused) == (0, len(tenant(1)) - 1)
+
+
+def test_a_prompt_that_continues_a_slots_cells_or_shares_most_of_them_takes_that_slot() -> None:
+    cache = SlotCache(KV(), n_slots=2)
+    short = [1, 2, 3, 4, 5, 6, 7, 8]  # shorter than min_reuse, all of it in common
+    slot, _ = cache.take(short)
+    cache.release(slot, short + [9])
+    assert cache.take(short + [9, 10, 11]) == (0, 9)
+    assert cache.take(tenant(2)) == (1, 0)
+    cache.release(0, tenant(1) + [7])
+    cache.release(1, tenant(2))
+    # No empty slot left: the longest match, however short, as before.
+    assert cache.take(tenant(3)) == (0, len(TEMPLATE))
+
+
+def test_a_cold_prompt_restores_from_host_ram_into_an_empty_slot_not_a_tenants() -> None:
+    kv = KV()
+    prompts = PromptCache(limit_bytes=100, min_tokens=8)
+    cache = SlotCache(kv, n_slots=2, prompt_cache=prompts)
+    prompts.put(tenant(3), b"t3")
+    cache.release(0, tenant(1))
+    slot, reused = cache.take(tenant(3, question=4))
+    assert slot == 1 and reused == len(tenant(3)) - 1 and kv.restored == [1]
+    assert kv.cleared == [] and kv.trimmed == [(1, reused)]
+
+
+def test_a_lookup_that_shares_only_the_template_neither_restores_nor_refreshes() -> None:
+    prompts = PromptCache(limit_bytes=20, min_tokens=8)  # room for two entries
+    prompts.put(tenant(1), b"a" * 10)
+    prompts.put(tenant(2), b"b" * 10)
+    assert prompts.longest(tenant(1, question=3))[1] == b"a" * 10  # used: most recent
+    assert prompts.longest(tenant(9)) is None  # 5 tokens in common: less than min_tokens
+    prompts.put(tenant(3), b"c" * 10)  # the least recently *used* goes: tenant 2
+    assert tenant(1) in prompts and tenant(2) not in prompts
+    # Nothing longer than what a slot already shares: no entry, none refreshed.
+    assert prompts.longest(tenant(1), longer_than=len(tenant(1))) is None
