@@ -7,7 +7,9 @@ pod's default settings, a prompt cache of about four tenants) on loopback; 12 te
 tenants in a fixed pseudo-random order. (Issue 15's setting was 6 tenants, 96 requests, a
 20 MiB cache and --n-batch 64.) Round-robin sends request
 i to replica i mod 3 itself (what a plain Service does per connection). Each mode gets its
-own tenants' prompts (a salt), so neither starts with the other's prefixes cached.
+own tenants' prompts (a salt), so neither starts with the other's prefixes cached. The record
+keeps every request's tenant, replica (the router's ``x-llamafleet-backend``), start and TTFT
+(``trace``): which requests paid a cold prefill, and on which replica, is the tail's story.
 
     .venv/bin/python benchmarks/prefix_routing.py    # writes benchmarks/results/prefix-routing-*.json
 """
@@ -168,7 +170,8 @@ def main() -> int:
             # of a prefill, and states restored from the prompt cache, during this mode.
             results[-1]["replicas"] = [{k: after[k] - b[k] for k in after}
                                        for b, after in zip(before, map(reuse_of, urls), strict=True)]
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "ttfts_s"}), file=sys.stderr)
+            print(json.dumps({k: v for k, v in results[-1].items()
+                              if k not in ("ttfts_s", "trace")}), file=sys.stderr)
         router_metrics = httpx.get(router_url + "/router/metrics").text
     by_mode = {r["mode"]: r for r in results}
     rr, rt = by_mode.get("round-robin", {}), by_mode.get("router", {})
