@@ -146,6 +146,15 @@ class PodMetric:
     # user how much of another's prompt was cached: the HTTP port's /metrics shows it only
     # behind an API key (as /info does); the metrics port always does.
     PREFIX_TOKENS_REUSED = "llamafleet_prefix_tokens_reused_total"
+    # The host-RAM prompt cache (--prompt-cache-mib), shown as the counter above: bytes held and
+    # the limit, states held, states restored into a slot, and states pushed out to make room
+    # (evictions that keep pace with restores: the cache holds fewer prefixes than the load
+    # reuses, and each eviction costs a prefill later).
+    PROMPT_CACHE_BYTES = "llamafleet_prompt_cache_bytes"
+    PROMPT_CACHE_LIMIT_BYTES = "llamafleet_prompt_cache_limit_bytes"
+    PROMPT_CACHE_ENTRIES = "llamafleet_prompt_cache_entries"
+    PROMPT_CACHE_RESTORES = "llamafleet_prompt_cache_restores_total"
+    PROMPT_CACHE_EVICTIONS = "llamafleet_prompt_cache_evictions_total"
     # Speculative decoding (label KIND: ngram), since start-up: tokens drafted and verified,
     # those accepted, and accepted / drafted.
     SPECULATIVE_DRAFT_TOKENS = "llamafleet_speculative_draft_tokens_total"

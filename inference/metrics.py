@@ -116,23 +116,46 @@ class LoraRequestsInfo:
         yield family
 
 
-class PrefixReused:
-    """A counter read from the engine at every scrape (its slot cache counts the tokens)."""
+class PrefixCache:
+    """The prefix cache's figures, read from the engine at every scrape: the tokens its slots
+    and prompt cache saved, and the host-RAM prompt cache's bytes, limit, entries, restores
+    and evictions (all 0 when the pod has none: its limit says so)."""
 
-    DOC = "Prompt tokens taken from the prefix cache instead of being decoded again."
+    REUSED = "Prompt tokens taken from the prefix cache instead of being decoded again."
+    PRIVATE = frozenset(m.removesuffix("_total") for m in (
+        M.PREFIX_TOKENS_REUSED, M.PROMPT_CACHE_BYTES, M.PROMPT_CACHE_LIMIT_BYTES,
+        M.PROMPT_CACHE_ENTRIES, M.PROMPT_CACHE_RESTORES, M.PROMPT_CACHE_EVICTIONS))
 
     def __init__(self, registry: CollectorRegistry):
-        self._read: Callable[[], int] = lambda: 0
+        self._engine: Any = None
         registry.register(self)
 
-    def follow(self, read: Callable[[], int]) -> None:
-        self._read = read
+    def follow(self, engine: Any) -> None:
+        """``engine``: its ``prefix_tokens_reused``, ``prompt_cache_restores`` and
+        ``prompt_cache`` (None without one): snapshots that any thread may take."""
+        self._engine = engine
 
-    def describe(self) -> list[CounterMetricFamily]:
-        return [CounterMetricFamily(M.PREFIX_TOKENS_REUSED, self.DOC)]
+    def describe(self) -> list[Any]:
+        return list(self.collect())
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(M.PREFIX_TOKENS_REUSED, self.DOC, value=self._read())
+    def collect(self) -> Iterator[Any]:
+        engine = self._engine
+        cache = engine.prompt_cache if engine else None
+        yield CounterMetricFamily(M.PREFIX_TOKENS_REUSED, self.REUSED,
+                                  value=engine.prefix_tokens_reused if engine else 0)
+        yield GaugeMetricFamily(M.PROMPT_CACHE_BYTES, "Bytes of KV state the host-RAM prompt "
+                                "cache holds.", value=cache.bytes if cache else 0)
+        yield GaugeMetricFamily(M.PROMPT_CACHE_LIMIT_BYTES, "The host-RAM prompt cache's "
+                                "limit (--prompt-cache-mib; 0: none).",
+                                value=cache.limit_bytes if cache else 0)
+        yield GaugeMetricFamily(M.PROMPT_CACHE_ENTRIES, "Prompt states the host-RAM prompt "
+                                "cache holds.", value=len(cache) if cache else 0)
+        yield CounterMetricFamily(M.PROMPT_CACHE_RESTORES, "Prompt states copied back from "
+                                  "host RAM into a slot instead of a prefill.",
+                                  value=engine.prompt_cache_restores if engine else 0)
+        yield CounterMetricFamily(M.PROMPT_CACHE_EVICTIONS, "Prompt states pushed out of the "
+                                  "host-RAM prompt cache to make room (least recently used).",
+                                  value=cache.evictions if cache else 0)
 
 
 class Speculation:
@@ -219,7 +242,7 @@ class Metrics:
         self.lora = LoraRequestsInfo(r)
         self.ready = Gauge(M.READY, "1 while the pod answers /ready (engine alive, not "
                            "draining), else 0.", registry=r)
-        self.prefix_reused = PrefixReused(r)
+        self.prefix_cache = PrefixCache(r)
         self.speculation = Speculation(r)
         # Per tenant (common.tenants): configured names, "-" (none) or "_unknown".
         self.tenant_requests = Counter(
@@ -238,8 +261,8 @@ class Metrics:
     @property
     def public(self) -> Any:
         """The registry without what tells one user about another's prompts (the prefix
-        cache's savings): what an HTTP /metrics without an API key shows."""
-        registry, private = self.registry, {M.PREFIX_TOKENS_REUSED.removesuffix("_total")}
+        cache's savings and what it holds): what an HTTP /metrics without an API key shows."""
+        registry, private = self.registry, PrefixCache.PRIVATE
 
         class Public:
             def collect(self) -> Iterator[Any]:
@@ -256,7 +279,7 @@ class Metrics:
         self.kv_used.set_function(lambda: engine.kv_cells_used)
         self.kv_utilization.set_function(
             lambda: min(1.0, engine.kv_cells_used / kv_total) if kv_total else 0.0)
-        self.prefix_reused.follow(lambda: engine.prefix_tokens_reused)
+        self.prefix_cache.follow(engine)
         self.speculation.follow(lambda: engine.speculation)
 
     def follow_adapters(self, engine: Any, adapters: Any) -> None:

@@ -43,6 +43,7 @@ class PromptCache:
         self.limit_bytes = limit_bytes
         self.min_tokens = min_tokens
         self.bytes = 0
+        self.evictions = 0  # entries pushed out to make room (LRU), since start-up
         self._entries: OrderedDict[tuple[tuple, tuple[int, ...]], bytes] = OrderedDict()
 
     def __len__(self) -> int:
@@ -76,6 +77,7 @@ class PromptCache:
         while self.bytes > self.limit_bytes:
             _, old = self._entries.popitem(last=False)
             self.bytes -= len(old)
+            self.evictions += 1
 
     def _served_by(self, old: tuple[int, ...], new: tuple[int, ...]) -> bool:
         n = shared_prefix(old, new)

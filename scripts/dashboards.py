@@ -135,6 +135,11 @@ def serving_panels(sel: str, by: str = "") -> list[dict]:
               "being decoded again.",
               target(f"{rate(P.PREFIX_TOKENS_REUSED, sel, by)} / {rate(P.PROMPT_TOKENS, sel, by)}",
                      f"{who}reused"), unit="percentunit"),
+        panel("Prompt cache", "The host-RAM prompt cache's states restored into a slot "
+              "instead of a prefill, and pushed out to make room: evictions that keep pace with "
+              "restores mean it holds fewer prefixes than the load reuses (--prompt-cache-mib).",
+              target(rate(P.PROMPT_CACHE_RESTORES, sel, by), f"{who}restored"),
+              target(rate(P.PROMPT_CACHE_EVICTIONS, sel, by), f"{who}evicted"), unit="ops"),
         panel("Errors and cancellations", "Requests that did not finish ok, by outcome and "
               "kind (an error's type, or cancelled when the client left).",
               target(rate(P.REQUESTS, sel, ", ".join(x for x in (by, L.OUTCOME, L.FINISH_REASON)
