@@ -487,7 +487,8 @@ class Engine:
         self._waiting.running_of = lambda tenant: self._tenants.get(tenant, 0)
         self.preemptions = 0  # sequences preempted for another tenant's fair share
         self._admit_lock = threading.Lock()
-        self.cache = SlotCache(backend, max_batch_size, prompt_cache)  # type: ignore[arg-type]
+        self.cache = SlotCache(backend, max_batch_size, prompt_cache,  # type: ignore[arg-type]
+                               packed=getattr(backend, "kv_layout", None) == "split")
         self._running: list[_Sequence] = []  # in slot order (build_batch says why)
         # Events of a step go out together at its end (deliver), not one hand-over per token.
         self._outbox: list[tuple[GenerationRequest, Event]] = []

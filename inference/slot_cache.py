@@ -15,12 +15,17 @@ A free slot's cells keep its last sequence's tokens, so a new request that start
 (a shared system prompt, a chat's earlier turns) skips that part of the prefill; beyond the
 slots, :class:`~llamafleet.inference.prompt_cache.PromptCache` keeps recent prompts' states in
 host RAM. Without a useful prefix (``MIN_REUSE`` tokens in common, or half of what the slot
-holds) a request takes the lowest empty slot, else the lowest free one: a slot that holds
-another prompt keeps it for that prompt's next request (every prompt of a chat template shares
-its first few tokens with every slot, and taking the slot that shares them would throw away
-another tenant's prefix while empty slots wait); with one KV stream per sequence, llama.cpp
-decodes the running sequences in one ubatch per run of consecutive slots, so running sequences
-packed at the low slots decode in the fewest ubatches.
+holds) a request takes:
+
+* with one KV stream per sequence (``packed``), the lowest free slot: llama.cpp decodes the
+  running sequences in one ubatch per run of consecutive slots
+  (``llama_batch_allocr::split_equal``), so running sequences packed at the low slots decode
+  in the fewest ubatches, and an extra ubatch costs every step a pass over the weights; what
+  that slot held is usually in the host prompt cache;
+* with one unified buffer, the lowest empty slot, else the lowest free one: a slot that holds
+  another prompt keeps it for that prompt's next request (every prompt of a chat template
+  shares its first few tokens with every slot, and taking the slot that shares them threw
+  away another tenant's prefix while empty slots waited: benchmarks/prefix_routing.py).
 
 Cells hold what a model computed under one LoRA adapter set (a request's ``adapters``, ``()``
 for the base model): a slot's cells and a prompt cache entry are reused only by a request of
@@ -64,9 +69,11 @@ class SlotCache:
     """Free slots and what their cells hold; used only on the engine thread (``free`` may
     be read from any)."""
 
-    def __init__(self, backend: KVBackend, n_slots: int, prompt_cache: PromptCache | None = None):
+    def __init__(self, backend: KVBackend, n_slots: int, prompt_cache: PromptCache | None = None,
+                 packed: bool = False):
         self.backend = backend
         self.prompt_cache = prompt_cache
+        self.packed = packed  # one KV stream per sequence: keep running sequences at low slots
         self._free: set[int] = set(range(n_slots))
         self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
         self._cached_under: dict[int, tuple] = {}  # free slot -> the adapter set of its cells
@@ -93,8 +100,8 @@ class SlotCache:
              adapters: tuple = ()) -> tuple[int, int]:
         """A free slot for ``prompt``, preferring the one whose cached tokens share the longest
         prefix with it (the lowest slot among equals), unless that is fewer than
-        ``min_reuse`` tokens and less than half of what the slot holds while an empty slot is
-        free (the lowest empty slot then); returns (slot, tokens reused).
+        ``min_reuse`` tokens and less than half of what the slot holds (then the lowest free
+        slot if ``packed``, else the lowest empty one if any); returns (slot, tokens reused).
 
         ``reuse=False`` (a seeded request) starts from scratch: reused cells were computed in
         another batch shape, and llama.cpp's kernels are not batch-invariant, so only a full
@@ -111,10 +118,11 @@ class SlotCache:
                 n = shared_prefix(self._cached.get(slot, ()), prompt)
                 if n > best_len:
                     best, best_len = slot, n
-        if best_len < self.min_reuse and 2 * best_len < len(self._cached.get(best, ())) and \
-                (empty := self._empty()) is not None:
-            # Too little in common to throw the rest of that slot's cells away for.
-            best, best_len = empty, 0
+        if best_len < self.min_reuse and 2 * best_len < len(self._cached.get(best, ())):
+            # Too little in common to count (see the module's docstring).
+            other = min(self._free) if self.packed else self._empty()
+            if other is not None and other != best:
+                best, best_len = other, 0
         if reuse:
             restores = self.prompt_cache_restores
             best, best_len = self._restore_if_longer(prompt, best, best_len, adapters=adapters)

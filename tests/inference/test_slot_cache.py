@@ -69,6 +69,18 @@ def test_a_prompt_that_continues_a_slots_cells_or_shares_most_of_them_takes_that
     assert cache.take(tenant(3)) == (0, len(TEMPLATE))
 
 
+def test_with_one_kv_stream_per_sequence_the_lowest_free_slot_wins_over_an_empty_one() -> None:
+    """Packed (split KV streams): running sequences stay at consecutive low slots, one ubatch."""
+    # Packed: slot 0 (its template tokens reused, tenant 1's prefix trimmed off); else slot 2.
+    for packed, expect, trimmed in ((True, (0, len(TEMPLATE)), [(0, 5)]), (False, (2, 0), [])):
+        kv = KV()
+        cache = SlotCache(kv, n_slots=3, packed=packed)
+        assert cache.take(tenant(1)) == (0, 0) and cache.take(tenant(2)) == (1, 0)
+        cache.release(0, tenant(1))
+        cache.release(1, tenant(2))
+        assert cache.take(tenant(3)) == expect and kv.trimmed == trimmed
+
+
 def test_a_cold_prompt_restores_from_host_ram_into_an_empty_slot_not_a_tenants() -> None:
     kv = KV()
     prompts = PromptCache(limit_bytes=100, min_tokens=8)
@@ -90,3 +102,16 @@ def test_a_lookup_that_shares_only_the_template_neither_restores_nor_refreshes()
     assert tenant(1) in prompts and tenant(2) not in prompts
     # Nothing longer than what a slot already shares: no entry, none refreshed.
     assert prompts.longest(tenant(1), longer_than=len(tenant(1))) is None
+
+
+def test_the_engine_packs_slots_when_its_backend_keeps_one_kv_stream_per_sequence() -> None:
+    from tests.support.fake_backend import FakeBackend, make_engine
+
+    for layout in ("split", "unified"):
+        backend = FakeBackend()
+        backend.kv_layout = layout  # as LlamaBackend says
+        engine = make_engine(backend)
+        try:
+            assert engine.cache.packed == (layout == "split")
+        finally:
+            engine.stop()
