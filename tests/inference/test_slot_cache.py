@@ -115,3 +115,29 @@ def test_the_engine_packs_slots_when_its_backend_keeps_one_kv_stream_per_sequenc
             assert engine.cache.packed == (layout == "split")
         finally:
             engine.stop()
+
+
+def test_four_tenants_on_a_replica_that_holds_four_are_prefilled_once_each() -> None:
+    """The fleet benchmark's replica in small: 4 unified slots, a prompt cache of 4 states (and
+    a stale one from before), 4 tenants asking in turn. Each tenant's system prompt is computed
+    once; before, a template-deep match took another tenant's slot and every lookup refreshed
+    the stale entry, so tenants were evicted and prefilled again."""
+    import random
+
+    kv = KV()
+    prompts = PromptCache(limit_bytes=40, min_tokens=8)
+    cache = SlotCache(kv, n_slots=4, prompt_cache=prompts)
+    prompts.put(tenant(99), kv.save_sequence(0))  # a probe's state, never asked for again
+    rng, cold, running = random.Random(7), [], []
+    for _ in range(200):
+        t = rng.randrange(4)
+        prompt = tenant(t, question=rng.randrange(6))
+        slot, reused = cache.take(prompt)
+        if reused < len(tenant(t)) - 1:
+            cold.append(t)
+        cache.saved_prompt(slot, prompt)
+        running.append((slot, prompt))
+        if len(running) > rng.randrange(1, 4):  # one to three in flight
+            done, gen = running.pop(0), [7, 8]
+            cache.release(done[0], done[1] + gen)
+    assert sorted(cold) == [0, 1, 2, 3]
