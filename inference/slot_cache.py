@@ -77,8 +77,8 @@ class SlotCache:
         self._free: set[int] = set(range(n_slots))
         self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
         self._cached_under: dict[int, tuple] = {}  # free slot -> the adapter set of its cells
-        # Fewer tokens in common than this: a slot's cells are not worth reusing while an
-        # empty slot is free (the prompt cache's own threshold when there is one).
+        # Fewer tokens in common than this (and less than half of what a slot holds): the
+        # match does not count (take). The prompt cache's own threshold when there is one.
         self.min_reuse = prompt_cache.min_tokens if prompt_cache is not None else MIN_REUSE
         self.prefix_tokens_reused = 0
         self.prefix_tokens_shared = 0  # copied between running sequences (share)
