@@ -99,6 +99,19 @@ def reuse_of(url: str) -> dict[str, int]:
     return {k: info[k] for k in ("prefix_tokens_reused", "prompt_cache_restores")}
 
 
+MODES = ("round-robin", "router")
+
+
+def modes(text: str) -> list[str]:
+    """--modes: names from MODES, comma separated, each once."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    wrong = [m for m in names if m not in MODES]
+    if wrong or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(MODES)}, each once; "
+                                         f"got {text!r}")
+    return names
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(EMBEDDED_MODELS), default=GEMMA.name)
@@ -123,8 +136,9 @@ def main() -> int:
                     "four tenants' prefixes (9 MiB each): more tenants than one replica holds, "
                     "as in a big fleet")
     ap.add_argument("--seed", type=int, default=15)
-    ap.add_argument("--modes", default="round-robin,router",
-                    help="which to run, in this order (the ratios need both)")
+    ap.add_argument("--modes", default="round-robin,router", type=modes,
+                    help="which to run, in this order: round-robin, router or both, comma "
+                    "separated (the ratios need both)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
 
@@ -160,7 +174,7 @@ def main() -> int:
         usage = httpx.post(urls[0] + "/v1/chat/completions", timeout=600, headers=AUTH, json={
             "model": model_id, "messages": probe, "max_tokens": 1}).json()["usage"]
         results = []
-        for name in a.modes.split(","):
+        for name in a.modes:
             targets = {"round-robin": urls, "router": [router_url]}[name]
             convs = workload(name, a.tenants, a.requests, a.words, a.seed)
             before = [reuse_of(u) for u in urls]
